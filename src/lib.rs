@@ -1,6 +1,21 @@
-//! portcullis: a RESP proxy that protects Redis.
+//! portcullis: a RESP proxy that protects Redis. It forwards clients' commands to Redis,
+//! refuses the ones that would let a client take the server over, and (as it grows) sends
+//! writes only to a confirmed master.
+//!
+//! `run` takes already-bound listeners and a shutdown token, so tests bind
+//! `127.0.0.1:0` and drive it in-process; `main.rs` only wires flags, logging and signals.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod backend;
+pub mod cli;
 pub mod command;
+pub mod config;
+pub mod metrics;
+pub mod policy;
 pub mod protocol;
+pub mod server;
+pub mod session;
+
+pub use config::Config;
+pub use server::{run, RunError};

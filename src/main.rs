@@ -1,1 +1,79 @@
-fn main() {}
+//! The binary: parse flags, install logging and metrics, bind, run, map errors to exit
+//! codes (2 = bad configuration, 1 = runtime failure). Nothing else lives here.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use portcullis::cli::Cli;
+use portcullis::config::LogFormat;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match cli.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("portcullis: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check_config {
+        println!("{config:#?}");
+        return ExitCode::SUCCESS;
+    }
+    let filter = tracing_subscriber::EnvFilter::new(&config.log.level);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("portcullis: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async_main(config))
+}
+
+async fn async_main(config: portcullis::Config) -> ExitCode {
+    let listener = match TcpListener::bind(&config.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            error!(listen = %config.listen, error = %e, "cannot bind the data listener");
+            return ExitCode::from(1);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let signal_token = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("signal received: draining (a second signal exits at once)");
+        signal_token.cancel();
+        wait_for_signal().await;
+        std::process::exit(130);
+    });
+    match portcullis::run(config, listener, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, "portcullis stopped");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,165 @@
+//! One connection to one Redis backend, opened with the proxy's own credentials and the
+//! session's replayed state (db, protocol, client name). Owns connect + handshake only;
+//! the session drives the connection afterwards.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::BackendConfig;
+use crate::protocol::{ReplyError, ReplyLimits, ReplyScanner, Request};
+
+/// Why a backend connection could not be opened or used. Always backend-side.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{addr} did not answer within {timeout:?}")]
+    Timeout { addr: String, timeout: Duration },
+    #[error("{addr} refused the handshake ({command}): {reply}")]
+    Refused {
+        addr: String,
+        command: &'static str,
+        reply: String,
+    },
+    #[error("{addr} closed the connection during the handshake")]
+    Closed { addr: String },
+    #[error("{addr} sent a malformed reply: {source}")]
+    Protocol { addr: String, source: ReplyError },
+    #[error("i/o error on {addr}: {source}")]
+    Io {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// Session state replayed on a fresh backend connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Handshake {
+    /// `SELECT` this database when not 0.
+    pub db: u64,
+    /// `HELLO 3` when the client switched to RESP3.
+    pub resp3: bool,
+    /// `CLIENT SETNAME` when the client named its connection.
+    pub client_name: Option<Bytes>,
+}
+
+/// An open, authenticated backend connection.
+#[derive(Debug)]
+pub struct BackendLink {
+    /// The socket, in the state the session expects (authenticated, state replayed).
+    pub stream: TcpStream,
+    /// Bytes read past the handshake replies (normally empty).
+    pub leftover: BytesMut,
+}
+
+impl BackendLink {
+    /// Connect, authenticate with the configured credentials and replay `state`,
+    /// all within `timeout`.
+    pub async fn open(
+        backend: &BackendConfig,
+        state: &Handshake,
+        timeout: Duration,
+        limits: ReplyLimits,
+    ) -> Result<BackendLink, BackendError> {
+        let addr = backend.address.clone();
+        match tokio::time::timeout(timeout, Self::open_inner(backend, state, limits)).await {
+            Ok(result) => result,
+            Err(_) => Err(BackendError::Timeout { addr, timeout }),
+        }
+    }
+
+    async fn open_inner(
+        backend: &BackendConfig,
+        state: &Handshake,
+        limits: ReplyLimits,
+    ) -> Result<BackendLink, BackendError> {
+        let addr = backend.address.as_str();
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| BackendError::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
+        // Small request/reply frames: never wait for Nagle.
+        let _ = stream.set_nodelay(true);
+
+        let mut steps: Vec<(&'static str, Request)> = Vec::new();
+        if let Some(password) = &backend.password {
+            let req = match &backend.username {
+                Some(user) => Request::from_args(&[b"AUTH".as_slice(), user.as_bytes(), password.as_bytes()]),
+                None => Request::from_args(&[b"AUTH".as_slice(), password.as_bytes()]),
+            };
+            steps.push(("AUTH", req));
+        }
+        if state.resp3 {
+            steps.push(("HELLO 3", Request::from_args(&[b"HELLO".as_slice(), b"3"])));
+        }
+        if state.db != 0 {
+            let mut db = itoa::Buffer::new();
+            steps.push((
+                "SELECT",
+                Request::from_args(&[b"SELECT".as_slice(), db.format(state.db).as_bytes()]),
+            ));
+        }
+        if let Some(name) = &state.client_name {
+            steps.push((
+                "CLIENT SETNAME",
+                Request::from_args(&[b"CLIENT".as_slice(), b"SETNAME", name]),
+            ));
+        }
+        let mut leftover = BytesMut::new();
+        if steps.is_empty() {
+            return Ok(BackendLink { stream, leftover });
+        }
+
+        let mut out = Vec::new();
+        for (_, req) in &steps {
+            out.extend_from_slice(req.frame());
+        }
+        stream.write_all(&out).await.map_err(|source| BackendError::Io {
+            addr: addr.to_string(),
+            source,
+        })?;
+        let mut scanner = ReplyScanner::new(limits);
+        for (command, _) in &steps {
+            let reply = loop {
+                match scanner.next(&mut leftover) {
+                    Ok(Some(reply)) => break reply,
+                    Ok(None) => {}
+                    Err(source) => {
+                        return Err(BackendError::Protocol {
+                            addr: addr.to_string(),
+                            source,
+                        })
+                    }
+                }
+                let n = stream
+                    .read_buf(&mut leftover)
+                    .await
+                    .map_err(|source| BackendError::Io {
+                        addr: addr.to_string(),
+                        source,
+                    })?;
+                if n == 0 {
+                    return Err(BackendError::Closed {
+                        addr: addr.to_string(),
+                    });
+                }
+            };
+            if reply.is_error() {
+                return Err(BackendError::Refused {
+                    addr: addr.to_string(),
+                    command,
+                    reply: String::from_utf8_lossy(reply.frame().trim_ascii_end()).into_owned(),
+                });
+            }
+        }
+        Ok(BackendLink { stream, leftover })
+    }
+}

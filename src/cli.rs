@@ -1,0 +1,135 @@
+//! Command-line flags and `PORTCULLIS_*` environment variables, merged over the TOML
+//! file into one validated `Config`. Flags win over env vars, which win over the file.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::config::{BackendConfig, Config, ConfigError, LogFormat};
+
+/// portcullis: a RESP proxy that protects Redis.
+#[derive(Debug, Parser)]
+#[command(name = "portcullis", version, about)]
+pub struct Cli {
+    /// TOML config file (see config/portcullis.toml).
+    #[arg(long, short = 'c', env = "PORTCULLIS_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Data listen address [default: 127.0.0.1:6380].
+    #[arg(long, env = "PORTCULLIS_LISTEN")]
+    pub listen: Option<String>,
+
+    /// Redis backend HOST:PORT; repeatable (env: comma-separated). Replaces the file's list.
+    #[arg(long = "backend", env = "PORTCULLIS_BACKEND", value_delimiter = ',')]
+    pub backends: Vec<String>,
+
+    /// Admin HTTP listen address for /metrics and health [default: 127.0.0.1:9190];
+    /// an empty value disables it.
+    #[arg(long, env = "PORTCULLIS_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+
+    /// Log level or tracing filter (error, warn, info, debug, trace) [default: info].
+    #[arg(long, env = "PORTCULLIS_LOG_LEVEL")]
+    pub log_level: Option<String>,
+
+    /// Log format [default: text].
+    #[arg(long, env = "PORTCULLIS_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+
+    /// Validate the configuration, print it (secrets redacted) and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+impl Cli {
+    /// The file (if any) with the flags applied on top, validated.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(listen) = &self.listen {
+            config.listen = listen.clone();
+        }
+        if !self.backends.is_empty() {
+            config.backends = self
+                .backends
+                .iter()
+                .map(|a| BackendConfig::from_address(a.trim()))
+                .collect();
+        }
+        if let Some(admin) = &self.admin_listen {
+            config.admin.listen = admin.clone();
+        }
+        if let Some(level) = &self.log_level {
+            config.log.level = level.clone();
+        }
+        if let Some(format) = self.log_format {
+            config.log.format = format;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["portcullis"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).expect("flags parse").load()
+    }
+
+    #[test]
+    fn flags_build_a_config() {
+        let c = load(&[
+            "--listen",
+            "127.0.0.1:7000",
+            "--backend",
+            "127.0.0.1:6379",
+            "--backend",
+            "127.0.0.1:6389",
+            "--admin-listen",
+            "",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:7000");
+        assert_eq!(c.backends.len(), 2);
+        assert_eq!(c.admin.listen, "");
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn missing_backend_names_the_field() {
+        let err = load(&[]).unwrap_err();
+        assert!(err.to_string().contains("backends"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:1111\"\n[[backends]]\naddress = \"10.0.0.1:6379\"\npassword = \"pw\"\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let c = load(&["--config", p]).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:1111");
+        assert_eq!(c.backends[0].password.as_deref(), Some("pw"));
+        let c = load(&["--config", p, "--listen", "127.0.0.1:2222"]).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:2222");
+    }
+
+    #[test]
+    fn bad_flag_value_is_rejected_by_name() {
+        let err = load(&["--backend", "127.0.0.1:6379", "--listen", "nope"]).unwrap_err();
+        assert!(err.to_string().contains("listen"), "{err}");
+        assert!(Cli::try_parse_from(["portcullis", "--log-format", "xml"]).is_err());
+    }
+}

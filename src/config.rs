@@ -1,0 +1,387 @@
+//! Typed configuration: the TOML file, overridden by CLI flags and `PORTCULLIS_*` env vars
+//! (see `cli.rs`), validated once into an immutable `Config`. Defaults are named constants
+//! next to their meaning. Must not do I/O beyond reading the file it is given.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Data port when nothing is configured: next to Redis's 6379, loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:6380";
+/// Admin HTTP port (metrics, health).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9190";
+/// Redis's `proto-max-bulk-len`.
+pub const DEFAULT_MAX_BULK_LEN: usize = 512 * 1024 * 1024;
+/// Redis 7's multibulk count bound (INT_MAX).
+pub const DEFAULT_MAX_MULTIBULK_LEN: usize = i32::MAX as usize;
+/// Redis's `PROTO_INLINE_MAX_SIZE`.
+pub const DEFAULT_MAX_INLINE_LEN: usize = 64 * 1024;
+/// Redis's `maxclients`.
+pub const DEFAULT_MAX_CLIENTS: usize = 10_000;
+/// Requests a session may have in flight before it stops reading from its client.
+pub const DEFAULT_MAX_PENDING: usize = 4096;
+/// Reply bytes buffered for a slow client before the session stops reading its backend.
+pub const DEFAULT_MAX_REPLY_BUFFER: usize = 8 * 1024 * 1024;
+/// How long a backend connect (TCP + AUTH) may take.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Deepest reply nesting accepted from a backend.
+pub const DEFAULT_MAX_REPLY_DEPTH: usize = 128;
+
+/// A configuration problem, naming the field and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid value for {field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The whole configuration, validated.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Data port clients connect to.
+    pub listen: String,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    pub backends: Vec<BackendConfig>,
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN.to_string(),
+            admin: AdminConfig::default(),
+            log: LogConfig::default(),
+            backends: Vec::new(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Admin HTTP listener.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of `/metrics`, `/healthz`, `/readyz`; empty string disables it.
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: DEFAULT_ADMIN_LISTEN.to_string(),
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter directive.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_string(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// One Redis backend.
+#[derive(Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// `host:port` of the Redis server.
+    pub address: String,
+    /// Label in logs and metrics; defaults to the address.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// ACL user the proxy authenticates as (Redis 6+); none = `default`.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password the proxy authenticates with; never shown to clients or logged.
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+impl BackendConfig {
+    /// A backend with only an address.
+    pub fn from_address(address: impl Into<String>) -> Self {
+        BackendConfig {
+            address: address.into(),
+            name: None,
+            username: None,
+            password: None,
+        }
+    }
+
+    /// The label used in logs and metrics.
+    pub fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.address)
+    }
+}
+
+// Hand-written so the password never lands in a log line.
+impl std::fmt::Debug for BackendConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendConfig")
+            .field("address", &self.address)
+            .field("name", &self.name)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Input, connection and buffer bounds. Defaults mirror Redis's.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest bulk string a client may send (Redis `proto-max-bulk-len`).
+    pub max_bulk_len: usize,
+    /// Most elements in one request array.
+    pub max_multibulk_len: usize,
+    /// Longest inline command line.
+    pub max_inline_len: usize,
+    /// Concurrent client connections; more get `-ERR max number of clients reached`.
+    pub max_clients: usize,
+    /// Requests in flight per session before the proxy stops reading that client.
+    pub max_pending: usize,
+    /// Reply bytes buffered per session before the proxy stops reading its backend.
+    pub max_reply_buffer: usize,
+    /// Close a client idle this long (`0s` = never, Redis's `timeout 0`).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Backend connect + authentication bound.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Deepest reply nesting accepted from a backend.
+    pub max_reply_depth: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_bulk_len: DEFAULT_MAX_BULK_LEN,
+            max_multibulk_len: DEFAULT_MAX_MULTIBULK_LEN,
+            max_inline_len: DEFAULT_MAX_INLINE_LEN,
+            max_clients: DEFAULT_MAX_CLIENTS,
+            max_pending: DEFAULT_MAX_PENDING,
+            max_reply_buffer: DEFAULT_MAX_REPLY_BUFFER,
+            idle_timeout: Duration::ZERO,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_reply_depth: DEFAULT_MAX_REPLY_DEPTH,
+        }
+    }
+}
+
+impl Config {
+    /// Parse TOML text (no validation).
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Read and parse a TOML file (no validation).
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Check every field; the first problem found is returned, naming its field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        parse_addr("listen", &self.listen)?;
+        if !self.admin.listen.is_empty() {
+            parse_addr("admin.listen", &self.admin.listen)?;
+        }
+        if self.backends.is_empty() {
+            return Err(invalid(
+                "backends",
+                "at least one backend is required (--backend HOST:PORT or [[backends]])",
+            ));
+        }
+        for (i, b) in self.backends.iter().enumerate() {
+            let field = format!("backends[{i}].address");
+            check_host_port(&field, &b.address)?;
+            if b.username.is_some() && b.password.is_none() {
+                return Err(invalid(
+                    format!("backends[{i}].password"),
+                    "a username needs a password",
+                ));
+            }
+        }
+        let l = &self.limits;
+        if !(1..=DEFAULT_MAX_BULK_LEN).contains(&l.max_bulk_len) {
+            return Err(invalid(
+                "limits.max_bulk_len",
+                format!("must be between 1 and {DEFAULT_MAX_BULK_LEN}"),
+            ));
+        }
+        if !(1..=DEFAULT_MAX_MULTIBULK_LEN).contains(&l.max_multibulk_len) {
+            return Err(invalid(
+                "limits.max_multibulk_len",
+                format!("must be between 1 and {DEFAULT_MAX_MULTIBULK_LEN}"),
+            ));
+        }
+        if !(16..=DEFAULT_MAX_BULK_LEN).contains(&l.max_inline_len) {
+            return Err(invalid(
+                "limits.max_inline_len",
+                "must be between 16 and 536870912",
+            ));
+        }
+        for (field, v) in [
+            ("limits.max_clients", l.max_clients),
+            ("limits.max_pending", l.max_pending),
+            ("limits.max_reply_buffer", l.max_reply_buffer),
+            ("limits.max_reply_depth", l.max_reply_depth),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "must be greater than 0"));
+            }
+        }
+        if l.connect_timeout.is_zero() {
+            return Err(invalid("limits.connect_timeout", "must be greater than 0"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// Parse a listen address (`ip:port`).
+pub fn parse_addr(field: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse()
+        .map_err(|_| invalid(field, format!("{s:?} is not an IP:PORT address")))
+}
+
+/// Check a backend address: `host:port`, host non-empty, port a number.
+fn check_host_port(field: &str, s: &str) -> Result<(), ConfigError> {
+    let ok = s
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(field, format!("{s:?} is not a HOST:PORT address")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> Config {
+        Config {
+            backends: vec![BackendConfig::from_address("127.0.0.1:6379")],
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn defaults_validate_with_a_backend() {
+        valid().validate().unwrap();
+        assert!(matches!(
+            Config::default().validate(),
+            Err(ConfigError::Invalid { field, .. }) if field == "backends"
+        ));
+    }
+
+    #[test]
+    fn invalid_fields_are_named() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut Config)>)> = vec![
+            ("listen", Box::new(|c| c.listen = "nope".into())),
+            ("admin.listen", Box::new(|c| c.admin.listen = "1.2.3.4".into())),
+            (
+                "backends[0].address",
+                Box::new(|c| c.backends[0].address = "localhost".into()),
+            ),
+            (
+                "backends[0].password",
+                Box::new(|c| c.backends[0].username = Some("u".into())),
+            ),
+            ("limits.max_bulk_len", Box::new(|c| c.limits.max_bulk_len = 0)),
+            ("limits.max_clients", Box::new(|c| c.limits.max_clients = 0)),
+            ("log.level", Box::new(|c| c.log.level = "no=such=level".into())),
+        ];
+        for (field, mutate) in cases {
+            let mut c = valid();
+            mutate(&mut c);
+            match c.validate() {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: expected invalid, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn toml_unknown_field_is_an_error_naming_it() {
+        let err = Config::from_toml("[limits]\nmax_clientz = 3\n", "t.toml").unwrap_err();
+        assert!(err.to_string().contains("max_clientz"), "{err}");
+        let err = Config::from_toml("[limits]\nmax_clients = \"x\"\n", "t.toml").unwrap_err();
+        assert!(err.to_string().contains("max_clients"), "{err}");
+    }
+
+    #[test]
+    fn toml_full_example() {
+        let c = Config::from_toml(
+            r#"
+            listen = "0.0.0.0:6380"
+            [admin]
+            listen = ""
+            [log]
+            level = "debug"
+            format = "json"
+            [[backends]]
+            address = "redis:6379"
+            name = "primary"
+            username = "portcullis"
+            password = "s3cret"
+            [limits]
+            idle_timeout = "5m"
+            connect_timeout = "500ms"
+            "#,
+            "t.toml",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.backends[0].label(), "primary");
+        assert!(!format!("{:?}", c.backends[0]).contains("s3cret"));
+    }
+}

@@ -1,0 +1,79 @@
+//! Metric names (Prometheus conventions, prefix `portcullis_`) and pre-registered handles
+//! for the hot path. Labels are low-cardinality: never keys or client addresses.
+
+use metrics::{counter, gauge, Counter, Gauge};
+
+/// Open client connections.
+pub const CLIENT_CONNECTIONS: &str = "portcullis_client_connections";
+/// Client connections accepted since start.
+pub const CLIENT_CONNECTIONS_TOTAL: &str = "portcullis_client_connections_total";
+/// Connections refused at accept (label `reason`: max_clients, protected_mode).
+pub const REJECTED_CONNECTIONS_TOTAL: &str = "portcullis_rejected_connections_total";
+/// Commands by outcome (label `outcome`: forwarded, refused, local, unknown).
+pub const COMMANDS_TOTAL: &str = "portcullis_commands_total";
+/// Refused commands by command name (label `command`: a known command name or `unknown`).
+pub const REFUSED_COMMANDS_TOTAL: &str = "portcullis_refused_commands_total";
+/// Client connections closed for a protocol error (label `reason`).
+pub const PROTOCOL_ERRORS_TOTAL: &str = "portcullis_protocol_errors_total";
+/// Failed backend connects (label `backend`).
+pub const BACKEND_CONNECT_ERRORS_TOTAL: &str = "portcullis_backend_connect_errors_total";
+/// Backend connections lost with requests in flight (label `backend`).
+pub const BACKEND_LOST_TOTAL: &str = "portcullis_backend_connections_lost_total";
+/// Bytes read from clients.
+pub const CLIENT_BYTES_IN_TOTAL: &str = "portcullis_client_received_bytes_total";
+/// Bytes written to clients.
+pub const CLIENT_BYTES_OUT_TOTAL: &str = "portcullis_client_sent_bytes_total";
+
+/// Handles for the counters touched per command or per read, registered once.
+#[derive(Clone)]
+pub struct Hot {
+    pub connections: Gauge,
+    pub connections_total: Counter,
+    pub forwarded: Counter,
+    pub refused: Counter,
+    pub local: Counter,
+    pub unknown: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+}
+
+impl Hot {
+    /// Register the handles with the installed recorder (a no-op recorder if none).
+    pub fn register() -> Hot {
+        Hot {
+            connections: gauge!(CLIENT_CONNECTIONS),
+            connections_total: counter!(CLIENT_CONNECTIONS_TOTAL),
+            forwarded: counter!(COMMANDS_TOTAL, "outcome" => "forwarded"),
+            refused: counter!(COMMANDS_TOTAL, "outcome" => "refused"),
+            local: counter!(COMMANDS_TOTAL, "outcome" => "local"),
+            unknown: counter!(COMMANDS_TOTAL, "outcome" => "unknown"),
+            bytes_in: counter!(CLIENT_BYTES_IN_TOTAL),
+            bytes_out: counter!(CLIENT_BYTES_OUT_TOTAL),
+        }
+    }
+}
+
+/// Count one refused command under its (table) name.
+pub fn refused_command(command: &'static str) {
+    counter!(REFUSED_COMMANDS_TOTAL, "command" => command).increment(1);
+}
+
+/// Count a protocol error that closed a client connection.
+pub fn protocol_error(reason: &'static str) {
+    counter!(PROTOCOL_ERRORS_TOTAL, "reason" => reason).increment(1);
+}
+
+/// Count a connection refused at accept.
+pub fn rejected_connection(reason: &'static str) {
+    counter!(REJECTED_CONNECTIONS_TOTAL, "reason" => reason).increment(1);
+}
+
+/// Count a failed backend connect.
+pub fn backend_connect_error(backend: &str) {
+    counter!(BACKEND_CONNECT_ERRORS_TOTAL, "backend" => backend.to_string()).increment(1);
+}
+
+/// Count a backend connection lost under a session.
+pub fn backend_lost(backend: &str) {
+    counter!(BACKEND_LOST_TOTAL, "backend" => backend.to_string()).increment(1);
+}

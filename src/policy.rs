@@ -1,0 +1,482 @@
+//! Protection policy: which commands a client may run. Pure decisions over a looked-up
+//! command and its argv; built once from the config (rules expanded per command at load
+//! time, so a check is one map lookup). Must not do I/O.
+//!
+//! The default refuses everything that changes replication, configuration, persistence,
+//! modules or users, reaches other clients, or is unknown; destructive data-plane
+//! commands are refused unless allowed. Reasons are in the README's policy table.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+
+use crate::command::{self, AclCategories, CommandSpec, Lookup};
+use crate::protocol::Request;
+
+/// Script policy: what EVAL/FCALL a client may run.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ScriptPolicy {
+    /// EVAL, EVALSHA, FCALL and their _RO variants, SCRIPT LOAD/EXISTS/FLUSH/KILL.
+    #[default]
+    Allow,
+    /// Only EVAL_RO, EVALSHA_RO, FCALL_RO (and SCRIPT EXISTS/KILL).
+    Readonly,
+    /// No script execution or loading at all.
+    Deny,
+}
+
+/// `[protection]` section of the config.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProtectionConfig {
+    /// Extra refusals: `name`, `container|sub`, or `@category`.
+    pub deny: Vec<String>,
+    /// Exceptions to the default refusals (same syntax). Cannot re-enable the takeover set.
+    pub allow: Vec<String>,
+    /// Parameters `CONFIG GET` may read.
+    pub config_get_allow: Vec<String>,
+    /// Allow `CONFIG SET notify-keyspace-events <flags>` (Spring Session sets it on start);
+    /// the value is checked against Redis's flag alphabet.
+    pub allow_notify_keyspace_events: bool,
+    /// Scripting policy.
+    pub scripts: ScriptPolicy,
+}
+
+impl Default for ProtectionConfig {
+    fn default() -> Self {
+        ProtectionConfig {
+            deny: Vec::new(),
+            allow: Vec::new(),
+            config_get_allow: DEFAULT_CONFIG_GET_ALLOW.iter().map(|s| s.to_string()).collect(),
+            allow_notify_keyspace_events: true,
+            scripts: ScriptPolicy::Allow,
+        }
+    }
+}
+
+/// CONFIG GET parameters real clients read on connect (Spring Session,
+/// StackExchange.Redis); everything else is reconnaissance.
+pub const DEFAULT_CONFIG_GET_ALLOW: &[&str] = &[
+    "notify-keyspace-events",
+    "databases",
+    "timeout",
+    "replica-read-only",
+    "slave-read-only",
+];
+
+/// Redis's `notify-keyspace-events` flag alphabet (redis.conf 7.2).
+const KEYSPACE_EVENT_FLAGS: &[u8] = b"KEg$lshzxentdmA";
+
+/// Why a command is refused; the text ends up in the client's `-NOPERM` reply and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Replication,
+    Configuration,
+    CodeLoading,
+    ServerState,
+    Users,
+    OtherClients,
+    Destructive,
+    Cluster,
+    Scripting,
+    Sentinel,
+    Operator,
+}
+
+impl Reason {
+    /// Short human text for replies and logs.
+    pub fn text(self) -> &'static str {
+        match self {
+            Reason::Replication => "it changes replication",
+            Reason::Configuration => "it changes or reads server configuration",
+            Reason::CodeLoading => "it loads or removes server-side code",
+            Reason::ServerState => "it changes server or persistence state",
+            Reason::Users => "it changes users or permissions",
+            Reason::OtherClients => "it reaches other clients' connections or commands",
+            Reason::Destructive => "it destroys or moves whole datasets (allow it explicitly)",
+            Reason::Cluster => "it changes cluster topology",
+            Reason::Scripting => "scripting is restricted by protection.scripts",
+            Reason::Sentinel => "it is a Sentinel command",
+            Reason::Operator => "the operator's protection.deny list refuses it",
+        }
+    }
+
+    /// Whether `protection.allow` may lift this refusal. The takeover set cannot be lifted.
+    fn liftable(self) -> bool {
+        matches!(
+            self,
+            Reason::Destructive | Reason::OtherClients | Reason::Operator | Reason::Scripting
+        )
+    }
+}
+
+/// The default refusals: (name or `container|sub` or `container|*`, reason).
+const DEFAULT_DENY: &[(&str, Reason)] = &[
+    ("replicaof", Reason::Replication),
+    ("slaveof", Reason::Replication),
+    ("failover", Reason::Replication),
+    ("sync", Reason::Replication),
+    ("psync", Reason::Replication),
+    ("replconf", Reason::Replication),
+    ("config|set", Reason::Configuration),
+    ("config|rewrite", Reason::Configuration),
+    ("config|resetstat", Reason::Configuration),
+    ("module|*", Reason::CodeLoading),
+    ("function|load", Reason::CodeLoading),
+    ("function|delete", Reason::CodeLoading),
+    ("function|flush", Reason::CodeLoading),
+    ("function|restore", Reason::CodeLoading),
+    ("script|debug", Reason::CodeLoading),
+    ("debug", Reason::ServerState),
+    ("pfdebug", Reason::ServerState),
+    ("pfselftest", Reason::ServerState),
+    ("shutdown", Reason::ServerState),
+    ("save", Reason::ServerState),
+    ("bgsave", Reason::ServerState),
+    ("bgrewriteaof", Reason::ServerState),
+    ("acl|*", Reason::Users),
+    ("client|kill", Reason::OtherClients),
+    ("client|list", Reason::OtherClients),
+    ("client|pause", Reason::OtherClients),
+    ("client|unpause", Reason::OtherClients),
+    ("client|unblock", Reason::OtherClients),
+    ("client|no-evict", Reason::OtherClients),
+    ("monitor", Reason::OtherClients),
+    ("slowlog|*", Reason::OtherClients),
+    ("latency|*", Reason::OtherClients),
+    ("flushall", Reason::Destructive),
+    ("flushdb", Reason::Destructive),
+    ("swapdb", Reason::Destructive),
+    ("migrate", Reason::Destructive),
+    ("restore", Reason::Destructive),
+    ("restore-asking", Reason::Destructive),
+    ("sentinel|*", Reason::Sentinel),
+];
+
+/// Exceptions inside denied containers: read-only helpers real clients use.
+const DEFAULT_ALLOW_SUB: &[&str] = &[
+    "acl|whoami",
+    "acl|cat",
+    "acl|genpass",
+    "acl|help",
+    "latency|help",
+    "slowlog|help",
+    "module|help",
+];
+
+/// Script commands by policy level.
+const SCRIPT_WRITE: &[&str] = &["eval", "evalsha", "fcall", "script|load", "script|flush"];
+const SCRIPT_ALL: &[&str] = &[
+    "eval",
+    "evalsha",
+    "fcall",
+    "eval_ro",
+    "evalsha_ro",
+    "fcall_ro",
+    "script|load",
+    "script|flush",
+];
+
+/// A policy problem in the config, naming the entry.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid value for protection.{list}: {entry:?} {reason}")]
+pub struct PolicyError {
+    pub list: &'static str,
+    pub entry: String,
+    pub reason: &'static str,
+}
+
+/// The outcome of checking one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward it.
+    Allow,
+    /// Refuse with `-NOPERM`, naming the command and the reason.
+    Deny {
+        command: &'static str,
+        reason: Reason,
+    },
+}
+
+/// The compiled policy.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// Refusals by command spec (address of the static table entry).
+    denied: HashMap<usize, Reason>,
+    /// Lowercase CONFIG GET parameters allowed.
+    config_get_allow: Vec<String>,
+    allow_notify_keyspace_events: bool,
+}
+
+fn key(spec: &'static CommandSpec) -> usize {
+    spec as *const CommandSpec as usize
+}
+
+/// Every spec a rule entry names: `name`, `container|sub`, `container|*`, `@category`.
+fn expand(entry: &str, list: &'static str) -> Result<Vec<&'static CommandSpec>, PolicyError> {
+    let err = |reason| PolicyError {
+        list,
+        entry: entry.to_string(),
+        reason,
+    };
+    if let Some(cat) = entry.strip_prefix('@') {
+        let cats = AclCategories::from_name(cat).ok_or_else(|| err("is not an ACL category"))?;
+        let mut out = Vec::new();
+        for spec in command::all() {
+            if spec.acl.contains(cats) {
+                out.push(spec);
+            }
+            out.extend(spec.subcommands.iter().filter(|s| s.acl.contains(cats)));
+        }
+        return Ok(out);
+    }
+    if let Some(container) = entry.strip_suffix("|*") {
+        let spec = command::lookup_name(container).ok_or_else(|| err("is not a command"))?;
+        let mut out = vec![spec];
+        out.extend(spec.subcommands.iter());
+        return Ok(out);
+    }
+    let spec = command::lookup_name(entry).ok_or_else(|| err("is not a command"))?;
+    let mut out = vec![spec];
+    // Denying a container denies all its subcommands.
+    out.extend(spec.subcommands.iter());
+    Ok(out)
+}
+
+impl Policy {
+    /// Compile the configured rules over the defaults.
+    pub fn new(cfg: &ProtectionConfig) -> Result<Policy, PolicyError> {
+        let mut denied = HashMap::new();
+        for (entry, reason) in DEFAULT_DENY {
+            for spec in expand(entry, "default")? {
+                denied.insert(key(spec), *reason);
+            }
+        }
+        for entry in DEFAULT_ALLOW_SUB {
+            for spec in expand(entry, "default")? {
+                denied.remove(&key(spec));
+            }
+        }
+        let script_denied: &[&str] = match cfg.scripts {
+            ScriptPolicy::Allow => &[],
+            ScriptPolicy::Readonly => SCRIPT_WRITE,
+            ScriptPolicy::Deny => SCRIPT_ALL,
+        };
+        for entry in script_denied {
+            for spec in expand(entry, "scripts")? {
+                denied.insert(key(spec), Reason::Scripting);
+            }
+        }
+        for entry in &cfg.deny {
+            for spec in expand(entry, "deny")? {
+                denied.entry(key(spec)).or_insert(Reason::Operator);
+            }
+        }
+        for entry in &cfg.allow {
+            for spec in expand(entry, "allow")? {
+                if let Some(reason) = denied.get(&key(spec)).copied() {
+                    if !reason.liftable() {
+                        return Err(PolicyError {
+                            list: "allow",
+                            entry: entry.clone(),
+                            reason: "names a command portcullis always refuses (replication, configuration, code loading, server state, users)",
+                        });
+                    }
+                    denied.remove(&key(spec));
+                }
+            }
+        }
+        Ok(Policy {
+            denied,
+            config_get_allow: cfg
+                .config_get_allow
+                .iter()
+                .map(|s| s.to_ascii_lowercase())
+                .collect(),
+            allow_notify_keyspace_events: cfg.allow_notify_keyspace_events,
+        })
+    }
+
+    /// Decide on a known command.
+    pub fn check(&self, spec: &'static CommandSpec, req: &Request) -> Verdict {
+        match spec.name {
+            "config|get" => return self.check_config_get(spec, req),
+            "config|set" => return self.check_config_set(spec, req),
+            _ => {}
+        }
+        match self.denied.get(&key(spec)) {
+            None => Verdict::Allow,
+            Some(reason) => Verdict::Deny {
+                command: spec.name,
+                reason: *reason,
+            },
+        }
+    }
+
+    fn check_config_get(&self, spec: &'static CommandSpec, req: &Request) -> Verdict {
+        let all_allowed = req.argc() > 2
+            && (2..req.argc()).all(|i| {
+                req.arg(i).is_some_and(|p| {
+                    self.config_get_allow
+                        .iter()
+                        .any(|a| a.as_bytes().eq_ignore_ascii_case(p))
+                })
+            });
+        if all_allowed {
+            Verdict::Allow
+        } else {
+            Verdict::Deny {
+                command: spec.name,
+                reason: Reason::Configuration,
+            }
+        }
+    }
+
+    fn check_config_set(&self, spec: &'static CommandSpec, req: &Request) -> Verdict {
+        let pairs_ok = req.argc() >= 4
+            && req.argc() % 2 == 0
+            && (2..req.argc()).step_by(2).all(|i| {
+                let name_ok = req
+                    .arg(i)
+                    .is_some_and(|p| p.eq_ignore_ascii_case(b"notify-keyspace-events"));
+                let value_ok = req
+                    .arg(i + 1)
+                    .is_some_and(|v| v.iter().all(|b| KEYSPACE_EVENT_FLAGS.contains(b)));
+                name_ok && value_ok
+            });
+        if self.allow_notify_keyspace_events && pairs_ok {
+            Verdict::Allow
+        } else {
+            Verdict::Deny {
+                command: spec.name,
+                reason: Reason::Configuration,
+            }
+        }
+    }
+}
+
+/// Look up and decide in one step; `None` for unknown commands/subcommands (the caller
+/// answers them with Redis's own "unknown command" texts).
+pub fn decide(policy: &Policy, req: &Request) -> (Lookup, Option<Verdict>) {
+    let lookup = command::lookup(req.arg(0).unwrap_or_default(), req.arg(1));
+    let verdict = match lookup {
+        Lookup::Known(spec) => Some(policy.check(spec, req)),
+        _ => None,
+    };
+    (lookup, verdict)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdict(policy: &Policy, args: &[&str]) -> Option<Verdict> {
+        decide(policy, &Request::from_args(args)).1
+    }
+
+    fn denied(policy: &Policy, args: &[&str]) -> bool {
+        matches!(verdict(policy, args), Some(Verdict::Deny { .. }))
+    }
+
+    #[test]
+    fn default_refuses_the_takeover_set() {
+        let p = Policy::new(&ProtectionConfig::default()).unwrap();
+        for args in [
+            &["SLAVEOF", "127.0.0.1", "1"][..],
+            &["replicaof", "no", "one"],
+            &["CONFIG", "SET", "dir", "/tmp"],
+            &["config", "rewrite"],
+            &["MODULE", "LOAD", "/x.so"],
+            &["module", "list"],
+            &["DEBUG", "SEGFAULT"],
+            &["SHUTDOWN"],
+            &["SAVE"],
+            &["BGSAVE"],
+            &["ACL", "SETUSER", "x"],
+            &["CLIENT", "KILL", "ID", "1"],
+            &["CLIENT", "LIST"],
+            &["MONITOR"],
+            &["SLOWLOG", "GET"],
+            &["FLUSHALL"],
+            &["FLUSHDB"],
+            &["SWAPDB", "0", "1"],
+            &["FUNCTION", "LOAD", "x"],
+            &["SCRIPT", "DEBUG", "YES"],
+            &["CONFIG", "GET", "dir"],
+            &["CONFIG", "GET", "*"],
+            &["CONFIG", "SET", "notify-keyspace-events", "KEA", "dir", "/tmp"],
+            &["CONFIG", "SET", "notify-keyspace-events", "bad;"],
+            &["SYNC"],
+            &["PSYNC", "?", "-1"],
+            &["FAILOVER"],
+        ] {
+            assert!(denied(&p, args), "{args:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn default_allows_what_clients_send() {
+        let p = Policy::new(&ProtectionConfig::default()).unwrap();
+        for args in [
+            &["HELLO", "3"][..],
+            &["CLIENT", "SETNAME", "x"],
+            &["CLIENT", "SETINFO", "LIB-NAME", "x"],
+            &["client", "id"],
+            &["SELECT", "1"],
+            &["INFO"],
+            &["PING"],
+            &["COMMAND"],
+            &["CONFIG", "GET", "notify-keyspace-events"],
+            &["CONFIG", "SET", "notify-keyspace-events", "Egx"],
+            &["ACL", "WHOAMI"],
+            &["GET", "k"],
+            &["SET", "k", "v"],
+            &["EVAL", "return 1", "0"],
+            &["ROLE"],
+        ] {
+            assert_eq!(verdict(&p, args), Some(Verdict::Allow), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_commands_have_no_verdict() {
+        let p = Policy::default();
+        let (lookup, v) = decide(&p, &Request::from_args(&["system.exec", "id"]));
+        assert!(matches!(lookup, Lookup::UnknownCommand));
+        assert_eq!(v, None);
+    }
+
+    #[test]
+    fn operator_rules_apply() {
+        let cfg = ProtectionConfig {
+            deny: vec!["keys".into(), "@hyperloglog".into()],
+            allow: vec!["flushdb".into()],
+            scripts: ScriptPolicy::Readonly,
+            ..ProtectionConfig::default()
+        };
+        let p = Policy::new(&cfg).unwrap();
+        assert!(denied(&p, &["KEYS", "*"]));
+        assert!(denied(&p, &["PFADD", "h", "a"]));
+        assert!(!denied(&p, &["FLUSHDB"]));
+        assert!(denied(&p, &["FLUSHALL"]));
+        assert!(denied(&p, &["EVAL", "return 1", "0"]));
+        assert!(!denied(&p, &["EVAL_RO", "return 1", "0"]));
+    }
+
+    #[test]
+    fn takeover_set_cannot_be_allowed() {
+        for entry in ["slaveof", "config|set", "module", "@admin"] {
+            let cfg = ProtectionConfig {
+                allow: vec![entry.into()],
+                ..ProtectionConfig::default()
+            };
+            assert!(Policy::new(&cfg).is_err(), "{entry}");
+        }
+        let cfg = ProtectionConfig {
+            deny: vec!["nosuchcommand".into()],
+            ..ProtectionConfig::default()
+        };
+        assert!(Policy::new(&cfg).is_err());
+    }
+}

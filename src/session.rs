@@ -1,0 +1,1067 @@
+//! One client connection: read → parse → classify → authorize → forward → match replies.
+//!
+//! Lifecycle (one task per client):
+//! 1. Reads client bytes, parses requests (`protocol::request`), checks each against the
+//!    policy. Refused and proxy-answered commands become `Pending::Local` replies queued in
+//!    request order; forwarded ones are written to the session's own backend connection,
+//!    opened on the first forwarded command.
+//! 2. Reads backend bytes, cuts them into replies (`protocol::reply`) and matches each to
+//!    the head of the pending queue. Reply accounting is exact: the queue records how many
+//!    replies each request produces, taking CLIENT REPLY OFF/SKIP, pub/sub confirmations,
+//!    RESP3 push frames and MULTI/EXEC into account; push frames and RESP2 pub/sub
+//!    messages are forwarded out of band.
+//! 3. Client EOF closes the backend at once (a blocked BLPOP must not pop for a gone
+//!    client). Backend EOF answers every pending request with an error; the session keeps
+//!    the client if its state can be replayed on a fresh connection, else closes it.
+//!
+//! Must not block on one direction while the other could make progress: all socket I/O is
+//! readiness-driven and non-blocking (`try_read_buf` / `try_write_vectored`).
+
+use std::collections::{HashSet, VecDeque};
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::backend::{BackendLink, Handshake};
+use crate::command::{Lookup, PubSubKind, Special};
+use crate::config::{BackendConfig, Config};
+use crate::metrics::{self, Hot};
+use crate::policy::{self, Policy, Verdict};
+use crate::protocol::{
+    Item, ProtocolError, Reply, ReplyKind, ReplyLimits, ReplyScanner, Request, RequestLimits,
+    RequestParser,
+};
+
+/// Read buffer growth step: enough for a typical pipeline, small for idle sessions.
+const READ_CHUNK: usize = 16 * 1024;
+/// Most chunks handed to one `writev`.
+const MAX_IOVECS: usize = 64;
+
+/// What every session shares: configuration, policy, metric handles.
+pub struct Shared {
+    pub config: Config,
+    pub policy: Policy,
+    pub hot: Hot,
+}
+
+impl Shared {
+    fn request_limits(&self) -> RequestLimits {
+        let l = &self.config.limits;
+        RequestLimits {
+            max_bulk_len: l.max_bulk_len,
+            max_multibulk_len: l.max_multibulk_len,
+            max_inline_len: l.max_inline_len,
+            ..RequestLimits::default()
+        }
+    }
+
+    fn reply_limits(&self) -> ReplyLimits {
+        ReplyLimits {
+            max_bulk_len: crate::config::DEFAULT_MAX_BULK_LEN,
+            max_depth: self.config.limits.max_reply_depth,
+        }
+    }
+
+    /// The backend sessions connect to (role-aware routing replaces this).
+    fn backend(&self) -> Option<&BackendConfig> {
+        self.config.backends.first()
+    }
+}
+
+/// Why a session ended; logged at debug, never sent to the client beyond Redis's texts.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionEnd {
+    #[error("client closed the connection")]
+    ClientClosed,
+    #[error("client sent QUIT")]
+    Quit,
+    #[error("client protocol error: {0}")]
+    Protocol(ProtocolError),
+    #[error("cross-protocol input (POST/Host:) from client")]
+    CrossProtocol,
+    #[error("client i/o error: {0}")]
+    ClientIo(io::Error),
+    #[error("backend lost with unreplayable session state")]
+    BackendLost,
+    #[error("backend sent a reply nobody asked for")]
+    BackendDesync,
+    #[error("client idle timeout")]
+    Idle,
+    #[error("proxy shutting down")]
+    Shutdown,
+}
+
+/// What the proxy must do with the reply (or replies) of one forwarded request.
+#[derive(Debug)]
+enum OnReply {
+    /// Forward as is.
+    Forward,
+    /// Forward; when not an error, apply the state change.
+    Apply(StateChange),
+    /// Swallow the backend's reply and send this instead (EXECABORT after a refusal).
+    Replace(Bytes),
+    /// Pub/sub confirmations: one per named channel, or until the set empties (`all`).
+    PubSub { kind: PubSubKind, all: bool },
+}
+
+/// Session state that changes when Redis confirms a command.
+#[derive(Debug)]
+enum StateChange {
+    Select(u64),
+    Protocol(bool),
+    ClientName(Option<Bytes>),
+    Hello {
+        resp3: Option<bool>,
+        name: Option<Bytes>,
+    },
+    Reset,
+    /// EXEC: apply the changes queued inside MULTI when the transaction ran.
+    Exec(Vec<StateChange>),
+}
+
+/// One entry of the in-order reply queue.
+#[derive(Debug)]
+enum Pending {
+    /// `remaining` replies expected from the backend for one forwarded request.
+    Backend { remaining: u32, on_reply: OnReply },
+    /// A reply produced by the proxy, emitted once everything before it is.
+    Local(Bytes),
+    /// Close the client once everything before has been written (QUIT).
+    Close,
+}
+
+/// CLIENT REPLY state, tracked when a command is sent (as Redis applies it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReplyMode {
+    On,
+    Off,
+    Skip,
+}
+
+/// Chunks queued for one socket, written with `writev`.
+#[derive(Debug, Default)]
+struct OutQueue {
+    chunks: VecDeque<Bytes>,
+    bytes: usize,
+}
+
+impl OutQueue {
+    fn push(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.bytes += b.len();
+            self.chunks.push_back(b);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    /// Write as much as the socket takes now; `Ok(n)` bytes written.
+    fn try_write(&mut self, stream: &TcpStream) -> io::Result<usize> {
+        let mut total = 0;
+        while !self.chunks.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut n = 0;
+            for (slot, chunk) in slices.iter_mut().zip(self.chunks.iter()) {
+                *slot = IoSlice::new(chunk);
+                n += 1;
+            }
+            let written = match stream.try_write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(w) => w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(total),
+                Err(e) => return Err(e),
+            };
+            total += written;
+            self.advance(written);
+        }
+        Ok(total)
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        self.bytes -= n;
+        while n > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                return;
+            };
+            if n >= front.len() {
+                n -= front.len();
+                self.chunks.pop_front();
+            } else {
+                let _ = front.split_to(n);
+                n = 0;
+            }
+        }
+    }
+}
+
+/// The session's connection to its backend.
+struct Backend {
+    stream: TcpStream,
+    buf: BytesMut,
+    scanner: ReplyScanner,
+    out: OutQueue,
+    /// Label for logs and metrics.
+    label: String,
+}
+
+/// Per-connection state that outlives backend connections.
+#[derive(Debug, Default)]
+struct ConnState {
+    db: u64,
+    resp3: bool,
+    client_name: Option<Bytes>,
+    channels: HashSet<Bytes>,
+    patterns: HashSet<Bytes>,
+    shard_channels: HashSet<Bytes>,
+}
+
+impl ConnState {
+    fn subscribed(&self) -> bool {
+        !(self.channels.is_empty() && self.patterns.is_empty() && self.shard_channels.is_empty())
+    }
+
+    fn set(&mut self, kind: PubSubKind) -> &mut HashSet<Bytes> {
+        match kind {
+            PubSubKind::Channel => &mut self.channels,
+            PubSubKind::Pattern => &mut self.patterns,
+            PubSubKind::Shard => &mut self.shard_channels,
+        }
+    }
+
+    fn apply(&mut self, change: StateChange) {
+        match change {
+            StateChange::Select(db) => self.db = db,
+            StateChange::Protocol(resp3) => self.resp3 = resp3,
+            StateChange::ClientName(name) => self.client_name = name,
+            StateChange::Hello { resp3, name } => {
+                if let Some(r) = resp3 {
+                    self.resp3 = r;
+                }
+                if name.is_some() {
+                    self.client_name = name;
+                }
+            }
+            StateChange::Reset => {
+                *self = ConnState::default();
+            }
+            StateChange::Exec(changes) => {
+                for c in changes {
+                    self.apply(c);
+                }
+            }
+        }
+    }
+}
+
+/// Static replies.
+mod replies {
+    pub const OK: &[u8] = b"+OK\r\n";
+    pub const EXECABORT: &[u8] =
+        b"-EXECABORT Transaction discarded because of previous errors.\r\n";
+    pub const WRONGPASS: &[u8] =
+        b"-WRONGPASS invalid username-password pair or user is disabled.\r\n";
+    pub const AUTH_NO_PASSWORD: &[u8] = b"-ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?\r\n";
+    pub const SYNTAX: &[u8] = b"-ERR syntax error\r\n";
+}
+
+fn local_error(text: &str) -> Bytes {
+    let mut b = BytesMut::with_capacity(text.len() + 3);
+    b.extend_from_slice(b"-");
+    // An error line must not contain CR/LF: they would end it early.
+    b.extend(
+        text.bytes()
+            .map(|c| if c == b'\r' || c == b'\n' { b' ' } else { c }),
+    );
+    b.extend_from_slice(b"\r\n");
+    b.freeze()
+}
+
+/// Quote a client-provided name for an error text, as Redis does (`%.128s`).
+fn shown(arg: &[u8]) -> String {
+    let cut = &arg[..arg.len().min(128)];
+    String::from_utf8_lossy(cut).into_owned()
+}
+
+/// Redis's text for an unknown command.
+fn unknown_command(req: &Request) -> Bytes {
+    let mut text = format!(
+        "ERR unknown command '{}', with args beginning with: ",
+        shown(req.arg(0).unwrap_or_default())
+    );
+    for i in 1..req.argc() {
+        let arg = req.arg(i).unwrap_or_default();
+        let piece = format!("'{}' ", shown(arg));
+        if text.len() + piece.len() > 1024 {
+            break;
+        }
+        text.push_str(&piece);
+    }
+    local_error(&text)
+}
+
+/// Redis's text for an unknown subcommand (or a container called without one).
+fn unknown_subcommand(container: &str, req: &Request) -> Bytes {
+    match req.arg(1) {
+        Some(sub) => local_error(&format!(
+            "ERR unknown subcommand '{}'. Try {} HELP.",
+            shown(sub),
+            container.to_ascii_uppercase()
+        )),
+        None => local_error(&format!(
+            "ERR wrong number of arguments for '{container}' command"
+        )),
+    }
+}
+
+fn eq(arg: Option<&[u8]>, word: &[u8]) -> bool {
+    arg.is_some_and(|a| a.eq_ignore_ascii_case(word))
+}
+
+fn parse_u64(arg: Option<&[u8]>) -> Option<u64> {
+    std::str::from_utf8(arg?).ok()?.parse().ok()
+}
+
+/// Serve one client connection until it ends.
+pub async fn run(
+    client: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let mut session = Session::new(peer, shared);
+    let end = session.serve(&client, &shutdown).await;
+    match &end {
+        SessionEnd::Protocol(e) => debug!(%peer, error = %e, "client closed: protocol error"),
+        SessionEnd::CrossProtocol => warn!(
+            %peer,
+            "possible cross-protocol attack (POST or Host: line); connection closed"
+        ),
+        other => debug!(%peer, reason = %other, "client closed"),
+    }
+}
+
+struct Session {
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    parser: RequestParser,
+    client_buf: BytesMut,
+    to_client: OutQueue,
+    backend: Option<Backend>,
+    pending: VecDeque<Pending>,
+    state: ConnState,
+    reply_mode: ReplyMode,
+    in_multi: bool,
+    /// A command was refused while queuing: EXEC must answer EXECABORT.
+    multi_dirty: bool,
+    /// State changes queued inside MULTI, applied if EXEC runs.
+    multi_changes: Vec<StateChange>,
+    watching: bool,
+    /// QUIT seen, or a fatal client error: read nothing more from the client.
+    client_done: bool,
+    /// Replies in flight when the end was decided; the session ends when they are written.
+    end: Option<SessionEnd>,
+}
+
+enum Event {
+    ClientReadable,
+    BackendReadable,
+    Writable,
+    Idle,
+    Shutdown,
+}
+
+impl Session {
+    fn new(peer: SocketAddr, shared: Arc<Shared>) -> Session {
+        Session {
+            peer,
+            parser: RequestParser::new(shared.request_limits()),
+            shared,
+            client_buf: BytesMut::new(),
+            to_client: OutQueue::default(),
+            backend: None,
+            pending: VecDeque::new(),
+            state: ConnState::default(),
+            reply_mode: ReplyMode::On,
+            in_multi: false,
+            multi_dirty: false,
+            multi_changes: Vec::new(),
+            watching: false,
+            client_done: false,
+            end: None,
+        }
+    }
+
+    async fn serve(&mut self, client: &TcpStream, shutdown: &CancellationToken) -> SessionEnd {
+        let idle = self.shared.config.limits.idle_timeout;
+        loop {
+            if let Err(e) = self.flush(client) {
+                return SessionEnd::ClientIo(e);
+            }
+            if self.to_client.is_empty() {
+                if let Some(end) = self.end.take() {
+                    return end;
+                }
+            }
+            let limits = &self.shared.config.limits;
+            let read_client = !self.client_done
+                && self.pending.len() < limits.max_pending
+                && self.to_client.bytes < limits.max_reply_buffer;
+            let read_backend =
+                self.backend.is_some() && self.to_client.bytes < limits.max_reply_buffer;
+            let backend_stream = self.backend.as_ref().map(|b| &b.stream);
+            let backend_out = self.backend.as_ref().is_some_and(|b| !b.out.is_empty());
+            let client_out = !self.to_client.is_empty();
+
+            let event = tokio::select! {
+                biased;
+                r = client.readable(), if read_client => match r {
+                    Ok(()) => Event::ClientReadable,
+                    Err(e) => return SessionEnd::ClientIo(e),
+                },
+                _ = readable(backend_stream), if read_backend => Event::BackendReadable,
+                _ = client.writable(), if client_out => Event::Writable,
+                _ = writable(backend_stream), if backend_out => Event::Writable,
+                _ = idle_sleep(idle), if !idle.is_zero() => Event::Idle,
+                _ = shutdown.cancelled() => Event::Shutdown,
+            };
+            match event {
+                Event::ClientReadable => {
+                    if let Some(end) = self.read_client(client).await {
+                        return end;
+                    }
+                }
+                Event::BackendReadable => self.read_backend(),
+                Event::Writable => {}
+                Event::Idle => {
+                    if self.pending.is_empty() {
+                        return SessionEnd::Idle;
+                    }
+                }
+                Event::Shutdown => {
+                    // Drain: stop reading the client, finish what is in flight.
+                    self.client_done = true;
+                    if self.pending.is_empty() {
+                        return SessionEnd::Shutdown;
+                    }
+                    self.end.get_or_insert(SessionEnd::Shutdown);
+                }
+            }
+        }
+    }
+
+    /// Write what both sockets take now. Errors on the backend side are handled as a
+    /// lost backend; only client errors are returned.
+    fn flush(&mut self, client: &TcpStream) -> io::Result<()> {
+        if let Some(b) = &mut self.backend {
+            if !b.out.is_empty() {
+                if let Err(e) = b.out.try_write(&b.stream) {
+                    debug!(peer = %self.peer, error = %e, "backend write failed");
+                    self.backend_lost();
+                }
+            }
+        }
+        if !self.to_client.is_empty() {
+            let n = self.to_client.try_write(client)?;
+            self.shared.hot.bytes_out.increment(n as u64);
+        }
+        Ok(())
+    }
+
+    async fn read_client(&mut self, client: &TcpStream) -> Option<SessionEnd> {
+        if self.client_buf.capacity() - self.client_buf.len() < READ_CHUNK / 4 {
+            self.client_buf.reserve(READ_CHUNK);
+        }
+        match client.try_read_buf(&mut self.client_buf) {
+            Ok(0) => return Some(SessionEnd::ClientClosed),
+            Ok(n) => self.shared.hot.bytes_in.increment(n as u64),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            Err(e) => return Some(SessionEnd::ClientIo(e)),
+        }
+        while !self.client_done && self.pending.len() < self.shared.config.limits.max_pending {
+            match self.parser.parse(&mut self.client_buf) {
+                Ok(Some(req)) => {
+                    if let Some(end) = self.on_request(req).await {
+                        return Some(end);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    metrics::protocol_error("client");
+                    self.client_done = true;
+                    self.push_local(local_error(&format!("ERR {e}")));
+                    self.end = Some(SessionEnd::Protocol(e));
+                    break;
+                }
+            }
+        }
+        None
+    }
+
+    /// Queue a proxy-produced reply in order (subject to CLIENT REPLY).
+    fn push_local(&mut self, reply: Bytes) {
+        match self.pending.back() {
+            None => self.to_client.push(reply),
+            Some(_) => self.pending.push_back(Pending::Local(reply)),
+        }
+    }
+
+    /// Whether the next reply is to be delivered, consuming a CLIENT REPLY SKIP.
+    fn take_reply_slot(&mut self) -> bool {
+        match self.reply_mode {
+            ReplyMode::On => true,
+            ReplyMode::Off => false,
+            ReplyMode::Skip => {
+                self.reply_mode = ReplyMode::On;
+                false
+            }
+        }
+    }
+
+    /// Answer locally (refusals, AUTH, QUIT): in order, subject to CLIENT REPLY.
+    fn answer(&mut self, reply: Bytes) {
+        if self.take_reply_slot() {
+            self.push_local(reply);
+        }
+    }
+
+    /// Refuse a command; inside MULTI it also dooms the transaction, as Redis does for
+    /// commands refused while queuing.
+    fn refuse(&mut self, reply: Bytes) {
+        if self.in_multi {
+            self.multi_dirty = true;
+        }
+        self.answer(reply);
+    }
+
+    async fn on_request(&mut self, req: Request) -> Option<SessionEnd> {
+        let name = req.arg(0).unwrap_or_default();
+        if name.eq_ignore_ascii_case(b"post") || name.eq_ignore_ascii_case(b"host:") {
+            metrics::protocol_error("cross_protocol");
+            return Some(SessionEnd::CrossProtocol);
+        }
+        let (lookup, verdict) = policy::decide(&self.shared.policy, &req);
+        let spec = match lookup {
+            Lookup::Known(spec) => spec,
+            Lookup::UnknownCommand => {
+                self.shared.hot.unknown.increment(1);
+                metrics::refused_command("unknown");
+                warn!(peer = %self.peer, command = %shown(name), "refused unknown command");
+                self.refuse(unknown_command(&req));
+                return None;
+            }
+            Lookup::UnknownSubcommand(container) => {
+                self.shared.hot.unknown.increment(1);
+                self.refuse(unknown_subcommand(container.name, &req));
+                return None;
+            }
+        };
+        if let Some(Verdict::Deny { command, reason }) = verdict {
+            self.shared.hot.refused.increment(1);
+            metrics::refused_command(command);
+            warn!(peer = %self.peer, user = "default", command, reason = reason.text(), "refused command");
+            self.refuse(local_error(&format!(
+                "NOPERM this user has no permissions to run the '{command}' command: refused by portcullis because {}",
+                reason.text()
+            )));
+            return None;
+        }
+
+        let mut on_reply = OnReply::Forward;
+        let mut forward = req;
+        match spec.special {
+            Special::Quit => {
+                self.shared.hot.local.increment(1);
+                self.answer(Bytes::from_static(replies::OK));
+                self.pending.push_back(Pending::Close);
+                self.client_done = true;
+                return None;
+            }
+            Special::Auth => {
+                self.shared.hot.local.increment(1);
+                let reply = match forward.argc() {
+                    2 => Bytes::from_static(replies::AUTH_NO_PASSWORD),
+                    3 => auth_reply(forward.arg(1)),
+                    n if n < 2 => local_error("ERR wrong number of arguments for 'auth' command"),
+                    _ => Bytes::from_static(replies::SYNTAX),
+                };
+                self.answer(reply);
+                return None;
+            }
+            Special::Hello => match self.rewrite_hello(&forward) {
+                Ok((req, change)) => {
+                    forward = req;
+                    on_reply = OnReply::Apply(change);
+                }
+                Err(reply) => {
+                    self.answer(reply);
+                    return None;
+                }
+            },
+            Special::Subscribe(kind) | Special::Unsubscribe(kind) => {
+                if self.in_multi || self.reply_mode != ReplyMode::On {
+                    self.refuse(local_error(
+                        "ERR portcullis does not forward pub/sub commands inside MULTI or with CLIENT REPLY OFF/SKIP",
+                    ));
+                    return None;
+                }
+                let all = matches!(spec.special, Special::Unsubscribe(_)) && forward.argc() == 1;
+                let expected = if all { 1 } else { forward.argc().saturating_sub(1).max(1) };
+                return self
+                    .forward(forward, expected as u32, OnReply::PubSub { kind, all })
+                    .await;
+            }
+            Special::ClientReply => {
+                if self.in_multi {
+                    self.refuse(local_error(
+                        "ERR portcullis does not forward CLIENT REPLY inside MULTI",
+                    ));
+                    return None;
+                }
+                let arg = forward.arg(2);
+                let delivered = if forward.argc() != 3 {
+                    self.take_reply_slot()
+                } else if eq(arg, b"on") {
+                    self.reply_mode = ReplyMode::On;
+                    true
+                } else if eq(arg, b"off") {
+                    self.reply_mode = ReplyMode::Off;
+                    false
+                } else if eq(arg, b"skip") {
+                    if self.reply_mode != ReplyMode::Off {
+                        self.reply_mode = ReplyMode::Skip;
+                    }
+                    false
+                } else {
+                    self.take_reply_slot()
+                };
+                return self
+                    .forward(forward, u32::from(delivered), OnReply::Forward)
+                    .await;
+            }
+            Special::Multi => {
+                if !self.in_multi {
+                    self.in_multi = true;
+                    self.multi_dirty = false;
+                    self.multi_changes.clear();
+                }
+            }
+            Special::Exec | Special::Discard => {
+                if self.in_multi {
+                    self.in_multi = false;
+                    self.watching = false;
+                    let changes = std::mem::take(&mut self.multi_changes);
+                    if std::mem::take(&mut self.multi_dirty) {
+                        // Redis never saw the refused command: discard what it queued
+                        // and answer as Redis does for commands refused while queuing.
+                        let reply = if spec.special == Special::Exec {
+                            Bytes::from_static(replies::EXECABORT)
+                        } else {
+                            Bytes::from_static(replies::OK)
+                        };
+                        forward = Request::from_args(&[b"DISCARD"]);
+                        on_reply = OnReply::Replace(reply);
+                    } else if spec.special == Special::Exec && !changes.is_empty() {
+                        on_reply = OnReply::Apply(StateChange::Exec(changes));
+                    }
+                }
+            }
+            Special::Watch => {
+                if !self.in_multi {
+                    self.watching = true;
+                }
+            }
+            Special::Unwatch => self.watching = false,
+            Special::Select => {
+                if let Some(db) = parse_u64(forward.arg(1)) {
+                    self.stage(StateChange::Select(db), &mut on_reply);
+                }
+            }
+            Special::ClientSetName => {
+                if let Some(name) = forward.arg(2) {
+                    let name = (!name.is_empty()).then(|| Bytes::copy_from_slice(name));
+                    self.stage(StateChange::ClientName(name), &mut on_reply);
+                }
+            }
+            Special::Reset => {
+                self.in_multi = false;
+                self.multi_dirty = false;
+                self.multi_changes.clear();
+                self.watching = false;
+                self.reply_mode = ReplyMode::On;
+                on_reply = OnReply::Apply(StateChange::Reset);
+            }
+            Special::Monitor | Special::Ping | Special::None => {}
+        }
+        let delivered = self.take_reply_slot();
+        self.forward(forward, u32::from(delivered), on_reply).await
+    }
+
+    /// A state change takes effect on the reply, or at EXEC when queued in MULTI.
+    fn stage(&mut self, change: StateChange, on_reply: &mut OnReply) {
+        if self.in_multi {
+            self.multi_changes.push(change);
+        } else {
+            *on_reply = OnReply::Apply(change);
+        }
+    }
+
+    /// HELLO: authenticate `AUTH user pass` at the proxy, forward the rest.
+    fn rewrite_hello(&mut self, req: &Request) -> Result<(Request, StateChange), Bytes> {
+        let mut args: Vec<&[u8]> = vec![b"HELLO"];
+        let mut resp3 = None;
+        let mut name = None;
+        let mut i = 1;
+        if let Some(proto) = req.arg(1) {
+            args.push(proto);
+            resp3 = match proto {
+                b"3" => Some(true),
+                b"2" => Some(false),
+                _ => None,
+            };
+            i = 2;
+        }
+        while i < req.argc() {
+            let opt = req.arg(i).unwrap_or_default();
+            if opt.eq_ignore_ascii_case(b"auth") && req.argc() > i + 2 {
+                let reply = auth_reply(req.arg(i + 1));
+                if reply.as_ref() != replies::OK {
+                    return Err(reply);
+                }
+                i += 3;
+            } else if opt.eq_ignore_ascii_case(b"setname") && req.argc() > i + 1 {
+                let n = req.arg(i + 1).unwrap_or_default();
+                args.push(b"SETNAME");
+                args.push(n);
+                name = Some(Bytes::copy_from_slice(n));
+                i += 2;
+            } else {
+                // Let Redis produce its own syntax error for the rest.
+                args.push(opt);
+                i += 1;
+            }
+        }
+        Ok((Request::from_args(&args), StateChange::Hello { resp3, name }))
+    }
+
+    /// Send a request to the backend (connecting first if needed) and queue its replies.
+    async fn forward(
+        &mut self,
+        req: Request,
+        replies: u32,
+        on_reply: OnReply,
+    ) -> Option<SessionEnd> {
+        if self.backend.is_none() {
+            if let Err(reply) = self.connect().await {
+                if replies > 0 {
+                    self.push_local(reply);
+                }
+                return None;
+            }
+        }
+        let Some(backend) = &mut self.backend else {
+            return None;
+        };
+        backend.out.push(req.frame().clone());
+        self.shared.hot.forwarded.increment(1);
+        if replies > 0 {
+            self.pending.push_back(Pending::Backend {
+                remaining: replies,
+                on_reply,
+            });
+        }
+        None
+    }
+
+    async fn connect(&mut self) -> Result<(), Bytes> {
+        let Some(cfg) = self.shared.backend().cloned() else {
+            return Err(local_error("ERR portcullis has no backend configured"));
+        };
+        let handshake = Handshake {
+            db: self.state.db,
+            resp3: self.state.resp3,
+            client_name: self.state.client_name.clone(),
+        };
+        let timeout = self.shared.config.limits.connect_timeout;
+        match BackendLink::open(&cfg, &handshake, timeout, self.shared.reply_limits()).await {
+            Ok(link) => {
+                self.backend = Some(Backend {
+                    stream: link.stream,
+                    buf: link.leftover,
+                    scanner: ReplyScanner::new(self.shared.reply_limits()),
+                    out: OutQueue::default(),
+                    label: cfg.label().to_string(),
+                });
+                Ok(())
+            }
+            Err(e) => {
+                metrics::backend_connect_error(cfg.label());
+                warn!(backend = cfg.label(), error = %e, "backend connection failed");
+                Err(local_error(&format!(
+                    "ERR portcullis cannot reach backend {}: {e}",
+                    cfg.label()
+                )))
+            }
+        }
+    }
+
+    fn read_backend(&mut self) {
+        let Some(backend) = &mut self.backend else {
+            return;
+        };
+        if backend.buf.capacity() - backend.buf.len() < READ_CHUNK / 4 {
+            backend.buf.reserve(READ_CHUNK);
+        }
+        match backend.stream.try_read_buf(&mut backend.buf) {
+            Ok(0) => return self.backend_lost(),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                debug!(peer = %self.peer, error = %e, "backend read failed");
+                return self.backend_lost();
+            }
+        }
+        loop {
+            let Some(backend) = &mut self.backend else {
+                return;
+            };
+            match backend.scanner.next(&mut backend.buf) {
+                Ok(Some(reply)) => {
+                    if !self.on_reply(reply) {
+                        warn!(peer = %self.peer, backend = %backend_label(&self.backend), "backend sent an unexpected reply; closing session");
+                        self.client_done = true;
+                        self.end = Some(SessionEnd::BackendDesync);
+                        self.backend = None;
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    warn!(peer = %self.peer, backend = %backend.label, error = %e, "backend protocol error");
+                    return self.backend_lost();
+                }
+            }
+        }
+    }
+
+    /// Match one backend reply; `false` when nothing was waiting for it.
+    fn on_reply(&mut self, reply: Reply) -> bool {
+        // Out-of-band frames: RESP3 pushes (except pub/sub confirmations we wait for) and
+        // RESP2 pub/sub messages while subscribed.
+        let head_pubsub = match self.pending.front() {
+            Some(Pending::Backend {
+                on_reply: OnReply::PubSub { kind, all },
+                ..
+            }) => Some((*kind, *all)),
+            _ => None,
+        };
+        let confirmation = if head_pubsub.is_some()
+            && matches!(reply.kind(), ReplyKind::Array | ReplyKind::Push)
+        {
+            pubsub_confirmation(&reply)
+        } else {
+            None
+        };
+        if confirmation.is_none()
+            && (reply.is_push() || (!self.state.resp3 && self.state.subscribed() && is_message(&reply)))
+        {
+            self.to_client.push(reply.into_frame());
+            return true;
+        }
+
+        let Some(Pending::Backend { remaining, on_reply }) = self.pending.front_mut() else {
+            return false;
+        };
+        let done;
+        let is_error = reply.is_error() || reply.kind() == ReplyKind::Null;
+        let mut out = reply.into_frame();
+        match on_reply {
+            OnReply::PubSub { all, .. } => {
+                let all = *all;
+                match (confirmation, head_pubsub) {
+                    (Some((name, channel)), Some((kind, _))) => {
+                        let set = self.state.set(kind);
+                        if name.ends_with(b"unsubscribe") {
+                            if let Some(c) = &channel {
+                                set.remove(c);
+                            }
+                        } else if let Some(c) = channel {
+                            set.insert(c);
+                        }
+                        *remaining = remaining.saturating_sub(1);
+                        done = if all { set.is_empty() } else { *remaining == 0 };
+                    }
+                    // An error (or anything else) answers the whole command.
+                    _ => done = true,
+                }
+            }
+            OnReply::Forward => {
+                *remaining -= 1;
+                done = *remaining == 0;
+            }
+            OnReply::Replace(local) => {
+                out = local.clone();
+                *remaining -= 1;
+                done = *remaining == 0;
+            }
+            OnReply::Apply(_) => {
+                *remaining -= 1;
+                done = *remaining == 0;
+            }
+        }
+        if done {
+            if let Some(Pending::Backend {
+                on_reply: OnReply::Apply(change),
+                ..
+            }) = self.pending.pop_front()
+            {
+                if !is_error {
+                    self.state.apply(change);
+                }
+            }
+        }
+        self.to_client.push(out);
+        self.drain_locals();
+        true
+    }
+
+    /// Emit proxy replies (and QUIT's close) that reached the head of the queue.
+    fn drain_locals(&mut self) {
+        loop {
+            match self.pending.front() {
+                Some(Pending::Local(_)) => {
+                    if let Some(Pending::Local(b)) = self.pending.pop_front() {
+                        self.to_client.push(b);
+                    }
+                }
+                Some(Pending::Close) => {
+                    self.pending.clear();
+                    self.end.get_or_insert(SessionEnd::Quit);
+                    self.backend = None;
+                    return;
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// The backend connection ended: answer what was in flight, then keep the client
+    /// if nothing stateful was lost.
+    fn backend_lost(&mut self) {
+        let label = backend_label(&self.backend);
+        self.backend = None;
+        let in_flight = self
+            .pending
+            .iter()
+            .filter(|p| matches!(p, Pending::Backend { .. }))
+            .count();
+        if in_flight > 0 {
+            metrics::backend_lost(&label);
+            warn!(peer = %self.peer, backend = %label, in_flight, "backend connection lost with requests in flight");
+        }
+        let err = local_error(&format!(
+            "ERR portcullis lost the connection to backend {label}; the command may or may not have been applied"
+        ));
+        let old = std::mem::take(&mut self.pending);
+        for p in old {
+            match p {
+                Pending::Backend { remaining, .. } => {
+                    if remaining > 0 {
+                        self.to_client.push(err.clone());
+                    }
+                }
+                Pending::Local(b) => self.to_client.push(b),
+                Pending::Close => {
+                    self.end.get_or_insert(SessionEnd::Quit);
+                    self.client_done = true;
+                }
+            }
+        }
+        let stateful = self.in_multi
+            || self.watching
+            || self.state.subscribed()
+            || self.reply_mode != ReplyMode::On;
+        if stateful {
+            self.client_done = true;
+            self.end.get_or_insert(SessionEnd::BackendLost);
+        }
+    }
+}
+
+fn backend_label(b: &Option<Backend>) -> String {
+    b.as_ref().map(|b| b.label.clone()).unwrap_or_default()
+}
+
+/// AUTH against the proxy with no users configured: like Redis's passwordless default
+/// user, `default` with any password succeeds and any other user fails.
+fn auth_reply(user: Option<&[u8]>) -> Bytes {
+    if user.is_some_and(|u| u == b"default") {
+        Bytes::from_static(replies::OK)
+    } else {
+        Bytes::from_static(replies::WRONGPASS)
+    }
+}
+
+/// `(confirmation name, channel)` of a pub/sub confirmation array or push.
+fn pubsub_confirmation(reply: &Reply) -> Option<(&'static [u8], Option<Bytes>)> {
+    let items = reply.items()?;
+    let Item::Str(name) = items.first()? else {
+        return None;
+    };
+    const NAMES: [&[u8]; 6] = [
+        b"subscribe",
+        b"unsubscribe",
+        b"psubscribe",
+        b"punsubscribe",
+        b"ssubscribe",
+        b"sunsubscribe",
+    ];
+    let known = NAMES.iter().find(|n| n.eq_ignore_ascii_case(name))?;
+    let channel = match items.get(1) {
+        Some(Item::Str(c)) => Some(Bytes::copy_from_slice(c)),
+        _ => None,
+    };
+    Some((known, channel))
+}
+
+/// A RESP2 pub/sub message (`message`, `pmessage`, `smessage` array).
+fn is_message(reply: &Reply) -> bool {
+    if reply.kind() != ReplyKind::Array {
+        return false;
+    }
+    match reply.items().as_deref() {
+        Some([Item::Str(name), ..]) => {
+            [b"message".as_slice(), b"pmessage", b"smessage"].contains(name)
+        }
+        _ => false,
+    }
+}
+
+async fn readable(stream: Option<&TcpStream>) {
+    match stream {
+        Some(s) => {
+            let _ = s.readable().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn writable(stream: Option<&TcpStream>) {
+    match stream {
+        Some(s) => {
+            let _ = s.writable().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn idle_sleep(d: Duration) {
+    tokio::time::sleep(d).await
+}
