@@ -1,0 +1,327 @@
+#!/usr/bin/env python3
+"""Generate src/command_table.rs from Redis's own command metadata.
+
+Usage:
+  tools/gen-command-table.py --fetch   start a throwaway redis-server on a free loopback port,
+                                       run COMMAND, store tools/commands-7.0.json, stop it
+  tools/gen-command-table.py           regenerate src/command_table.rs from tools/commands-7.0.json
+
+The JSON is the raw RESP2 reply of `COMMAND` (one array per command, in Redis 7's layout:
+name, arity, flags, first key, last key, step, ACL categories, tips, key specs,
+subcommands), converted to JSON, plus the server version. The ACL categories in it are
+the effective ones (the file's acl_categories plus the implicit ones Redis derives from
+flags). Commands added after 7.0 come from SUPPLEMENT below, hand-written from
+redis/redis src/commands/*.json of the release that added them.
+"""
+
+import json
+import re
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "tools", "commands-7.0.json")
+OUT = os.path.join(ROOT, "src", "command_table.rs")
+
+# ---------------------------------------------------------------------------------------
+# Fetching (needs redis-server on PATH; no third-party Python packages)
+# ---------------------------------------------------------------------------------------
+
+
+def _read_line(f):
+    line = f.readline()
+    if not line.endswith(b"\r\n"):
+        raise IOError("connection closed mid-reply")
+    return line[:-2]
+
+
+def _read_reply(f):
+    line = _read_line(f)
+    kind, rest = line[:1], line[1:]
+    if kind == b"+":
+        return rest.decode()
+    if kind == b"-":
+        raise RuntimeError(rest.decode())
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        n = int(rest)
+        if n < 0:
+            return None
+        data = f.read(n + 2)
+        return data[:-2].decode()
+    if kind == b"*":
+        n = int(rest)
+        if n < 0:
+            return None
+        return [_read_reply(f) for _ in range(n)]
+    raise IOError("unexpected RESP type %r" % kind)
+
+
+def _command(sock_file, *args):
+    out = b"*%d\r\n" % len(args)
+    for a in args:
+        a = a.encode()
+        out += b"$%d\r\n%s\r\n" % (len(a), a)
+    sock_file.write(out)
+    sock_file.flush()
+    return _read_reply(sock_file)
+
+
+def fetch():
+    server = shutil.which("redis-server")
+    if server is None:
+        sys.exit("redis-server not found on PATH")
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--daemonize", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        sock = None
+        for _ in range(100):
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                break
+            except OSError:
+                time.sleep(0.05)
+        if sock is None:
+            sys.exit("redis-server did not start")
+        f = sock.makefile("rwb")
+        version = None
+        for line in _command(f, "INFO", "server").splitlines():
+            if line.startswith("redis_version:"):
+                version = line.split(":", 1)[1]
+        commands = _command(f, "COMMAND")
+        sock.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    commands.sort(key=lambda c: c[0])
+    with open(DATA, "w") as out:
+        json.dump({"redis_version": version, "command": commands}, out, indent=1, sort_keys=False)
+        out.write("\n")
+    print("stored %d commands from redis %s in %s" % (len(commands), version, DATA))
+
+
+# ---------------------------------------------------------------------------------------
+# Hand-written additions (NOT fetched): commands newer than the 7.0 server we fetch from,
+# and flags that COMMAND does not report.
+# ---------------------------------------------------------------------------------------
+
+# Commands added after 7.0, from redis/redis src/commands/<name>.json of the release that
+# added them. Format: (name, arity, command_flags, acl_categories as in the JSON file,
+# first key, last key, step). Effective categories are derived below exactly as Redis's
+# setImplicitACLCategories() does.
+SUPPLEMENT = [
+    # 7.2
+    ("client|setinfo", 4, ["noscript", "loading", "stale"], ["connection"], 0, 0, 0),
+    ("client|no-touch", 3, ["noscript", "loading", "stale"], ["connection"], 0, 0, 0),
+    ("waitaof", 4, ["blocking"], ["connection"], 0, 0, 0),
+    ("cluster|myshardid", 2, ["stale"], [], 0, 0, 0),
+    # 7.4: hash field expiration
+    ("hexpire", -6, ["write", "fast"], ["hash"], 1, 1, 1),
+    ("hpexpire", -6, ["write", "fast"], ["hash"], 1, 1, 1),
+    ("hexpireat", -6, ["write", "fast"], ["hash"], 1, 1, 1),
+    ("hpexpireat", -6, ["write", "fast"], ["hash"], 1, 1, 1),
+    ("hpersist", -5, ["write", "fast"], ["hash"], 1, 1, 1),
+    ("httl", -5, ["readonly", "fast"], ["hash"], 1, 1, 1),
+    ("hpttl", -5, ["readonly", "fast"], ["hash"], 1, 1, 1),
+    ("hexpiretime", -5, ["readonly", "fast"], ["hash"], 1, 1, 1),
+    ("hpexpiretime", -5, ["readonly", "fast"], ["hash"], 1, 1, 1),
+    # 8.0
+    ("hgetdel", -5, ["write", "fast"], ["hash"], 1, 1, 1),
+    ("hgetex", -5, ["write", "fast"], ["hash"], 1, 1, 1),
+    ("hsetex", -6, ["write", "denyoom", "fast"], ["hash"], 1, 1, 1),
+]
+
+# Flags present in Redis's JSON files but not reported by COMMAND (7.0 omits "protected",
+# "may_replicate", "module", "sentinel", "only_sentinel"). PROTECTED is the one that matters
+# here: DEBUG and MODULE LOAD/LOADEX/UNLOAD are gated by enable-debug-command /
+# enable-module-command (redis 7.0 src/commands/debug.json, module-load*.json, module-unload.json).
+EXTRA_FLAGS = {
+    "debug": ["protected"],
+    "module|load": ["protected"],
+    "module|loadex": ["protected"],
+    "module|unload": ["protected"],
+}
+
+# The proxy's own behaviour tags (not Redis metadata).
+SPECIAL = {
+    "subscribe": "Special::Subscribe(PubSubKind::Channel)",
+    "psubscribe": "Special::Subscribe(PubSubKind::Pattern)",
+    "ssubscribe": "Special::Subscribe(PubSubKind::Shard)",
+    "unsubscribe": "Special::Unsubscribe(PubSubKind::Channel)",
+    "punsubscribe": "Special::Unsubscribe(PubSubKind::Pattern)",
+    "sunsubscribe": "Special::Unsubscribe(PubSubKind::Shard)",
+    "multi": "Special::Multi",
+    "exec": "Special::Exec",
+    "discard": "Special::Discard",
+    "watch": "Special::Watch",
+    "unwatch": "Special::Unwatch",
+    "select": "Special::Select",
+    "hello": "Special::Hello",
+    "auth": "Special::Auth",
+    "reset": "Special::Reset",
+    "quit": "Special::Quit",
+    "client|reply": "Special::ClientReply",
+    "client|setname": "Special::ClientSetName",
+    "monitor": "Special::Monitor",
+    "ping": "Special::Ping",
+}
+
+# ---------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------
+
+FLAG_CONST = {
+    "write": "WRITE", "readonly": "READONLY", "denyoom": "DENYOOM", "module": "MODULE",
+    "admin": "ADMIN", "pubsub": "PUBSUB", "noscript": "NOSCRIPT", "blocking": "BLOCKING",
+    "loading": "LOADING", "stale": "STALE", "skip_monitor": "SKIP_MONITOR",
+    "skip_slowlog": "SKIP_SLOWLOG", "asking": "ASKING", "fast": "FAST", "no_auth": "NO_AUTH",
+    "may_replicate": "MAY_REPLICATE", "sentinel": "SENTINEL", "only_sentinel": "ONLY_SENTINEL",
+    "no_mandatory_keys": "NO_MANDATORY_KEYS", "protected": "PROTECTED",
+    "movablekeys": "MOVABLE_KEYS", "no_multi": "NO_MULTI",
+    "no_async_loading": "NO_ASYNC_LOADING", "allow_busy": "ALLOW_BUSY",
+}
+
+ACL_NAMES = [
+    "keyspace", "read", "write", "set", "sortedset", "list", "hash", "string", "bitmap",
+    "hyperloglog", "geo", "stream", "pubsub", "admin", "fast", "slow", "blocking",
+    "dangerous", "connection", "transaction", "scripting",
+]
+
+
+def effective_acl(flags, file_cats):
+    """Redis's setImplicitACLCategories() (src/server.c)."""
+    cats = set(c.lower().lstrip("@") for c in file_cats)
+    if "write" in flags:
+        cats.add("write")
+    if "readonly" in flags and "scripting" not in cats:
+        cats.add("read")
+    if "admin" in flags:
+        cats.update(["admin", "dangerous"])
+    if "pubsub" in flags:
+        cats.add("pubsub")
+    if "fast" in flags:
+        cats.add("fast")
+    if "blocking" in flags:
+        cats.add("blocking")
+    if "fast" not in cats:
+        cats.add("slow")
+    return ["@" + c for c in cats]
+
+
+def load():
+    with open(DATA) as f:
+        data = json.load(f)
+    table = {}
+    for c in data["command"]:
+        table[c[0]] = {
+            "name": c[0], "arity": c[1], "flags": list(c[2]), "first": c[3], "last": c[4],
+            "step": c[5], "acl": list(c[6]), "subs": {
+                s[0]: {"name": s[0], "arity": s[1], "flags": list(s[2]), "first": s[3],
+                       "last": s[4], "step": s[5], "acl": list(s[6]), "subs": {}}
+                for s in c[9]
+            },
+        }
+    # Self-check of effective_acl(): Redis's effective categories are a fixed point of it.
+    for top in table.values():
+        for entry in [top] + list(top["subs"].values()):
+            if set(effective_acl(entry["flags"], entry["acl"])) != set(entry["acl"]):
+                sys.exit("effective_acl() disagrees with Redis on %s" % entry["name"])
+    for name, arity, flags, cats, first, last, step in SUPPLEMENT:
+        entry = {"name": name, "arity": arity, "flags": flags, "first": first, "last": last,
+                 "step": step, "acl": effective_acl(flags, cats), "subs": {}}
+        if "|" in name:
+            parent = table[name.split("|")[0]]["subs"]
+        else:
+            parent = table
+        if name in parent:
+            sys.exit("supplement entry %s already in the fetched data" % name)
+        parent[name] = entry
+    for name, extra in EXTRA_FLAGS.items():
+        top = name.split("|")[0]
+        entry = table[top] if "|" not in name else table[top]["subs"][name]
+        entry["flags"] = entry["flags"] + [f for f in extra if f not in entry["flags"]]
+    return data["redis_version"], table
+
+
+def rust_set(kind, consts):
+    if not consts:
+        return "%s::EMPTY" % kind
+    return "%s::of(&[%s])" % (kind, ", ".join("%s::%s" % (kind, c) for c in consts))
+
+
+def emit(entry, out, indent):
+    name = entry["name"]
+    if name != name.lower() or not re.fullmatch(r"[a-z0-9_|.-]+", name):
+        sys.exit("odd command name %r" % name)
+    flags = []
+    for f in entry["flags"]:
+        if f not in FLAG_CONST:
+            sys.exit("unknown flag %r on %s" % (f, name))
+        flags.append(FLAG_CONST[f])
+    cats = []
+    for c in entry["acl"]:
+        c = c.lstrip("@")
+        if c not in ACL_NAMES:
+            sys.exit("unknown ACL category %r on %s" % (c, name))
+        cats.append(c)
+    cats = [c.upper() for c in ACL_NAMES if c in cats]
+    pad = " " * indent
+    out.append(pad + "CommandSpec {")
+    out.append(pad + "    name: %s," % json.dumps(name))
+    out.append(pad + "    arity: %d," % entry["arity"])
+    out.append(pad + "    flags: %s," % rust_set("Flags", flags))
+    out.append(pad + "    acl: %s," % rust_set("AclCategories", cats))
+    out.append(pad + "    first_key: %d," % entry["first"])
+    out.append(pad + "    last_key: %d," % entry["last"])
+    out.append(pad + "    step: %d," % entry["step"])
+    out.append(pad + "    special: %s," % SPECIAL.get(name, "Special::None"))
+    if entry["subs"]:
+        out.append(pad + "    subcommands: &[")
+        for sub in sorted(entry["subs"]):
+            emit(entry["subs"][sub], out, indent + 8)
+        out.append(pad + "    ],")
+    else:
+        out.append(pad + "    subcommands: &[],")
+    out.append(pad + "},")
+
+
+def generate():
+    version, table = load()
+    out = [
+        "// @generated by tools/gen-command-table.py from tools/commands-7.0.json",
+        "// (COMMAND of redis-server %s) plus the script's hand-written SUPPLEMENT" % version,
+        "// and EXTRA_FLAGS. Do not edit: change the script and re-run it.",
+        "",
+        "use super::{AclCategories, CommandSpec, Flags, PubSubKind, Special};",
+        "",
+        "/// Every known top-level command, sorted by name (binary search relies on it).",
+        "pub(super) static COMMANDS: &[CommandSpec] = &[",
+    ]
+    for name in sorted(table):
+        emit(table[name], out, 4)
+    out.append("];")
+    with open(OUT, "w") as f:
+        f.write("\n".join(out) + "\n")
+    rustfmt = shutil.which("rustfmt")
+    if rustfmt:
+        subprocess.run([rustfmt, "--edition", "2021", OUT], check=True)
+    subs = sum(len(e["subs"]) for e in table.values())
+    print("wrote %s: %d commands, %d subcommands" % (OUT, len(table), subs))
+
+
+if __name__ == "__main__":
+    if "--fetch" in sys.argv[1:]:
+        fetch()
+    generate()
