@@ -151,7 +151,6 @@ const DEFAULT_DENY: &[(&str, Reason)] = &[
     ("migrate", Reason::Destructive),
     ("restore", Reason::Destructive),
     ("restore-asking", Reason::Destructive),
-    ("sentinel|*", Reason::Sentinel),
 ];
 
 /// Exceptions inside denied containers: read-only helpers real clients use.

@@ -114,7 +114,6 @@ enum OnReply {
 #[derive(Debug)]
 enum StateChange {
     Select(u64),
-    Protocol(bool),
     ClientName(Option<Bytes>),
     Hello {
         resp3: Option<bool>,
@@ -239,7 +238,6 @@ impl ConnState {
     fn apply(&mut self, change: StateChange) {
         match change {
             StateChange::Select(db) => self.db = db,
-            StateChange::Protocol(resp3) => self.resp3 = resp3,
             StateChange::ClientName(name) => self.client_name = name,
             StateChange::Hello { resp3, name } => {
                 if let Some(r) = resp3 {

@@ -1,0 +1,269 @@
+//! Test support: real `redis-server` processes on ephemeral loopback ports and the proxy
+//! in-process on `127.0.0.1:0`. Everything started here is stopped by pid on drop.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use portcullis::config::{BackendConfig, Config};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// How long any single wait in a test may take before it fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A redis-server child on 127.0.0.1:<ephemeral>.
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("an ephemeral port")
+}
+
+impl RedisServer {
+    /// Start a redis-server with extra `--name value` arguments; waits until it answers.
+    pub fn start(extra: &[&str]) -> RedisServer {
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut cmd = Command::new("redis-server");
+            cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .args(["--dir", dir.path().to_str().unwrap_or(".")])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            let mut child = cmd.spawn().expect("redis-server installed (apt-get install redis-server)");
+            if wait_port(port, &mut child) {
+                return RedisServer { port, child, _dir: dir };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("redis-server did not start");
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A direct (not proxied) async connection.
+    pub async fn direct(&self) -> redis::aio::MultiplexedConnection {
+        client(&self.addr()).await
+    }
+
+    /// Stop it now (SIGKILL), e.g. to test a backend loss.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Poll until something accepts on the port (or the child exits).
+fn wait_port(port: u16, child: &mut Child) -> bool {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::{Read, Write};
+            let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+            let mut buf = [0u8; 64];
+            if s.write_all(b"PING\r\n").is_ok() {
+                if let Ok(n) = s.read(&mut buf) {
+                    // +PONG, or -LOADING while it starts: only PONG counts.
+                    if buf[..n].starts_with(b"+PONG") {
+                        return true;
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// The proxy running in-process.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Start the proxy in front of the given backends with default settings.
+    pub async fn start(backends: &[&RedisServer]) -> Proxy {
+        let config = Config {
+            backends: backends
+                .iter()
+                .map(|b| BackendConfig::from_address(b.addr()))
+                .collect(),
+            ..Config::default()
+        };
+        Proxy::start_with(config).await
+    }
+
+    /// Start the proxy with a given config (its `listen` is ignored: 127.0.0.1:0).
+    pub async fn start_with(config: Config) -> Proxy {
+        config.validate().expect("valid test config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            portcullis::run(config, listener, token).await.expect("proxy runs");
+        });
+        Proxy { addr, shutdown, task }
+    }
+
+    pub async fn client(&self) -> redis::aio::MultiplexedConnection {
+        client(&self.addr.to_string()).await
+    }
+
+    pub async fn raw(&self) -> Raw {
+        Raw::connect(self.addr).await
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// An async redis-rs connection to `addr`.
+pub async fn client(addr: &str) -> redis::aio::MultiplexedConnection {
+    let c = redis::Client::open(format!("redis://{addr}/")).expect("client url");
+    tokio::time::timeout(WAIT, c.get_multiplexed_async_connection())
+        .await
+        .expect("connect in time")
+        .expect("connect")
+}
+
+/// A raw socket for wire-level tests.
+pub struct Raw {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).ok();
+        Raw { stream, buf: Vec::new() }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// Read until `expected` bytes arrived and return exactly them (fails on timeout).
+    pub async fn read_exact_len(&mut self, n: usize) -> Vec<u8> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.buf.len() < n {
+            let mut chunk = vec![0u8; 64 * 1024];
+            let r = tokio::time::timeout_at(deadline, self.stream.read(&mut chunk))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "timed out waiting for {n} bytes; have {:?}",
+                        String::from_utf8_lossy(&self.buf)
+                    )
+                })
+                .expect("read");
+            if r == 0 {
+                panic!(
+                    "connection closed waiting for {n} bytes; have {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                );
+            }
+            self.buf.extend_from_slice(&chunk[..r]);
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    /// Read exactly `expected.len()` bytes and assert they equal `expected`.
+    pub async fn expect(&mut self, expected: &[u8]) {
+        let got = self.read_exact_len(expected.len()).await;
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(expected),
+            "wire reply"
+        );
+    }
+
+    /// Read until `marker` has arrived; returns everything up to and including it.
+    pub async fn read_until(&mut self, marker: &[u8]) -> Vec<u8> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(pos) = self.buf.windows(marker.len()).position(|w| w == marker) {
+                return self.buf.drain(..pos + marker.len()).collect();
+            }
+            let mut chunk = vec![0u8; 64 * 1024];
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Err(_) => panic!(
+                    "timed out waiting for {:?}; have {:?}",
+                    String::from_utf8_lossy(marker),
+                    String::from_utf8_lossy(&self.buf)
+                ),
+                Ok(Ok(0)) | Ok(Err(_)) => panic!(
+                    "closed while waiting for {:?}; have {:?}",
+                    String::from_utf8_lossy(marker),
+                    String::from_utf8_lossy(&self.buf)
+                ),
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Read one line (through `\r\n`).
+    pub async fn read_to_line(&mut self) -> Vec<u8> {
+        self.read_until(b"\r\n").await
+    }
+
+    /// Wait for the peer to close; returns whatever arrived before the close.
+    pub async fn read_to_close(&mut self) -> Vec<u8> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let mut chunk = vec![0u8; 64 * 1024];
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Err(_) => panic!(
+                    "connection not closed; have {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                ),
+                Ok(Ok(0)) | Ok(Err(_)) => return std::mem::take(&mut self.buf),
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
+/// Encode a command as a RESP array.
+pub fn resp(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
