@@ -205,7 +205,7 @@ impl Request {
         &self.frame
     }
 
-    /// Number of arguments (argv[0] is the command name).
+    /// Number of arguments (`argv[0]` is the command name).
     pub fn argc(&self) -> usize {
         self.spans.as_slice().len()
     }
