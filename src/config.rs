@@ -323,9 +323,13 @@ mod tests {
 
     #[test]
     fn invalid_fields_are_named() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut Config)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("listen", Box::new(|c| c.listen = "nope".into())),
-            ("admin.listen", Box::new(|c| c.admin.listen = "1.2.3.4".into())),
+            (
+                "admin.listen",
+                Box::new(|c| c.admin.listen = "1.2.3.4".into()),
+            ),
             (
                 "backends[0].address",
                 Box::new(|c| c.backends[0].address = "localhost".into()),
@@ -334,9 +338,15 @@ mod tests {
                 "backends[0].password",
                 Box::new(|c| c.backends[0].username = Some("u".into())),
             ),
-            ("limits.max_bulk_len", Box::new(|c| c.limits.max_bulk_len = 0)),
+            (
+                "limits.max_bulk_len",
+                Box::new(|c| c.limits.max_bulk_len = 0),
+            ),
             ("limits.max_clients", Box::new(|c| c.limits.max_clients = 0)),
-            ("log.level", Box::new(|c| c.log.level = "no=such=level".into())),
+            (
+                "log.level",
+                Box::new(|c| c.log.level = "no=such=level".into()),
+            ),
         ];
         for (field, mutate) in cases {
             let mut c = valid();

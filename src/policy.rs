@@ -48,7 +48,10 @@ impl Default for ProtectionConfig {
         ProtectionConfig {
             deny: Vec::new(),
             allow: Vec::new(),
-            config_get_allow: DEFAULT_CONFIG_GET_ALLOW.iter().map(|s| s.to_string()).collect(),
+            config_get_allow: DEFAULT_CONFIG_GET_ALLOW
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             allow_notify_keyspace_events: true,
             scripts: ScriptPolicy::Allow,
         }
@@ -404,7 +407,14 @@ mod tests {
             &["SCRIPT", "DEBUG", "YES"],
             &["CONFIG", "GET", "dir"],
             &["CONFIG", "GET", "*"],
-            &["CONFIG", "SET", "notify-keyspace-events", "KEA", "dir", "/tmp"],
+            &[
+                "CONFIG",
+                "SET",
+                "notify-keyspace-events",
+                "KEA",
+                "dir",
+                "/tmp",
+            ],
             &["CONFIG", "SET", "notify-keyspace-events", "bad;"],
             &["SYNC"],
             &["PSYNC", "?", "-1"],

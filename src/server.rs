@@ -88,7 +88,10 @@ pub async fn run(
         .await
         .is_err()
     {
-        warn!(sessions = tracker.len(), "shutdown grace expired; closing remaining sessions");
+        warn!(
+            sessions = tracker.len(),
+            "shutdown grace expired; closing remaining sessions"
+        );
     }
     Ok(())
 }

@@ -436,7 +436,14 @@ impl Session {
                         return end;
                     }
                 }
-                Event::BackendReadable => self.read_backend(),
+                Event::BackendReadable => {
+                    self.read_backend();
+                    if !self.client_buf.is_empty() {
+                        if let Some(end) = self.parse_buffered().await {
+                            return end;
+                        }
+                    }
+                }
                 Event::Writable => {}
                 Event::Idle => {
                     if self.pending.is_empty() {
@@ -483,6 +490,13 @@ impl Session {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
             Err(e) => return Some(SessionEnd::ClientIo(e)),
         }
+        self.parse_buffered().await
+    }
+
+    /// Handle the requests already buffered, up to the pending bound. Called after a
+    /// read and whenever replies make room, since the client may have sent everything
+    /// already and never make its socket readable again.
+    async fn parse_buffered(&mut self) -> Option<SessionEnd> {
         while !self.client_done && self.pending.len() < self.shared.config.limits.max_pending {
             match self.parser.parse(&mut self.client_buf) {
                 Ok(Some(req)) => {
@@ -611,7 +625,11 @@ impl Session {
                     return None;
                 }
                 let all = matches!(spec.special, Special::Unsubscribe(_)) && forward.argc() == 1;
-                let expected = if all { 1 } else { forward.argc().saturating_sub(1).max(1) };
+                let expected = if all {
+                    1
+                } else {
+                    forward.argc().saturating_sub(1).max(1)
+                };
                 return self
                     .forward(forward, expected as u32, OnReply::PubSub { kind, all })
                     .await;
@@ -746,7 +764,10 @@ impl Session {
                 i += 1;
             }
         }
-        Ok((Request::from_args(&args), StateChange::Hello { resp3, name }))
+        Ok((
+            Request::from_args(&args),
+            StateChange::Hello { resp3, name },
+        ))
     }
 
     /// Send a request to the backend (connecting first if needed) and queue its replies.
@@ -868,13 +889,18 @@ impl Session {
             None
         };
         if confirmation.is_none()
-            && (reply.is_push() || (!self.state.resp3 && self.state.subscribed() && is_message(&reply)))
+            && (reply.is_push()
+                || (!self.state.resp3 && self.state.subscribed() && is_message(&reply)))
         {
             self.to_client.push(reply.into_frame());
             return true;
         }
 
-        let Some(Pending::Backend { remaining, on_reply }) = self.pending.front_mut() else {
+        let Some(Pending::Backend {
+            remaining,
+            on_reply,
+        }) = self.pending.front_mut()
+        else {
             return false;
         };
         let done;

@@ -80,19 +80,22 @@ impl BackendLink {
         limits: ReplyLimits,
     ) -> Result<BackendLink, BackendError> {
         let addr = backend.address.as_str();
-        let mut stream = TcpStream::connect(addr)
-            .await
-            .map_err(|source| BackendError::Connect {
-                addr: addr.to_string(),
-                source,
-            })?;
+        let mut stream =
+            TcpStream::connect(addr)
+                .await
+                .map_err(|source| BackendError::Connect {
+                    addr: addr.to_string(),
+                    source,
+                })?;
         // Small request/reply frames: never wait for Nagle.
         let _ = stream.set_nodelay(true);
 
         let mut steps: Vec<(&'static str, Request)> = Vec::new();
         if let Some(password) = &backend.password {
             let req = match &backend.username {
-                Some(user) => Request::from_args(&[b"AUTH".as_slice(), user.as_bytes(), password.as_bytes()]),
+                Some(user) => {
+                    Request::from_args(&[b"AUTH".as_slice(), user.as_bytes(), password.as_bytes()])
+                }
                 None => Request::from_args(&[b"AUTH".as_slice(), password.as_bytes()]),
             };
             steps.push(("AUTH", req));
@@ -122,36 +125,39 @@ impl BackendLink {
         for (_, req) in &steps {
             out.extend_from_slice(req.frame());
         }
-        stream.write_all(&out).await.map_err(|source| BackendError::Io {
-            addr: addr.to_string(),
-            source,
-        })?;
+        stream
+            .write_all(&out)
+            .await
+            .map_err(|source| BackendError::Io {
+                addr: addr.to_string(),
+                source,
+            })?;
         let mut scanner = ReplyScanner::new(limits);
         for (command, _) in &steps {
-            let reply = loop {
-                match scanner.next(&mut leftover) {
-                    Ok(Some(reply)) => break reply,
-                    Ok(None) => {}
-                    Err(source) => {
-                        return Err(BackendError::Protocol {
+            let reply =
+                loop {
+                    match scanner.next(&mut leftover) {
+                        Ok(Some(reply)) => break reply,
+                        Ok(None) => {}
+                        Err(source) => {
+                            return Err(BackendError::Protocol {
+                                addr: addr.to_string(),
+                                source,
+                            })
+                        }
+                    }
+                    let n = stream.read_buf(&mut leftover).await.map_err(|source| {
+                        BackendError::Io {
                             addr: addr.to_string(),
                             source,
-                        })
-                    }
-                }
-                let n = stream
-                    .read_buf(&mut leftover)
-                    .await
-                    .map_err(|source| BackendError::Io {
-                        addr: addr.to_string(),
-                        source,
+                        }
                     })?;
-                if n == 0 {
-                    return Err(BackendError::Closed {
-                        addr: addr.to_string(),
-                    });
-                }
-            };
+                    if n == 0 {
+                        return Err(BackendError::Closed {
+                            addr: addr.to_string(),
+                        });
+                    }
+                };
             if reply.is_error() {
                 return Err(BackendError::Refused {
                     addr: addr.to_string(),

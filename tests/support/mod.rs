@@ -41,9 +41,15 @@ impl RedisServer {
                 .args(extra)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
-            let mut child = cmd.spawn().expect("redis-server installed (apt-get install redis-server)");
+            let mut child = cmd
+                .spawn()
+                .expect("redis-server installed (apt-get install redis-server)");
             if wait_port(port, &mut child) {
-                return RedisServer { port, child, _dir: dir };
+                return RedisServer {
+                    port,
+                    child,
+                    _dir: dir,
+                };
             }
             let _ = child.kill();
             let _ = child.wait();
@@ -130,9 +136,15 @@ impl Proxy {
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let task = tokio::spawn(async move {
-            portcullis::run(config, listener, token).await.expect("proxy runs");
+            portcullis::run(config, listener, token)
+                .await
+                .expect("proxy runs");
         });
-        Proxy { addr, shutdown, task }
+        Proxy {
+            addr,
+            shutdown,
+            task,
+        }
     }
 
     pub async fn client(&self) -> redis::aio::MultiplexedConnection {
@@ -169,7 +181,10 @@ impl Raw {
     pub async fn connect(addr: SocketAddr) -> Raw {
         let stream = TcpStream::connect(addr).await.expect("connect");
         stream.set_nodelay(true).ok();
-        Raw { stream, buf: Vec::new() }
+        Raw {
+            stream,
+            buf: Vec::new(),
+        }
     }
 
     pub async fn send(&mut self, bytes: &[u8]) {
