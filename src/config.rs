@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::policy::ProtectionConfig;
+
 /// Data port when nothing is configured: next to Redis's 6379, loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6380";
 /// Admin HTTP port (metrics, health).
@@ -60,6 +62,9 @@ pub struct Config {
     pub log: LogConfig,
     pub backends: Vec<BackendConfig>,
     pub limits: Limits,
+    pub probe: ProbeConfig,
+    pub routing: RoutingConfig,
+    pub protection: ProtectionConfig,
 }
 
 impl Default for Config {
@@ -70,6 +75,65 @@ impl Default for Config {
             log: LogConfig::default(),
             backends: Vec::new(),
             limits: Limits::default(),
+            probe: ProbeConfig::default(),
+            routing: RoutingConfig::default(),
+            protection: ProtectionConfig::default(),
+        }
+    }
+}
+
+/// How often each backend's role is probed.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(500);
+/// How long one ROLE probe may take.
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a write waits for a confirmed master before `-MASTERDOWN`.
+pub const DEFAULT_FAILOVER_WAIT: Duration = Duration::from_secs(2);
+
+/// `[probe]`: role probing.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbeConfig {
+    /// Time between two ROLE probes of one backend.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Bound on one probe (connect + ROLE).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// A master probe older than this no longer confirms it (default: 2 × interval + timeout).
+    #[serde(with = "humantime_serde::option")]
+    pub staleness: Option<Duration>,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        ProbeConfig {
+            interval: DEFAULT_PROBE_INTERVAL,
+            timeout: DEFAULT_PROBE_TIMEOUT,
+            staleness: None,
+        }
+    }
+}
+
+impl ProbeConfig {
+    /// The staleness bound in effect.
+    pub fn staleness(&self) -> Duration {
+        self.staleness.unwrap_or(self.interval * 2 + self.timeout)
+    }
+}
+
+/// `[routing]`: where commands go.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// How long a write waits for a confirmed master (no master, or after READONLY).
+    #[serde(with = "humantime_serde")]
+    pub failover_wait: Duration,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            failover_wait: DEFAULT_FAILOVER_WAIT,
         }
     }
 }
@@ -274,6 +338,25 @@ impl Config {
                 return Err(invalid(field, "must be greater than 0"));
             }
         }
+        for (field, d) in [
+            ("probe.interval", self.probe.interval),
+            ("probe.timeout", self.probe.timeout),
+            ("probe.staleness", self.probe.staleness()),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(field, "must be greater than 0"));
+            }
+        }
+        if self.probe.staleness() < self.probe.interval {
+            return Err(invalid(
+                "probe.staleness",
+                "must be at least probe.interval, or every master would go stale between probes",
+            ));
+        }
+        crate::policy::Policy::new(&self.protection).map_err(|e| ConfigError::Invalid {
+            field: format!("protection.{}", e.list),
+            reason: e.to_string(),
+        })?;
         if l.connect_timeout.is_zero() {
             return Err(invalid("limits.connect_timeout", "must be greater than 0"));
         }

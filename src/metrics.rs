@@ -77,3 +77,13 @@ pub fn backend_connect_error(backend: &str) {
 pub fn backend_lost(backend: &str) {
     counter!(BACKEND_LOST_TOTAL, "backend" => backend.to_string()).increment(1);
 }
+
+/// Count a write answered `-MASTERDOWN` (no confirmed master).
+pub fn no_master() {
+    counter!("portcullis_no_master_errors_total").increment(1);
+}
+
+/// Count a write retried on the confirmed master after `-READONLY`.
+pub fn readonly_retry() {
+    counter!("portcullis_readonly_retries_total").increment(1);
+}

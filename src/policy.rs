@@ -41,6 +41,9 @@ pub struct ProtectionConfig {
     pub allow_notify_keyspace_events: bool,
     /// Scripting policy.
     pub scripts: ScriptPolicy,
+    /// Heal a hijacked backend (one replicating from outside the configured set) with
+    /// `REPLICAOF` from the proxy's own connection.
+    pub auto_heal: bool,
 }
 
 impl Default for ProtectionConfig {
@@ -54,6 +57,7 @@ impl Default for ProtectionConfig {
                 .collect(),
             allow_notify_keyspace_events: true,
             scripts: ScriptPolicy::Allow,
+            auto_heal: false,
         }
     }
 }

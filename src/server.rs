@@ -10,9 +10,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::backend::prober::{self, ProbeSettings};
+use crate::backend::{BackendState, TopologyStore};
 use crate::config::Config;
 use crate::metrics::{self, Hot};
-use crate::policy::{Policy, PolicyError, ProtectionConfig};
+use crate::policy::{Policy, PolicyError};
+use crate::protocol::ReplyLimits;
 use crate::session::{self, Shared};
 
 /// Redis's answer when `maxclients` is reached.
@@ -34,12 +37,41 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let policy = Policy::new(&ProtectionConfig::default())?;
+    let policy = Policy::new(&config.protection)?;
     let max_clients = config.limits.max_clients;
+    let topology = TopologyStore::new(
+        config
+            .backends
+            .iter()
+            .map(|b| BackendState::new(b.label(), &b.address))
+            .collect(),
+        config.probe.staleness(),
+    );
+    let settings = ProbeSettings {
+        interval: config.probe.interval,
+        timeout: config.probe.timeout,
+        auto_heal: config.protection.auto_heal,
+        reply_limits: ReplyLimits {
+            max_depth: config.limits.max_reply_depth,
+            ..ReplyLimits::default()
+        },
+    };
+    let probers = TaskTracker::new();
+    for (index, backend) in config.backends.iter().enumerate() {
+        probers.spawn(prober::run(
+            index,
+            backend.clone(),
+            topology.clone(),
+            settings,
+            shutdown.clone(),
+        ));
+    }
+    probers.close();
     let shared = Arc::new(Shared {
         config,
         policy,
         hot: Hot::register(),
+        topology,
     });
     let permits = Arc::new(Semaphore::new(max_clients));
     let tracker = TaskTracker::new();

@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::backend::{BackendLink, Handshake};
+use crate::backend::{BackendLink, Handshake, TopologyStore};
 use crate::command::{Lookup, PubSubKind, Special};
 use crate::config::{BackendConfig, Config};
 use crate::metrics::{self, Hot};
@@ -48,6 +48,7 @@ pub struct Shared {
     pub config: Config,
     pub policy: Policy,
     pub hot: Hot,
+    pub topology: Arc<TopologyStore>,
 }
 
 impl Shared {
@@ -68,9 +69,17 @@ impl Shared {
         }
     }
 
-    /// The backend sessions connect to (role-aware routing replaces this).
-    fn backend(&self) -> Option<&BackendConfig> {
-        self.config.backends.first()
+    fn backend(&self, index: usize) -> Option<&BackendConfig> {
+        self.config.backends.get(index)
+    }
+
+    /// `-MASTERDOWN` with what the proxy knows about every backend.
+    fn masterdown(&self) -> Bytes {
+        metrics::no_master();
+        local_error(&format!(
+            "MASTERDOWN portcullis has no confirmed master to send this to: {}",
+            self.topology.load().explain()
+        ))
     }
 }
 
@@ -127,8 +136,18 @@ enum StateChange {
 /// One entry of the in-order reply queue.
 #[derive(Debug)]
 enum Pending {
-    /// `remaining` replies expected from the backend for one forwarded request.
-    Backend { remaining: u32, on_reply: OnReply },
+    /// `remaining` replies expected from the backend for one forwarded request;
+    /// `retry` keeps a plain write so a `-READONLY` answer can be retried elsewhere.
+    Backend {
+        remaining: u32,
+        on_reply: OnReply,
+        retry: Option<Request>,
+    },
+    /// A write the backend refused with `-READONLY`: not applied, to be retried on the
+    /// confirmed master once this link has answered everything before it.
+    Retry(Request),
+    /// A reply that arrived while an earlier request waits for its retry.
+    Done(Bytes),
     /// A reply produced by the proxy, emitted once everything before it is.
     Local(Bytes),
     /// Close the client once everything before has been written (QUIT).
@@ -203,6 +222,8 @@ impl OutQueue {
 
 /// The session's connection to its backend.
 struct Backend {
+    /// Index of the backend in the topology.
+    index: usize,
     stream: TcpStream,
     buf: BytesMut,
     scanner: ReplyScanner,
@@ -362,6 +383,11 @@ struct Session {
     /// State changes queued inside MULTI, applied if EXEC runs.
     multi_changes: Vec<StateChange>,
     watching: bool,
+    /// A request waiting for the pending queue to drain before the session moves to a
+    /// new master (never sent to the old one).
+    held: Option<(Request, u32, OnReply, bool)>,
+    /// `Pending::Retry` entries in the queue.
+    retrying: usize,
     /// QUIT seen, or a fatal client error: read nothing more from the client.
     client_done: bool,
     /// Replies in flight when the end was decided; the session ends when they are written.
@@ -392,6 +418,8 @@ impl Session {
             multi_dirty: false,
             multi_changes: Vec::new(),
             watching: false,
+            held: None,
+            retrying: 0,
             client_done: false,
             end: None,
         }
@@ -410,6 +438,8 @@ impl Session {
             }
             let limits = &self.shared.config.limits;
             let read_client = !self.client_done
+                && self.held.is_none()
+                && self.retrying == 0
                 && self.pending.len() < limits.max_pending
                 && self.to_client.bytes < limits.max_reply_buffer;
             let read_backend =
@@ -438,6 +468,9 @@ impl Session {
                 }
                 Event::BackendReadable => {
                     self.read_backend();
+                    if let Some(end) = self.after_replies().await {
+                        return end;
+                    }
                     if !self.client_buf.is_empty() {
                         if let Some(end) = self.parse_buffered().await {
                             return end;
@@ -497,7 +530,11 @@ impl Session {
     /// read and whenever replies make room, since the client may have sent everything
     /// already and never make its socket readable again.
     async fn parse_buffered(&mut self) -> Option<SessionEnd> {
-        while !self.client_done && self.pending.len() < self.shared.config.limits.max_pending {
+        while !self.client_done
+            && self.held.is_none()
+            && self.retrying == 0
+            && self.pending.len() < self.shared.config.limits.max_pending
+        {
             match self.parser.parse(&mut self.client_buf) {
                 Ok(Some(req)) => {
                     if let Some(end) = self.on_request(req).await {
@@ -631,7 +668,12 @@ impl Session {
                     forward.argc().saturating_sub(1).max(1)
                 };
                 return self
-                    .forward(forward, expected as u32, OnReply::PubSub { kind, all })
+                    .forward(
+                        forward,
+                        expected as u32,
+                        OnReply::PubSub { kind, all },
+                        false,
+                    )
                     .await;
             }
             Special::ClientReply => {
@@ -659,7 +701,7 @@ impl Session {
                     self.take_reply_slot()
                 };
                 return self
-                    .forward(forward, u32::from(delivered), OnReply::Forward)
+                    .forward(forward, u32::from(delivered), OnReply::Forward, false)
                     .await;
             }
             Special::Multi => {
@@ -717,7 +759,10 @@ impl Session {
             Special::Monitor | Special::Ping | Special::None => {}
         }
         let delivered = self.take_reply_slot();
-        self.forward(forward, u32::from(delivered), on_reply).await
+        // A plain write outside MULTI can be retried if the backend says READONLY.
+        let retryable = spec.is_write() && !self.in_multi && matches!(on_reply, OnReply::Forward);
+        self.forward(forward, u32::from(delivered), on_reply, retryable)
+            .await
     }
 
     /// A state change takes effect on the reply, or at EXEC when queued in MULTI.
@@ -770,21 +815,68 @@ impl Session {
         ))
     }
 
-    /// Send a request to the backend (connecting first if needed) and queue its replies.
+    /// Whether the session can move to another backend without losing anything.
+    fn at_safe_point(&self) -> bool {
+        self.pending.is_empty()
+            && !self.in_multi
+            && !self.watching
+            && !self.state.subscribed()
+            && self.reply_mode == ReplyMode::On
+    }
+
+    /// Send a request to the confirmed master (connecting or moving first if needed) and
+    /// queue its replies.
     async fn forward(
         &mut self,
         req: Request,
         replies: u32,
         on_reply: OnReply,
+        retryable: bool,
     ) -> Option<SessionEnd> {
-        if self.backend.is_none() {
-            if let Err(reply) = self.connect().await {
+        let master = self.shared.topology.load().master_now();
+        let current = self.backend.as_ref().map(|b| b.index);
+        if current.is_none() || current != master {
+            if current.is_some() && !self.at_safe_point() {
+                if self.in_multi || self.watching {
+                    // Never half a transaction on each side of a failover.
+                    let reply = self.shared.masterdown();
+                    self.refuse(reply);
+                    return None;
+                }
+                if self.state.subscribed() {
+                    // Pub/sub works on any node: stay where the subscriptions are.
+                    return self.push_request(req, replies, on_reply, retryable);
+                }
+                // Finish what is in flight on the old link first.
+                self.held = Some((req, replies, on_reply, retryable));
+                return None;
+            }
+            self.backend = None;
+            let wait = self.shared.config.routing.failover_wait;
+            let Some(index) = self.shared.topology.wait_for_master(wait).await else {
+                if replies > 0 {
+                    let reply = self.shared.masterdown();
+                    self.push_local(reply);
+                }
+                return None;
+            };
+            if let Err(reply) = self.connect(index).await {
                 if replies > 0 {
                     self.push_local(reply);
                 }
                 return None;
             }
         }
+        self.push_request(req, replies, on_reply, retryable)
+    }
+
+    fn push_request(
+        &mut self,
+        req: Request,
+        replies: u32,
+        on_reply: OnReply,
+        retryable: bool,
+    ) -> Option<SessionEnd> {
         let Some(backend) = &mut self.backend else {
             return None;
         };
@@ -794,13 +886,66 @@ impl Session {
             self.pending.push_back(Pending::Backend {
                 remaining: replies,
                 on_reply,
+                retry: (retryable && replies == 1).then_some(req),
             });
         }
         None
     }
 
-    async fn connect(&mut self) -> Result<(), Bytes> {
-        let Some(cfg) = self.shared.backend().cloned() else {
+    /// After a batch of replies: send a held request once the old link is drained, and
+    /// retry READONLY-refused writes once the old link has answered everything.
+    async fn after_replies(&mut self) -> Option<SessionEnd> {
+        if self.retrying > 0 && !self.waiting_on_backend() {
+            self.run_retries().await;
+        }
+        if self.pending.is_empty() {
+            if let Some((req, replies, on_reply, retryable)) = self.held.take() {
+                return self.forward(req, replies, on_reply, retryable).await;
+            }
+        }
+        None
+    }
+
+    fn waiting_on_backend(&self) -> bool {
+        self.pending
+            .iter()
+            .any(|p| matches!(p, Pending::Backend { .. }))
+    }
+
+    /// Re-send the writes refused with READONLY to the confirmed master, in order; if no
+    /// master appears within the failover wait, answer them `-MASTERDOWN`.
+    async fn run_retries(&mut self) {
+        self.backend = None;
+        let wait = self.shared.config.routing.failover_wait;
+        let connected = match self.shared.topology.wait_for_master(wait).await {
+            Some(index) => self.connect(index).await.is_ok(),
+            None => false,
+        };
+        let masterdown = self.shared.masterdown();
+        for entry in self.pending.iter_mut() {
+            let Pending::Retry(req) = entry else {
+                continue;
+            };
+            *entry = match (&mut self.backend, connected) {
+                (Some(b), true) => {
+                    metrics::readonly_retry();
+                    b.out.push(req.frame().clone());
+                    // No second retry: a master that also says READONLY gets MASTERDOWN.
+                    Pending::Backend {
+                        remaining: 1,
+                        on_reply: OnReply::Forward,
+                        retry: None,
+                    }
+                }
+                _ => Pending::Done(masterdown.clone()),
+            };
+        }
+        self.retrying = 0;
+        self.drain_locals();
+    }
+
+    async fn connect(&mut self, index: usize) -> Result<(), Bytes> {
+        let Some(cfg) = self.shared.backend(index).cloned() else {
             return Err(local_error("ERR portcullis has no backend configured"));
         };
         let handshake = Handshake {
@@ -812,6 +957,7 @@ impl Session {
         match BackendLink::open(&cfg, &handshake, timeout, self.shared.reply_limits()).await {
             Ok(link) => {
                 self.backend = Some(Backend {
+                    index,
                     stream: link.stream,
                     buf: link.leftover,
                     scanner: ReplyScanner::new(self.shared.reply_limits()),
@@ -872,9 +1018,23 @@ impl Session {
 
     /// Match one backend reply; `false` when nothing was waiting for it.
     fn on_reply(&mut self, reply: Reply) -> bool {
+        // The entry this reply answers: the head, or (while writes wait for a retry) the
+        // first entry still waiting on this link.
+        let index = if self.retrying == 0 {
+            0
+        } else {
+            match self
+                .pending
+                .iter()
+                .position(|p| matches!(p, Pending::Backend { .. }))
+            {
+                Some(i) => i,
+                None => usize::MAX,
+            }
+        };
         // Out-of-band frames: RESP3 pushes (except pub/sub confirmations we wait for) and
         // RESP2 pub/sub messages while subscribed.
-        let head_pubsub = match self.pending.front() {
+        let head_pubsub = match self.pending.get(index) {
             Some(Pending::Backend {
                 on_reply: OnReply::PubSub { kind, all },
                 ..
@@ -896,17 +1056,34 @@ impl Session {
             return true;
         }
 
+        let readonly = reply.is_error() && reply.error_code() == Some(b"READONLY".as_slice());
+        let is_error = reply.is_error() || reply.kind() == ReplyKind::Null;
+        let backend_index = self.backend.as_ref().map(|b| b.index);
+        let Some(Pending::Backend { retry, .. }) = self.pending.get_mut(index) else {
+            return false;
+        };
+        let mut out = reply.into_frame();
+        if readonly {
+            // Redis did not apply it. Stop routing writes there, and retry or explain.
+            if let Some(b) = backend_index {
+                self.shared.topology.report_readonly(b);
+            }
+            if let Some(req) = retry.take() {
+                self.pending[index] = Pending::Retry(req);
+                self.retrying += 1;
+                return true;
+            }
+            out = self.shared.masterdown();
+        }
         let Some(Pending::Backend {
             remaining,
             on_reply,
-        }) = self.pending.front_mut()
+            ..
+        }) = self.pending.get_mut(index)
         else {
             return false;
         };
-        let done;
-        let is_error = reply.is_error() || reply.kind() == ReplyKind::Null;
-        let mut out = reply.into_frame();
-        match on_reply {
+        let done = match on_reply {
             OnReply::PubSub { all, .. } => {
                 let all = *all;
                 match (confirmation, head_pubsub) {
@@ -920,48 +1097,51 @@ impl Session {
                             set.insert(c);
                         }
                         *remaining = remaining.saturating_sub(1);
-                        done = if all { set.is_empty() } else { *remaining == 0 };
+                        if all {
+                            set.is_empty()
+                        } else {
+                            *remaining == 0
+                        }
                     }
                     // An error (or anything else) answers the whole command.
-                    _ => done = true,
+                    _ => true,
                 }
-            }
-            OnReply::Forward => {
-                *remaining -= 1;
-                done = *remaining == 0;
             }
             OnReply::Replace(local) => {
                 out = local.clone();
                 *remaining -= 1;
-                done = *remaining == 0;
+                *remaining == 0
             }
-            OnReply::Apply(_) => {
+            OnReply::Forward | OnReply::Apply(_) => {
                 *remaining -= 1;
-                done = *remaining == 0;
+                *remaining == 0
+            }
+        };
+        if !done {
+            // Multi-reply commands (SUBSCRIBE a b c) only run without retries pending.
+            self.to_client.push(out);
+            return true;
+        }
+        let entry = std::mem::replace(&mut self.pending[index], Pending::Done(out));
+        if let Pending::Backend {
+            on_reply: OnReply::Apply(change),
+            ..
+        } = entry
+        {
+            if !is_error {
+                self.state.apply(change);
             }
         }
-        if done {
-            if let Some(Pending::Backend {
-                on_reply: OnReply::Apply(change),
-                ..
-            }) = self.pending.pop_front()
-            {
-                if !is_error {
-                    self.state.apply(change);
-                }
-            }
-        }
-        self.to_client.push(out);
         self.drain_locals();
         true
     }
 
-    /// Emit proxy replies (and QUIT's close) that reached the head of the queue.
+    /// Emit proxy replies, held replies (and QUIT's close) that reached the head.
     fn drain_locals(&mut self) {
         loop {
             match self.pending.front() {
-                Some(Pending::Local(_)) => {
-                    if let Some(Pending::Local(b)) = self.pending.pop_front() {
+                Some(Pending::Local(_)) | Some(Pending::Done(_)) => {
+                    if let Some(Pending::Local(b) | Pending::Done(b)) = self.pending.pop_front() {
                         self.to_client.push(b);
                     }
                 }
@@ -976,8 +1156,8 @@ impl Session {
         }
     }
 
-    /// The backend connection ended: answer what was in flight, then keep the client
-    /// if nothing stateful was lost.
+    /// The backend connection ended: answer what was in flight (in order), then keep the
+    /// client if nothing stateful was lost. Writes refused with READONLY keep their retry.
     fn backend_lost(&mut self) {
         let label = backend_label(&self.backend);
         self.backend = None;
@@ -993,21 +1173,12 @@ impl Session {
         let err = local_error(&format!(
             "ERR portcullis lost the connection to backend {label}; the command may or may not have been applied"
         ));
-        let old = std::mem::take(&mut self.pending);
-        for p in old {
-            match p {
-                Pending::Backend { remaining, .. } => {
-                    if remaining > 0 {
-                        self.to_client.push(err.clone());
-                    }
-                }
-                Pending::Local(b) => self.to_client.push(b),
-                Pending::Close => {
-                    self.end.get_or_insert(SessionEnd::Quit);
-                    self.client_done = true;
-                }
+        for entry in self.pending.iter_mut() {
+            if matches!(entry, Pending::Backend { .. }) {
+                *entry = Pending::Done(err.clone());
             }
         }
+        self.drain_locals();
         let stateful = self.in_multi
             || self.watching
             || self.state.subscribed()

@@ -1,6 +1,10 @@
-//! Everything on the Redis side of the proxy: connections to backends (`link`).
-//! Role probing and the topology store grow here.
+//! Everything on the Redis side of the proxy: connections to backends (`link`), role
+//! probers (`prober`) and the topology store with the confirmed-master decision
+//! (`topology`).
 
 pub mod link;
+pub mod prober;
+pub mod topology;
 
 pub use link::{BackendError, BackendLink, Handshake};
+pub use topology::{BackendState, Role, Topology, TopologyStore};

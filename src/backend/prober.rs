@@ -1,0 +1,321 @@
+//! One prober per backend: its own connection, `ROLE` every interval (or at once when a
+//! session saw `-READONLY`), results published to the topology store. Detects hijacks (a
+//! replica of a master outside the configured set) and, when enabled, heals them with
+//! `REPLICAOF` on its own connection. Never touches client traffic.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use metrics::{counter, gauge, histogram};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::backend::topology::{Role, TopologyStore};
+use crate::backend::{BackendError, BackendLink, Handshake};
+use crate::config::BackendConfig;
+use crate::protocol::{Item, Reply, ReplyLimits, ReplyScanner, Request};
+
+/// Probe settings.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeSettings {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub auto_heal: bool,
+    pub reply_limits: ReplyLimits,
+}
+
+/// Why one probe failed.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("connection closed")]
+    Closed,
+    #[error("malformed reply: {0}")]
+    Protocol(#[from] crate::protocol::ReplyError),
+    #[error("unexpected ROLE reply: {0}")]
+    Unexpected(String),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// The prober's own connection.
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+    scanner: ReplyScanner,
+}
+
+impl Conn {
+    async fn call(&mut self, req: &Request) -> Result<Reply, ProbeError> {
+        self.stream.write_all(req.frame()).await?;
+        loop {
+            if let Some(reply) = self.scanner.next(&mut self.buf)? {
+                return Ok(reply);
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(ProbeError::Closed);
+            }
+        }
+    }
+}
+
+/// Run the prober for backend `index` until shutdown.
+pub async fn run(
+    index: usize,
+    backend: BackendConfig,
+    store: Arc<TopologyStore>,
+    settings: ProbeSettings,
+    shutdown: CancellationToken,
+) {
+    let label = backend.label().to_string();
+    resolve_aliases(index, &backend, &store).await;
+    let mut conn: Option<Conn> = None;
+    let mut last_role: Option<&'static str> = None;
+    let mut was_hijacked = false;
+    loop {
+        let started = Instant::now();
+        let result = match tokio::time::timeout(
+            settings.timeout,
+            probe(&mut conn, &backend, settings.reply_limits, settings.timeout),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(ProbeError::Timeout(settings.timeout)),
+        };
+        histogram!("portcullis_probe_duration_seconds", "backend" => label.clone())
+            .record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(role) => {
+                let now = Instant::now();
+                let foreign = match &role {
+                    Role::Replica {
+                        master_host,
+                        master_port,
+                        ..
+                    } => !store
+                        .load()
+                        .backends
+                        .iter()
+                        .any(|b| b.is(master_host, *master_port)),
+                    _ => false,
+                };
+                let name = role.name();
+                if last_role != Some(name) {
+                    if let Some(from) = last_role {
+                        warn!(backend = %label, from, to = name, role = %role, "backend role changed");
+                        counter!("portcullis_role_changes_total", "backend" => label.clone(), "from" => from, "to" => name).increment(1);
+                    } else {
+                        info!(backend = %label, role = %role, "backend role");
+                    }
+                    for r in ["master", "replica", "sentinel"] {
+                        gauge!("portcullis_backend_role", "backend" => label.clone(), "role" => r)
+                            .set(if r == name { 1.0 } else { 0.0 });
+                    }
+                    last_role = Some(name);
+                }
+                if foreign && !was_hijacked {
+                    if let Role::Replica {
+                        master_host,
+                        master_port,
+                        link,
+                    } = &role
+                    {
+                        error!(backend = %label, foreign_master = %format!("{master_host}:{master_port}"), link = %link,
+                            "HIJACK: backend replicates from a master outside the configured backends; excluded from routing");
+                    }
+                    counter!("portcullis_hijack_detections_total", "backend" => label.clone())
+                        .increment(1);
+                }
+                was_hijacked = foreign;
+                gauge!("portcullis_backend_hijacked", "backend" => label.clone()).set(if foreign {
+                    1.0
+                } else {
+                    0.0
+                });
+                store.update(index, |b| {
+                    b.role = Some(role.clone());
+                    b.probed_at = Some(now);
+                    b.error = None;
+                    b.readonly_seen = false;
+                    b.hijacked = foreign;
+                });
+                if foreign && settings.auto_heal {
+                    if let Some(c) = conn.as_mut() {
+                        heal(index, &label, c, &store).await;
+                        // Probe again at once to confirm the healed role.
+                        continue;
+                    }
+                }
+            }
+            Err(e) => {
+                conn = None;
+                counter!("portcullis_probe_failures_total", "backend" => label.clone())
+                    .increment(1);
+                let first = store
+                    .load()
+                    .backends
+                    .get(index)
+                    .is_some_and(|b| b.error.is_none());
+                if first {
+                    warn!(backend = %label, error = %e, "backend probe failed; not confirmable until a probe succeeds");
+                }
+                let msg = e.to_string();
+                store.update(index, |b| b.error = Some(msg.clone()));
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(settings.interval) => {}
+            _ = store.probe_requested(index) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// One ROLE round trip (connecting first when needed).
+async fn probe(
+    conn: &mut Option<Conn>,
+    backend: &BackendConfig,
+    limits: ReplyLimits,
+    timeout: Duration,
+) -> Result<Role, ProbeError> {
+    if conn.is_none() {
+        let link = BackendLink::open(backend, &Handshake::default(), timeout, limits).await?;
+        *conn = Some(Conn {
+            stream: link.stream,
+            buf: link.leftover,
+            scanner: ReplyScanner::new(limits),
+        });
+    }
+    let Some(c) = conn.as_mut() else {
+        return Err(ProbeError::Closed);
+    };
+    let reply = c.call(&Request::from_args(&[b"ROLE"])).await?;
+    parse_role(&reply)
+}
+
+/// Parse a `ROLE` reply.
+fn parse_role(reply: &Reply) -> Result<Role, ProbeError> {
+    let unexpected = || {
+        ProbeError::Unexpected(
+            String::from_utf8_lossy(&reply.frame()[..reply.frame().len().min(120)]).into_owned(),
+        )
+    };
+    if reply.is_error() {
+        return Err(unexpected());
+    }
+    let items = reply.items().ok_or_else(unexpected)?;
+    match items.as_slice() {
+        [Item::Str(b"master"), ..] => Ok(Role::Master),
+        [Item::Str(b"slave"), Item::Str(host), Item::Int(port), Item::Str(link), ..] => {
+            Ok(Role::Replica {
+                master_host: String::from_utf8_lossy(host).into_owned(),
+                master_port: u16::try_from(*port).map_err(|_| unexpected())?,
+                link: String::from_utf8_lossy(link).into_owned(),
+            })
+        }
+        [Item::Str(b"sentinel"), ..] => Ok(Role::Sentinel),
+        _ => Err(unexpected()),
+    }
+}
+
+/// Heal a hijacked backend on the prober's own connection: follow the confirmed master
+/// when there is one, else become master again (`REPLICAOF NO ONE`).
+async fn heal(index: usize, label: &str, conn: &mut Conn, store: &TopologyStore) {
+    let topo = store.load();
+    let target = topo
+        .master_now()
+        .filter(|&m| m != index)
+        .and_then(|m| topo.backends.get(m))
+        .and_then(|b| {
+            b.address
+                .rsplit_once(':')
+                .map(|(h, p)| (h.to_string(), p.to_string()))
+        });
+    let req = match &target {
+        Some((host, port)) => {
+            Request::from_args(&[b"REPLICAOF".as_slice(), host.as_bytes(), port.as_bytes()])
+        }
+        None => Request::from_args(&[b"REPLICAOF".as_slice(), b"NO", b"ONE"]),
+    };
+    let what = match &target {
+        Some((h, p)) => format!("REPLICAOF {h} {p}"),
+        None => "REPLICAOF NO ONE".to_string(),
+    };
+    match conn.call(&req).await {
+        Ok(r) if !r.is_error() => {
+            warn!(backend = %label, command = %what, "auto-heal: hijacked backend healed");
+            counter!("portcullis_auto_heals_total", "backend" => label.to_string()).increment(1);
+        }
+        Ok(r) => {
+            error!(backend = %label, command = %what, reply = %String::from_utf8_lossy(r.frame().trim_ascii_end()), "auto-heal refused by the backend")
+        }
+        Err(e) => error!(backend = %label, command = %what, error = %e, "auto-heal failed"),
+    }
+}
+
+/// Record every `ip:port` the backend's host resolves to, so replicas that name their
+/// master by IP are recognised as following a configured backend.
+async fn resolve_aliases(index: usize, backend: &BackendConfig, store: &TopologyStore) {
+    let Ok(addrs) = tokio::net::lookup_host(backend.address.as_str()).await else {
+        return;
+    };
+    let aliases: Vec<String> = addrs.map(|a| format!("{}:{}", a.ip(), a.port())).collect();
+    store.update(index, |b| {
+        for a in &aliases {
+            if !b.aliases.contains(a) {
+                b.aliases.push(a.clone());
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ReplyScanner;
+
+    fn reply(bytes: &[u8]) -> Reply {
+        let mut buf = BytesMut::from(bytes);
+        ReplyScanner::new(ReplyLimits::default())
+            .next(&mut buf)
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn parses_role_replies() {
+        assert_eq!(
+            parse_role(&reply(b"*3\r\n$6\r\nmaster\r\n:0\r\n*1\r\n*3\r\n$9\r\n127.0.0.1\r\n$4\r\n6380\r\n$1\r\n0\r\n")).unwrap(),
+            Role::Master
+        );
+        assert_eq!(
+            parse_role(&reply(
+                b"*5\r\n$5\r\nslave\r\n$9\r\n10.0.0.99\r\n:8886\r\n$7\r\nconnect\r\n:-1\r\n"
+            ))
+            .unwrap(),
+            Role::Replica {
+                master_host: "10.0.0.99".into(),
+                master_port: 8886,
+                link: "connect".into()
+            }
+        );
+        assert_eq!(
+            parse_role(&reply(b"*2\r\n$8\r\nsentinel\r\n*0\r\n")).unwrap(),
+            Role::Sentinel
+        );
+        assert!(parse_role(&reply(b"-NOPERM no\r\n")).is_err());
+        assert!(parse_role(&reply(b"*1\r\n$5\r\nother\r\n")).is_err());
+        assert!(parse_role(&reply(
+            b"*5\r\n$5\r\nslave\r\n$1\r\nh\r\n:70000\r\n$1\r\nx\r\n:0\r\n"
+        ))
+        .is_err());
+    }
+}

@@ -1,0 +1,423 @@
+//! The topology store: what the probers last learned about every backend, published as an
+//! immutable snapshot (`ArcSwap`) plus a change notification, and the pure decision of
+//! which backend is the *confirmed master*. Must not do I/O.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+/// A backend's replication role, as its latest `ROLE` reply gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    Master,
+    Replica {
+        master_host: String,
+        master_port: u16,
+        /// `connected`, `connecting`, `connect`, `sync`, `handshake`, ...
+        link: String,
+    },
+    Sentinel,
+}
+
+impl Role {
+    /// Short name for logs and metric labels.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Role::Master => "master",
+            Role::Replica { .. } => "replica",
+            Role::Sentinel => "sentinel",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Role::Master => f.write_str("master"),
+            Role::Replica {
+                master_host,
+                master_port,
+                link,
+            } => write!(f, "replica of {master_host}:{master_port} (link {link})"),
+            Role::Sentinel => f.write_str("sentinel"),
+        }
+    }
+}
+
+/// What the proxy knows about one backend.
+#[derive(Debug, Clone)]
+pub struct BackendState {
+    /// Label (name or address).
+    pub label: String,
+    /// `host:port` as configured.
+    pub address: String,
+    /// Addresses this backend is known by (configured host, resolved IPs), `ip:port`.
+    pub aliases: Vec<String>,
+    /// Role from the latest successful probe.
+    pub role: Option<Role>,
+    /// When that probe answered.
+    pub probed_at: Option<Instant>,
+    /// The latest probe failure, if the latest probe failed.
+    pub error: Option<String>,
+    /// A client write got `-READONLY` here since the last successful probe.
+    pub readonly_seen: bool,
+    /// It follows a master outside the configured set.
+    pub hijacked: bool,
+}
+
+impl BackendState {
+    /// A backend never probed yet.
+    pub fn new(label: &str, address: &str) -> BackendState {
+        BackendState {
+            label: label.to_string(),
+            address: address.to_string(),
+            aliases: vec![address.to_string()],
+            role: None,
+            probed_at: None,
+            error: None,
+            readonly_seen: false,
+            hijacked: false,
+        }
+    }
+
+    fn fresh(&self, now: Instant, staleness: Duration) -> bool {
+        self.error.is_none()
+            && self
+                .probed_at
+                .is_some_and(|t| now.saturating_duration_since(t) <= staleness)
+    }
+
+    /// Writable: fresh master probe, nothing since contradicting it.
+    pub fn writable(&self, now: Instant, staleness: Duration) -> bool {
+        self.role == Some(Role::Master)
+            && self.fresh(now, staleness)
+            && !self.readonly_seen
+            && !self.hijacked
+    }
+
+    /// Whether `host:port` names this backend.
+    pub fn is(&self, host: &str, port: u16) -> bool {
+        self.aliases.iter().any(|a| {
+            a.rsplit_once(':')
+                .is_some_and(|(h, p)| h == host && p.parse::<u16>() == Ok(port))
+        })
+    }
+
+    /// One-line description for errors: `label (address): role`.
+    pub fn describe(&self) -> String {
+        let what = match (&self.role, &self.error) {
+            (_, Some(e)) => format!("unreachable ({e})"),
+            (Some(r), None) if self.hijacked => format!("{r}: outside the configured backends"),
+            (Some(r), None) if self.readonly_seen => format!("{r}, answered READONLY"),
+            (Some(r), None) => r.to_string(),
+            (None, None) => "not probed yet".to_string(),
+        };
+        if self.label == self.address {
+            format!("{}: {what}", self.label)
+        } else {
+            format!("{} ({}): {what}", self.label, self.address)
+        }
+    }
+}
+
+/// Why no backend is the confirmed master.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoMaster {
+    /// No backend is a fresh, uncontradicted master.
+    None,
+    /// Several claim master and the replicas do not decide between them.
+    SplitBrain(Vec<usize>),
+}
+
+/// The confirmed-master rule (DESIGN.md): exactly one writable backend; several
+/// writable → the one the (fresh) replicas follow, if that decides; none → no master.
+pub fn confirm(
+    backends: &[BackendState],
+    now: Instant,
+    staleness: Duration,
+) -> Result<usize, NoMaster> {
+    let candidates: Vec<usize> = (0..backends.len())
+        .filter(|&i| backends[i].writable(now, staleness))
+        .collect();
+    match candidates.as_slice() {
+        [] => Err(NoMaster::None),
+        [one] => Ok(*one),
+        many => {
+            let followed: Vec<usize> = many
+                .iter()
+                .copied()
+                .filter(|&c| {
+                    backends.iter().any(|b| {
+                        b.fresh(now, staleness)
+                            && matches!(&b.role, Some(Role::Replica { master_host, master_port, .. })
+                                if backends[c].is(master_host, *master_port))
+                    })
+                })
+                .collect();
+            match followed.as_slice() {
+                [one] => Ok(*one),
+                _ => Err(NoMaster::SplitBrain(many.to_vec())),
+            }
+        }
+    }
+}
+
+/// An immutable view of every backend and the decision taken from it.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub backends: Vec<BackendState>,
+    /// Index of the confirmed master, or why there is none.
+    pub master: Result<usize, NoMaster>,
+    /// Until when `master` holds without a newer probe.
+    pub valid_until: Instant,
+    /// Increases with every publication.
+    pub generation: u64,
+}
+
+impl Topology {
+    /// The confirmed master's index, if one is confirmed and not stale.
+    pub fn master_now(&self) -> Option<usize> {
+        match self.master {
+            Ok(i) if Instant::now() <= self.valid_until => Some(i),
+            _ => None,
+        }
+    }
+
+    /// What the proxy knows, for `-MASTERDOWN` replies and logs.
+    pub fn explain(&self) -> String {
+        let why = match &self.master {
+            Err(NoMaster::SplitBrain(ids)) => format!(
+                "several backends claim master and the replicas do not decide between them ({})",
+                ids.iter()
+                    .filter_map(|&i| self.backends.get(i).map(|b| b.label.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Ok(_) => "the master's last probe is too old".to_string(),
+            Err(NoMaster::None) => "no backend is a confirmed master".to_string(),
+        };
+        let states: Vec<String> = self.backends.iter().map(|b| b.describe()).collect();
+        format!("{why}; {}", states.join("; "))
+    }
+}
+
+/// Shared store of the current topology.
+pub struct TopologyStore {
+    current: ArcSwap<Topology>,
+    changed: watch::Sender<u64>,
+    /// One per backend: wakes its prober for an immediate probe.
+    probe_now: Vec<Notify>,
+    staleness: Duration,
+}
+
+impl TopologyStore {
+    /// A store for these backends (all unprobed: no master yet).
+    pub fn new(backends: Vec<BackendState>, staleness: Duration) -> Arc<TopologyStore> {
+        let n = backends.len();
+        let topo = Topology {
+            backends,
+            master: Err(NoMaster::None),
+            valid_until: Instant::now(),
+            generation: 0,
+        };
+        let (changed, _) = watch::channel(0);
+        Arc::new(TopologyStore {
+            current: ArcSwap::from_pointee(topo),
+            changed,
+            probe_now: (0..n).map(|_| Notify::new()).collect(),
+            staleness,
+        })
+    }
+
+    /// The current snapshot (lock-free).
+    pub fn load(&self) -> Arc<Topology> {
+        self.current.load_full()
+    }
+
+    /// A receiver that wakes on every publication.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Replace one backend's state and re-decide. Returns the new snapshot.
+    pub fn update(&self, index: usize, f: impl Fn(&mut BackendState)) -> Arc<Topology> {
+        let mut published = None;
+        self.current.rcu(|old| {
+            let mut next = Topology::clone(old);
+            if let Some(b) = next.backends.get_mut(index) {
+                f(b);
+            }
+            let now = Instant::now();
+            next.master = confirm(&next.backends, now, self.staleness);
+            next.valid_until = match next.master {
+                Ok(i) => next.backends[i]
+                    .probed_at
+                    .map(|t| t + self.staleness)
+                    .unwrap_or(now),
+                Err(_) => now,
+            };
+            next.generation = old.generation + 1;
+            let next = Arc::new(next);
+            published = Some(next.clone());
+            next
+        });
+        let snapshot = published.unwrap_or_else(|| self.load());
+        self.changed.send_replace(snapshot.generation);
+        snapshot
+    }
+
+    /// A client write got `-READONLY` from this backend: stop routing writes there and
+    /// probe it at once.
+    pub fn report_readonly(&self, index: usize) {
+        self.update(index, |b| b.readonly_seen = true);
+        self.request_probe(index);
+    }
+
+    /// Wake a backend's prober now.
+    pub fn request_probe(&self, index: usize) {
+        if let Some(n) = self.probe_now.get(index) {
+            n.notify_one();
+        }
+    }
+
+    /// Wait until a probe is requested for this backend.
+    pub async fn probe_requested(&self, index: usize) {
+        match self.probe_now.get(index) {
+            Some(n) => n.notified().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Wait up to `wait` for a confirmed master; returns its index.
+    pub async fn wait_for_master(&self, wait: Duration) -> Option<usize> {
+        let mut rx = self.subscribe();
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(i) = self.load().master_now() {
+                return Some(i);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return self.load().master_now(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STALE: Duration = Duration::from_secs(2);
+
+    fn b(name: &str, port: u16, role: Option<Role>) -> BackendState {
+        let mut s = BackendState::new(name, &format!("127.0.0.1:{port}"));
+        s.probed_at = role.as_ref().map(|_| Instant::now());
+        s.role = role;
+        s
+    }
+
+    fn replica_of(port: u16) -> Option<Role> {
+        Some(Role::Replica {
+            master_host: "127.0.0.1".into(),
+            master_port: port,
+            link: "connected".into(),
+        })
+    }
+
+    #[test]
+    fn confirmed_master_table() {
+        let now = Instant::now();
+        let mut stale = b("s", 1, Some(Role::Master));
+        stale.probed_at = Some(now - Duration::from_secs(10));
+        let mut failed = b("f", 1, Some(Role::Master));
+        failed.error = Some("timeout".into());
+        let mut ro = b("ro", 1, Some(Role::Master));
+        ro.readonly_seen = true;
+        let mut hijacked = b("h", 1, replica_of(9));
+        hijacked.hijacked = true;
+
+        let cases: Vec<(&str, Vec<BackendState>, Result<usize, NoMaster>)> = vec![
+            ("single master", vec![b("a", 1, Some(Role::Master))], Ok(0)),
+            ("unprobed", vec![b("a", 1, None)], Err(NoMaster::None)),
+            ("stale probe", vec![stale], Err(NoMaster::None)),
+            ("failed probe", vec![failed], Err(NoMaster::None)),
+            ("readonly seen", vec![ro], Err(NoMaster::None)),
+            ("hijacked replica", vec![hijacked], Err(NoMaster::None)),
+            (
+                "master and replicas",
+                vec![
+                    b("r1", 2, replica_of(1)),
+                    b("m", 1, Some(Role::Master)),
+                    b("r2", 3, replica_of(1)),
+                ],
+                Ok(1),
+            ),
+            (
+                "only replicas",
+                vec![b("r1", 2, replica_of(1)), b("r2", 3, replica_of(1))],
+                Err(NoMaster::None),
+            ),
+            (
+                "split brain decided by replicas",
+                vec![
+                    b("m1", 1, Some(Role::Master)),
+                    b("m2", 2, Some(Role::Master)),
+                    b("r", 3, replica_of(2)),
+                ],
+                Ok(1),
+            ),
+            (
+                "split brain undecided",
+                vec![
+                    b("m1", 1, Some(Role::Master)),
+                    b("m2", 2, Some(Role::Master)),
+                ],
+                Err(NoMaster::SplitBrain(vec![0, 1])),
+            ),
+            (
+                "split brain with replicas on both sides",
+                vec![
+                    b("m1", 1, Some(Role::Master)),
+                    b("m2", 2, Some(Role::Master)),
+                    b("r1", 3, replica_of(1)),
+                    b("r2", 4, replica_of(2)),
+                ],
+                Err(NoMaster::SplitBrain(vec![0, 1])),
+            ),
+            (
+                "sentinel is never master",
+                vec![b("s", 1, Some(Role::Sentinel))],
+                Err(NoMaster::None),
+            ),
+        ];
+        for (name, backends, expected) in cases {
+            assert_eq!(confirm(&backends, now, STALE), expected, "{name}");
+        }
+    }
+
+    #[tokio::test]
+    async fn store_publishes_and_notifies() {
+        let store = TopologyStore::new(vec![BackendState::new("a", "127.0.0.1:1")], STALE);
+        let mut rx = store.subscribe();
+        assert_eq!(store.load().master_now(), None);
+        store.update(0, |b| {
+            b.role = Some(Role::Master);
+            b.probed_at = Some(Instant::now());
+        });
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        assert_eq!(store.load().master_now(), Some(0));
+        assert_eq!(
+            store.wait_for_master(Duration::from_millis(1)).await,
+            Some(0)
+        );
+        store.report_readonly(0);
+        assert_eq!(store.load().master_now(), None);
+        assert!(store.load().explain().contains("READONLY"));
+    }
+}
