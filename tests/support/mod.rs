@@ -32,29 +32,49 @@ impl RedisServer {
     /// Start a redis-server with extra `--name value` arguments; waits until it answers.
     pub fn start(extra: &[&str]) -> RedisServer {
         for _ in 0..5 {
-            let port = free_port();
-            let dir = tempfile::tempdir().expect("tempdir");
-            let mut cmd = Command::new("redis-server");
-            cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-                .args(["--dir", dir.path().to_str().unwrap_or(".")])
-                .args(extra)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            let mut child = cmd
-                .spawn()
-                .expect("redis-server installed (apt-get install redis-server)");
-            if wait_port(port, &mut child) {
-                return RedisServer {
-                    port,
-                    child,
-                    _dir: dir,
-                };
+            if let Some(r) = RedisServer::try_start(free_port(), extra) {
+                return r;
             }
-            let _ = child.kill();
-            let _ = child.wait();
         }
         panic!("redis-server did not start");
+    }
+
+    /// Start one on a given port (e.g. a restart on the same address).
+    pub fn start_on(port: u16, extra: &[&str]) -> RedisServer {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(r) = RedisServer::try_start(port, extra) {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on {port}"
+            );
+        }
+    }
+
+    fn try_start(port: u16, extra: &[&str]) -> Option<RedisServer> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--dir", dir.path().to_str().unwrap_or(".")])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut child = cmd
+            .spawn()
+            .expect("redis-server installed (apt-get install redis-server)");
+        if wait_port(port, &mut child) {
+            return Some(RedisServer {
+                port,
+                child,
+                _dir: dir,
+            });
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
     }
 
     pub fn addr(&self) -> String {

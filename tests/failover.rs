@@ -1,0 +1,290 @@
+//! Role tracking against real Redis processes: writes go only to a confirmed master, across
+//! a hijack (REPLICAOF to an "attacker" Redis the test started on loopback), a promotion,
+//! and a master restart. Clients may see MASTERDOWN during the window, never READONLY.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use portcullis::config::{BackendConfig, Config};
+use redis::AsyncCommands;
+use support::{Proxy, RedisServer, WAIT};
+
+const PROBE: Duration = Duration::from_millis(100);
+
+/// One Prometheus recorder per test binary; counters are told apart by backend names.
+fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static H: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
+    H.get_or_init(|| {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .expect("recorder")
+    })
+}
+
+fn config(backends: &[(&str, &RedisServer)], auto_heal: bool) -> Config {
+    let mut c = Config {
+        backends: backends
+            .iter()
+            .map(|(name, r)| BackendConfig {
+                name: Some(name.to_string()),
+                ..BackendConfig::from_address(r.addr())
+            })
+            .collect(),
+        ..Config::default()
+    };
+    c.probe.interval = PROBE;
+    c.probe.timeout = Duration::from_millis(500);
+    c.routing.failover_wait = Duration::from_secs(2);
+    c.protection.auto_heal = auto_heal;
+    c
+}
+
+async fn role(r: &RedisServer) -> (String, Option<u16>) {
+    let mut c = r.direct().await;
+    let v: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut c).await.unwrap();
+    let name = match v.first() {
+        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+        other => panic!("ROLE: {other:?}"),
+    };
+    let port = match v.get(2) {
+        Some(redis::Value::Int(p)) => Some(*p as u16),
+        _ => None,
+    };
+    (name, port)
+}
+
+async fn wait_until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !f().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Wait until a replica's link to its master is up.
+async fn wait_linked(r: &RedisServer) {
+    wait_until("replica link up", || async {
+        let mut c = r.direct().await;
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        info.contains("master_link_status:up")
+    })
+    .await;
+}
+
+async fn cmdstat_set(r: &RedisServer) -> u64 {
+    let mut c = r.direct().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_set:calls="))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Writes through the proxy until stopped; returns (ok, error codes seen).
+fn writer(
+    proxy_addr: String,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
+    tokio::spawn(async move {
+        let mut c = support::client(&proxy_addr).await;
+        let (mut ok, mut errors) = (0u64, Vec::new());
+        let mut i = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            i += 1;
+            let r: redis::RedisResult<()> = c.set(format!("w{i}"), i).await;
+            match r {
+                Ok(()) => ok += 1,
+                Err(e) => errors.push(e.code().unwrap_or("?").to_string() + " " + &e.to_string()),
+            }
+        }
+        (ok, errors)
+    })
+}
+
+fn assert_no_readonly(errors: &[String]) {
+    for e in errors {
+        assert!(!e.contains("READONLY"), "client saw READONLY: {e}");
+        assert!(e.starts_with("MASTERDOWN"), "unexpected error: {e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hijack_while_writing_is_detected_and_healed() {
+    let metrics = prometheus();
+    let master = RedisServer::start(&[]);
+    let mp = master.port.to_string();
+    let r1 = RedisServer::start(&["--replicaof", "127.0.0.1", &mp]);
+    let r2 = RedisServer::start(&["--replicaof", "127.0.0.1", &mp]);
+    let attacker = RedisServer::start(&[]);
+    wait_linked(&r1).await;
+    wait_linked(&r2).await;
+    let proxy = Proxy::start_with(config(
+        &[("hj-master", &master), ("hj-r1", &r1), ("hj-r2", &r2)],
+        true,
+    ))
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(proxy.addr.to_string(), stop.clone());
+    // Let some writes land first (event: the key count grows).
+    wait_until("writes flowing", || async {
+        cmdstat_set(&master).await > 50
+    })
+    .await;
+
+    // The attack, straight to the backend (the proxy refuses it from clients).
+    let mut direct = master.direct().await;
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(attacker.port)
+        .query_async(&mut direct)
+        .await
+        .unwrap();
+
+    // Detected: in the metrics, and healed back to master by the proxy.
+    wait_until("hijack counted", || async {
+        metrics
+            .render()
+            .lines()
+            .any(|l| l.starts_with("portcullis_hijack_detections_total{backend=\"hj-master\"}"))
+    })
+    .await;
+    wait_until("healed to master", || async {
+        role(&master).await.0 == "master"
+    })
+    .await;
+    // Writes flow again on the real master.
+    let before = cmdstat_set(&master).await;
+    wait_until("writes flow after heal", || async {
+        cmdstat_set(&master).await > before + 20
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, errors) = w.await.unwrap();
+    assert!(ok > 70, "{ok} writes succeeded");
+    assert_no_readonly(&errors);
+    assert_eq!(
+        cmdstat_set(&attacker).await,
+        0,
+        "the attacker got writes from the proxy"
+    );
+    let text = metrics.render();
+    assert!(
+        text.contains("portcullis_auto_heals_total{backend=\"hj-master\"}"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hijack_without_auto_heal_answers_masterdown() {
+    let master = RedisServer::start(&[]);
+    let attacker = RedisServer::start(&[]);
+    let proxy = Proxy::start_with(config(&[("nh-master", &master)], false)).await;
+    let mut c = proxy.client().await;
+    let _: () = c.set("before", 1).await.unwrap();
+    let mut direct = master.direct().await;
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(attacker.port)
+        .query_async(&mut direct)
+        .await
+        .unwrap();
+    // The next write gets MASTERDOWN naming the foreign master, never READONLY.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let text = loop {
+        match c.set::<_, _, ()>("after", 1).await {
+            Err(e) if e.code() == Some("MASTERDOWN") => break e.to_string(),
+            Err(e) => panic!("unexpected error: {e}"),
+            Ok(()) => assert!(tokio::time::Instant::now() < deadline, "never refused"),
+        }
+    };
+    assert!(
+        text.contains(&format!("127.0.0.1:{}", attacker.port)),
+        "{text}"
+    );
+    assert!(
+        !text.contains("READONLY ") || text.contains("MASTERDOWN"),
+        "{text}"
+    );
+    assert_eq!(cmdstat_set(&attacker).await, 0);
+    // Still a replica: nothing healed it.
+    assert_eq!(role(&master).await.0, "slave");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotion_moves_writes_to_the_new_master() {
+    let old = RedisServer::start(&[]);
+    let new = RedisServer::start(&["--replicaof", "127.0.0.1", &old.port.to_string()]);
+    wait_linked(&new).await;
+    let proxy = Proxy::start_with(config(&[("pm-old", &old), ("pm-new", &new)], false)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(proxy.addr.to_string(), stop.clone());
+    wait_until("writes flowing", || async { cmdstat_set(&old).await > 50 }).await;
+
+    // Promote: new becomes master, old becomes its replica.
+    let mut dn = new.direct().await;
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query_async(&mut dn)
+        .await
+        .unwrap();
+    let mut dold = old.direct().await;
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(new.port)
+        .query_async(&mut dold)
+        .await
+        .unwrap();
+    let before = cmdstat_set(&new).await;
+    wait_until("writes reach the new master", || async {
+        cmdstat_set(&new).await > before + 50
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, errors) = w.await.unwrap();
+    assert!(ok > 100);
+    assert_no_readonly(&errors);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn master_killed_and_restarted() {
+    let mut master = RedisServer::start(&[]);
+    let port = master.port;
+    let proxy = Proxy::start_with(config(&[("kr-master", &master)], false)).await;
+    let mut c = proxy.client().await;
+    let _: () = c.set("k", 1).await.unwrap();
+    master.kill();
+    // While it is down: MASTERDOWN (or a lost-connection error for an in-flight write).
+    let r: redis::RedisResult<()> = c.set("k", 2).await;
+    let e = r.expect_err("no master");
+    assert!(
+        e.code() == Some("MASTERDOWN") || e.to_string().contains("lost the connection"),
+        "{e}"
+    );
+    // Restart on the same port: the proxy confirms it again and writes recover.
+    let restarted = RedisServer::start_on(port, &[]);
+    wait_until("writes recover", || {
+        let mut c = c.clone();
+        async move { c.set::<_, _, ()>("k", 3).await.is_ok() }
+    })
+    .await;
+    let mut d = restarted.direct().await;
+    let v: i64 = d.get("k").await.unwrap();
+    assert_eq!(v, 3);
+}
