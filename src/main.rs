@@ -53,6 +53,29 @@ async fn async_main(config: portcullis::Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let admin = if config.admin.listen.is_empty() {
+        None
+    } else {
+        match TcpListener::bind(&config.admin.listen).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                error!(admin = %config.admin.listen, error = %e, "cannot bind the admin listener");
+                return ExitCode::from(1);
+            }
+        }
+    };
+    let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+        ])
+        .and_then(|b| b.install_recorder())
+    {
+        Ok(h) => Some(h),
+        Err(e) => {
+            error!(error = %e, "cannot install the metrics recorder");
+            None
+        }
+    };
     let shutdown = CancellationToken::new();
     let signal_token = shutdown.clone();
     tokio::spawn(async move {
@@ -62,7 +85,7 @@ async fn async_main(config: portcullis::Config) -> ExitCode {
         wait_for_signal().await;
         std::process::exit(130);
     });
-    match portcullis::run(config, listener, shutdown).await {
+    match portcullis::run(config, listener, admin, metrics, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = %e, "portcullis stopped");

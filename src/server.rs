@@ -10,6 +10,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::admin::{self, AdminState};
 use crate::backend::prober::{self, ProbeSettings};
 use crate::backend::{BackendState, TopologyStore};
 use crate::config::Config;
@@ -35,6 +38,8 @@ pub enum RunError {
 pub async fn run(
     config: Config,
     listener: TcpListener,
+    admin: Option<TcpListener>,
+    metrics_handle: Option<PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let policy = Policy::new(&config.protection)?;
@@ -65,6 +70,15 @@ pub async fn run(
             settings,
             shutdown.clone(),
         ));
+    }
+    let admin_stop = CancellationToken::new();
+    if let Some(admin_listener) = admin {
+        let state = Arc::new(AdminState {
+            topology: topology.clone(),
+            metrics: metrics_handle,
+            draining: shutdown.clone(),
+        });
+        probers.spawn(admin::serve(admin_listener, state, admin_stop.clone()));
     }
     probers.close();
     let shared = Arc::new(Shared {

@@ -292,38 +292,49 @@ mod replies {
 }
 
 fn local_error(text: &str) -> Bytes {
+    error_line(text.as_bytes())
+}
+
+/// `-<text>\r\n`, with CR/LF inside the text turned into spaces (as Redis does): they
+/// would end the line early.
+fn error_line(text: &[u8]) -> Bytes {
     let mut b = BytesMut::with_capacity(text.len() + 3);
     b.extend_from_slice(b"-");
-    // An error line must not contain CR/LF: they would end it early.
     b.extend(
-        text.bytes()
-            .map(|c| if c == b'\r' || c == b'\n' { b' ' } else { c }),
+        text.iter()
+            .map(|&c| if c == b'\r' || c == b'\n' { b' ' } else { c }),
     );
     b.extend_from_slice(b"\r\n");
     b.freeze()
 }
 
-/// Quote a client-provided name for an error text, as Redis does (`%.128s`).
-fn shown(arg: &[u8]) -> String {
-    let cut = &arg[..arg.len().min(128)];
-    String::from_utf8_lossy(cut).into_owned()
+/// A client-provided name as Redis's `%.Ns` prints it: raw bytes, cut at a NUL or `max`.
+fn shown(arg: &[u8], max: usize) -> &[u8] {
+    let end = arg
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(arg.len())
+        .min(max);
+    &arg[..end]
 }
 
-/// Redis's text for an unknown command.
+/// Redis's text for an unknown command (`server.c` processCommand), byte for byte.
 fn unknown_command(req: &Request) -> Bytes {
-    let mut text = format!(
-        "ERR unknown command '{}', with args beginning with: ",
-        shown(req.arg(0).unwrap_or_default())
-    );
+    let mut args: Vec<u8> = Vec::new();
     for i in 1..req.argc() {
-        let arg = req.arg(i).unwrap_or_default();
-        let piece = format!("'{}' ", shown(arg));
-        if text.len() + piece.len() > 1024 {
+        if args.len() >= 128 {
             break;
         }
-        text.push_str(&piece);
+        let room = 128 - args.len();
+        args.push(b'\'');
+        args.extend_from_slice(shown(req.arg(i).unwrap_or_default(), room));
+        args.extend_from_slice(b"' ");
     }
-    local_error(&text)
+    let mut text = b"ERR unknown command '".to_vec();
+    text.extend_from_slice(shown(req.arg(0).unwrap_or_default(), 128));
+    text.extend_from_slice(b"', with args beginning with: ");
+    text.extend_from_slice(&args);
+    error_line(&text)
 }
 
 /// Redis's text for an unknown subcommand (or a container called without one).
@@ -331,7 +342,7 @@ fn unknown_subcommand(container: &str, req: &Request) -> Bytes {
     match req.arg(1) {
         Some(sub) => local_error(&format!(
             "ERR unknown subcommand '{}'. Try {} HELP.",
-            shown(sub),
+            String::from_utf8_lossy(shown(sub, 128)),
             container.to_ascii_uppercase()
         )),
         None => local_error(&format!(
@@ -431,7 +442,8 @@ impl Session {
             if let Err(e) = self.flush(client) {
                 return SessionEnd::ClientIo(e);
             }
-            if self.to_client.is_empty() {
+            // End only once every reply owed before the end has been written.
+            if self.to_client.is_empty() && self.pending.is_empty() {
                 if let Some(end) = self.end.take() {
                     return end;
                 }
@@ -602,7 +614,7 @@ impl Session {
             Lookup::UnknownCommand => {
                 self.shared.hot.unknown.increment(1);
                 metrics::refused_command("unknown");
-                warn!(peer = %self.peer, command = %shown(name), "refused unknown command");
+                warn!(peer = %self.peer, command = %String::from_utf8_lossy(shown(name, 64)), "refused unknown command");
                 self.refuse(unknown_command(&req));
                 return None;
             }
@@ -1004,6 +1016,7 @@ impl Session {
                         self.client_done = true;
                         self.end = Some(SessionEnd::BackendDesync);
                         self.backend = None;
+                        self.pending.clear();
                         return;
                     }
                 }

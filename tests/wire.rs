@@ -341,9 +341,6 @@ async fn too_big_inline_at_default_limit_matches_redis() {
 // ---------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "proxy bug: serve() returns the protocol-error end as soon as to_client is empty, \
-            while earlier requests are still pending at the backend, so their replies and \
-            the error reply are dropped (PING\\r\\n*abc\\r\\n -> nothing, then close)"]
 async fn commands_before_a_protocol_error_are_answered() {
     let redis = RedisServer::start(&[]);
     let proxy = Proxy::start(&[&redis]).await;
@@ -431,7 +428,7 @@ async fn http_get_line_is_a_get_then_host_closes() {
     let redis_reply = direct.read_to_line().await;
     assert_eq!(
         show(&redis_reply),
-        "-ERR wrong number of arguments for 'get' command\r\n"
+        show(b"-ERR wrong number of arguments for 'get' command\r\n")
     );
     direct.send(b"Host: example\r\n").await;
     assert_eq!(show(&direct.read_to_close().await), "");
@@ -487,8 +484,6 @@ async fn unknown_commands_answer_like_redis() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "proxy bug: unknown-command text differs from Redis for a NUL in the name, \
-            non-UTF-8 bytes and the 128-byte cap on the argument list"]
 async fn unknown_command_text_edge_cases_match_redis() {
     let redis = RedisServer::start(&[]);
     let proxy = Proxy::start(&[&redis]).await;
@@ -553,7 +548,7 @@ async fn max_clients_refuses_with_redis_text_and_frees_slots() {
     let mut third = proxy.raw().await;
     assert_eq!(
         show(&third.read_to_close().await),
-        "-ERR max number of clients reached\r\n"
+        show(b"-ERR max number of clients reached\r\n")
     );
     ping(&mut a).await;
 
@@ -567,7 +562,7 @@ async fn max_clients_refuses_with_redis_text_and_frees_slots() {
         if line == b"+PONG\r\n" {
             break;
         }
-        assert_eq!(show(&line), "-ERR max number of clients reached\r\n");
+        assert_eq!(show(&line), show(b"-ERR max number of clients reached\r\n"));
         assert!(
             tokio::time::Instant::now() < deadline,
             "slot never freed after a client closed"

@@ -156,7 +156,7 @@ impl Proxy {
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let task = tokio::spawn(async move {
-            portcullis::run(config, listener, token)
+            portcullis::run(config, listener, None, None, token)
                 .await
                 .expect("proxy runs");
         });

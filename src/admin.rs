@@ -1,0 +1,136 @@
+//! Admin HTTP listener, separate from the data port: `/metrics` (Prometheus text),
+//! `/healthz` (process alive), `/readyz` (200 only while a confirmed master exists and the
+//! proxy accepts clients), `/topology` (JSON). Read-only: nothing here changes the proxy.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::backend::TopologyStore;
+
+/// What the admin endpoints read.
+pub struct AdminState {
+    pub topology: Arc<TopologyStore>,
+    pub metrics: Option<PrometheusHandle>,
+    /// Cancelled when the proxy stops accepting clients (drain starts).
+    pub draining: CancellationToken,
+}
+
+/// Serve admin requests until `stop` (after the drain, so `/readyz` reports it).
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(admin = %addr, "admin endpoints: /metrics /healthz /readyz /topology");
+    }
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.cancelled() => return,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, &req)) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(error = %e, "admin connection error");
+            }
+        });
+    }
+}
+
+fn response(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return response(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
+    }
+    match req.uri().path() {
+        "/healthz" => response(StatusCode::OK, "text/plain", "ok\n"),
+        "/readyz" => {
+            let topo = state.topology.load();
+            if state.draining.is_cancelled() {
+                response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "shutting down\n",
+                )
+            } else if topo.master_now().is_some() {
+                response(StatusCode::OK, "text/plain", "ready\n")
+            } else {
+                response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("no confirmed master: {}\n", topo.explain()),
+                )
+            }
+        }
+        "/metrics" => match &state.metrics {
+            Some(h) => {
+                h.run_upkeep();
+                response(StatusCode::OK, "text/plain; version=0.0.4", h.render())
+            }
+            None => response(StatusCode::NOT_FOUND, "text/plain", "no metrics recorder\n"),
+        },
+        "/topology" => {
+            let topo = state.topology.load();
+            let now = Instant::now();
+            let backends: Vec<_> = topo
+                .backends
+                .iter()
+                .map(|b| {
+                    json!({
+                        "name": b.label,
+                        "address": b.address,
+                        "role": b.role.as_ref().map(|r| r.name()),
+                        "detail": b.role.as_ref().map(|r| r.to_string()),
+                        "last_probe_ms_ago": b.probed_at.map(|t| now.saturating_duration_since(t).as_millis() as u64),
+                        "probe_error": b.error,
+                        "readonly_seen": b.readonly_seen,
+                        "hijacked": b.hijacked,
+                    })
+                })
+                .collect();
+            let master = topo
+                .master_now()
+                .and_then(|i| topo.backends.get(i))
+                .map(|b| b.label.clone());
+            let body = json!({
+                "confirmed_master": master,
+                "reason": if master.is_none() { Some(topo.explain()) } else { None },
+                "generation": topo.generation,
+                "backends": backends,
+            });
+            response(StatusCode::OK, "application/json", format!("{body:#}\n"))
+        }
+        _ => response(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}

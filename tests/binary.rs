@@ -1,0 +1,187 @@
+//! The built binary: flags, exit codes, the admin endpoints and SIGTERM, as an operator
+//! runs it.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use support::{RedisServer, WAIT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
+
+async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+async fn wait_status(port: u16, path: &str, want: u16) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some((status, body)) = http_get(port, path).await {
+            if status == want {
+                return body;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path} never answered {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn invalid_config_exits_2_naming_the_field() {
+    for (args, field) in [
+        (
+            vec!["--listen", "nope", "--backend", "127.0.0.1:6379"],
+            "listen",
+        ),
+        (vec![], "backends"),
+        (vec!["--backend", "localhost"], "backends[0].address"),
+        (
+            vec!["--backend", "127.0.0.1:6379", "--log-level", "a=b=c"],
+            "log.level",
+        ),
+    ] {
+        let out = Command::new(BIN)
+            .args(&args)
+            .env_remove("PORTCULLIS_BACKEND")
+            .env_remove("PORTCULLIS_CONFIG")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(field), "{args:?}: {err}");
+    }
+    // A config file with an unknown key names it.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[[backends]]\naddress = \"127.0.0.1:6379\"\n[limits]\nmax_clientz = 1\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_clientz"));
+}
+
+#[test]
+fn example_configs_parse_and_validate() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = Command::new(BIN)
+                .arg("--config")
+                .arg(&path)
+                .arg("--check-config")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_and_sigterm() {
+    let redis = RedisServer::start(&[]);
+    let (port, admin) = (free_port(), free_port());
+    let mut child = Command::new(BIN)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--backend", &redis.addr()])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert_eq!(wait_status(admin, "/healthz", 200).await, "ok\n");
+    wait_status(admin, "/readyz", 200).await;
+    let topo = wait_status(admin, "/topology", 200).await;
+    let v: serde_json::Value = serde_json::from_str(&topo).unwrap();
+    assert_eq!(v["confirmed_master"], serde_json::json!(redis.addr()));
+    assert_eq!(v["backends"][0]["role"], "master");
+
+    let mut c = support::client(&format!("127.0.0.1:{port}")).await;
+    let _: () = c.set("a", 1).await.unwrap();
+    let r: redis::RedisResult<()> = redis::cmd("SLAVEOF")
+        .arg("127.0.0.1")
+        .arg(1)
+        .query_async(&mut c)
+        .await;
+    assert!(r.is_err());
+    let metrics = wait_status(admin, "/metrics", 200).await;
+    assert!(
+        metrics.contains("portcullis_refused_commands_total{command=\"slaveof\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("portcullis_backend_role{backend=\""),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("portcullis_client_connections 1"),
+        "{metrics}"
+    );
+
+    // No master: /readyz turns 503 (backend gone).
+    drop(redis);
+    wait_status(admin, "/readyz", 503).await;
+
+    // SIGTERM: exits by itself, status 0.
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+}
