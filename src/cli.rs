@@ -36,6 +36,10 @@ pub struct Cli {
     #[arg(long, env = "PORTCULLIS_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
 
+    /// Protected mode: with no [[users]], accept only loopback clients [default: true].
+    #[arg(long, env = "PORTCULLIS_PROTECTED_MODE", value_parser = clap::builder::BoolishValueParser::new())]
+    pub protected_mode: Option<bool>,
+
     /// Validate the configuration, print it (secrets redacted) and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -63,6 +67,9 @@ impl Cli {
         }
         if let Some(level) = &self.log_level {
             config.log.level = level.clone();
+        }
+        if let Some(p) = self.protected_mode {
+            config.protection.protected_mode = p;
         }
         if let Some(format) = self.log_format {
             config.log.format = format;

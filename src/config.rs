@@ -65,6 +65,9 @@ pub struct Config {
     pub probe: ProbeConfig,
     pub routing: RoutingConfig,
     pub protection: ProtectionConfig,
+    /// Users clients authenticate as; none = no AUTH needed (loopback only unless
+    /// `protection.protected_mode = false`).
+    pub users: Vec<crate::auth::UserConfig>,
 }
 
 impl Default for Config {
@@ -78,6 +81,7 @@ impl Default for Config {
             probe: ProbeConfig::default(),
             routing: RoutingConfig::default(),
             protection: ProtectionConfig::default(),
+            users: Vec::new(),
         }
     }
 }
@@ -356,6 +360,11 @@ impl Config {
         crate::policy::Policy::new(&self.protection).map_err(|e| ConfigError::Invalid {
             field: format!("protection.{}", e.list),
             reason: e.to_string(),
+        })?;
+        crate::auth::Users::new(&self.users, &self.protection).map_err(|e| {
+            let text = e.to_string();
+            let (field, reason) = text.split_once(": ").unwrap_or(("users", &text));
+            invalid(field, reason)
         })?;
         if l.connect_timeout.is_zero() {
             return Err(invalid("limits.connect_timeout", "must be greater than 0"));

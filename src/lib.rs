@@ -8,6 +8,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod admin;
+pub mod auth;
 pub mod backend;
 pub mod cli;
 pub mod command;

@@ -87,3 +87,8 @@ pub fn no_master() {
 pub fn readonly_retry() {
     counter!("portcullis_readonly_retries_total").increment(1);
 }
+
+/// Count a failed AUTH at the proxy.
+pub fn auth_failure() {
+    counter!("portcullis_auth_failures_total").increment(1);
+}

@@ -44,6 +44,8 @@ pub struct ProtectionConfig {
     /// Heal a hijacked backend (one replicating from outside the configured set) with
     /// `REPLICAOF` from the proxy's own connection.
     pub auto_heal: bool,
+    /// With no `[[users]]`, accept only loopback clients (like Redis's protected mode).
+    pub protected_mode: bool,
 }
 
 impl Default for ProtectionConfig {
@@ -58,6 +60,7 @@ impl Default for ProtectionConfig {
             allow_notify_keyspace_events: true,
             scripts: ScriptPolicy::Allow,
             auto_heal: false,
+            protected_mode: true,
         }
     }
 }

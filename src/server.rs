@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::admin::{self, AdminState};
+use crate::auth::{UserError, Users};
 use crate::backend::prober::{self, ProbeSettings};
 use crate::backend::{BackendState, TopologyStore};
 use crate::config::Config;
@@ -23,6 +24,8 @@ use crate::session::{self, Shared};
 
 /// Redis's answer when `maxclients` is reached.
 const MAX_CLIENTS_REPLY: &[u8] = b"-ERR max number of clients reached\r\n";
+/// Answer to a non-loopback client in protected mode, then close (as Redis does).
+const PROTECTED_REPLY: &[u8] = b"-DENIED portcullis is running in protected mode because no [[users]] are configured: only loopback clients are accepted. Configure [[users]] (AUTH at the proxy) or set protection.protected_mode = false (--protected-mode false) if the network already restricts who can connect.\r\n";
 /// How long in-flight requests may take to finish after shutdown starts.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -31,6 +34,8 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub enum RunError {
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Users(#[from] UserError),
 }
 
 /// Serve clients from `listener` until `shutdown` is cancelled, then drain for at most
@@ -43,6 +48,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let policy = Policy::new(&config.protection)?;
+    let users = Users::new(&config.users, &config.protection)?;
+    let protected = config.protection.protected_mode && !users.enabled();
     let max_clients = config.limits.max_clients;
     let topology = TopologyStore::new(
         config
@@ -84,6 +91,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         config,
         policy,
+        users,
         hot: Hot::register(),
         topology,
     });
@@ -111,9 +119,15 @@ pub async fn run(
             }
         };
         let _ = stream.set_nodelay(true);
+        if !admitted(protected, peer.ip()) {
+            metrics::rejected_connection("protected_mode");
+            warn!(%peer, "protected mode: refused a non-loopback client (configure [[users]] or protection.protected_mode = false)");
+            tracker.spawn(refuse(stream, PROTECTED_REPLY));
+            continue;
+        }
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             metrics::rejected_connection("max_clients");
-            tracker.spawn(refuse(stream));
+            tracker.spawn(refuse(stream, MAX_CLIENTS_REPLY));
             continue;
         };
         let shared = shared.clone();
@@ -143,8 +157,37 @@ pub async fn run(
 }
 
 /// Tell a client over the limit why, as Redis does, and close.
-async fn refuse(stream: TcpStream) {
+async fn refuse(stream: TcpStream, reply: &'static [u8]) {
     use tokio::io::AsyncWriteExt;
     let mut stream = stream;
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(MAX_CLIENTS_REPLY)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(reply)).await;
+}
+
+/// Protected mode admits only loopback clients (IPv4 127.0.0.0/8, IPv6 ::1, and
+/// IPv4-mapped loopback).
+fn admitted(protected: bool, ip: std::net::IpAddr) -> bool {
+    !protected || ip.is_loopback() || ip.to_canonical().is_loopback()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::admitted;
+
+    #[test]
+    fn protected_mode_admits_only_loopback() {
+        for (ip, ok) in [
+            ("127.0.0.1", true),
+            ("127.1.2.3", true),
+            ("::1", true),
+            ("::ffff:127.0.0.1", true),
+            ("10.0.0.5", false),
+            ("192.168.1.1", false),
+            ("::ffff:10.0.0.5", false),
+            ("2001:db8::1", false),
+        ] {
+            let ip = ip.parse().unwrap();
+            assert_eq!(admitted(true, ip), ok, "{ip}");
+            assert!(admitted(false, ip));
+        }
+    }
 }

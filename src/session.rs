@@ -28,6 +28,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::auth::{User, Users};
 use crate::backend::{BackendLink, Handshake, TopologyStore};
 use crate::command::{Lookup, PubSubKind, Special};
 use crate::config::{BackendConfig, Config};
@@ -47,18 +48,20 @@ const MAX_IOVECS: usize = 64;
 pub struct Shared {
     pub config: Config,
     pub policy: Policy,
+    pub users: Users,
     pub hot: Hot,
     pub topology: Arc<TopologyStore>,
 }
 
 impl Shared {
-    fn request_limits(&self) -> RequestLimits {
+    /// Parser limits; before authentication, Redis's pre-auth bounds (CVE-2021-32675).
+    fn request_limits(&self, authenticated: bool) -> RequestLimits {
         let l = &self.config.limits;
         RequestLimits {
             max_bulk_len: l.max_bulk_len,
             max_multibulk_len: l.max_multibulk_len,
             max_inline_len: l.max_inline_len,
-            ..RequestLimits::default()
+            unauthenticated: !authenticated,
         }
     }
 
@@ -289,6 +292,8 @@ mod replies {
         b"-WRONGPASS invalid username-password pair or user is disabled.\r\n";
     pub const AUTH_NO_PASSWORD: &[u8] = b"-ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?\r\n";
     pub const SYNTAX: &[u8] = b"-ERR syntax error\r\n";
+    pub const NOAUTH: &[u8] = b"-NOAUTH Authentication required.\r\n";
+    pub const HELLO_NOAUTH: &[u8] = b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n";
 }
 
 fn local_error(text: &str) -> Bytes {
@@ -394,6 +399,10 @@ struct Session {
     /// State changes queued inside MULTI, applied if EXEC runs.
     multi_changes: Vec<StateChange>,
     watching: bool,
+    /// Clients must AUTH first when users are configured.
+    authenticated: bool,
+    /// The user this connection authenticated as (its policy applies).
+    user: Option<Arc<User>>,
     /// A request waiting for the pending queue to drain before the session moves to a
     /// new master (never sent to the old one).
     held: Option<(Request, u32, OnReply, bool)>,
@@ -415,9 +424,12 @@ enum Event {
 
 impl Session {
     fn new(peer: SocketAddr, shared: Arc<Shared>) -> Session {
+        let authenticated = !shared.users.enabled();
         Session {
             peer,
-            parser: RequestParser::new(shared.request_limits()),
+            parser: RequestParser::new(shared.request_limits(authenticated)),
+            authenticated,
+            user: None,
             shared,
             client_buf: BytesMut::new(),
             to_client: OutQueue::default(),
@@ -608,7 +620,11 @@ impl Session {
             metrics::protocol_error("cross_protocol");
             return Some(SessionEnd::CrossProtocol);
         }
-        let (lookup, verdict) = policy::decide(&self.shared.policy, &req);
+        let policy = match &self.user {
+            Some(u) => &u.policy,
+            None => &self.shared.policy,
+        };
+        let (lookup, verdict) = policy::decide(policy, &req);
         let spec = match lookup {
             Lookup::Known(spec) => spec,
             Lookup::UnknownCommand => {
@@ -624,10 +640,20 @@ impl Session {
                 return None;
             }
         };
+        if !self.authenticated
+            && !matches!(
+                spec.special,
+                Special::Auth | Special::Hello | Special::Quit | Special::Reset
+            )
+        {
+            self.refuse(Bytes::from_static(replies::NOAUTH));
+            return None;
+        }
         if let Some(Verdict::Deny { command, reason }) = verdict {
             self.shared.hot.refused.increment(1);
             metrics::refused_command(command);
-            warn!(peer = %self.peer, user = "default", command, reason = reason.text(), "refused command");
+            let user = self.user.as_ref().map_or("default", |u| u.name.as_str());
+            warn!(peer = %self.peer, user, command, reason = reason.text(), "refused command");
             self.refuse(local_error(&format!(
                 "NOPERM this user has no permissions to run the '{command}' command: refused by portcullis because {}",
                 reason.text()
@@ -648,8 +674,14 @@ impl Session {
             Special::Auth => {
                 self.shared.hot.local.increment(1);
                 let reply = match forward.argc() {
-                    2 => Bytes::from_static(replies::AUTH_NO_PASSWORD),
-                    3 => auth_reply(forward.arg(1)),
+                    2 if !self.shared.users.enabled() => {
+                        Bytes::from_static(replies::AUTH_NO_PASSWORD)
+                    }
+                    2 => self.authenticate(b"default", forward.arg(1).unwrap_or_default()),
+                    3 => self.authenticate(
+                        forward.arg(1).unwrap_or_default(),
+                        forward.arg(2).unwrap_or_default(),
+                    ),
                     n if n < 2 => local_error("ERR wrong number of arguments for 'auth' command"),
                     _ => Bytes::from_static(replies::SYNTAX),
                 };
@@ -761,6 +793,13 @@ impl Session {
                 }
             }
             Special::Reset => {
+                // RESET authenticates as the default user: with users configured, that
+                // means not authenticated at the proxy.
+                if self.shared.users.enabled() {
+                    self.authenticated = false;
+                    self.user = None;
+                    self.parser.set_limits(self.shared.request_limits(false));
+                }
                 self.in_multi = false;
                 self.multi_dirty = false;
                 self.multi_changes.clear();
@@ -775,6 +814,33 @@ impl Session {
         let retryable = spec.is_write() && !self.in_multi && matches!(on_reply, OnReply::Forward);
         self.forward(forward, u32::from(delivered), on_reply, retryable)
             .await
+    }
+
+    /// AUTH at the proxy. With no users configured, like Redis's passwordless default
+    /// user: `default` with any password succeeds, any other user fails.
+    fn authenticate(&mut self, name: &[u8], password: &[u8]) -> Bytes {
+        if !self.shared.users.enabled() {
+            return if name == b"default" {
+                Bytes::from_static(replies::OK)
+            } else {
+                Bytes::from_static(replies::WRONGPASS)
+            };
+        }
+        match self.shared.users.authenticate(name, password) {
+            Some(user) => {
+                self.user = Some(user);
+                if !self.authenticated {
+                    self.authenticated = true;
+                    self.parser.set_limits(self.shared.request_limits(true));
+                }
+                Bytes::from_static(replies::OK)
+            }
+            None => {
+                metrics::auth_failure();
+                warn!(peer = %self.peer, user = %String::from_utf8_lossy(shown(name, 64)), "AUTH failed");
+                Bytes::from_static(replies::WRONGPASS)
+            }
+        }
     }
 
     /// A state change takes effect on the reply, or at EXEC when queued in MULTI.
@@ -804,7 +870,10 @@ impl Session {
         while i < req.argc() {
             let opt = req.arg(i).unwrap_or_default();
             if opt.eq_ignore_ascii_case(b"auth") && req.argc() > i + 2 {
-                let reply = auth_reply(req.arg(i + 1));
+                let reply = self.authenticate(
+                    req.arg(i + 1).unwrap_or_default(),
+                    req.arg(i + 2).unwrap_or_default(),
+                );
                 if reply.as_ref() != replies::OK {
                     return Err(reply);
                 }
@@ -820,6 +889,9 @@ impl Session {
                 args.push(opt);
                 i += 1;
             }
+        }
+        if !self.authenticated {
+            return Err(Bytes::from_static(replies::HELLO_NOAUTH));
         }
         Ok((
             Request::from_args(&args),
@@ -864,15 +936,7 @@ impl Session {
                 return None;
             }
             self.backend = None;
-            let wait = self.shared.config.routing.failover_wait;
-            let Some(index) = self.shared.topology.wait_for_master(wait).await else {
-                if replies > 0 {
-                    let reply = self.shared.masterdown();
-                    self.push_local(reply);
-                }
-                return None;
-            };
-            if let Err(reply) = self.connect(index).await {
+            if let Err(reply) = self.connect_to_master().await {
                 if replies > 0 {
                     self.push_local(reply);
                 }
@@ -928,11 +992,7 @@ impl Session {
     /// master appears within the failover wait, answer them `-MASTERDOWN`.
     async fn run_retries(&mut self) {
         self.backend = None;
-        let wait = self.shared.config.routing.failover_wait;
-        let connected = match self.shared.topology.wait_for_master(wait).await {
-            Some(index) => self.connect(index).await.is_ok(),
-            None => false,
-        };
+        let connected = self.connect_to_master().await.is_ok();
         let masterdown = self.shared.masterdown();
         for entry in self.pending.iter_mut() {
             let Pending::Retry(req) = entry else {
@@ -954,6 +1014,28 @@ impl Session {
         }
         self.retrying = 0;
         self.drain_locals();
+    }
+
+    /// Connect to the confirmed master, waiting up to the failover wait for one. A master
+    /// that refuses the connection is reported to the topology (and re-probed at once),
+    /// so the wait can end on its successor.
+    async fn connect_to_master(&mut self) -> Result<(), Bytes> {
+        let deadline = tokio::time::Instant::now() + self.shared.config.routing.failover_wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let Some(index) = self.shared.topology.wait_for_master(left).await else {
+                return Err(self.shared.masterdown());
+            };
+            match self.connect(index).await {
+                Ok(()) => return Ok(()),
+                Err(reply) => {
+                    self.shared.topology.report_unreachable(index, &reply);
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(reply);
+                    }
+                }
+            }
+        }
     }
 
     async fn connect(&mut self, index: usize) -> Result<(), Bytes> {
@@ -1205,16 +1287,6 @@ impl Session {
 
 fn backend_label(b: &Option<Backend>) -> String {
     b.as_ref().map(|b| b.label.clone()).unwrap_or_default()
-}
-
-/// AUTH against the proxy with no users configured: like Redis's passwordless default
-/// user, `default` with any password succeeds and any other user fails.
-fn auth_reply(user: Option<&[u8]>) -> Bytes {
-    if user.is_some_and(|u| u == b"default") {
-        Bytes::from_static(replies::OK)
-    } else {
-        Bytes::from_static(replies::WRONGPASS)
-    }
 }
 
 /// `(confirmation name, channel)` of a pub/sub confirmation array or push.

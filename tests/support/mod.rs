@@ -116,8 +116,8 @@ fn wait_port(port: u16, child: &mut Child) -> bool {
             let mut buf = [0u8; 64];
             if s.write_all(b"PING\r\n").is_ok() {
                 if let Ok(n) = s.read(&mut buf) {
-                    // +PONG, or -LOADING while it starts: only PONG counts.
-                    if buf[..n].starts_with(b"+PONG") {
+                    // +PONG (or -NOAUTH with requirepass); -LOADING while it starts does not count.
+                    if buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH") {
                         return true;
                     }
                 }
