@@ -107,6 +107,11 @@ impl Users {
         !self.users.is_empty()
     }
 
+    /// The user with this name.
+    pub fn get(&self, name: &str) -> Option<Arc<User>> {
+        self.users.iter().find(|u| u.name == name).cloned()
+    }
+
     /// Check a name and password; the same work is done for unknown names.
     pub fn authenticate(&self, name: &[u8], password: &[u8]) -> Option<Arc<User>> {
         let digest: [u8; 32] = Sha256::digest(password).into();

@@ -68,6 +68,7 @@ pub struct Config {
     /// Users clients authenticate as; none = no AUTH needed (loopback only unless
     /// `protection.protected_mode = false`).
     pub users: Vec<crate::auth::UserConfig>,
+    pub shutdown: ShutdownConfig,
 }
 
 impl Default for Config {
@@ -82,6 +83,7 @@ impl Default for Config {
             routing: RoutingConfig::default(),
             protection: ProtectionConfig::default(),
             users: Vec::new(),
+            shutdown: ShutdownConfig::default(),
         }
     }
 }
@@ -138,6 +140,26 @@ impl Default for RoutingConfig {
     fn default() -> Self {
         RoutingConfig {
             failover_wait: DEFAULT_FAILOVER_WAIT,
+        }
+    }
+}
+
+/// How long in-flight requests may take after SIGTERM (below ECS's 30 s stop timeout).
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// `[shutdown]`: draining.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// After SIGTERM/SIGINT: stop accepting, let in-flight requests finish for this long.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }

@@ -16,8 +16,9 @@ pub mod config;
 pub mod metrics;
 pub mod policy;
 pub mod protocol;
+pub mod runtime;
 pub mod server;
 pub mod session;
 
 pub use config::Config;
-pub use server::{run, RunError};
+pub use server::{run, Control, ReloadRequest, RunError};

@@ -42,10 +42,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(async_main(config))
+    runtime.block_on(async_main(cli, config))
 }
 
-async fn async_main(config: portcullis::Config) -> ExitCode {
+async fn async_main(cli: Cli, config: portcullis::Config) -> ExitCode {
     let listener = match TcpListener::bind(&config.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -85,7 +85,35 @@ async fn async_main(config: portcullis::Config) -> ExitCode {
         wait_for_signal().await;
         std::process::exit(130);
     });
-    match portcullis::run(config, listener, admin, metrics, shutdown).await {
+    // SIGHUP: re-read the file and flags; the proxy swaps in what is valid.
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            info!("SIGHUP: reloading the configuration");
+            match cli.load() {
+                Ok(config) => {
+                    if reload_tx.send((config, None)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!("portcullis_config_reloads_total", "result" => "rejected")
+                        .increment(1);
+                    error!(error = %e, "config reload rejected; the running config stays");
+                }
+            }
+        }
+    });
+    let control = portcullis::Control {
+        shutdown,
+        reloads: Some(reload_rx),
+        metrics,
+    };
+    match portcullis::run(config, listener, admin, control).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = %e, "portcullis stopped");

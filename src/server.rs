@@ -4,53 +4,65 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use metrics_exporter_prometheus::PrometheusHandle;
-
 use crate::admin::{self, AdminState};
-use crate::auth::{UserError, Users};
 use crate::backend::prober::{self, ProbeSettings};
 use crate::backend::{BackendState, TopologyStore};
 use crate::config::Config;
 use crate::metrics::{self, Hot};
-use crate::policy::{Policy, PolicyError};
-use crate::protocol::ReplyLimits;
+use crate::runtime::{self, Runtime, RuntimeError};
 use crate::session::{self, Shared};
 
 /// Redis's answer when `maxclients` is reached.
 const MAX_CLIENTS_REPLY: &[u8] = b"-ERR max number of clients reached\r\n";
 /// Answer to a non-loopback client in protected mode, then close (as Redis does).
 const PROTECTED_REPLY: &[u8] = b"-DENIED portcullis is running in protected mode because no [[users]] are configured: only loopback clients are accepted. Configure [[users]] (AUTH at the proxy) or set protection.protected_mode = false (--protected-mode false) if the network already restricts who can connect.\r\n";
-/// How long in-flight requests may take to finish after shutdown starts.
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Why the proxy could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
-    Policy(#[from] PolicyError),
-    #[error(transparent)]
-    Users(#[from] UserError),
+    Runtime(#[from] RuntimeError),
 }
 
-/// Serve clients from `listener` until `shutdown` is cancelled, then drain for at most
-/// `DEFAULT_SHUTDOWN_GRACE`.
+/// A reload request: the new config, and where to say how it went.
+pub type ReloadRequest = (Config, Option<oneshot::Sender<Result<u64, RuntimeError>>>);
+
+/// What `run` is given besides the config.
+pub struct Control {
+    /// Cancelled to stop accepting and drain.
+    pub shutdown: CancellationToken,
+    /// New configs to apply in place (SIGHUP in `main`).
+    pub reloads: Option<mpsc::Receiver<ReloadRequest>>,
+    /// Rendered at `/metrics` when an admin listener is given.
+    pub metrics: Option<PrometheusHandle>,
+}
+
+/// Serve clients from `listener` until `control.shutdown` is cancelled, then drain for at
+/// most `shutdown.grace`.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     admin: Option<TcpListener>,
-    metrics_handle: Option<PrometheusHandle>,
-    shutdown: CancellationToken,
+    control: Control,
 ) -> Result<(), RunError> {
-    let policy = Policy::new(&config.protection)?;
-    let users = Users::new(&config.users, &config.protection)?;
-    let protected = config.protection.protected_mode && !users.enabled();
+    let Control {
+        shutdown,
+        reloads,
+        metrics: metrics_handle,
+    } = control;
+    let runtime = Runtime::build(config, 0)?;
+    let config = &runtime.config;
+    let protected = config.protection.protected_mode && !runtime.users.enabled();
     let max_clients = config.limits.max_clients;
+    let grace = config.shutdown.grace;
     let topology = TopologyStore::new(
         config
             .backends
@@ -63,10 +75,7 @@ pub async fn run(
         interval: config.probe.interval,
         timeout: config.probe.timeout,
         auto_heal: config.protection.auto_heal,
-        reply_limits: ReplyLimits {
-            max_depth: config.limits.max_reply_depth,
-            ..ReplyLimits::default()
-        },
+        reply_limits: runtime.reply_limits(),
     };
     let probers = TaskTracker::new();
     for (index, backend) in config.backends.iter().enumerate() {
@@ -87,14 +96,31 @@ pub async fn run(
         });
         probers.spawn(admin::serve(admin_listener, state, admin_stop.clone()));
     }
-    probers.close();
     let shared = Arc::new(Shared {
-        config,
-        policy,
-        users,
+        runtime: ArcSwap::from_pointee(runtime),
         hot: Hot::register(),
         topology,
     });
+    if let Some(mut rx) = reloads {
+        let shared = shared.clone();
+        let stop = shutdown.clone();
+        probers.spawn(async move {
+            loop {
+                let request = tokio::select! {
+                    r = rx.recv() => r,
+                    _ = stop.cancelled() => None,
+                };
+                let Some((config, reply)) = request else {
+                    return;
+                };
+                let result = runtime::reload(&shared.runtime, config);
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            }
+        });
+    }
+    probers.close();
     let permits = Arc::new(Semaphore::new(max_clients));
     let tracker = TaskTracker::new();
     info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "portcullis accepting clients");
@@ -144,10 +170,7 @@ pub async fn run(
     drop(listener);
     tracker.close();
     info!(sessions = tracker.len(), "shutting down: draining sessions");
-    if tokio::time::timeout(DEFAULT_SHUTDOWN_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         warn!(
             sessions = tracker.len(),
             "shutdown grace expired; closing remaining sessions"

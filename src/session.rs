@@ -28,54 +28,31 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::auth::{User, Users};
+use arc_swap::ArcSwap;
+
+use crate::auth::User;
 use crate::backend::{BackendLink, Handshake, TopologyStore};
 use crate::command::{Lookup, PubSubKind, Special};
-use crate::config::{BackendConfig, Config};
 use crate::metrics::{self, Hot};
-use crate::policy::{self, Policy, Verdict};
+use crate::policy::{self, Verdict};
 use crate::protocol::{
-    Item, ProtocolError, Reply, ReplyKind, ReplyLimits, ReplyScanner, Request, RequestLimits,
-    RequestParser,
+    Item, ProtocolError, Reply, ReplyKind, ReplyScanner, Request, RequestParser,
 };
+use crate::runtime::Runtime;
 
 /// Read buffer growth step: enough for a typical pipeline, small for idle sessions.
 const READ_CHUNK: usize = 16 * 1024;
 /// Most chunks handed to one `writev`.
 const MAX_IOVECS: usize = 64;
 
-/// What every session shares: configuration, policy, metric handles.
+/// What every session shares: the reloadable runtime, the topology, metric handles.
 pub struct Shared {
-    pub config: Config,
-    pub policy: Policy,
-    pub users: Users,
+    pub runtime: ArcSwap<Runtime>,
     pub hot: Hot,
     pub topology: Arc<TopologyStore>,
 }
 
 impl Shared {
-    /// Parser limits; before authentication, Redis's pre-auth bounds (CVE-2021-32675).
-    fn request_limits(&self, authenticated: bool) -> RequestLimits {
-        let l = &self.config.limits;
-        RequestLimits {
-            max_bulk_len: l.max_bulk_len,
-            max_multibulk_len: l.max_multibulk_len,
-            max_inline_len: l.max_inline_len,
-            unauthenticated: !authenticated,
-        }
-    }
-
-    fn reply_limits(&self) -> ReplyLimits {
-        ReplyLimits {
-            max_bulk_len: crate::config::DEFAULT_MAX_BULK_LEN,
-            max_depth: self.config.limits.max_reply_depth,
-        }
-    }
-
-    fn backend(&self, index: usize) -> Option<&BackendConfig> {
-        self.config.backends.get(index)
-    }
-
     /// `-MASTERDOWN` with what the proxy knows about every backend.
     fn masterdown(&self) -> Bytes {
         metrics::no_master();
@@ -386,6 +363,8 @@ pub async fn run(
 struct Session {
     peer: SocketAddr,
     shared: Arc<Shared>,
+    /// The runtime (config, policy, users) this session applies; refreshed at each read.
+    rt: Arc<Runtime>,
     parser: RequestParser,
     client_buf: BytesMut,
     to_client: OutQueue,
@@ -424,10 +403,12 @@ enum Event {
 
 impl Session {
     fn new(peer: SocketAddr, shared: Arc<Shared>) -> Session {
-        let authenticated = !shared.users.enabled();
+        let rt = shared.runtime.load_full();
+        let authenticated = !rt.users.enabled();
         Session {
             peer,
-            parser: RequestParser::new(shared.request_limits(authenticated)),
+            parser: RequestParser::new(rt.request_limits(authenticated)),
+            rt,
             authenticated,
             user: None,
             shared,
@@ -449,7 +430,6 @@ impl Session {
     }
 
     async fn serve(&mut self, client: &TcpStream, shutdown: &CancellationToken) -> SessionEnd {
-        let idle = self.shared.config.limits.idle_timeout;
         loop {
             if let Err(e) = self.flush(client) {
                 return SessionEnd::ClientIo(e);
@@ -460,7 +440,8 @@ impl Session {
                     return end;
                 }
             }
-            let limits = &self.shared.config.limits;
+            let limits = &self.rt.config.limits;
+            let idle = limits.idle_timeout;
             let read_client = !self.client_done
                 && self.held.is_none()
                 && self.retrying == 0
@@ -519,6 +500,25 @@ impl Session {
         }
     }
 
+    /// Adopt a reloaded runtime: new policy, users and limits apply from the next command.
+    fn refresh_runtime(&mut self) {
+        let current = self.shared.runtime.load();
+        if current.generation == self.rt.generation {
+            return;
+        }
+        self.rt = arc_swap::Guard::into_inner(current);
+        if !self.rt.users.enabled() {
+            self.user = None;
+            self.authenticated = true;
+        } else if let Some(name) = self.user.as_ref().map(|u| u.name.clone()) {
+            // Same user, new rules; a removed user is signed out.
+            self.user = self.rt.users.get(&name);
+            self.authenticated = self.user.is_some();
+        }
+        self.parser
+            .set_limits(self.rt.request_limits(self.authenticated));
+    }
+
     /// Write what both sockets take now. Errors on the backend side are handled as a
     /// lost backend; only client errors are returned.
     fn flush(&mut self, client: &TcpStream) -> io::Result<()> {
@@ -554,10 +554,11 @@ impl Session {
     /// read and whenever replies make room, since the client may have sent everything
     /// already and never make its socket readable again.
     async fn parse_buffered(&mut self) -> Option<SessionEnd> {
+        self.refresh_runtime();
         while !self.client_done
             && self.held.is_none()
             && self.retrying == 0
-            && self.pending.len() < self.shared.config.limits.max_pending
+            && self.pending.len() < self.rt.config.limits.max_pending
         {
             match self.parser.parse(&mut self.client_buf) {
                 Ok(Some(req)) => {
@@ -622,7 +623,7 @@ impl Session {
         }
         let policy = match &self.user {
             Some(u) => &u.policy,
-            None => &self.shared.policy,
+            None => &self.rt.policy,
         };
         let (lookup, verdict) = policy::decide(policy, &req);
         let spec = match lookup {
@@ -674,9 +675,7 @@ impl Session {
             Special::Auth => {
                 self.shared.hot.local.increment(1);
                 let reply = match forward.argc() {
-                    2 if !self.shared.users.enabled() => {
-                        Bytes::from_static(replies::AUTH_NO_PASSWORD)
-                    }
+                    2 if !self.rt.users.enabled() => Bytes::from_static(replies::AUTH_NO_PASSWORD),
                     2 => self.authenticate(b"default", forward.arg(1).unwrap_or_default()),
                     3 => self.authenticate(
                         forward.arg(1).unwrap_or_default(),
@@ -795,10 +794,10 @@ impl Session {
             Special::Reset => {
                 // RESET authenticates as the default user: with users configured, that
                 // means not authenticated at the proxy.
-                if self.shared.users.enabled() {
+                if self.rt.users.enabled() {
                     self.authenticated = false;
                     self.user = None;
-                    self.parser.set_limits(self.shared.request_limits(false));
+                    self.parser.set_limits(self.rt.request_limits(false));
                 }
                 self.in_multi = false;
                 self.multi_dirty = false;
@@ -819,19 +818,19 @@ impl Session {
     /// AUTH at the proxy. With no users configured, like Redis's passwordless default
     /// user: `default` with any password succeeds, any other user fails.
     fn authenticate(&mut self, name: &[u8], password: &[u8]) -> Bytes {
-        if !self.shared.users.enabled() {
+        if !self.rt.users.enabled() {
             return if name == b"default" {
                 Bytes::from_static(replies::OK)
             } else {
                 Bytes::from_static(replies::WRONGPASS)
             };
         }
-        match self.shared.users.authenticate(name, password) {
+        match self.rt.users.authenticate(name, password) {
             Some(user) => {
                 self.user = Some(user);
                 if !self.authenticated {
                     self.authenticated = true;
-                    self.parser.set_limits(self.shared.request_limits(true));
+                    self.parser.set_limits(self.rt.request_limits(true));
                 }
                 Bytes::from_static(replies::OK)
             }
@@ -1020,7 +1019,7 @@ impl Session {
     /// that refuses the connection is reported to the topology (and re-probed at once),
     /// so the wait can end on its successor.
     async fn connect_to_master(&mut self) -> Result<(), Bytes> {
-        let deadline = tokio::time::Instant::now() + self.shared.config.routing.failover_wait;
+        let deadline = tokio::time::Instant::now() + self.rt.config.routing.failover_wait;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let Some(index) = self.shared.topology.wait_for_master(left).await else {
@@ -1039,7 +1038,7 @@ impl Session {
     }
 
     async fn connect(&mut self, index: usize) -> Result<(), Bytes> {
-        let Some(cfg) = self.shared.backend(index).cloned() else {
+        let Some(cfg) = self.rt.config.backends.get(index).cloned() else {
             return Err(local_error("ERR portcullis has no backend configured"));
         };
         let handshake = Handshake {
@@ -1047,14 +1046,14 @@ impl Session {
             resp3: self.state.resp3,
             client_name: self.state.client_name.clone(),
         };
-        let timeout = self.shared.config.limits.connect_timeout;
-        match BackendLink::open(&cfg, &handshake, timeout, self.shared.reply_limits()).await {
+        let timeout = self.rt.config.limits.connect_timeout;
+        match BackendLink::open(&cfg, &handshake, timeout, self.rt.reply_limits()).await {
             Ok(link) => {
                 self.backend = Some(Backend {
                     index,
                     stream: link.stream,
                     buf: link.leftover,
-                    scanner: ReplyScanner::new(self.shared.reply_limits()),
+                    scanner: ReplyScanner::new(self.rt.reply_limits()),
                     out: OutQueue::default(),
                     label: cfg.label().to_string(),
                 });

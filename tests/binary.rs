@@ -166,6 +166,11 @@ async fn admin_endpoints_and_sigterm() {
     // No master: /readyz turns 503 (backend gone).
     drop(redis);
     wait_status(admin, "/readyz", 503).await;
+    let metrics = wait_status(admin, "/metrics", 200).await;
+    assert!(
+        metrics.contains("portcullis_probe_failures_total{backend=\""),
+        "{metrics}"
+    );
 
     // SIGTERM: exits by itself, status 0.
     let _ = Command::new("kill")

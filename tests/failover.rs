@@ -228,6 +228,7 @@ async fn hijack_without_auto_heal_answers_masterdown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promotion_moves_writes_to_the_new_master() {
+    let metrics = prometheus();
     let old = RedisServer::start(&[]);
     let new = RedisServer::start(&["--replicaof", "127.0.0.1", &old.port.to_string()]);
     wait_linked(&new).await;
@@ -260,6 +261,16 @@ async fn promotion_moves_writes_to_the_new_master() {
     let (ok, errors) = w.await.unwrap();
     assert!(ok > 100);
     assert_no_readonly(&errors);
+    // Operators see both role changes.
+    wait_until("role changes counted", || async {
+        let text = metrics.render();
+        text.contains(
+            "portcullis_role_changes_total{backend=\"pm-old\",from=\"master\",to=\"replica\"}",
+        ) && text.contains(
+            "portcullis_role_changes_total{backend=\"pm-new\",from=\"replica\",to=\"master\"}",
+        )
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

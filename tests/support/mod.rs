@@ -133,6 +133,7 @@ pub struct Proxy {
     pub addr: SocketAddr,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
+    reload: tokio::sync::mpsc::Sender<portcullis::ReloadRequest>,
 }
 
 impl Proxy {
@@ -155,16 +156,39 @@ impl Proxy {
         let addr = listener.local_addr().expect("local addr");
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
+        let (reload, reload_rx) = tokio::sync::mpsc::channel(1);
         let task = tokio::spawn(async move {
-            portcullis::run(config, listener, None, None, token)
-                .await
-                .expect("proxy runs");
+            portcullis::run(
+                config,
+                listener,
+                None,
+                portcullis::Control {
+                    shutdown: token,
+                    reloads: Some(reload_rx),
+                    metrics: None,
+                },
+            )
+            .await
+            .expect("proxy runs");
         });
         Proxy {
             addr,
             shutdown,
             task,
+            reload,
         }
+    }
+
+    /// Apply a new config in place, as SIGHUP does; returns the new generation.
+    pub async fn reload(&self, config: Config) -> Result<u64, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.reload
+            .send((config, Some(tx)))
+            .await
+            .map_err(|e| e.to_string())?;
+        rx.await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
     }
 
     pub async fn client(&self) -> redis::aio::MultiplexedConnection {

@@ -1,0 +1,109 @@
+//! Operations: a reload changes policy for connected clients without dropping them, a bad
+//! reload keeps the running config, and shutdown drains a pipelined in-flight batch.
+
+mod support;
+
+use std::time::Duration;
+
+use portcullis::config::{BackendConfig, Config};
+use support::{resp, Proxy, RedisServer, WAIT};
+
+fn config(redis: &RedisServer) -> Config {
+    Config {
+        backends: vec![BackendConfig::from_address(redis.addr())],
+        ..Config::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_changes_policy_for_connected_clients() {
+    let redis = RedisServer::start(&[]);
+    let proxy = Proxy::start_with(config(&redis)).await;
+    let mut c = proxy.raw().await;
+    c.send(&resp(&[b"KEYS", b"nothing*"])).await;
+    c.expect(b"*0\r\n").await;
+
+    let mut stricter = config(&redis);
+    stricter.protection.deny = vec!["keys".into()];
+    let generation = proxy.reload(stricter).await.expect("valid reload");
+    assert_eq!(generation, 1);
+    c.send(&resp(&[b"KEYS", b"nothing*"])).await;
+    let line = c.read_to_line().await;
+    assert!(
+        line.starts_with(b"-NOPERM"),
+        "{}",
+        String::from_utf8_lossy(&line)
+    );
+
+    // An invalid config is rejected and the running one stays.
+    let mut bad = config(&redis);
+    bad.protection.allow = vec!["slaveof".into()];
+    let err = proxy.reload(bad).await.unwrap_err();
+    assert!(err.contains("slaveof"), "{err}");
+    c.send(&[resp(&[b"KEYS", b"x"]), resp(&[b"PING"])].concat())
+        .await;
+    let line = c.read_to_line().await;
+    assert!(
+        line.starts_with(b"-NOPERM"),
+        "{}",
+        String::from_utf8_lossy(&line)
+    );
+    c.expect(b"+PONG\r\n").await;
+
+    // Back to the default: allowed again on the same connection.
+    proxy.reload(config(&redis)).await.expect("valid reload");
+    c.send(&resp(&[b"KEYS", b"nothing*"])).await;
+    c.expect(b"*0\r\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_a_pipelined_batch() {
+    let redis = RedisServer::start(&[]);
+    let proxy = Proxy::start_with(config(&redis)).await;
+    let mut c = proxy.raw().await;
+    let mut batch = Vec::new();
+    for _ in 0..5000 {
+        batch.extend(resp(&[b"INCR", b"drain"]));
+    }
+    batch.extend(resp(&[b"BLPOP", b"never", b"0.3"]));
+    c.send(&batch).await;
+    // When Redis has the BLPOP blocked, the whole batch was read and sent.
+    let mut direct = redis.direct().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("clients")
+            .query_async(&mut direct)
+            .await
+            .unwrap();
+        if info.contains("blocked_clients:1") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "BLPOP never blocked"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.shutdown.cancel();
+    let mut expected = Vec::new();
+    for i in 1..=5000 {
+        expected.extend(format!(":{i}\r\n").into_bytes());
+    }
+    expected.extend(b"*-1\r\n");
+    let got = c.read_to_close().await;
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "every in-flight reply arrives before the close"
+    );
+    assert!(got == expected);
+    // And new clients are no longer accepted.
+    assert!(
+        tokio::net::TcpStream::connect(proxy.addr).await.is_err() || {
+            let mut r = proxy.raw().await;
+            r.send(b"PING\r\n").await;
+            r.read_to_close().await.is_empty()
+        }
+    );
+}
