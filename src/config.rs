@@ -134,14 +134,29 @@ pub struct RoutingConfig {
     /// How long a write waits for a confirmed master (no master, or after READONLY).
     #[serde(with = "humantime_serde")]
     pub failover_wait: Duration,
+    /// Where reads go.
+    pub reads: ReadPolicy,
 }
 
 impl Default for RoutingConfig {
     fn default() -> Self {
         RoutingConfig {
             failover_wait: DEFAULT_FAILOVER_WAIT,
+            reads: ReadPolicy::Master,
         }
     }
+}
+
+/// `routing.reads`: where read-only commands go.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReadPolicy {
+    /// Everything to the confirmed master (consistent reads).
+    Master,
+    /// Reads to a healthy replica of the confirmed master, the master when there is none.
+    PreferReplica,
+    /// Reads only to replicas; `-MASTERDOWN` when none is healthy.
+    Replica,
 }
 
 /// How long in-flight requests may take after SIGTERM (below ECS's 30 s stop timeout).

@@ -32,7 +32,8 @@ use arc_swap::ArcSwap;
 
 use crate::auth::User;
 use crate::backend::{BackendLink, Handshake, TopologyStore};
-use crate::command::{Lookup, PubSubKind, Special};
+use crate::command::{AclCategories, CommandSpec, Flags, Lookup, PubSubKind, Special};
+use crate::config::ReadPolicy;
 use crate::metrics::{self, Hot};
 use crate::policy::{self, Verdict};
 use crate::protocol::{
@@ -113,6 +114,15 @@ enum StateChange {
     Exec(Vec<StateChange>),
 }
 
+/// Which of the session's backend connections a request went to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// The confirmed master: writes, transactions, scripts, pub/sub, blocking commands.
+    Master,
+    /// A replica, for reads when `routing.reads` allows it.
+    Replica,
+}
+
 /// One entry of the in-order reply queue.
 #[derive(Debug)]
 enum Pending {
@@ -122,6 +132,7 @@ enum Pending {
         remaining: u32,
         on_reply: OnReply,
         retry: Option<Request>,
+        link: Link,
     },
     /// A write the backend refused with `-READONLY`: not applied, to be retried on the
     /// confirmed master once this link has answered everything before it.
@@ -369,6 +380,10 @@ struct Session {
     client_buf: BytesMut,
     to_client: OutQueue,
     backend: Option<Backend>,
+    /// Session-affine replica connection for reads (`routing.reads`).
+    replica: Option<Backend>,
+    /// The replica link predates a state change (SELECT, HELLO, ...): reopen it when idle.
+    replica_stale: bool,
     pending: VecDeque<Pending>,
     state: ConnState,
     reply_mode: ReplyMode,
@@ -395,7 +410,7 @@ struct Session {
 
 enum Event {
     ClientReadable,
-    BackendReadable,
+    BackendReadable(Link),
     Writable,
     Idle,
     Shutdown,
@@ -415,6 +430,8 @@ impl Session {
             client_buf: BytesMut::new(),
             to_client: OutQueue::default(),
             backend: None,
+            replica: None,
+            replica_stale: false,
             pending: VecDeque::new(),
             state: ConnState::default(),
             reply_mode: ReplyMode::On,
@@ -449,8 +466,12 @@ impl Session {
                 && self.to_client.bytes < limits.max_reply_buffer;
             let read_backend =
                 self.backend.is_some() && self.to_client.bytes < limits.max_reply_buffer;
+            let read_replica =
+                self.replica.is_some() && self.to_client.bytes < limits.max_reply_buffer;
             let backend_stream = self.backend.as_ref().map(|b| &b.stream);
             let backend_out = self.backend.as_ref().is_some_and(|b| !b.out.is_empty());
+            let replica_stream = self.replica.as_ref().map(|b| &b.stream);
+            let replica_out = self.replica.as_ref().is_some_and(|b| !b.out.is_empty());
             let client_out = !self.to_client.is_empty();
 
             let event = tokio::select! {
@@ -459,9 +480,11 @@ impl Session {
                     Ok(()) => Event::ClientReadable,
                     Err(e) => return SessionEnd::ClientIo(e),
                 },
-                _ = readable(backend_stream), if read_backend => Event::BackendReadable,
+                _ = readable(backend_stream), if read_backend => Event::BackendReadable(Link::Master),
+                _ = readable(replica_stream), if read_replica => Event::BackendReadable(Link::Replica),
                 _ = client.writable(), if client_out => Event::Writable,
                 _ = writable(backend_stream), if backend_out => Event::Writable,
+                _ = writable(replica_stream), if replica_out => Event::Writable,
                 _ = idle_sleep(idle), if !idle.is_zero() => Event::Idle,
                 _ = shutdown.cancelled() => Event::Shutdown,
             };
@@ -471,8 +494,8 @@ impl Session {
                         return end;
                     }
                 }
-                Event::BackendReadable => {
-                    self.read_backend();
+                Event::BackendReadable(link) => {
+                    self.read_backend(link);
                     if let Some(end) = self.after_replies().await {
                         return end;
                     }
@@ -526,7 +549,15 @@ impl Session {
             if !b.out.is_empty() {
                 if let Err(e) = b.out.try_write(&b.stream) {
                     debug!(peer = %self.peer, error = %e, "backend write failed");
-                    self.backend_lost();
+                    self.link_lost(Link::Master);
+                }
+            }
+        }
+        if let Some(b) = &mut self.replica {
+            if !b.out.is_empty() {
+                if let Err(e) = b.out.try_write(&b.stream) {
+                    debug!(peer = %self.peer, error = %e, "replica write failed");
+                    self.link_lost(Link::Replica);
                 }
             }
         }
@@ -809,10 +840,92 @@ impl Session {
             Special::Monitor | Special::Ping | Special::None => {}
         }
         let delivered = self.take_reply_slot();
+        if matches!(on_reply, OnReply::Apply(_)) {
+            // The replica link's replayed state no longer matches.
+            self.replica_stale = true;
+        }
+        let plain = matches!(on_reply, OnReply::Forward) && !self.in_multi;
+        if plain && self.rt.config.routing.reads != ReadPolicy::Master && self.replica_read(spec) {
+            return self.forward_read(forward, u32::from(delivered)).await;
+        }
         // A plain write outside MULTI can be retried if the backend says READONLY.
-        let retryable = spec.is_write() && !self.in_multi && matches!(on_reply, OnReply::Forward);
+        let retryable = plain && spec.is_write();
         self.forward(forward, u32::from(delivered), on_reply, retryable)
             .await
+    }
+
+    /// Whether a command may go to a replica: read-only, not blocking, not a script or
+    /// pub/sub, and the session is in no state a replica link would not share.
+    fn replica_read(&self, spec: &CommandSpec) -> bool {
+        spec.is_readonly()
+            && spec.special == Special::None
+            && !spec.flags.intersects(Flags::BLOCKING.union(Flags::PUBSUB))
+            && !spec.acl.intersects(AclCategories::SCRIPTING)
+            && !self.watching
+            && !self.state.subscribed()
+            && self.reply_mode == ReplyMode::On
+    }
+
+    /// Send a read to the session's replica link (opening it when needed); without a
+    /// healthy replica, `prefer-replica` falls back to the master.
+    async fn forward_read(&mut self, req: Request, replies: u32) -> Option<SessionEnd> {
+        let topo = self.shared.topology.load();
+        let seed = self.peer.port() as usize;
+        let choice = topo.replica_for_reads(seed);
+        let on_replica = self.pending.iter().any(|p| {
+            matches!(
+                p,
+                Pending::Backend {
+                    link: Link::Replica,
+                    ..
+                }
+            )
+        });
+        let usable = match (&self.replica, choice) {
+            (Some(r), Some(c)) => r.index == c && !self.replica_stale,
+            _ => false,
+        };
+        if !usable && !on_replica {
+            self.replica = None;
+            if let Some(index) = choice {
+                match self.open_link(index).await {
+                    Ok(link) => {
+                        self.replica = Some(link);
+                        self.replica_stale = false;
+                    }
+                    Err(_) => self.shared.topology.request_probe(index),
+                }
+            }
+        }
+        let ready = self
+            .replica
+            .as_ref()
+            .is_some_and(|r| Some(r.index) == choice && !self.replica_stale);
+        if ready {
+            if let Some(r) = &mut self.replica {
+                r.out.push(req.frame().clone());
+                self.shared.hot.forwarded.increment(1);
+                if replies > 0 {
+                    self.pending.push_back(Pending::Backend {
+                        remaining: replies,
+                        on_reply: OnReply::Forward,
+                        retry: None,
+                        link: Link::Replica,
+                    });
+                }
+            }
+            return None;
+        }
+        if self.rt.config.routing.reads == ReadPolicy::Replica && !on_replica {
+            if replies > 0 {
+                self.push_local(local_error(&format!(
+                    "MASTERDOWN portcullis has no healthy replica for reads (routing.reads = replica): {}",
+                    topo.explain()
+                )));
+            }
+            return None;
+        }
+        self.forward(req, replies, OnReply::Forward, false).await
     }
 
     /// AUTH at the proxy. With no users configured, like Redis's passwordless default
@@ -962,6 +1075,7 @@ impl Session {
                 remaining: replies,
                 on_reply,
                 retry: (retryable && replies == 1).then_some(req),
+                link: Link::Master,
             });
         }
         None
@@ -982,9 +1096,15 @@ impl Session {
     }
 
     fn waiting_on_backend(&self) -> bool {
-        self.pending
-            .iter()
-            .any(|p| matches!(p, Pending::Backend { .. }))
+        self.pending.iter().any(|p| {
+            matches!(
+                p,
+                Pending::Backend {
+                    link: Link::Master,
+                    ..
+                }
+            )
+        })
     }
 
     /// Re-send the writes refused with READONLY to the confirmed master, in order; if no
@@ -1006,6 +1126,7 @@ impl Session {
                         remaining: 1,
                         on_reply: OnReply::Forward,
                         retry: None,
+                        link: Link::Master,
                     }
                 }
                 _ => Pending::Done(masterdown.clone()),
@@ -1038,6 +1159,12 @@ impl Session {
     }
 
     async fn connect(&mut self, index: usize) -> Result<(), Bytes> {
+        self.backend = Some(self.open_link(index).await?);
+        Ok(())
+    }
+
+    /// Open a backend connection with this session's state replayed.
+    async fn open_link(&self, index: usize) -> Result<Backend, Bytes> {
         let Some(cfg) = self.rt.config.backends.get(index).cloned() else {
             return Err(local_error("ERR portcullis has no backend configured"));
         };
@@ -1048,17 +1175,14 @@ impl Session {
         };
         let timeout = self.rt.config.limits.connect_timeout;
         match BackendLink::open(&cfg, &handshake, timeout, self.rt.reply_limits()).await {
-            Ok(link) => {
-                self.backend = Some(Backend {
-                    index,
-                    stream: link.stream,
-                    buf: link.leftover,
-                    scanner: ReplyScanner::new(self.rt.reply_limits()),
-                    out: OutQueue::default(),
-                    label: cfg.label().to_string(),
-                });
-                Ok(())
-            }
+            Ok(link) => Ok(Backend {
+                index,
+                stream: link.stream,
+                buf: link.leftover,
+                scanner: ReplyScanner::new(self.rt.reply_limits()),
+                out: OutQueue::default(),
+                label: cfg.label().to_string(),
+            }),
             Err(e) => {
                 metrics::backend_connect_error(cfg.label());
                 warn!(backend = cfg.label(), error = %e, "backend connection failed");
@@ -1070,61 +1194,71 @@ impl Session {
         }
     }
 
-    fn read_backend(&mut self) {
-        let Some(backend) = &mut self.backend else {
+    fn link_mut(&mut self, link: Link) -> &mut Option<Backend> {
+        match link {
+            Link::Master => &mut self.backend,
+            Link::Replica => &mut self.replica,
+        }
+    }
+
+    fn read_backend(&mut self, link: Link) {
+        let Some(backend) = self.link_mut(link) else {
             return;
         };
         if backend.buf.capacity() - backend.buf.len() < READ_CHUNK / 4 {
             backend.buf.reserve(READ_CHUNK);
         }
         match backend.stream.try_read_buf(&mut backend.buf) {
-            Ok(0) => return self.backend_lost(),
+            Ok(0) => return self.link_lost(link),
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             Err(e) => {
                 debug!(peer = %self.peer, error = %e, "backend read failed");
-                return self.backend_lost();
+                return self.link_lost(link);
             }
         }
         loop {
-            let Some(backend) = &mut self.backend else {
+            let Some(backend) = self.link_mut(link) else {
                 return;
             };
             match backend.scanner.next(&mut backend.buf) {
                 Ok(Some(reply)) => {
-                    if !self.on_reply(reply) {
-                        warn!(peer = %self.peer, backend = %backend_label(&self.backend), "backend sent an unexpected reply; closing session");
+                    if !self.on_reply(reply, link) {
+                        let label = self
+                            .link_mut(link)
+                            .as_ref()
+                            .map(|b| b.label.clone())
+                            .unwrap_or_default();
+                        warn!(peer = %self.peer, backend = %label, "backend sent an unexpected reply; closing session");
                         self.client_done = true;
                         self.end = Some(SessionEnd::BackendDesync);
                         self.backend = None;
+                        self.replica = None;
                         self.pending.clear();
                         return;
                     }
                 }
                 Ok(None) => return,
                 Err(e) => {
-                    warn!(peer = %self.peer, backend = %backend.label, error = %e, "backend protocol error");
-                    return self.backend_lost();
+                    let label = backend.label.clone();
+                    warn!(peer = %self.peer, backend = %label, error = %e, "backend protocol error");
+                    return self.link_lost(link);
                 }
             }
         }
     }
 
     /// Match one backend reply; `false` when nothing was waiting for it.
-    fn on_reply(&mut self, reply: Reply) -> bool {
-        // The entry this reply answers: the head, or (while writes wait for a retry) the
-        // first entry still waiting on this link.
-        let index = if self.retrying == 0 {
-            0
-        } else {
-            match self
+    fn on_reply(&mut self, reply: Reply, link: Link) -> bool {
+        // The entry this reply answers: the first one still waiting on this link (the
+        // head, unless replies from the other link or retries are outstanding before it).
+        let index = match self.pending.front() {
+            Some(Pending::Backend { link: l, .. }) if *l == link => 0,
+            _ => self
                 .pending
                 .iter()
-                .position(|p| matches!(p, Pending::Backend { .. }))
-            {
-                Some(i) => i,
-                None => usize::MAX,
-            }
+                .position(|p| matches!(p, Pending::Backend { link: l, .. } if *l == link))
+                .unwrap_or(usize::MAX),
         };
         // Out-of-band frames: RESP3 pushes (except pub/sub confirmations we wait for) and
         // RESP2 pub/sub messages while subscribed.
@@ -1152,7 +1286,10 @@ impl Session {
 
         let readonly = reply.is_error() && reply.error_code() == Some(b"READONLY".as_slice());
         let is_error = reply.is_error() || reply.kind() == ReplyKind::Null;
-        let backend_index = self.backend.as_ref().map(|b| b.index);
+        let backend_index = match link {
+            Link::Master => self.backend.as_ref().map(|b| b.index),
+            Link::Replica => None,
+        };
         let Some(Pending::Backend { retry, .. }) = self.pending.get_mut(index) else {
             return false;
         };
@@ -1250,16 +1387,17 @@ impl Session {
         }
     }
 
-    /// The backend connection ended: answer what was in flight (in order), then keep the
-    /// client if nothing stateful was lost. Writes refused with READONLY keep their retry.
-    fn backend_lost(&mut self) {
-        let label = backend_label(&self.backend);
-        self.backend = None;
-        let in_flight = self
-            .pending
-            .iter()
-            .filter(|p| matches!(p, Pending::Backend { .. }))
-            .count();
+    /// A backend connection ended: answer what was in flight on it (in order), then keep
+    /// the client if nothing stateful was lost. Writes refused with READONLY keep their
+    /// retry.
+    fn link_lost(&mut self, link: Link) {
+        let label = self
+            .link_mut(link)
+            .take()
+            .map(|b| b.label)
+            .unwrap_or_default();
+        let lost = |p: &Pending| matches!(p, Pending::Backend { link: l, .. } if *l == link);
+        let in_flight = self.pending.iter().filter(|p| lost(p)).count();
         if in_flight > 0 {
             metrics::backend_lost(&label);
             warn!(peer = %self.peer, backend = %label, in_flight, "backend connection lost with requests in flight");
@@ -1268,24 +1406,21 @@ impl Session {
             "ERR portcullis lost the connection to backend {label}; the command may or may not have been applied"
         ));
         for entry in self.pending.iter_mut() {
-            if matches!(entry, Pending::Backend { .. }) {
+            if lost(entry) {
                 *entry = Pending::Done(err.clone());
             }
         }
         self.drain_locals();
-        let stateful = self.in_multi
-            || self.watching
-            || self.state.subscribed()
-            || self.reply_mode != ReplyMode::On;
+        let stateful = link == Link::Master
+            && (self.in_multi
+                || self.watching
+                || self.state.subscribed()
+                || self.reply_mode != ReplyMode::On);
         if stateful {
             self.client_done = true;
             self.end.get_or_insert(SessionEnd::BackendLost);
         }
     }
-}
-
-fn backend_label(b: &Option<Backend>) -> String {
-    b.as_ref().map(|b| b.label.clone()).unwrap_or_default()
 }
 
 /// `(confirmation name, channel)` of a pub/sub confirmation array or push.

@@ -299,3 +299,77 @@ async fn master_killed_and_restarted() {
     let v: i64 = d.get("k").await.unwrap();
     assert_eq!(v, 3);
 }
+
+async fn cmdstat(r: &RedisServer, cmd: &str) -> u64 {
+    let mut c = r.direct().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let prefix = format!("cmdstat_{cmd}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefer_replica_reads_hit_the_replica_in_order() {
+    let master = RedisServer::start(&[]);
+    let replica = RedisServer::start(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
+    wait_linked(&replica).await;
+    let mut direct = master.direct().await;
+    for i in 0..100 {
+        let _: () = direct.set(format!("k{i}"), i).await.unwrap();
+    }
+    let acked: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(5000)
+        .query_async(&mut direct)
+        .await
+        .unwrap();
+    assert_eq!(acked, 1);
+    let mut cfg = config(&[("rr-master", &master), ("rr-replica", &replica)], false);
+    cfg.routing.reads = portcullis::config::ReadPolicy::PreferReplica;
+    let proxy = Proxy::start_with(cfg).await;
+    // Wait until the proxy knows the replica (its probe), by the metric-free route:
+    // a read that lands on the replica.
+    let mut c = proxy.client().await;
+    wait_until("replica confirmed for reads", || {
+        let mut c = c.clone();
+        let replica = &replica;
+        async move {
+            let _: Option<i64> = c.get("k0").await.unwrap();
+            cmdstat(replica, "get").await > 0
+        }
+    })
+    .await;
+    let gets_on_master = cmdstat(&master, "get").await;
+    // A pipelined mix of reads (replica) and writes (master) keeps reply order.
+    let mut pipe = redis::pipe();
+    for i in 0..100 {
+        pipe.cmd("GET").arg(format!("k{i}"));
+        pipe.cmd("INCR").arg(format!("c{i}"));
+        pipe.cmd("STRLEN").arg(format!("k{i}"));
+    }
+    let replies: Vec<i64> = pipe.query_async(&mut c).await.unwrap();
+    for i in 0..100 {
+        assert_eq!(replies[3 * i], i as i64, "GET k{i}");
+        assert_eq!(replies[3 * i + 1], 1, "INCR c{i}");
+        assert_eq!(
+            replies[3 * i + 2],
+            i.to_string().len() as i64,
+            "STRLEN k{i}"
+        );
+    }
+    assert!(cmdstat(&replica, "get").await >= 101);
+    assert_eq!(
+        cmdstat(&master, "get").await,
+        gets_on_master,
+        "reads went to the master"
+    );
+    assert_eq!(cmdstat(&master, "incr").await, 100);
+    assert_eq!(cmdstat(&replica, "strlen").await, 100);
+}

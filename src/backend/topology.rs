@@ -176,6 +176,8 @@ pub struct Topology {
     pub valid_until: Instant,
     /// Increases with every publication.
     pub generation: u64,
+    /// The staleness bound the decision used.
+    pub staleness: Duration,
 }
 
 impl Topology {
@@ -185,6 +187,23 @@ impl Topology {
             Ok(i) if Instant::now() <= self.valid_until => Some(i),
             _ => None,
         }
+    }
+
+    /// A replica for reads: fresh, following the confirmed master with its link up, not
+    /// hijacked. `seed` spreads sessions over the candidates.
+    pub fn replica_for_reads(&self, seed: usize) -> Option<usize> {
+        let master = self.backends.get(self.master_now()?)?;
+        let now = Instant::now();
+        let candidates: Vec<usize> = (0..self.backends.len())
+            .filter(|&i| {
+                let b = &self.backends[i];
+                b.fresh(now, self.staleness)
+                    && !b.hijacked
+                    && matches!(&b.role, Some(Role::Replica { master_host, master_port, link })
+                        if link == "connected" && master.is(master_host, *master_port))
+            })
+            .collect();
+        candidates.get(seed % candidates.len().max(1)).copied()
     }
 
     /// What the proxy knows, for `-MASTERDOWN` replies and logs.
@@ -223,6 +242,7 @@ impl TopologyStore {
             master: Err(NoMaster::None),
             valid_until: Instant::now(),
             generation: 0,
+            staleness,
         };
         let (changed, _) = watch::channel(0);
         Arc::new(TopologyStore {
