@@ -1039,7 +1039,7 @@ async fn cross_protocol_ssrf_never_reaches_redis() {
     assert!(!env.direct_exists("ssrf:after").await);
     env.check("SSRF CRLF injection, two writes").await;
 
-    // Other injected commands in the same position, in RESP3 / lowercase / quoted forms.
+    // Other injected lines in the same position: lowercase, quote-assembled, leading \v\f.
     for inj in [
         format!("replicaof 127.0.0.1 {port}"),
         format!("sla\"veof\" 127.0.0.1 {port}"),
