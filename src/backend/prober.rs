@@ -78,6 +78,8 @@ pub async fn run(
     resolve_aliases(index, &backend, &store).await;
     let mut conn: Option<Conn> = None;
     let mut last_role: Option<&'static str> = None;
+    // The role gauges were zeroed by a failed probe and must be set again.
+    let mut gauges_unknown = true;
     let mut was_hijacked = false;
     loop {
         let started = Instant::now();
@@ -115,11 +117,12 @@ pub async fn run(
                     } else {
                         info!(backend = %label, role = %role, "backend role");
                     }
-                    for r in ["master", "replica", "sentinel"] {
-                        gauge!("portcullis_backend_role", "backend" => label.clone(), "role" => r)
-                            .set(if r == name { 1.0 } else { 0.0 });
-                    }
                     last_role = Some(name);
+                    gauges_unknown = true;
+                }
+                if gauges_unknown {
+                    set_role_gauges(&label, Some(name));
+                    gauges_unknown = false;
                 }
                 if foreign && !was_hijacked {
                     if let Role::Replica {
@@ -169,6 +172,9 @@ pub async fn run(
                 }
                 let msg = e.to_string();
                 store.update(index, |b| b.error = Some(msg.clone()));
+                // An unreachable backend has no role anyone should alert on as current.
+                set_role_gauges(&label, None);
+                gauges_unknown = true;
             }
         }
         tokio::select! {
@@ -176,6 +182,15 @@ pub async fn run(
             _ = store.probe_requested(index) => {}
             _ = shutdown.cancelled() => return,
         }
+    }
+}
+
+/// `portcullis_backend_role{role}`: 1 for the current role, 0 for the others (all 0 while
+/// probes fail).
+fn set_role_gauges(label: &str, role: Option<&str>) {
+    for r in ["master", "replica", "sentinel"] {
+        gauge!("portcullis_backend_role", "backend" => label.to_string(), "role" => r)
+            .set(if Some(r) == role { 1.0 } else { 0.0 });
     }
 }
 
