@@ -69,6 +69,8 @@ pub struct Config {
     /// `protection.protected_mode = false`).
     pub users: Vec<crate::auth::UserConfig>,
     pub shutdown: ShutdownConfig,
+    /// Sentinel mode: the master (and replicas) come from Sentinel, still confirmed by ROLE.
+    pub sentinel: Option<SentinelConfig>,
 }
 
 impl Default for Config {
@@ -84,6 +86,7 @@ impl Default for Config {
             protection: ProtectionConfig::default(),
             users: Vec::new(),
             shutdown: ShutdownConfig::default(),
+            sentinel: None,
         }
     }
 }
@@ -161,6 +164,40 @@ pub enum ReadPolicy {
 
 /// How long in-flight requests may take after SIGTERM (below ECS's 30 s stop timeout).
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// `[sentinel]`: follow a Sentinel-managed master.
+#[derive(Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SentinelConfig {
+    /// Sentinel `host:port`s, tried in order.
+    pub addresses: Vec<String>,
+    /// The monitored master's name (`sentinel monitor <name> ...`).
+    pub master_name: String,
+    /// Credentials for the Sentinels themselves.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Credentials for the data nodes Sentinel reports.
+    #[serde(default)]
+    pub backend_username: Option<String>,
+    #[serde(default)]
+    pub backend_password: Option<String>,
+}
+
+impl std::fmt::Debug for SentinelConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redact = |p: &Option<String>| p.as_ref().map(|_| "<redacted>");
+        f.debug_struct("SentinelConfig")
+            .field("addresses", &self.addresses)
+            .field("master_name", &self.master_name)
+            .field("username", &self.username)
+            .field("password", &redact(&self.password))
+            .field("backend_username", &self.backend_username)
+            .field("backend_password", &redact(&self.backend_password))
+            .finish()
+    }
+}
 
 /// `[shutdown]`: draining.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -334,7 +371,21 @@ impl Config {
         if !self.admin.listen.is_empty() {
             parse_addr("admin.listen", &self.admin.listen)?;
         }
-        if self.backends.is_empty() {
+        if let Some(s) = &self.sentinel {
+            if s.addresses.is_empty() {
+                return Err(invalid(
+                    "sentinel.addresses",
+                    "at least one Sentinel is required",
+                ));
+            }
+            for (i, a) in s.addresses.iter().enumerate() {
+                check_host_port(&format!("sentinel.addresses[{i}]"), a)?;
+            }
+            if s.master_name.is_empty() {
+                return Err(invalid("sentinel.master_name", "must not be empty"));
+            }
+        }
+        if self.backends.is_empty() && self.sentinel.is_none() {
             return Err(invalid(
                 "backends",
                 "at least one backend is required (--backend HOST:PORT or [[backends]])",

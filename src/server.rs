@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::backend::prober::{self, ProbeSettings};
+use crate::backend::sentinel;
 use crate::backend::{BackendState, TopologyStore};
 use crate::config::Config;
 use crate::metrics::{self, Hot};
@@ -67,7 +68,7 @@ pub async fn run(
         config
             .backends
             .iter()
-            .map(|b| BackendState::new(b.label(), &b.address))
+            .map(|b| BackendState::from_config(b.clone()))
             .collect(),
         config.probe.staleness(),
     );
@@ -84,6 +85,30 @@ pub async fn run(
             backend.clone(),
             topology.clone(),
             settings,
+            shutdown.clone(),
+        ));
+    }
+    if let Some(sentinel_cfg) = config.sentinel.clone() {
+        topology.update_all(|t| t.sentinel_master = Some(None));
+        let spawner: sentinel::SpawnProber = {
+            let (topology, probers, shutdown) =
+                (topology.clone(), probers.clone(), shutdown.clone());
+            Arc::new(move |index, backend| {
+                probers.spawn(prober::run(
+                    index,
+                    backend,
+                    topology.clone(),
+                    settings,
+                    shutdown.clone(),
+                ));
+            })
+        };
+        probers.spawn(sentinel::run(
+            sentinel_cfg,
+            topology.clone(),
+            spawner,
+            config.probe.interval,
+            config.probe.timeout,
             shutdown.clone(),
         ));
     }

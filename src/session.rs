@@ -1165,7 +1165,14 @@ impl Session {
 
     /// Open a backend connection with this session's state replayed.
     async fn open_link(&self, index: usize) -> Result<Backend, Bytes> {
-        let Some(cfg) = self.rt.config.backends.get(index).cloned() else {
+        let Some(cfg) = self
+            .shared
+            .topology
+            .load()
+            .backends
+            .get(index)
+            .map(|b| b.config.clone())
+        else {
             return Err(local_error("ERR portcullis has no backend configured"));
         };
         let handshake = Handshake {

@@ -110,7 +110,11 @@ fn writer(
             let r: redis::RedisResult<()> = c.set(format!("w{i}"), i).await;
             match r {
                 Ok(()) => ok += 1,
-                Err(e) => errors.push(e.code().unwrap_or("?").to_string() + " " + &e.to_string()),
+                Err(e) => {
+                    errors.push(e.code().unwrap_or("?").to_string() + " " + &e.to_string());
+                    // An error may come back without ever yielding: let shutdown in.
+                    tokio::task::yield_now().await;
+                }
             }
         }
         (ok, errors)

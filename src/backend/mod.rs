@@ -4,6 +4,7 @@
 
 pub mod link;
 pub mod prober;
+pub mod sentinel;
 pub mod topology;
 
 pub use link::{BackendError, BackendLink, Handshake};

@@ -3,10 +3,12 @@
 //! which backend is the *confirmed master*. Must not do I/O.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+
+use crate::config::BackendConfig;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
@@ -51,6 +53,8 @@ impl fmt::Display for Role {
 /// What the proxy knows about one backend.
 #[derive(Debug, Clone)]
 pub struct BackendState {
+    /// How to connect (address, credentials).
+    pub config: BackendConfig,
     /// Label (name or address).
     pub label: String,
     /// `host:port` as configured.
@@ -72,10 +76,21 @@ pub struct BackendState {
 impl BackendState {
     /// A backend never probed yet.
     pub fn new(label: &str, address: &str) -> BackendState {
+        BackendState::from_config(BackendConfig {
+            name: Some(label.to_string()),
+            ..BackendConfig::from_address(address)
+        })
+    }
+
+    /// A backend from its configuration, never probed yet.
+    pub fn from_config(config: BackendConfig) -> BackendState {
+        let label = config.label().to_string();
+        let address = config.address.clone();
         BackendState {
-            label: label.to_string(),
-            address: address.to_string(),
-            aliases: vec![address.to_string()],
+            config,
+            label,
+            aliases: vec![address.clone()],
+            address,
             role: None,
             probed_at: None,
             error: None,
@@ -140,6 +155,24 @@ pub fn confirm(
     now: Instant,
     staleness: Duration,
 ) -> Result<usize, NoMaster> {
+    confirm_with(backends, now, staleness, None)
+}
+
+/// The confirmed-master rule with Sentinel's view: when Sentinel names a master
+/// (`Some(Some(i))`), only that backend can be confirmed, and only once its own ROLE says
+/// master; `Some(None)` means Sentinel has not answered yet.
+pub fn confirm_with(
+    backends: &[BackendState],
+    now: Instant,
+    staleness: Duration,
+    sentinel: Option<Option<usize>>,
+) -> Result<usize, NoMaster> {
+    if let Some(named) = sentinel {
+        return match named {
+            Some(i) if backends.get(i).is_some_and(|b| b.writable(now, staleness)) => Ok(i),
+            _ => Err(NoMaster::None),
+        };
+    }
     let candidates: Vec<usize> = (0..backends.len())
         .filter(|&i| backends[i].writable(now, staleness))
         .collect();
@@ -178,6 +211,8 @@ pub struct Topology {
     pub generation: u64,
     /// The staleness bound the decision used.
     pub staleness: Duration,
+    /// Sentinel mode: the backend Sentinel names as master (`Some(None)` until it answers).
+    pub sentinel_master: Option<Option<usize>>,
 }
 
 impl Topology {
@@ -229,7 +264,7 @@ pub struct TopologyStore {
     current: ArcSwap<Topology>,
     changed: watch::Sender<u64>,
     /// One per backend: wakes its prober for an immediate probe.
-    probe_now: Vec<Notify>,
+    probe_now: Mutex<Vec<Arc<Notify>>>,
     staleness: Duration,
 }
 
@@ -243,12 +278,13 @@ impl TopologyStore {
             valid_until: Instant::now(),
             generation: 0,
             staleness,
+            sentinel_master: None,
         };
         let (changed, _) = watch::channel(0);
         Arc::new(TopologyStore {
             current: ArcSwap::from_pointee(topo),
             changed,
-            probe_now: (0..n).map(|_| Notify::new()).collect(),
+            probe_now: Mutex::new((0..n).map(|_| Arc::new(Notify::new())).collect()),
             staleness,
         })
     }
@@ -265,14 +301,21 @@ impl TopologyStore {
 
     /// Replace one backend's state and re-decide. Returns the new snapshot.
     pub fn update(&self, index: usize, f: impl Fn(&mut BackendState)) -> Arc<Topology> {
+        self.update_all(|t| {
+            if let Some(b) = t.backends.get_mut(index) {
+                f(b);
+            }
+        })
+    }
+
+    /// Change the topology as a whole (add backends, set Sentinel's master) and re-decide.
+    pub fn update_all(&self, f: impl Fn(&mut Topology)) -> Arc<Topology> {
         let mut published = None;
         self.current.rcu(|old| {
             let mut next = Topology::clone(old);
-            if let Some(b) = next.backends.get_mut(index) {
-                f(b);
-            }
+            f(&mut next);
             let now = Instant::now();
-            next.master = confirm(&next.backends, now, self.staleness);
+            next.master = confirm_with(&next.backends, now, self.staleness, next.sentinel_master);
             next.valid_until = match next.master {
                 Ok(i) => next.backends[i]
                     .probed_at
@@ -306,14 +349,43 @@ impl TopologyStore {
 
     /// Wake a backend's prober now.
     pub fn request_probe(&self, index: usize) {
-        if let Some(n) = self.probe_now.get(index) {
+        if let Some(n) = self.notify(index) {
             n.notify_one();
         }
     }
 
+    fn notify(&self, index: usize) -> Option<Arc<Notify>> {
+        self.probe_now
+            .lock()
+            .ok()
+            .and_then(|v| v.get(index).cloned())
+    }
+
+    /// The index of the backend at `host:port`, adding it (unprobed) when new; `true` when
+    /// it was added (its prober must be started).
+    pub fn ensure_backend(&self, config: BackendConfig) -> Option<(usize, bool)> {
+        // One writer at a time keeps snapshot indexes and probe notifiers aligned.
+        let mut notifies = self.probe_now.lock().ok()?;
+        let topo = self.load();
+        let (host, port) = config.address.rsplit_once(':')?;
+        let port: u16 = port.parse().ok()?;
+        if let Some(i) = topo.backends.iter().position(|b| b.is(host, port)) {
+            return Some((i, false));
+        }
+        let index = topo.backends.len();
+        notifies.push(Arc::new(Notify::new()));
+        let state = BackendState::from_config(config);
+        self.update_all(|t| {
+            if t.backends.len() == index {
+                t.backends.push(state.clone());
+            }
+        });
+        Some((index, true))
+    }
+
     /// Wait until a probe is requested for this backend.
     pub async fn probe_requested(&self, index: usize) {
-        match self.probe_now.get(index) {
+        match self.notify(index) {
             Some(n) => n.notified().await,
             None => std::future::pending().await,
         }

@@ -326,3 +326,40 @@ pub fn resp(args: &[&[u8]]) -> Vec<u8> {
     }
     out
 }
+
+/// A Redis Sentinel on 127.0.0.1:<ephemeral>, monitoring `master_port` as `name`.
+pub fn start_sentinel(name: &str, master_port: u16) -> RedisServer {
+    for _ in 0..5 {
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor {name} 127.0.0.1 {master_port} 1\n\
+                 sentinel down-after-milliseconds {name} 1000\n\
+                 sentinel failover-timeout {name} 5000\n",
+                dir.path().display()
+            ),
+        )
+        .expect("sentinel.conf");
+        let mut child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (sentinel)");
+        if wait_port(port, &mut child) {
+            return RedisServer {
+                port,
+                child,
+                _dir: dir,
+            };
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("sentinel did not start");
+}

@@ -1,0 +1,262 @@
+//! Sentinel mode: learn the master's address from Sentinel (`SENTINEL
+//! get-master-addr-by-name`, and at once on `+switch-master` over pub/sub) and the
+//! replicas from `SENTINEL replicas`. Every address learned becomes a backend with its own
+//! prober, so it is still confirmed by `ROLE`; Sentinel only decides which one may be.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use redis_protocol::resp2::types::OwnedFrame;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::backend::{BackendLink, Handshake, TopologyStore};
+use crate::config::{BackendConfig, SentinelConfig};
+use crate::protocol::{Item, Reply, ReplyLimits, ReplyScanner, Request};
+
+/// Called with each newly discovered backend's index and config: starts its prober.
+pub type SpawnProber = Arc<dyn Fn(usize, BackendConfig) + Send + Sync>;
+
+/// Poll Sentinel every `interval` (and at once on `+switch-master`) until shutdown.
+pub async fn run(
+    cfg: SentinelConfig,
+    store: Arc<TopologyStore>,
+    spawn: SpawnProber,
+    interval: Duration,
+    timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let switched = Arc::new(Notify::new());
+    tokio::spawn(watch_switch(
+        cfg.clone(),
+        switched.clone(),
+        timeout,
+        shutdown.clone(),
+    ));
+    let mut conn: Option<(TcpStream, BytesMut, ReplyScanner)> = None;
+    let mut last_master: Option<String> = None;
+    loop {
+        match tokio::time::timeout(timeout, poll(&cfg, &mut conn, timeout)).await {
+            Ok(Ok((master, replicas))) => {
+                let node = |address: String| BackendConfig {
+                    address,
+                    name: None,
+                    username: cfg.backend_username.clone(),
+                    password: cfg.backend_password.clone(),
+                };
+                let mut index_of = |address: String| {
+                    let (index, added) = store.ensure_backend(node(address.clone()))?;
+                    if added {
+                        info!(backend = %address, "sentinel: discovered backend");
+                        spawn(index, node(address));
+                    }
+                    Some(index)
+                };
+                for r in replicas {
+                    index_of(r);
+                }
+                let master_index = master.clone().and_then(&mut index_of);
+                if master != last_master {
+                    warn!(master = ?master, master_name = %cfg.master_name, "sentinel: master address");
+                    last_master = master;
+                }
+                store.update_all(|t| t.sentinel_master = Some(master_index));
+                if let Some(i) = master_index {
+                    store.request_probe(i);
+                }
+            }
+            Ok(Err(e)) => {
+                conn = None;
+                warn!(error = %e, "sentinel query failed");
+            }
+            Err(_) => {
+                conn = None;
+                warn!("sentinel query timed out");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = switched.notified() => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// One round: the master's address and the replicas' addresses.
+async fn poll(
+    cfg: &SentinelConfig,
+    conn: &mut Option<(TcpStream, BytesMut, ReplyScanner)>,
+    timeout: Duration,
+) -> Result<(Option<String>, Vec<String>), String> {
+    if conn.is_none() {
+        *conn = Some(connect(cfg, timeout).await?);
+    }
+    let Some((stream, buf, scanner)) = conn.as_mut() else {
+        return Err("no connection".into());
+    };
+    let name = cfg.master_name.as_bytes();
+    let master = call(
+        stream,
+        buf,
+        scanner,
+        &Request::from_args(&[b"SENTINEL".as_slice(), b"get-master-addr-by-name", name]),
+    )
+    .await?;
+    let master = match master.items().as_deref() {
+        Some([Item::Str(host), Item::Str(port)]) => Some(format!(
+            "{}:{}",
+            String::from_utf8_lossy(host),
+            String::from_utf8_lossy(port)
+        )),
+        _ => None,
+    };
+    let replicas = call(
+        stream,
+        buf,
+        scanner,
+        &Request::from_args(&[b"SENTINEL".as_slice(), b"replicas", name]),
+    )
+    .await?;
+    Ok((master, replica_addresses(&replicas)))
+}
+
+/// `ip:port` of every replica in a `SENTINEL replicas` reply (arrays of field/value).
+fn replica_addresses(reply: &Reply) -> Vec<String> {
+    // The frame was already bounded by our scanner; decode it fully to read the maps.
+    let Ok(Some((OwnedFrame::Array(entries), _))) =
+        redis_protocol::resp2::decode::decode(reply.frame())
+    else {
+        return Vec::new();
+    };
+    entries
+        .iter()
+        .filter_map(|entry| {
+            let OwnedFrame::Array(fields) = entry else {
+                return None;
+            };
+            let get = |key: &[u8]| {
+                fields.chunks(2).find_map(|kv| match kv {
+                    [OwnedFrame::BulkString(k), OwnedFrame::BulkString(v)] if k == key => {
+                        Some(String::from_utf8_lossy(v).into_owned())
+                    }
+                    _ => None,
+                })
+            };
+            Some(format!("{}:{}", get(b"ip")?, get(b"port")?))
+        })
+        .collect()
+}
+
+async fn connect(
+    cfg: &SentinelConfig,
+    timeout: Duration,
+) -> Result<(TcpStream, BytesMut, ReplyScanner), String> {
+    let mut last = String::from("no sentinel addresses");
+    for address in &cfg.addresses {
+        let node = BackendConfig {
+            address: address.clone(),
+            name: None,
+            username: cfg.username.clone(),
+            password: cfg.password.clone(),
+        };
+        match BackendLink::open(
+            &node,
+            &Handshake::default(),
+            timeout,
+            ReplyLimits::default(),
+        )
+        .await
+        {
+            Ok(link) => {
+                return Ok((
+                    link.stream,
+                    link.leftover,
+                    ReplyScanner::new(ReplyLimits::default()),
+                ))
+            }
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
+}
+
+async fn call(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    scanner: &mut ReplyScanner,
+    req: &Request,
+) -> Result<Reply, String> {
+    stream
+        .write_all(req.frame())
+        .await
+        .map_err(|e| e.to_string())?;
+    read_reply(stream, buf, scanner).await
+}
+
+async fn read_reply(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    scanner: &mut ReplyScanner,
+) -> Result<Reply, String> {
+    loop {
+        if let Some(r) = scanner.next(buf).map_err(|e| e.to_string())? {
+            if r.is_error() {
+                return Err(String::from_utf8_lossy(r.frame().trim_ascii_end()).into_owned());
+            }
+            return Ok(r);
+        }
+        if stream.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err("sentinel closed the connection".into());
+        }
+    }
+}
+
+/// One subscription: returns only on error.
+async fn switch_session(
+    cfg: &SentinelConfig,
+    switched: &Notify,
+    timeout: Duration,
+) -> Result<(), String> {
+    let (mut stream, mut buf, mut scanner) = connect(cfg, timeout).await?;
+    stream
+        .write_all(Request::from_args(&[b"SUBSCRIBE".as_slice(), b"+switch-master"]).frame())
+        .await
+        .map_err(|e| e.to_string())?;
+    loop {
+        let msg = read_reply(&mut stream, &mut buf, &mut scanner).await?;
+        if let Some([Item::Str(b"message"), _, Item::Str(payload)]) = msg.items().as_deref() {
+            // "<master name> <old ip> <old port> <new ip> <new port>"
+            if payload.split(|b| *b == b' ').next() == Some(cfg.master_name.as_bytes()) {
+                info!(event = %String::from_utf8_lossy(payload), "sentinel: +switch-master");
+                switched.notify_one();
+            }
+        }
+    }
+}
+
+/// Subscribe to `+switch-master` and wake the poller on each event for our master.
+async fn watch_switch(
+    cfg: SentinelConfig,
+    switched: Arc<Notify>,
+    timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            r = switch_session(&cfg, &switched, timeout) => {
+                if let Err(e) = r {
+                    warn!(error = %e, "sentinel +switch-master subscription lost; retrying");
+                }
+            }
+            _ = shutdown.cancelled() => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(timeout) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
