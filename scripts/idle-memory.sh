@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# idle-memory.sh: proxy memory per idle client connection.
+#
+# Starts its own redis-server and portcullis on free loopback ports, then (one Python
+# process with raw sockets) opens N idle client connections to the proxy in two halves:
+#   silent: connect and never send anything (no backend connection expected)
+#   pinged: send one PING, read +PONG, then stay idle (holds a backend connection)
+# and reads the proxy's VmRSS from /proc/PID/status before and after each half, once
+# the proxy has accepted every connection (its fd count) and RSS has settled.
+# Prints KiB per connection for each half. Stops only what it started, by pid.
+#
+# Usage (from the repo root):
+#   bash scripts/idle-memory.sh
+#   CONNS=2000 bash scripts/idle-memory.sh
+#
+# Environment (defaults in brackets):
+#   CONNS [10000]     total idle connections (half silent, half pinged)
+#   NOFILE [30000]    ulimit -n for this script, redis and the proxy (capped at the hard limit)
+#   PORTCULLIS_BIN    [${CARGO_TARGET_DIR:-target}/release/portcullis]; built when missing
+#   KEEP_TMP [0]      1: keep the temp dir (logs, config)
+
+set -Eeuo pipefail
+
+CONNS=${CONNS:-10000}
+NOFILE=${NOFILE:-30000}
+KEEP_TMP=${KEEP_TMP:-0}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PORTCULLIS_BIN=${PORTCULLIS_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/portcullis}
+
+log() { printf '[idle-memory %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+for bin in redis-server redis-cli python3 timeout; do
+  command -v "$bin" >/dev/null 2>&1 || die "missing $bin"
+done
+# the proxy needs one fd per client plus one per backend connection (CONNS * 1.5)
+HARD=$(ulimit -Hn)
+if [[ "$HARD" != unlimited ]] && (( NOFILE > HARD )); then NOFILE=$HARD; fi
+(( NOFILE >= CONNS * 3 / 2 + 200 )) || die "ulimit -n hard limit $HARD is too low for CONNS=$CONNS"
+ulimit -n "$NOFILE" || die "cannot raise ulimit -n to $NOFILE"
+
+if [[ ! -x "$PORTCULLIS_BIN" ]]; then
+  log "building $PORTCULLIS_BIN"
+  (cd "$ROOT" && cargo build --release) || die "cargo build --release failed"
+fi
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/idle-memory.XXXXXX")
+PIDS=()
+stop_pid() {
+  local pid=$1 i
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+cleanup() {
+  local rc=$? i
+  trap - EXIT INT TERM
+  for ((i=${#PIDS[@]}-1; i>=0; i--)); do stop_pid "${PIDS[$i]}"; done
+  if [[ "$KEEP_TMP" == 1 ]]; then log "kept $TMP"; else rm -rf "$TMP"; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+wait_pong() {  # wait_pong PORT PID NAME (20 s deadline)
+  local port=$1 pid=$2 name=$3 deadline=$((SECONDS + 20))
+  while (( SECONDS < deadline )); do
+    kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) exited: $(tail -5 "$TMP/$name.log" 2>/dev/null)"
+    [[ "$(timeout 2 redis-cli -h 127.0.0.1 -p "$port" PING 2>/dev/null)" == PONG ]] && return 0
+    sleep 0.05
+  done
+  die "$name on port $port never answered PONG"
+}
+
+REDIS_PORT=$(free_port)
+redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no --daemonize no \
+  --maxclients $((CONNS + 1000)) --dir "$TMP" --logfile "$TMP/redis.log" >/dev/null 2>&1 &
+REDIS_PID=$!; PIDS+=("$REDIS_PID")
+wait_pong "$REDIS_PORT" "$REDIS_PID" redis
+
+# max_clients above CONNS, so the readiness PINGs never compete with the idle set
+cat >"$TMP/portcullis.toml" <<EOF
+[limits]
+max_clients = $((CONNS + 1000))
+EOF
+PROXY_PORT=$(free_port)
+"$PORTCULLIS_BIN" --config "$TMP/portcullis.toml" --listen "127.0.0.1:$PROXY_PORT" \
+  --backend "127.0.0.1:$REDIS_PORT" --admin-listen '' --log-level warn >"$TMP/proxy.log" 2>&1 &
+PROXY_PID=$!; PIDS+=("$PROXY_PID")
+wait_pong "$PROXY_PORT" "$PROXY_PID" proxy
+log "redis pid $REDIS_PID :$REDIS_PORT, portcullis pid $PROXY_PID :$PROXY_PORT, $CONNS connections"
+
+python3 - "$PROXY_PID" "$PROXY_PORT" "$CONNS" <<'PY'
+import os, socket, sys, time
+
+pid, port, total = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+half = total // 2
+
+def rss_kib():
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+def nfds():
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+def settle(min_fds, deadline_s=60):
+    """Wait until the proxy holds at least min_fds fds and RSS is stable for 1 s."""
+    end = time.time() + deadline_s
+    while nfds() < min_fds:
+        if time.time() > end:
+            raise SystemExit(f"proxy has {nfds()} fds, expected >= {min_fds}")
+        time.sleep(0.1)
+    last = rss_kib()
+    while time.time() < end:
+        time.sleep(1.0)
+        now = rss_kib()
+        if abs(now - last) < 64:
+            return now
+        last = now
+    return last
+
+def connect():
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+def read_exact(s, want):
+    buf = b""
+    while len(buf) < len(want):
+        chunk = s.recv(len(want) - len(buf))
+        if not chunk:
+            raise SystemExit("proxy closed a connection")
+        buf += chunk
+    if buf != want:
+        raise SystemExit(f"unexpected reply {buf!r}")
+
+# Warm the runtime and allocator with one full round trip so the baseline is fair.
+w = connect(); w.sendall(b"PING\r\n"); read_exact(w, b"+PONG\r\n"); w.close()
+time.sleep(0.5)
+
+fd0 = nfds(); rss0 = settle(fd0)
+silent = [connect() for _ in range(half)]
+rss1 = settle(fd0 + half)               # one fd per client connection
+pinged = []
+for _ in range(total - half):
+    s = connect()
+    s.sendall(b"*1\r\n$4\r\nPING\r\n")
+    read_exact(s, b"+PONG\r\n")
+    pinged.append(s)
+rss2 = settle(fd0 + half + 2 * (total - half))   # client + backend fd each
+fd2 = nfds()
+
+n_p = total - half
+print()
+print(f"portcullis idle connections: {total} ({half} silent, {n_p} after one PING); fds {fd0} -> {fd2}")
+print()
+print("| phase | connections | proxy VmRSS KiB | delta KiB | KiB per connection |")
+print("|---|---:|---:|---:|---:|")
+print(f"| baseline | 0 | {rss0} | | |")
+print(f"| + silent (no bytes sent) | {half} | {rss1} | {rss1 - rss0} | {(rss1 - rss0) / half:.2f} |")
+print(f"| + pinged (PING/PONG, backend conn) | {n_p} | {rss2} | {rss2 - rss1} | {(rss2 - rss1) / n_p:.2f} |")
+print(f"| all | {total} | {rss2} | {rss2 - rss0} | {(rss2 - rss0) / total:.2f} |")
+for s in silent + pinged:
+    s.close()
+PY
