@@ -208,11 +208,34 @@ pub enum Verdict {
     },
 }
 
+/// Hashes a table entry's address: one multiply instead of SipHash on the per-command
+/// path (keys are our own static pointers, not attacker-chosen).
+#[derive(Default, Clone, Copy)]
+struct AddrHasher(u64);
+
+impl std::hash::Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_usize(&mut self, n: usize) {
+        // Fold the high product bits down: the table indexes by the low bits.
+        let x = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = x ^ (x >> 29);
+    }
+}
+
+type AddrMap<V> = HashMap<usize, V, std::hash::BuildHasherDefault<AddrHasher>>;
+
 /// The compiled policy.
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     /// Refusals by command spec (address of the static table entry).
-    denied: HashMap<usize, Reason>,
+    denied: AddrMap<Reason>,
     /// Lowercase CONFIG GET parameters allowed.
     config_get_allow: Vec<String>,
     allow_notify_keyspace_events: bool,
@@ -256,7 +279,7 @@ fn expand(entry: &str, list: &'static str) -> Result<Vec<&'static CommandSpec>, 
 impl Policy {
     /// Compile the configured rules over the defaults.
     pub fn new(cfg: &ProtectionConfig) -> Result<Policy, PolicyError> {
-        let mut denied = HashMap::new();
+        let mut denied = AddrMap::default();
         for (entry, reason) in DEFAULT_DENY {
             for spec in expand(entry, "default")? {
                 denied.insert(key(spec), *reason);

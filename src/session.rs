@@ -41,8 +41,27 @@ use crate::protocol::{
 };
 use crate::runtime::Runtime;
 
-/// Read buffer growth step: enough for a typical pipeline, small for idle sessions.
-const READ_CHUNK: usize = 16 * 1024;
+/// First read buffer: a few commands; idle sessions keep no more than this.
+const READ_MIN: usize = 512;
+/// Largest growth step of a read buffer (bigger frames reserve for themselves).
+const READ_MAX_STEP: usize = 64 * 1024;
+/// An empty read buffer larger than this is released (after a big value went through).
+const READ_KEEP: usize = 64 * 1024;
+
+/// Make room for the next read: start small, double while reads fill the buffer.
+fn read_space(buf: &mut BytesMut) {
+    let spare = buf.capacity() - buf.len();
+    if spare < READ_MIN / 2 {
+        buf.reserve(buf.capacity().clamp(READ_MIN, READ_MAX_STEP));
+    }
+}
+
+/// Give back an emptied buffer that grew for a big frame.
+fn release_if_big(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > READ_KEEP {
+        *buf = BytesMut::new();
+    }
+}
 /// Most chunks handed to one `writev`.
 const MAX_IOVECS: usize = 64;
 
@@ -569,9 +588,7 @@ impl Session {
     }
 
     async fn read_client(&mut self, client: &TcpStream) -> Option<SessionEnd> {
-        if self.client_buf.capacity() - self.client_buf.len() < READ_CHUNK / 4 {
-            self.client_buf.reserve(READ_CHUNK);
-        }
+        read_space(&mut self.client_buf);
         match client.try_read_buf(&mut self.client_buf) {
             Ok(0) => return Some(SessionEnd::ClientClosed),
             Ok(n) => self.shared.hot.bytes_in.increment(n as u64),
@@ -597,7 +614,10 @@ impl Session {
                         return Some(end);
                     }
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    release_if_big(&mut self.client_buf);
+                    break;
+                }
                 Err(e) => {
                     metrics::protocol_error("client");
                     self.client_done = true;
@@ -1212,9 +1232,7 @@ impl Session {
         let Some(backend) = self.link_mut(link) else {
             return;
         };
-        if backend.buf.capacity() - backend.buf.len() < READ_CHUNK / 4 {
-            backend.buf.reserve(READ_CHUNK);
-        }
+        read_space(&mut backend.buf);
         match backend.stream.try_read_buf(&mut backend.buf) {
             Ok(0) => return self.link_lost(link),
             Ok(_) => {}
@@ -1245,7 +1263,10 @@ impl Session {
                         return;
                     }
                 }
-                Ok(None) => return,
+                Ok(None) => {
+                    release_if_big(&mut backend.buf);
+                    return;
+                }
                 Err(e) => {
                     let label = backend.label.clone();
                     warn!(peer = %self.peer, backend = %label, error = %e, "backend protocol error");
