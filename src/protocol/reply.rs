@@ -11,6 +11,8 @@
 
 use bytes::{Bytes, BytesMut};
 
+use super::request::string2ll;
+
 /// Largest bulk length Redis accepts by default (`proto-max-bulk-len`, 512 MiB).
 pub const DEFAULT_MAX_BULK_LEN: usize = 512 * 1024 * 1024;
 /// Default bound on aggregate nesting; Redis itself never nests replies this deep.
@@ -230,7 +232,7 @@ impl ReplyScanner {
                 b'+' => ReplyKind::Simple,
                 b'-' => ReplyKind::Error,
                 b':' => {
-                    parse_i64(line).ok_or(ReplyError::InvalidValue("integer"))?;
+                    string2ll(line).ok_or(ReplyError::InvalidValue("integer"))?;
                     ReplyKind::Integer
                 }
                 b'_' => {
@@ -443,44 +445,46 @@ fn finish_bulk(buf: &[u8], body: usize, end: usize, ty: u8) -> Result<(), ReplyE
     Ok(())
 }
 
-/// Strict decimal i64: optional `-`, then 1..=19 digits, no overflow.
-fn parse_i64(s: &[u8]) -> Option<i64> {
-    let (neg, digits) = match s.split_first() {
-        Some((b'-', rest)) => (true, rest),
-        _ => (false, s),
-    };
-    if digits.is_empty() || digits.len() > 19 {
-        return None;
-    }
-    let mut v: i64 = 0;
-    for &d in digits {
-        if !d.is_ascii_digit() {
-            return None;
-        }
-        let d = i64::from(d - b'0');
-        v = v.checked_mul(10)?;
-        v = if neg {
-            v.checked_sub(d)?
-        } else {
-            v.checked_add(d)?
-        };
-    }
-    Some(v)
-}
-
-/// A length or count header: a valid i64 (`?` means streamed RESP3).
+/// A length or count header: canonical `0` or `-?[1-9][0-9]*` fitting i64 (Redis
+/// `string2ll`; `?` means streamed RESP3). Callers accept a negative value only as the
+/// `-1` null of `$` and `*`.
 fn parse_len(s: &[u8]) -> Result<i64, ReplyError> {
     if s == b"?" {
         return Err(ReplyError::Streamed);
     }
-    parse_i64(s).ok_or(ReplyError::InvalidLength)
+    string2ll(s).ok_or(ReplyError::InvalidLength)
 }
 
-/// RESP3 double: what Rust parses as f64 (covers `inf`, `-inf`, `nan`, exponents).
+/// RESP3 double: `-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?`, or exactly `inf`, `-inf`, `nan`.
 fn valid_double(s: &[u8]) -> bool {
-    std::str::from_utf8(s)
-        .ok()
-        .is_some_and(|t| t.parse::<f64>().is_ok())
+    /// Strips one or more leading ASCII digits; `None` if there are none.
+    fn digits(s: &[u8]) -> Option<&[u8]> {
+        let n = s.iter().take_while(|b| b.is_ascii_digit()).count();
+        (n > 0).then(|| &s[n..])
+    }
+    if matches!(s, b"inf" | b"-inf" | b"nan") {
+        return true;
+    }
+    let Some(mut rest) = digits(s.strip_prefix(b"-").unwrap_or(s)) else {
+        return false;
+    };
+    if let Some(frac) = rest.strip_prefix(b".") {
+        let Some(r) = digits(frac) else {
+            return false;
+        };
+        rest = r;
+    }
+    if let Some((b'e' | b'E', exp)) = rest.split_first() {
+        let exp = exp
+            .strip_prefix(b"+")
+            .or_else(|| exp.strip_prefix(b"-"))
+            .unwrap_or(exp);
+        let Some(r) = digits(exp) else {
+            return false;
+        };
+        rest = r;
+    }
+    rest.is_empty()
 }
 
 /// RESP3 big number: optional `-`, then one or more digits.
@@ -546,7 +550,7 @@ impl Reply {
     pub fn integer(&self) -> Option<i64> {
         let mut pos = self.value_start;
         match read_value(&self.frame, &mut pos)? {
-            Value::Line(b':', line) => parse_i64(line),
+            Value::Line(b':', line) => string2ll(line),
             _ => None,
         }
     }
@@ -579,7 +583,7 @@ impl Reply {
                     Item::Other
                 }
                 Value::Line(b'+', line) => Item::Str(line),
-                Value::Line(b':', line) => Item::Int(parse_i64(line)?),
+                Value::Line(b':', line) => Item::Int(string2ll(line)?),
                 Value::Line(b'_', _) => Item::Null,
                 Value::Bulk(b'$', body) => Item::Str(body),
                 Value::Bulk(b'=', body) => Item::Str(body.get(4..)?),
@@ -614,7 +618,7 @@ fn read_value<'a>(b: &'a [u8], pos: &mut usize) -> Option<Value<'a>> {
     *pos += 1 + cr + 2;
     match ty {
         b'$' | b'=' | b'!' => {
-            let len = parse_i64(line)?;
+            let len = string2ll(line)?;
             if len < 0 {
                 return Some(Value::Null);
             }
@@ -624,7 +628,7 @@ fn read_value<'a>(b: &'a [u8], pos: &mut usize) -> Option<Value<'a>> {
             Some(Value::Bulk(ty, body))
         }
         b'*' | b'%' | b'~' | b'>' | b'|' => {
-            let n = parse_i64(line)?;
+            let n = string2ll(line)?;
             if n < 0 {
                 return Some(Value::Null);
             }
@@ -1023,6 +1027,136 @@ mod tests {
             ReplyError::UnexpectedByte(b'A').to_string(),
             "backend protocol error: unexpected byte 0x41"
         );
+    }
+
+    /// Integers, lengths and counts follow Redis `string2ll`; doubles the RESP3 grammar.
+    #[test]
+    fn strict_numbers() {
+        use ReplyError::*;
+        let accepted: &[(&[u8], ReplyKind)] = &[
+            (b":0\r\n", Integer),
+            (b":7\r\n", Integer),
+            (b":-1\r\n", Integer),
+            (b":10\r\n", Integer),
+            (b":-9223372036854775808\r\n", Integer),
+            (b"$0\r\n\r\n", Bulk),
+            (b"$10\r\n0123456789\r\n", Bulk),
+            (b"$-1\r\n", Null),
+            (b"*-1\r\n", Null),
+            (b"*0\r\n", Array),
+            (
+                b"*10\r\n:0\r\n:1\r\n:2\r\n:3\r\n:4\r\n:5\r\n:6\r\n:7\r\n:8\r\n:9\r\n",
+                Array,
+            ),
+            (b"%0\r\n", Map),
+            (b"~0\r\n", Set),
+            (b">0\r\n", Push),
+            (b"|0\r\n+a\r\n", Simple),
+            (b"!0\r\n\r\n", BlobError),
+            (b"=4\r\ntxt:\r\n", Verbatim),
+            (b",0\r\n", Double),
+            (b",-0\r\n", Double),
+            (b",10\r\n", Double),
+            (b",1.23\r\n", Double),
+            (b",-1.5\r\n", Double),
+            (b",-0.0\r\n", Double),
+            (b",1.5e10\r\n", Double),
+            (b",1E-3\r\n", Double),
+            (b",1e+300\r\n", Double),
+            (b",-2.5E+07\r\n", Double),
+            (b",inf\r\n", Double),
+            (b",-inf\r\n", Double),
+            (b",nan\r\n", Double),
+        ];
+        for &(input, kind) in accepted {
+            let r = scan_one(input);
+            assert_eq!(r.kind(), kind, "{input:?}");
+            let bytewise = scan_chunked(input, 1, ReplyLimits::default())
+                .unwrap_or_else(|e| panic!("{e} for {input:?} byte by byte"));
+            assert_eq!(bytewise.len(), 1, "{input:?}");
+            assert_eq!(bytewise[0].frame().as_ref(), input);
+            assert_eq!(bytewise[0].kind(), kind, "{input:?}");
+        }
+        assert_eq!(
+            scan_one(b":-9223372036854775808\r\n").integer(),
+            Some(i64::MIN)
+        );
+        assert_eq!(scan_one(b":10\r\n").integer(), Some(10));
+
+        let rejected: &[(&[u8], ReplyError)] = &[
+            // Integers: leading zeros, negative zero, signs, spaces, overflow.
+            (b":007\r\n", InvalidValue("integer")),
+            (b":00\r\n", InvalidValue("integer")),
+            (b":01\r\n", InvalidValue("integer")),
+            (b":-0\r\n", InvalidValue("integer")),
+            (b":-00\r\n", InvalidValue("integer")),
+            (b":-01\r\n", InvalidValue("integer")),
+            (b":+1\r\n", InvalidValue("integer")),
+            (b": 1\r\n", InvalidValue("integer")),
+            (b":1 \r\n", InvalidValue("integer")),
+            (b":--1\r\n", InvalidValue("integer")),
+            (b":-9223372036854775809\r\n", InvalidValue("integer")),
+            (b":0000000000000000000001\r\n", InvalidValue("integer")),
+            (b"*1\r\n:-0\r\n", InvalidValue("integer")),
+            // Lengths and counts: leading zeros, negative zero, non-canonical null.
+            (b"$03\r\nbar\r\n", InvalidLength),
+            (b"$00\r\n\r\n", InvalidLength),
+            (b"$-0\r\n", InvalidLength),
+            (b"$-00\r\n", InvalidLength),
+            (b"$-01\r\n", InvalidLength),
+            (b"*01\r\n:1\r\n", InvalidLength),
+            (b"*00\r\n", InvalidLength),
+            (b"*-0\r\n", InvalidLength),
+            (b"*-00\r\n", InvalidLength),
+            (b"*-01\r\n", InvalidLength),
+            (b"*+1\r\n:1\r\n", InvalidLength),
+            (b"%01\r\n", InvalidLength),
+            (b"%-0\r\n", InvalidLength),
+            (b"~00\r\n", InvalidLength),
+            (b">-0\r\n", InvalidLength),
+            (b"|01\r\n", InvalidLength),
+            (b"!01\r\n", InvalidLength),
+            (b"!-0\r\n", InvalidLength),
+            (b"=04\r\n", InvalidLength),
+            (b"=-0\r\n", InvalidLength),
+            (b"*1\r\n$-01\r\n", InvalidLength),
+            // Null only for `$` and `*`.
+            (b"%-1\r\n", InvalidLength),
+            (b">-1\r\n", InvalidLength),
+            (b"!-1\r\n", InvalidLength),
+            // Doubles: only the RESP3 grammar, not all of `f64::from_str`.
+            (b",+1\r\n", InvalidValue("double")),
+            (b",infinity\r\n", InvalidValue("double")),
+            (b",INF\r\n", InvalidValue("double")),
+            (b",Inf\r\n", InvalidValue("double")),
+            (b",+inf\r\n", InvalidValue("double")),
+            (b",NaN\r\n", InvalidValue("double")),
+            (b",-nan\r\n", InvalidValue("double")),
+            (b",nan0\r\n", InvalidValue("double")),
+            (b",.5\r\n", InvalidValue("double")),
+            (b",-.5\r\n", InvalidValue("double")),
+            (b",1.\r\n", InvalidValue("double")),
+            (b",1.e5\r\n", InvalidValue("double")),
+            (b",-\r\n", InvalidValue("double")),
+            (b",1e\r\n", InvalidValue("double")),
+            (b",1e+\r\n", InvalidValue("double")),
+            (b",1.5E-\r\n", InvalidValue("double")),
+            (b",e5\r\n", InvalidValue("double")),
+            (b",1e5.5\r\n", InvalidValue("double")),
+            (b",1.2.3\r\n", InvalidValue("double")),
+            (b",1,5\r\n", InvalidValue("double")),
+            (b",--1\r\n", InvalidValue("double")),
+            (b", 1\r\n", InvalidValue("double")),
+            (b",1 \r\n", InvalidValue("double")),
+            (b",0x10\r\n", InvalidValue("double")),
+            (b",1_0\r\n", InvalidValue("double")),
+            (b"*1\r\n,.5\r\n", InvalidValue("double")),
+        ];
+        for (input, err) in rejected {
+            assert_eq!(scan_all(input).unwrap_err(), *err, "{input:?}");
+            let got = scan_chunked(input, 1, ReplyLimits::default()).unwrap_err();
+            assert_eq!(got, *err, "{input:?} byte by byte");
+        }
     }
 
     #[test]

@@ -601,7 +601,8 @@ fn fits(count: i64, max: usize) -> bool {
 }
 
 /// Redis `string2ll` (src/util.c): `0` or `-?[1-9][0-9]*`, fitting i64, shorter than 21 bytes.
-fn string2ll(s: &[u8]) -> Option<i64> {
+/// Also the reply scanner's rule for integers and length/count headers.
+pub(crate) fn string2ll(s: &[u8]) -> Option<i64> {
     if s.is_empty() || s.len() >= LONG_STR_SIZE {
         return None;
     }
