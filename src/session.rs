@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -172,17 +172,31 @@ enum ReplyMode {
     Skip,
 }
 
-/// Chunks queued for one socket, written with `writev`.
+/// Frames up to this size are copied into one contiguous tail buffer (a pipeline of
+/// small replies becomes one write); bigger ones stay zero-copy chunks.
+const COALESCE_MAX: usize = 2048;
+
+/// Bytes queued for one socket: zero-copy chunks, then a tail of coalesced small frames,
+/// written together with `writev`. Order: every chunk precedes the tail.
 #[derive(Debug, Default)]
 struct OutQueue {
     chunks: VecDeque<Bytes>,
+    tail: BytesMut,
     bytes: usize,
 }
 
 impl OutQueue {
     fn push(&mut self, b: Bytes) {
-        if !b.is_empty() {
-            self.bytes += b.len();
+        if b.is_empty() {
+            return;
+        }
+        self.bytes += b.len();
+        if b.len() <= COALESCE_MAX {
+            self.tail.extend_from_slice(&b);
+        } else {
+            if !self.tail.is_empty() {
+                self.chunks.push_back(self.tail.split().freeze());
+            }
             self.chunks.push_back(b);
         }
     }
@@ -194,14 +208,23 @@ impl OutQueue {
     /// Write as much as the socket takes now; `Ok(n)` bytes written.
     fn try_write(&mut self, stream: &TcpStream) -> io::Result<usize> {
         let mut total = 0;
-        while !self.chunks.is_empty() {
+        while self.bytes > 0 {
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
             let mut n = 0;
             for (slot, chunk) in slices.iter_mut().zip(self.chunks.iter()) {
                 *slot = IoSlice::new(chunk);
                 n += 1;
             }
-            let written = match stream.try_write_vectored(&slices[..n]) {
+            if n < MAX_IOVECS && !self.tail.is_empty() {
+                slices[n] = IoSlice::new(&self.tail);
+                n += 1;
+            }
+            let result = if n == 1 {
+                stream.try_write(&slices[0])
+            } else {
+                stream.try_write_vectored(&slices[..n])
+            };
+            let written = match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(w) => w,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(total),
@@ -217,6 +240,8 @@ impl OutQueue {
         self.bytes -= n;
         while n > 0 {
             let Some(front) = self.chunks.front_mut() else {
+                // The rest is in the tail.
+                self.tail.advance(n.min(self.tail.len()));
                 return;
             };
             if n >= front.len() {
