@@ -190,3 +190,79 @@ async fn admin_endpoints_and_sigterm() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_changes_policy_for_a_connected_client() {
+    let redis = RedisServer::start(&[]);
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    let base = format!(
+        "listen = \"127.0.0.1:{port}\"\n[admin]\nlisten = \"\"\n[[backends]]\naddress = \"{}\"\n",
+        redis.addr()
+    );
+    std::fs::write(&path, &base).unwrap();
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "proxy never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut c = support::client(&format!("127.0.0.1:{port}")).await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("x*")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(keys.is_empty());
+
+    // Deny KEYS in the file, SIGHUP: the same connection is refused, not dropped.
+    std::fs::write(&path, format!("{base}[protection]\ndeny = [\"keys\"]\n")).unwrap();
+    let _ = Command::new("kill")
+        .arg("-HUP")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r: redis::RedisResult<Vec<String>> =
+            redis::cmd("KEYS").arg("x*").query_async(&mut c).await;
+        match r {
+            Err(e) if e.code() == Some("NOPERM") => break,
+            Err(e) => panic!("unexpected: {e}"),
+            Ok(_) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "reload never applied"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A broken file is rejected: the running policy stays, the process keeps serving.
+    std::fs::write(
+        &path,
+        format!("{base}[protection]\nallow = [\"slaveof\"]\n"),
+    )
+    .unwrap();
+    let _ = Command::new("kill")
+        .arg("-HUP")
+        .arg(child.id().to_string())
+        .status();
+    let pong: String = redis::cmd("PING").query_async(&mut c).await.unwrap();
+    assert_eq!(pong, "PONG");
+    let r: redis::RedisResult<Vec<String>> = redis::cmd("KEYS").arg("x*").query_async(&mut c).await;
+    assert_eq!(r.unwrap_err().code(), Some("NOPERM"));
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -187,6 +187,24 @@ async fn hijack_while_writing_is_detected_and_healed() {
         0,
         "the attacker got writes from the proxy"
     );
+    // The replicas only ever saw the proxy's probes (ROLE), never a client command:
+    // every client connection on them, except their master link, last ran ROLE.
+    for r in [&r1, &r2] {
+        let mut d = r.direct().await;
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut d)
+            .await
+            .unwrap();
+        for line in list.lines() {
+            let master_link = line.contains("flags=M");
+            let this_query = line.contains("cmd=client");
+            assert!(
+                master_link || this_query || line.contains("cmd=role") || line.contains("cmd=NULL"),
+                "a replica served a client command: {line}"
+            );
+        }
+    }
     let text = metrics.render();
     assert!(
         text.contains("portcullis_auto_heals_total{backend=\"hj-master\"}"),
@@ -237,6 +255,19 @@ async fn promotion_moves_writes_to_the_new_master() {
     let new = RedisServer::start(&["--replicaof", "127.0.0.1", &old.port.to_string()]);
     wait_linked(&new).await;
     let proxy = Proxy::start_with(config(&[("pm-old", &old), ("pm-new", &new)], false)).await;
+    // A session with state (db 3, a name) that must survive the move.
+    let mut stateful = proxy.raw().await;
+    stateful
+        .send(
+            &[
+                support::resp(&[b"SELECT", b"3"]),
+                support::resp(&[b"CLIENT", b"SETNAME", b"kept"]),
+                support::resp(&[b"SET", b"in3", b"before"]),
+            ]
+            .concat(),
+        )
+        .await;
+    stateful.expect(b"+OK\r\n+OK\r\n+OK\r\n").await;
     let stop = Arc::new(AtomicBool::new(false));
     let w = writer(proxy.addr.to_string(), stop.clone());
     wait_until("writes flowing", || async { cmdstat_set(&old).await > 50 }).await;
@@ -265,6 +296,21 @@ async fn promotion_moves_writes_to_the_new_master() {
     let (ok, errors) = w.await.unwrap();
     assert!(ok > 100);
     assert_no_readonly(&errors);
+    // The stateful session moved with its state replayed: db 3 and its name, on the new
+    // master.
+    stateful
+        .send(
+            &[
+                support::resp(&[b"SET", b"in3", b"after"]),
+                support::resp(&[b"CLIENT", b"GETNAME"]),
+            ]
+            .concat(),
+        )
+        .await;
+    stateful.expect(b"+OK\r\n$4\r\nkept\r\n").await;
+    let mut new3 = support::client(&format!("{}/3", new.addr())).await;
+    let v: String = new3.get("in3").await.unwrap();
+    assert_eq!(v, "after");
     // Operators see both role changes.
     wait_until("role changes counted", || async {
         let text = metrics.render();
