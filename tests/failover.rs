@@ -10,7 +10,11 @@ use std::time::Duration;
 
 use portcullis::config::{BackendConfig, Config};
 use redis::AsyncCommands;
-use support::{Proxy, RedisServer, WAIT};
+use support::{cmdstat, role, wait_until, Proxy, RedisServer, WAIT};
+
+async fn cmdstat_set_calls(r: &RedisServer) -> u64 {
+    cmdstat(r, "set").await
+}
 
 const PROBE: Duration = Duration::from_millis(100);
 
@@ -42,32 +46,6 @@ fn config(backends: &[(&str, &RedisServer)], auto_heal: bool) -> Config {
     c
 }
 
-async fn role(r: &RedisServer) -> (String, Option<u16>) {
-    let mut c = r.direct().await;
-    let v: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut c).await.unwrap();
-    let name = match v.first() {
-        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-        other => panic!("ROLE: {other:?}"),
-    };
-    let port = match v.get(2) {
-        Some(redis::Value::Int(p)) => Some(*p as u16),
-        _ => None,
-    };
-    (name, port)
-}
-
-async fn wait_until<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !f().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Wait until a replica's link to its master is up.
 async fn wait_linked(r: &RedisServer) {
     wait_until("replica link up", || async {
@@ -80,20 +58,6 @@ async fn wait_linked(r: &RedisServer) {
         info.contains("master_link_status:up")
     })
     .await;
-}
-
-async fn cmdstat_set(r: &RedisServer) -> u64 {
-    let mut c = r.direct().await;
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_set:calls="))
-        .and_then(|v| v.split(',').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Writes through the proxy until stopped; returns (ok, error codes seen).
@@ -147,7 +111,7 @@ async fn hijack_while_writing_is_detected_and_healed() {
     let w = writer(proxy.addr.to_string(), stop.clone());
     // Let some writes land first (event: the key count grows).
     wait_until("writes flowing", || async {
-        cmdstat_set(&master).await > 50
+        cmdstat_set_calls(&master).await > 50
     })
     .await;
 
@@ -169,13 +133,13 @@ async fn hijack_while_writing_is_detected_and_healed() {
     })
     .await;
     wait_until("healed to master", || async {
-        role(&master).await.0 == "master"
+        role(&master).await == "master"
     })
     .await;
     // Writes flow again on the real master.
-    let before = cmdstat_set(&master).await;
+    let before = cmdstat_set_calls(&master).await;
     wait_until("writes flow after heal", || async {
-        cmdstat_set(&master).await > before + 20
+        cmdstat_set_calls(&master).await > before + 20
     })
     .await;
     stop.store(true, Ordering::Relaxed);
@@ -183,7 +147,7 @@ async fn hijack_while_writing_is_detected_and_healed() {
     assert!(ok > 70, "{ok} writes succeeded");
     assert_no_readonly(&errors);
     assert_eq!(
-        cmdstat_set(&attacker).await,
+        cmdstat_set_calls(&attacker).await,
         0,
         "the attacker got writes from the proxy"
     );
@@ -243,9 +207,9 @@ async fn hijack_without_auto_heal_answers_masterdown() {
         !text.contains("READONLY ") || text.contains("MASTERDOWN"),
         "{text}"
     );
-    assert_eq!(cmdstat_set(&attacker).await, 0);
+    assert_eq!(cmdstat_set_calls(&attacker).await, 0);
     // Still a replica: nothing healed it.
-    assert_eq!(role(&master).await.0, "slave");
+    assert_eq!(role(&master).await, "slave");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,7 +234,10 @@ async fn promotion_moves_writes_to_the_new_master() {
     stateful.expect(b"+OK\r\n+OK\r\n+OK\r\n").await;
     let stop = Arc::new(AtomicBool::new(false));
     let w = writer(proxy.addr.to_string(), stop.clone());
-    wait_until("writes flowing", || async { cmdstat_set(&old).await > 50 }).await;
+    wait_until("writes flowing", || async {
+        cmdstat_set_calls(&old).await > 50
+    })
+    .await;
 
     // Promote: new becomes master, old becomes its replica.
     let mut dn = new.direct().await;
@@ -287,9 +254,9 @@ async fn promotion_moves_writes_to_the_new_master() {
         .query_async(&mut dold)
         .await
         .unwrap();
-    let before = cmdstat_set(&new).await;
+    let before = cmdstat_set_calls(&new).await;
     wait_until("writes reach the new master", || async {
-        cmdstat_set(&new).await > before + 50
+        cmdstat_set_calls(&new).await > before + 50
     })
     .await;
     stop.store(true, Ordering::Relaxed);
@@ -348,21 +315,6 @@ async fn master_killed_and_restarted() {
     let mut d = restarted.direct().await;
     let v: i64 = d.get("k").await.unwrap();
     assert_eq!(v, 3);
-}
-
-async fn cmdstat(r: &RedisServer, cmd: &str) -> u64 {
-    let mut c = r.direct().await;
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    let prefix = format!("cmdstat_{cmd}:calls=");
-    info.lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .and_then(|v| v.split(',').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,28 +9,7 @@ use std::time::Duration;
 
 use portcullis::config::{Config, SentinelConfig};
 use redis::AsyncCommands;
-use support::{Proxy, RedisServer, WAIT};
-
-async fn wait_until<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT * 3;
-    while !f().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn role(r: &RedisServer) -> String {
-    let mut c = r.direct().await;
-    let v: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut c).await.unwrap();
-    match v.first() {
-        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-        other => panic!("ROLE: {other:?}"),
-    }
-}
+use support::{role, wait_until, Proxy, RedisServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_failover_moves_writes_without_readonly() {

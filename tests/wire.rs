@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use portcullis::config::{BackendConfig, Config, Limits};
-use support::{resp, Proxy, Raw, RedisServer, WAIT};
+use support::{resp, role, Proxy, Raw, RedisServer, WAIT};
 use tokio::io::AsyncWriteExt;
 
 // ---------------------------------------------------------------------------------------
@@ -42,16 +42,6 @@ async fn ping(raw: &mut Raw) {
 async fn assert_proxy_alive(proxy: &Proxy) {
     let mut c = proxy.raw().await;
     ping(&mut c).await;
-}
-
-/// The backend's `ROLE` first element, read on a direct connection.
-async fn role(redis: &RedisServer) -> String {
-    let mut conn = redis.direct().await;
-    let v: Vec<redis::Value> = redis::cmd("ROLE")
-        .query_async(&mut conn)
-        .await
-        .expect("ROLE");
-    redis::from_redis_value::<String>(&v[0]).expect("role name")
 }
 
 /// `GET key` on a direct connection.

@@ -363,3 +363,42 @@ pub fn start_sentinel(name: &str, master_port: u16) -> RedisServer {
     }
     panic!("sentinel did not start");
 }
+
+/// The backend's `ROLE` first element (`master`, `slave`, `sentinel`), read directly.
+pub async fn role(r: &RedisServer) -> String {
+    let mut c = r.direct().await;
+    let v: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut c).await.expect("ROLE");
+    match v.first() {
+        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+        other => panic!("ROLE: {other:?}"),
+    }
+}
+
+/// Poll `f` until it holds; fails the test after three `WAIT`s.
+pub async fn wait_until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT * 3;
+    while !f().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `calls=` of `cmdstat_<cmd>` in the server's `INFO commandstats` (0 when never run).
+pub async fn cmdstat(r: &RedisServer, cmd: &str) -> u64 {
+    let mut c = r.direct().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await
+        .expect("INFO");
+    let prefix = format!("cmdstat_{cmd}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
