@@ -15,7 +15,7 @@
 //!    the client if its state can be replayed on a fresh connection, else closes it.
 //!
 //! Must not block on one direction while the other could make progress: all socket I/O is
-//! readiness-driven and non-blocking (`try_read_buf` / `try_write_vectored`).
+//! readiness-driven and non-blocking (`read_some` / `try_write_vectored`).
 
 use std::collections::{HashSet, VecDeque};
 use std::io::{self, IoSlice};
@@ -53,6 +53,29 @@ fn read_space(buf: &mut BytesMut) {
     let spare = buf.capacity() - buf.len();
     if spare < READ_MIN / 2 {
         buf.reserve(buf.capacity().clamp(READ_MIN, READ_MAX_STEP));
+    }
+}
+
+/// One non-blocking read into `buf`. A short read means the socket is drained, so tokio's
+/// readiness is cleared right away (by reporting WouldBlock through `try_io`); otherwise
+/// the next wait would wake at once just to read EAGAIN, one wasted syscall per event.
+/// Race-free: tokio only clears readiness if no new event arrived since it was observed.
+fn read_some(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    read_space(buf);
+    let room = buf.capacity() - buf.len();
+    let mut got = 0;
+    let result = stream.try_io(tokio::io::Interest::READABLE, || {
+        let n = stream.try_read_buf(buf)?;
+        got = n;
+        if n > 0 && n < room {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        other => other,
     }
 }
 
@@ -495,6 +518,13 @@ impl Session {
             if let Err(e) = self.flush(client) {
                 return SessionEnd::ClientIo(e);
             }
+            // A held request or READONLY retries may be unblocked by something other than
+            // a backend read (a lost link answered locally): resume them here too.
+            if (self.held.is_some() || self.retrying > 0) && !self.waiting_on_backend() {
+                if let Some(end) = self.after_replies().await {
+                    return end;
+                }
+            }
             // End only once every reply owed before the end has been written.
             if self.to_client.is_empty() && self.pending.is_empty() {
                 if let Some(end) = self.end.take() {
@@ -613,8 +643,7 @@ impl Session {
     }
 
     async fn read_client(&mut self, client: &TcpStream) -> Option<SessionEnd> {
-        read_space(&mut self.client_buf);
-        match client.try_read_buf(&mut self.client_buf) {
+        match read_some(client, &mut self.client_buf) {
             Ok(0) => return Some(SessionEnd::ClientClosed),
             Ok(n) => self.shared.hot.bytes_in.increment(n as u64),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
@@ -1257,8 +1286,7 @@ impl Session {
         let Some(backend) = self.link_mut(link) else {
             return;
         };
-        read_space(&mut backend.buf);
-        match backend.stream.try_read_buf(&mut backend.buf) {
+        match read_some(&backend.stream, &mut backend.buf) {
             Ok(0) => return self.link_lost(link),
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
