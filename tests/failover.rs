@@ -375,3 +375,80 @@ async fn prefer_replica_reads_hit_the_replica_in_order() {
     assert_eq!(cmdstat(&master, "incr").await, 100);
     assert_eq!(cmdstat(&replica, "strlen").await, 100);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_across_a_failover_is_aborted_not_split() {
+    let old = RedisServer::start(&[]);
+    let new = RedisServer::start(&["--replicaof", "127.0.0.1", &old.port.to_string()]);
+    wait_linked(&new).await;
+    let proxy = Proxy::start_with(config(&[("tx-old", &old), ("tx-new", &new)], false)).await;
+    let mut tx = proxy.raw().await;
+    tx.send(
+        &[
+            support::resp(&[b"MULTI"]),
+            support::resp(&[b"SET", b"half", b"1"]),
+        ]
+        .concat(),
+    )
+    .await;
+    tx.expect(b"+OK\r\n+QUEUED\r\n").await;
+
+    // Promote the replica while the transaction is open.
+    let mut dn = new.direct().await;
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query_async(&mut dn)
+        .await
+        .unwrap();
+    let mut dold = old.direct().await;
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(new.port)
+        .query_async(&mut dold)
+        .await
+        .unwrap();
+    // Wait until the proxy routes writes to the new master (another client's write lands).
+    let mut other = proxy.client().await;
+    wait_until("proxy follows the promotion", || {
+        let mut other = other.clone();
+        let new = &new;
+        async move {
+            other.set::<_, _, ()>("probe", "x").await.is_ok() && {
+                let mut d = new.direct().await;
+                d.get::<_, Option<String>>("probe")
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some()
+            }
+        }
+    })
+    .await;
+    let _ = &mut other;
+
+    // The open transaction cannot continue on either side: MASTERDOWN, then EXECABORT.
+    tx.send(
+        &[
+            support::resp(&[b"SET", b"other-half", b"2"]),
+            support::resp(&[b"EXEC"]),
+        ]
+        .concat(),
+    )
+    .await;
+    let line = tx.read_to_line().await;
+    assert!(
+        line.starts_with(b"-MASTERDOWN"),
+        "{}",
+        String::from_utf8_lossy(&line)
+    );
+    tx.expect(b"-EXECABORT Transaction discarded because of previous errors.\r\n")
+        .await;
+    // Nothing of it was applied anywhere.
+    for r in [&old, &new] {
+        let mut d = r.direct().await;
+        let half: Option<String> = d.get("half").await.unwrap();
+        let other_half: Option<String> = d.get("other-half").await.unwrap();
+        assert_eq!((half, other_half), (None, None));
+    }
+}
