@@ -206,13 +206,24 @@ impl Drop for Proxy {
     }
 }
 
-/// An async redis-rs connection to `addr`.
+/// An async redis-rs connection to `addr`. A refused connect is retried until `WAIT`
+/// (a loaded machine can be slow to get a just-started server listening); the last error
+/// fails the test.
 pub async fn client(addr: &str) -> redis::aio::MultiplexedConnection {
     let c = redis::Client::open(format!("redis://{addr}/")).expect("client url");
-    tokio::time::timeout(WAIT, c.get_multiplexed_async_connection())
-        .await
-        .expect("connect in time")
-        .expect("connect")
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let attempt = tokio::time::timeout_at(deadline, c.get_multiplexed_async_connection())
+            .await
+            .expect("connect in time");
+        match attempt {
+            Ok(conn) => return conn,
+            Err(e) if tokio::time::Instant::now() < deadline && e.is_connection_refusal() => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("connect to {addr}: {e}"),
+        }
+    }
 }
 
 /// A raw socket for wire-level tests.
