@@ -76,13 +76,9 @@ fn restart_needed(old: &Config, new: &mut Config) -> Vec<&'static str> {
         fields.push("admin.listen");
         new.admin = old.admin.clone();
     }
-    if old.backends != new.backends {
-        fields.push("backends");
-        new.backends = old.backends.clone();
-    }
-    if old.probe != new.probe {
-        fields.push("probe");
-        new.probe = old.probe.clone();
+    if old.sentinel != new.sentinel {
+        fields.push("sentinel");
+        new.sentinel = old.sentinel.clone();
     }
     if old.log != new.log {
         fields.push("log");

@@ -72,41 +72,35 @@ pub async fn run(
             .collect(),
         config.probe.staleness(),
     );
-    let settings = ProbeSettings {
-        interval: config.probe.interval,
-        timeout: config.probe.timeout,
-        auto_heal: config.protection.auto_heal,
-        reply_limits: runtime.reply_limits(),
-    };
+    let settings = Arc::new(ArcSwap::from_pointee(probe_settings(config)));
     let probers = TaskTracker::new();
-    for (index, backend) in config.backends.iter().enumerate() {
-        probers.spawn(prober::run(
-            index,
-            backend.clone(),
+    // Starts the prober of a backend added later (Sentinel discovery, reload).
+    let spawner: sentinel::SpawnProber = {
+        let (topology, probers, shutdown, settings) = (
             topology.clone(),
-            settings,
+            probers.clone(),
             shutdown.clone(),
-        ));
+            settings.clone(),
+        );
+        Arc::new(move |index, backend| {
+            probers.spawn(prober::run(
+                index,
+                backend,
+                topology.clone(),
+                settings.clone(),
+                shutdown.clone(),
+            ));
+        })
+    };
+    for (index, backend) in config.backends.iter().enumerate() {
+        spawner(index, backend.clone());
     }
     if let Some(sentinel_cfg) = config.sentinel.clone() {
         topology.update_all(|t| t.sentinel_master = Some(None));
-        let spawner: sentinel::SpawnProber = {
-            let (topology, probers, shutdown) =
-                (topology.clone(), probers.clone(), shutdown.clone());
-            Arc::new(move |index, backend| {
-                probers.spawn(prober::run(
-                    index,
-                    backend,
-                    topology.clone(),
-                    settings,
-                    shutdown.clone(),
-                ));
-            })
-        };
         probers.spawn(sentinel::run(
             sentinel_cfg,
             topology.clone(),
-            spawner,
+            spawner.clone(),
             config.probe.interval,
             config.probe.timeout,
             shutdown.clone(),
@@ -128,6 +122,7 @@ pub async fn run(
     });
     if let Some(mut rx) = reloads {
         let shared = shared.clone();
+        let settings = settings.clone();
         let stop = shutdown.clone();
         probers.spawn(async move {
             loop {
@@ -138,7 +133,13 @@ pub async fn run(
                 let Some((config, reply)) = request else {
                     return;
                 };
+                let old = shared.runtime.load_full();
                 let result = runtime::reload(&shared.runtime, config);
+                if result.is_ok() {
+                    let new = shared.runtime.load_full();
+                    apply_backends(&shared.topology, &old.config, &new.config, &spawner);
+                    settings.store(Arc::new(probe_settings(&new.config)));
+                }
                 if let Some(reply) = reply {
                     let _ = reply.send(result);
                 }
@@ -202,6 +203,63 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// Probe settings from a config.
+fn probe_settings(config: &Config) -> ProbeSettings {
+    ProbeSettings {
+        interval: config.probe.interval,
+        timeout: config.probe.timeout,
+        auto_heal: config.protection.auto_heal,
+        reply_limits: crate::protocol::ReplyLimits {
+            max_depth: config.limits.max_reply_depth,
+            ..crate::protocol::ReplyLimits::default()
+        },
+    }
+}
+
+/// Apply a reloaded backend list and probe staleness to the topology: new backends are
+/// added and probed, changed ones get their new name and credentials (used by the next
+/// connection), removed ones are retired (no longer routed to; their prober stops).
+/// Sessions move off a retired master at their next safe point.
+fn apply_backends(
+    topology: &TopologyStore,
+    old: &Config,
+    new: &Config,
+    spawn: &sentinel::SpawnProber,
+) {
+    for b in &new.backends {
+        if let Some((index, added)) = topology.ensure_backend(b.clone()) {
+            let cfg = b.clone();
+            topology.update(index, |s| {
+                s.config = cfg.clone();
+                s.label = cfg.label().to_string();
+                s.retired = false;
+            });
+            if added {
+                info!(backend = %b.label(), "reload: backend added");
+                spawn(index, b.clone());
+            }
+        }
+    }
+    let removed: Vec<&str> = old
+        .backends
+        .iter()
+        .filter(|o| !new.backends.iter().any(|n| n.address == o.address))
+        .map(|o| o.address.as_str())
+        .collect();
+    let staleness = new.probe.staleness();
+    topology.update_all(|t| {
+        t.staleness = staleness;
+        for b in t.backends.iter_mut() {
+            if removed.contains(&b.config.address.as_str()) {
+                b.retired = true;
+            }
+        }
+    });
+    for r in removed {
+        warn!(backend = %r, "reload: backend removed; no longer routed to");
+    }
 }
 
 /// Tell a client over the limit why, as Redis does, and close.

@@ -107,3 +107,47 @@ async fn shutdown_drains_a_pipelined_batch() {
         }
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_moves_to_a_new_backend_list_without_dropping_clients() {
+    use redis::AsyncCommands;
+    let a = RedisServer::start(&[]);
+    let b = RedisServer::start(&[]);
+    let mut cfg = config(&a);
+    cfg.probe.interval = Duration::from_millis(100);
+    let proxy = Proxy::start_with(cfg.clone()).await;
+    let mut c = proxy.raw().await;
+    c.send(&resp(&[b"SET", b"where", b"a"])).await;
+    c.expect(b"+OK\r\n").await;
+
+    // Replace backend a by b in the config: a is retired, b is probed and confirmed.
+    cfg.backends = vec![BackendConfig::from_address(b.addr())];
+    proxy.reload(cfg).await.expect("valid reload");
+    let mut db = b.direct().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        // The same client connection, never dropped.
+        c.send(&resp(&[b"SET", b"where", b"b"])).await;
+        let line = c.read_to_line().await;
+        assert!(
+            line == b"+OK\r\n" || line.starts_with(b"-MASTERDOWN"),
+            "{}",
+            String::from_utf8_lossy(&line)
+        );
+        let on_b: Option<String> = db.get("where").await.unwrap();
+        if on_b.as_deref() == Some("b") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "writes never moved to b"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut da = a.direct().await;
+    let on_a: String = da.get("where").await.unwrap();
+    assert_eq!(
+        on_a, "a",
+        "no write went to the removed backend after the move"
+    );
+}

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use metrics::{counter, gauge, histogram};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -71,10 +72,11 @@ pub async fn run(
     index: usize,
     backend: BackendConfig,
     store: Arc<TopologyStore>,
-    settings: ProbeSettings,
+    shared_settings: Arc<ArcSwap<ProbeSettings>>,
     shutdown: CancellationToken,
 ) {
     let label = backend.label().to_string();
+    let mut backend = backend;
     resolve_aliases(index, &backend, &store).await;
     let mut conn: Option<Conn> = None;
     let mut last_role: Option<&'static str> = None;
@@ -82,6 +84,20 @@ pub async fn run(
     let mut gauges_unknown = true;
     let mut was_hijacked = false;
     loop {
+        // A reload may change the settings, this backend's credentials, or remove it.
+        let settings = **shared_settings.load();
+        match store.load().backends.get(index) {
+            Some(b) if b.retired => {
+                info!(backend = %label, "backend removed from the configuration; prober stops");
+                set_role_gauges(&label, None);
+                return;
+            }
+            Some(b) if b.config != backend => {
+                backend = b.config.clone();
+                conn = None;
+            }
+            _ => {}
+        }
         let started = Instant::now();
         let result = match tokio::time::timeout(
             settings.timeout,

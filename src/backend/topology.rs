@@ -71,6 +71,8 @@ pub struct BackendState {
     pub readonly_seen: bool,
     /// It follows a master outside the configured set.
     pub hijacked: bool,
+    /// Removed from the configuration by a reload: never routed to again.
+    pub retired: bool,
 }
 
 impl BackendState {
@@ -96,6 +98,7 @@ impl BackendState {
             error: None,
             readonly_seen: false,
             hijacked: false,
+            retired: false,
         }
     }
 
@@ -108,7 +111,8 @@ impl BackendState {
 
     /// Writable: fresh master probe, nothing since contradicting it.
     pub fn writable(&self, now: Instant, staleness: Duration) -> bool {
-        self.role == Some(Role::Master)
+        !self.retired
+            && self.role == Some(Role::Master)
             && self.fresh(now, staleness)
             && !self.readonly_seen
             && !self.hijacked
@@ -234,6 +238,7 @@ impl Topology {
                 let b = &self.backends[i];
                 b.fresh(now, self.staleness)
                     && !b.hijacked
+                    && !b.retired
                     && matches!(&b.role, Some(Role::Replica { master_host, master_port, link })
                         if link == "connected" && master.is(master_host, *master_port))
             })
@@ -265,7 +270,6 @@ pub struct TopologyStore {
     changed: watch::Sender<u64>,
     /// One per backend: wakes its prober for an immediate probe.
     probe_now: Mutex<Vec<Arc<Notify>>>,
-    staleness: Duration,
 }
 
 impl TopologyStore {
@@ -285,7 +289,6 @@ impl TopologyStore {
             current: ArcSwap::from_pointee(topo),
             changed,
             probe_now: Mutex::new((0..n).map(|_| Arc::new(Notify::new())).collect()),
-            staleness,
         })
     }
 
@@ -315,11 +318,11 @@ impl TopologyStore {
             let mut next = Topology::clone(old);
             f(&mut next);
             let now = Instant::now();
-            next.master = confirm_with(&next.backends, now, self.staleness, next.sentinel_master);
+            next.master = confirm_with(&next.backends, now, next.staleness, next.sentinel_master);
             next.valid_until = match next.master {
                 Ok(i) => next.backends[i]
                     .probed_at
-                    .map(|t| t + self.staleness)
+                    .map(|t| t + next.staleness)
                     .unwrap_or(now),
                 Err(_) => now,
             };
