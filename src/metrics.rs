@@ -1,7 +1,7 @@
 //! Metric names (Prometheus conventions, prefix `portcullis_`) and pre-registered handles
 //! for the hot path. Labels are low-cardinality: never keys or client addresses.
 
-use metrics::{counter, gauge, Counter, Gauge};
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 
 /// Open client connections.
 pub const CLIENT_CONNECTIONS: &str = "portcullis_client_connections";
@@ -21,6 +21,8 @@ pub const BACKEND_CONNECT_ERRORS_TOTAL: &str = "portcullis_backend_connect_error
 pub const BACKEND_LOST_TOTAL: &str = "portcullis_backend_connections_lost_total";
 /// Bytes read from clients.
 pub const CLIENT_BYTES_IN_TOTAL: &str = "portcullis_client_received_bytes_total";
+/// Forwarded request latency, seconds.
+pub const REQUEST_DURATION_SECONDS: &str = "portcullis_request_duration_seconds";
 /// Bytes written to clients.
 pub const CLIENT_BYTES_OUT_TOTAL: &str = "portcullis_client_sent_bytes_total";
 
@@ -35,6 +37,9 @@ pub struct Hot {
     pub unknown: Counter,
     pub bytes_in: Counter,
     pub bytes_out: Counter,
+    /// Forwarded request → its reply read from the backend (one clock read per read
+    /// batch each side, not per command); includes blocking commands' wait.
+    pub request_duration: Histogram,
 }
 
 impl Hot {
@@ -49,6 +54,7 @@ impl Hot {
             unknown: counter!(COMMANDS_TOTAL, "outcome" => "unknown"),
             bytes_in: counter!(CLIENT_BYTES_IN_TOTAL),
             bytes_out: counter!(CLIENT_BYTES_OUT_TOTAL),
+            request_duration: histogram!(REQUEST_DURATION_SECONDS),
         }
     }
 }

@@ -21,7 +21,7 @@ use std::collections::{HashSet, VecDeque};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::net::TcpStream;
@@ -175,6 +175,8 @@ enum Pending {
         on_reply: OnReply,
         retry: Option<Request>,
         link: Link,
+        /// When the request's bytes were read (for the latency histogram).
+        sent: Instant,
     },
     /// A write the backend refused with `-READONLY`: not applied, to be retried on the
     /// confirmed master once this link has answered everything before it.
@@ -469,6 +471,10 @@ struct Session {
     held: Option<(Request, u32, OnReply, bool)>,
     /// `Pending::Retry` entries in the queue.
     retrying: usize,
+    /// When the latest client bytes were read: the start of their requests' latency.
+    read_at: Instant,
+    /// When the latest backend bytes were read: the end of their replies' latency.
+    replies_at: Instant,
     /// QUIT seen, or a fatal client error: read nothing more from the client.
     client_done: bool,
     /// Replies in flight when the end was decided; the session ends when they are written.
@@ -508,6 +514,8 @@ impl Session {
             watching: false,
             held: None,
             retrying: 0,
+            read_at: Instant::now(),
+            replies_at: Instant::now(),
             client_done: false,
             end: None,
         }
@@ -645,7 +653,10 @@ impl Session {
     async fn read_client(&mut self, client: &TcpStream) -> Option<SessionEnd> {
         match read_some(client, &mut self.client_buf) {
             Ok(0) => return Some(SessionEnd::ClientClosed),
-            Ok(n) => self.shared.hot.bytes_in.increment(n as u64),
+            Ok(n) => {
+                self.read_at = Instant::now();
+                self.shared.hot.bytes_in.increment(n as u64);
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
             Err(e) => return Some(SessionEnd::ClientIo(e)),
         }
@@ -985,6 +996,7 @@ impl Session {
                         on_reply: OnReply::Forward,
                         retry: None,
                         link: Link::Replica,
+                        sent: self.read_at,
                     });
                 }
             }
@@ -1150,6 +1162,7 @@ impl Session {
                 on_reply,
                 retry: (retryable && replies == 1).then_some(req),
                 link: Link::Master,
+                sent: self.read_at,
             });
         }
         None
@@ -1201,6 +1214,7 @@ impl Session {
                         on_reply: OnReply::Forward,
                         retry: None,
                         link: Link::Master,
+                        sent: self.read_at,
                     }
                 }
                 _ => Pending::Done(masterdown.clone()),
@@ -1288,7 +1302,7 @@ impl Session {
         };
         match read_some(&backend.stream, &mut backend.buf) {
             Ok(0) => return self.link_lost(link),
-            Ok(_) => {}
+            Ok(_) => self.replies_at = Instant::now(),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             Err(e) => {
                 debug!(peer = %self.peer, error = %e, "backend read failed");
@@ -1435,6 +1449,14 @@ impl Session {
             return true;
         }
         let entry = std::mem::replace(&mut self.pending[index], Pending::Done(out));
+        if let Pending::Backend { sent, on_reply, .. } = &entry {
+            if !matches!(on_reply, OnReply::PubSub { .. }) {
+                self.shared
+                    .hot
+                    .request_duration
+                    .record(self.replies_at.saturating_duration_since(*sent));
+            }
+        }
         if let Pending::Backend {
             on_reply: OnReply::Apply(change),
             ..

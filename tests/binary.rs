@@ -162,6 +162,13 @@ async fn admin_endpoints_and_sigterm() {
         metrics.contains("portcullis_client_connections 1"),
         "{metrics}"
     );
+    // The SET (and the client's connect-time commands) were timed.
+    let timed: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("portcullis_request_duration_seconds_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(timed >= 1, "{metrics}");
 
     // No master: /readyz turns 503 (backend gone).
     drop(redis);
@@ -265,4 +272,36 @@ async fn sighup_changes_policy_for_a_connected_client() {
     assert!(child.try_wait().unwrap().is_none(), "still running");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[test]
+fn container_entrypoint_and_env_parse() {
+    // The image runs the release binary with these env defaults (Dockerfile `ENV`).
+    let dockerfile =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    assert!(dockerfile.contains("cargo build --release --locked"));
+    assert!(dockerfile.contains("PORTCULLIS_LISTEN=0.0.0.0:6380"));
+    assert!(dockerfile.contains("PORTCULLIS_ADMIN_LISTEN=0.0.0.0:9190"));
+    assert!(dockerfile.contains(r#"ENTRYPOINT ["/usr/local/bin/portcullis"]"#));
+    let out = Command::new(BIN)
+        .arg("--check-config")
+        .env("PORTCULLIS_LISTEN", "0.0.0.0:6380")
+        .env("PORTCULLIS_ADMIN_LISTEN", "0.0.0.0:9190")
+        .env("PORTCULLIS_BACKEND", "redis:6379")
+        .env("PORTCULLIS_PROTECTED_MODE", "false")
+        .env("PORTCULLIS_LOG_FORMAT", "json")
+        .env_remove("PORTCULLIS_CONFIG")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("0.0.0.0:6380") && text.contains("redis:6379"),
+        "{text}"
+    );
+    assert!(text.contains("protected_mode: false"), "{text}");
 }
