@@ -26,13 +26,30 @@ pub const REQUEST_DURATION_SECONDS: &str = "portcullis_request_duration_seconds"
 /// Bytes written to clients.
 pub const CLIENT_BYTES_OUT_TOTAL: &str = "portcullis_client_sent_bytes_total";
 
+/// Command classes for `commands_total{class}`, from Redis's own flags.
+pub const CLASSES: [&str; 3] = ["write", "read", "other"];
+
+/// Index into `CLASSES`: write (WRITE flag), read (READONLY), other (admin, connection,
+/// pub/sub, scripting, ...).
+pub fn class_of(spec: &crate::command::CommandSpec) -> usize {
+    if spec.is_write() {
+        0
+    } else if spec.is_readonly() {
+        1
+    } else {
+        2
+    }
+}
+
 /// Handles for the counters touched per command or per read, registered once.
 #[derive(Clone)]
 pub struct Hot {
     pub connections: Gauge,
     pub connections_total: Counter,
-    pub forwarded: Counter,
-    pub refused: Counter,
+    /// By class (`CLASSES` order).
+    pub forwarded: [Counter; 3],
+    /// By class (`CLASSES` order).
+    pub refused: [Counter; 3],
     pub local: Counter,
     pub unknown: Counter,
     pub bytes_in: Counter,
@@ -48,8 +65,10 @@ impl Hot {
         Hot {
             connections: gauge!(CLIENT_CONNECTIONS),
             connections_total: counter!(CLIENT_CONNECTIONS_TOTAL),
-            forwarded: counter!(COMMANDS_TOTAL, "outcome" => "forwarded"),
-            refused: counter!(COMMANDS_TOTAL, "outcome" => "refused"),
+            forwarded: CLASSES
+                .map(|c| counter!(COMMANDS_TOTAL, "class" => c, "outcome" => "forwarded")),
+            refused: CLASSES
+                .map(|c| counter!(COMMANDS_TOTAL, "class" => c, "outcome" => "refused")),
             local: counter!(COMMANDS_TOTAL, "outcome" => "local"),
             unknown: counter!(COMMANDS_TOTAL, "outcome" => "unknown"),
             bytes_in: counter!(CLIENT_BYTES_IN_TOTAL),

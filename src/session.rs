@@ -471,6 +471,8 @@ struct Session {
     held: Option<(Request, u32, OnReply, bool)>,
     /// `Pending::Retry` entries in the queue.
     retrying: usize,
+    /// Metric class of the request being handled (`metrics::CLASSES`).
+    class: usize,
     /// When the latest client bytes were read: the start of their requests' latency.
     read_at: Instant,
     /// When the latest backend bytes were read: the end of their replies' latency.
@@ -514,6 +516,7 @@ impl Session {
             watching: false,
             held: None,
             retrying: 0,
+            class: 2,
             read_at: Instant::now(),
             replies_at: Instant::now(),
             client_done: false,
@@ -757,6 +760,7 @@ impl Session {
                 return None;
             }
         };
+        self.class = metrics::class_of(spec);
         if !self.authenticated
             && !matches!(
                 spec.special,
@@ -767,7 +771,7 @@ impl Session {
             return None;
         }
         if let Some(Verdict::Deny { command, reason }) = verdict {
-            self.shared.hot.refused.increment(1);
+            self.shared.hot.refused[metrics::class_of(spec)].increment(1);
             metrics::refused_command(command);
             let user = self.user.as_ref().map_or("default", |u| u.name.as_str());
             warn!(peer = %self.peer, user, command, reason = reason.text(), "refused command");
@@ -989,7 +993,7 @@ impl Session {
         if ready {
             if let Some(r) = &mut self.replica {
                 r.out.push(req.frame().clone());
-                self.shared.hot.forwarded.increment(1);
+                self.shared.hot.forwarded[self.class].increment(1);
                 if replies > 0 {
                     self.pending.push_back(Pending::Backend {
                         remaining: replies,
@@ -1155,7 +1159,7 @@ impl Session {
             return None;
         };
         backend.out.push(req.frame().clone());
-        self.shared.hot.forwarded.increment(1);
+        self.shared.hot.forwarded[self.class].increment(1);
         if replies > 0 {
             self.pending.push_back(Pending::Backend {
                 remaining: replies,

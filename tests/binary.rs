@@ -162,6 +162,14 @@ async fn admin_endpoints_and_sigterm() {
         metrics.contains("portcullis_client_connections 1"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("portcullis_commands_total{class=\"write\",outcome=\"forwarded\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("portcullis_commands_total{class=\"other\",outcome=\"refused\"} 1"),
+        "{metrics}"
+    );
     // The SET (and the client's connect-time commands) were timed.
     let timed: u64 = metrics
         .lines()
