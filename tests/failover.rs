@@ -46,6 +46,24 @@ fn config(backends: &[(&str, &RedisServer)], auto_heal: bool) -> Config {
     c
 }
 
+/// Promote `new` (REPLICAOF NO ONE) and make `old` its replica, straight on the servers.
+async fn promote(new: &RedisServer, old: &RedisServer) {
+    let mut dn = new.direct().await;
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query_async(&mut dn)
+        .await
+        .unwrap();
+    let mut dold = old.direct().await;
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(new.port)
+        .query_async(&mut dold)
+        .await
+        .unwrap();
+}
+
 /// Wait until a replica's link to its master is up.
 async fn wait_linked(r: &RedisServer) {
     wait_until("replica link up", || async {
@@ -240,20 +258,7 @@ async fn promotion_moves_writes_to_the_new_master() {
     .await;
 
     // Promote: new becomes master, old becomes its replica.
-    let mut dn = new.direct().await;
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("NO")
-        .arg("ONE")
-        .query_async(&mut dn)
-        .await
-        .unwrap();
-    let mut dold = old.direct().await;
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("127.0.0.1")
-        .arg(new.port)
-        .query_async(&mut dold)
-        .await
-        .unwrap();
+    promote(&new, &old).await;
     let before = cmdstat_set_calls(&new).await;
     wait_until("writes reach the new master", || async {
         cmdstat_set_calls(&new).await > before + 50
@@ -394,20 +399,7 @@ async fn transaction_across_a_failover_is_aborted_not_split() {
     tx.expect(b"+OK\r\n+QUEUED\r\n").await;
 
     // Promote the replica while the transaction is open.
-    let mut dn = new.direct().await;
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("NO")
-        .arg("ONE")
-        .query_async(&mut dn)
-        .await
-        .unwrap();
-    let mut dold = old.direct().await;
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("127.0.0.1")
-        .arg(new.port)
-        .query_async(&mut dold)
-        .await
-        .unwrap();
+    promote(&new, &old).await;
     // Wait until the proxy routes writes to the new master (another client's write lands).
     let mut other = proxy.client().await;
     wait_until("proxy follows the promotion", || {

@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::BackendConfig;
-use crate::protocol::{ReplyError, ReplyLimits, ReplyScanner, Request};
+use crate::protocol::{Reply, ReplyError, ReplyLimits, ReplyScanner, Request};
 
 /// Why a backend connection could not be opened or used. Always backend-side.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,34 @@ pub enum BackendError {
         addr: String,
         source: std::io::Error,
     },
+}
+
+/// Why reading one reply on one of the proxy's own backend connections failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadReplyError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("connection closed")]
+    Closed,
+    #[error("malformed reply: {0}")]
+    Protocol(#[from] ReplyError),
+}
+
+/// Read until one complete reply is buffered, for the proxy's own request/reply
+/// connections (handshake, probes, Sentinel). Sessions use their non-blocking loop.
+pub async fn read_reply(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    scanner: &mut ReplyScanner,
+) -> Result<Reply, ReadReplyError> {
+    loop {
+        if let Some(reply) = scanner.next(buf)? {
+            return Ok(reply);
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(ReadReplyError::Closed);
+        }
+    }
 }
 
 /// Session state replayed on a fresh backend connection.
@@ -134,30 +162,16 @@ impl BackendLink {
             })?;
         let mut scanner = ReplyScanner::new(limits);
         for (command, _) in &steps {
-            let reply =
-                loop {
-                    match scanner.next(&mut leftover) {
-                        Ok(Some(reply)) => break reply,
-                        Ok(None) => {}
-                        Err(source) => {
-                            return Err(BackendError::Protocol {
-                                addr: addr.to_string(),
-                                source,
-                            })
-                        }
+            let reply = read_reply(&mut stream, &mut leftover, &mut scanner)
+                .await
+                .map_err(|e| {
+                    let addr = addr.to_string();
+                    match e {
+                        ReadReplyError::Io(source) => BackendError::Io { addr, source },
+                        ReadReplyError::Closed => BackendError::Closed { addr },
+                        ReadReplyError::Protocol(source) => BackendError::Protocol { addr, source },
                     }
-                    let n = stream.read_buf(&mut leftover).await.map_err(|source| {
-                        BackendError::Io {
-                            addr: addr.to_string(),
-                            source,
-                        }
-                    })?;
-                    if n == 0 {
-                        return Err(BackendError::Closed {
-                            addr: addr.to_string(),
-                        });
-                    }
-                };
+                })?;
             if reply.is_error() {
                 return Err(BackendError::Refused {
                     addr: addr.to_string(),

@@ -9,14 +9,14 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use metrics::{counter, gauge, histogram};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::backend::topology::{Role, TopologyStore};
-use crate::backend::{BackendError, BackendLink, Handshake};
+use crate::backend::{read_reply, BackendError, BackendLink, Handshake, ReadReplyError};
 use crate::config::BackendConfig;
 use crate::protocol::{Item, Reply, ReplyLimits, ReplyScanner, Request};
 
@@ -38,8 +38,8 @@ enum ProbeError {
     Io(#[from] std::io::Error),
     #[error("connection closed")]
     Closed,
-    #[error("malformed reply: {0}")]
-    Protocol(#[from] crate::protocol::ReplyError),
+    #[error(transparent)]
+    Read(#[from] ReadReplyError),
     #[error("unexpected ROLE reply: {0}")]
     Unexpected(String),
     #[error("timed out after {0:?}")]
@@ -56,14 +56,7 @@ struct Conn {
 impl Conn {
     async fn call(&mut self, req: &Request) -> Result<Reply, ProbeError> {
         self.stream.write_all(req.frame()).await?;
-        loop {
-            if let Some(reply) = self.scanner.next(&mut self.buf)? {
-                return Ok(reply);
-            }
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
-                return Err(ProbeError::Closed);
-            }
-        }
+        Ok(read_reply(&mut self.stream, &mut self.buf, &mut self.scanner).await?)
     }
 }
 

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use redis_protocol::resp2::types::OwnedFrame;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::backend::{BackendLink, Handshake, TopologyStore};
+use crate::backend::{read_reply, BackendLink, Handshake, TopologyStore};
 use crate::config::{BackendConfig, SentinelConfig};
 use crate::protocol::{Item, Reply, ReplyLimits, ReplyScanner, Request};
 
@@ -194,25 +194,22 @@ async fn call(
         .write_all(req.frame())
         .await
         .map_err(|e| e.to_string())?;
-    read_reply(stream, buf, scanner).await
+    next_reply(stream, buf, scanner).await
 }
 
-async fn read_reply(
+/// The next reply from a Sentinel; an error reply is an error.
+async fn next_reply(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     scanner: &mut ReplyScanner,
 ) -> Result<Reply, String> {
-    loop {
-        if let Some(r) = scanner.next(buf).map_err(|e| e.to_string())? {
-            if r.is_error() {
-                return Err(String::from_utf8_lossy(r.frame().trim_ascii_end()).into_owned());
-            }
-            return Ok(r);
-        }
-        if stream.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
-            return Err("sentinel closed the connection".into());
-        }
+    let r = read_reply(stream, buf, scanner)
+        .await
+        .map_err(|e| format!("sentinel: {e}"))?;
+    if r.is_error() {
+        return Err(String::from_utf8_lossy(r.frame().trim_ascii_end()).into_owned());
     }
+    Ok(r)
 }
 
 /// One subscription: returns only on error.
@@ -227,7 +224,7 @@ async fn switch_session(
         .await
         .map_err(|e| e.to_string())?;
     loop {
-        let msg = read_reply(&mut stream, &mut buf, &mut scanner).await?;
+        let msg = next_reply(&mut stream, &mut buf, &mut scanner).await?;
         if let Some([Item::Str(b"message"), _, Item::Str(payload)]) = msg.items().as_deref() {
             // "<master name> <old ip> <old port> <new ip> <new port>"
             if payload.split(|b| *b == b' ').next() == Some(cfg.master_name.as_bytes()) {
