@@ -3,7 +3,7 @@
 //! next to their meaning. Must not do I/O beyond reading the file it is given.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -71,6 +71,10 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// Sentinel mode: the master (and replicas) come from Sentinel, still confirmed by ROLE.
     pub sentinel: Option<SentinelConfig>,
+    /// TLS for clients: when set, `listen` accepts TLS connections only.
+    pub tls: Option<TlsConfig>,
+    /// TLS to the backends (managed Redis with in-transit encryption).
+    pub backend_tls: Option<BackendTlsConfig>,
 }
 
 impl Default for Config {
@@ -87,8 +91,53 @@ impl Default for Config {
             users: Vec::new(),
             shutdown: ShutdownConfig::default(),
             sentinel: None,
+            tls: None,
+            backend_tls: None,
         }
     }
+}
+
+/// How long a client's TLS handshake may take before the connection is closed.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `[tls]`: the proxy's server certificate, and optionally client-certificate checks.
+/// Files are PEM and read at start and on every reload (certificate rotation).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by one of these CAs.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    #[serde(default = "default_tls_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+fn default_tls_handshake_timeout() -> Duration {
+    DEFAULT_TLS_HANDSHAKE_TIMEOUT
+}
+
+/// `[backend_tls]`: how the proxy's backend connections (sessions and probes) verify and
+/// identify themselves. Sentinel connections stay plain TCP.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendTlsConfig {
+    /// CA certificates that sign the backends' certificates (PEM; a system bundle such as
+    /// /etc/ssl/certs/ca-certificates.crt works for public CAs).
+    pub ca: PathBuf,
+    /// Name sent as SNI and verified in the backend's certificate, for every backend.
+    /// Default: the host part of each backend's address (an IP is checked against the
+    /// certificate's IP addresses).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Client certificate chain, for backends that require one (with `key`).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
 }
 
 /// How often each backend's role is probed.
@@ -456,6 +505,27 @@ impl Config {
         })?;
         if l.connect_timeout.is_zero() {
             return Err(invalid("limits.connect_timeout", "must be greater than 0"));
+        }
+        if let Some(t) = &self.tls {
+            if t.handshake_timeout.is_zero() {
+                return Err(invalid("tls.handshake_timeout", "must be greater than 0"));
+            }
+        }
+        if let Some(t) = &self.backend_tls {
+            if t.cert.is_some() != t.key.is_some() {
+                return Err(invalid(
+                    "backend_tls.key",
+                    "a client certificate needs both cert and key",
+                ));
+            }
+            if let Some(name) = &t.server_name {
+                rustls_pki_types::ServerName::try_from(name.as_str()).map_err(|_| {
+                    invalid(
+                        "backend_tls.server_name",
+                        format!("{name:?} is not a DNS name or IP address"),
+                    )
+                })?;
+            }
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;

@@ -14,11 +14,13 @@ pub mod cli;
 pub mod command;
 pub mod config;
 pub mod metrics;
+pub mod net;
 pub mod policy;
 pub mod protocol;
 pub mod runtime;
 pub mod server;
 pub mod session;
+pub mod tls;
 
 pub use config::Config;
 pub use server::{run, Control, ReloadRequest, RunError};

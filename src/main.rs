@@ -21,6 +21,11 @@ fn main() -> ExitCode {
         }
     };
     if cli.check_config {
+        // Also load what the config points at (TLS certificates and keys).
+        if let Err(e) = portcullis::runtime::Runtime::build(config.clone(), 0) {
+            eprintln!("portcullis: {e}");
+            return ExitCode::from(2);
+        }
         // A closed pipe (`| head`) is not an error worth a panic.
         use std::io::Write;
         let _ = writeln!(std::io::stdout(), "{config:#?}");

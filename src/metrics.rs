@@ -117,3 +117,8 @@ pub fn readonly_retry() {
 pub fn auth_failure() {
     counter!("portcullis_auth_failures_total").increment(1);
 }
+
+/// A TLS handshake failed (`side`: client or backend).
+pub fn tls_handshake_failure(side: &'static str) {
+    counter!("portcullis_tls_handshake_failures_total", "side" => side).increment(1);
+}

@@ -2,6 +2,8 @@
 //! one immutable `Runtime` behind `ArcSwap` on SIGHUP. Sessions pick up a new runtime at
 //! their next read; connections are never dropped by a reload.
 
+use std::sync::Arc;
+
 use arc_swap::ArcSwap;
 use tracing::{info, warn};
 
@@ -9,6 +11,7 @@ use crate::auth::{UserError, Users};
 use crate::config::{Config, ConfigError};
 use crate::policy::{Policy, PolicyError};
 use crate::protocol::{ReplyLimits, RequestLimits};
+use crate::tls::{BackendTls, ClientTls, TlsError};
 
 /// Why a runtime could not be built from a config.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +22,8 @@ pub enum RuntimeError {
     Policy(#[from] PolicyError),
     #[error(transparent)]
     Users(#[from] UserError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// One consistent generation of reloadable settings.
@@ -27,6 +32,10 @@ pub struct Runtime {
     pub config: Config,
     pub policy: Policy,
     pub users: Users,
+    /// `[tls]` loaded: new client connections handshake with this.
+    pub client_tls: Option<ClientTls>,
+    /// `[backend_tls]` loaded: new backend connections use this.
+    pub backend_tls: Option<Arc<BackendTls>>,
     /// Increases with every successful reload.
     pub generation: u64,
 }
@@ -37,10 +46,18 @@ impl Runtime {
         config.validate()?;
         let policy = Policy::new(&config.protection)?;
         let users = Users::new(&config.users, &config.protection)?;
+        let client_tls = config.tls.as_ref().map(ClientTls::new).transpose()?;
+        let backend_tls = config
+            .backend_tls
+            .as_ref()
+            .map(|c| BackendTls::new(c).map(Arc::new))
+            .transpose()?;
         Ok(Runtime {
             config,
             policy,
             users,
+            client_tls,
+            backend_tls,
             generation,
         })
     }
@@ -84,6 +101,15 @@ fn restart_needed(old: &Config, new: &mut Config) -> Vec<&'static str> {
         fields.push("log");
         new.log = old.log.clone();
     }
+    // Certificates and keys reload (rotation); turning TLS on or off does not.
+    if old.tls.is_some() != new.tls.is_some() {
+        fields.push("tls");
+        new.tls = old.tls.clone();
+    }
+    if old.backend_tls.is_some() != new.backend_tls.is_some() {
+        fields.push("backend_tls");
+        new.backend_tls = old.backend_tls.clone();
+    }
     if old.protection.auto_heal != new.protection.auto_heal {
         fields.push("protection.auto_heal");
         new.protection.auto_heal = old.protection.auto_heal;
@@ -99,7 +125,7 @@ pub fn reload(current: &ArcSwap<Runtime>, mut new: Config) -> Result<u64, Runtim
     match Runtime::build(new, old.generation + 1) {
         Ok(rt) => {
             let generation = rt.generation;
-            current.store(std::sync::Arc::new(rt));
+            current.store(Arc::new(rt));
             metrics::counter!("portcullis_config_reloads_total", "result" => "ok").increment(1);
             if !kept.is_empty() {
                 warn!(fields = ?kept, "config reloaded, but these settings need a restart; the running values stay");

@@ -18,6 +18,7 @@ use crate::backend::sentinel;
 use crate::backend::{BackendState, TopologyStore};
 use crate::config::Config;
 use crate::metrics::{self, Hot};
+use crate::net::Stream;
 use crate::runtime::{self, Runtime, RuntimeError};
 use crate::session::{self, Shared};
 
@@ -72,7 +73,7 @@ pub async fn run(
             .collect(),
         config.probe.staleness(),
     );
-    let settings = Arc::new(ArcSwap::from_pointee(probe_settings(config)));
+    let settings = Arc::new(ArcSwap::from_pointee(probe_settings(&runtime)));
     let probers = TaskTracker::new();
     // Starts the prober of a backend added later (Sentinel discovery, reload).
     let spawner: sentinel::SpawnProber = {
@@ -138,7 +139,7 @@ pub async fn run(
                 if result.is_ok() {
                     let new = shared.runtime.load_full();
                     apply_backends(&shared.topology, &old.config, &new.config, &spawner);
-                    settings.store(Arc::new(probe_settings(&new.config)));
+                    settings.store(Arc::new(probe_settings(&new)));
                 }
                 if let Some(reply) = reply {
                     let _ = reply.send(result);
@@ -174,12 +175,12 @@ pub async fn run(
         if !admitted(protected, peer.ip()) {
             metrics::rejected_connection("protected_mode");
             warn!(%peer, "protected mode: refused a non-loopback client (configure [[users]] or protection.protected_mode = false)");
-            tracker.spawn(refuse(stream, PROTECTED_REPLY));
+            tracker.spawn(refuse(stream, PROTECTED_REPLY, shared.clone()));
             continue;
         }
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             metrics::rejected_connection("max_clients");
-            tracker.spawn(refuse(stream, MAX_CLIENTS_REPLY));
+            tracker.spawn(refuse(stream, MAX_CLIENTS_REPLY, shared.clone()));
             continue;
         };
         let shared = shared.clone();
@@ -205,9 +206,11 @@ pub async fn run(
     Ok(())
 }
 
-/// Probe settings from a config.
-fn probe_settings(config: &Config) -> ProbeSettings {
+/// Probe settings from a runtime.
+fn probe_settings(runtime: &Runtime) -> ProbeSettings {
+    let config = &runtime.config;
     ProbeSettings {
+        tls: runtime.backend_tls.clone(),
         interval: config.probe.interval,
         timeout: config.probe.timeout,
         auto_heal: config.protection.auto_heal,
@@ -262,11 +265,20 @@ fn apply_backends(
     }
 }
 
-/// Tell a client over the limit why, as Redis does, and close.
-async fn refuse(stream: TcpStream, reply: &'static [u8]) {
-    use tokio::io::AsyncWriteExt;
-    let mut stream = stream;
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(reply)).await;
+/// Tell a refused client why, as Redis does (over TLS on a TLS listener), and close.
+async fn refuse(tcp: TcpStream, reply: &'static [u8], shared: Arc<Shared>) {
+    const BOUND: Duration = Duration::from_secs(1);
+    let tls = shared.runtime.load().client_tls.clone();
+    drop(shared);
+    let mut stream = match tls {
+        None => Stream::Plain(tcp),
+        Some(tls) => match tokio::time::timeout(BOUND, tls.accept(tcp)).await {
+            Ok(Ok(stream)) => stream,
+            _ => return,
+        },
+    };
+    let _ = tokio::time::timeout(BOUND, stream.write_all(reply)).await;
+    stream.close();
 }
 
 /// Protected mode admits only loopback clients (IPv4 127.0.0.0/8, IPv6 ::1, and

@@ -35,49 +35,15 @@ use crate::backend::{BackendLink, Handshake, TopologyStore};
 use crate::command::{AclCategories, CommandSpec, Flags, Lookup, PubSubKind, Special};
 use crate::config::ReadPolicy;
 use crate::metrics::{self, Hot};
+use crate::net::Stream;
 use crate::policy::{self, Verdict};
 use crate::protocol::{
     Item, ProtocolError, Reply, ReplyKind, ReplyScanner, Request, RequestParser,
 };
 use crate::runtime::Runtime;
 
-/// First read buffer: a few commands; idle sessions keep no more than this.
-const READ_MIN: usize = 512;
-/// Largest growth step of a read buffer (bigger frames reserve for themselves).
-const READ_MAX_STEP: usize = 64 * 1024;
 /// An empty read buffer larger than this is released (after a big value went through).
 const READ_KEEP: usize = 64 * 1024;
-
-/// Make room for the next read: start small, double while reads fill the buffer.
-fn read_space(buf: &mut BytesMut) {
-    let spare = buf.capacity() - buf.len();
-    if spare < READ_MIN / 2 {
-        buf.reserve(buf.capacity().clamp(READ_MIN, READ_MAX_STEP));
-    }
-}
-
-/// One non-blocking read into `buf`. A short read means the socket is drained, so tokio's
-/// readiness is cleared right away (by reporting WouldBlock through `try_io`); otherwise
-/// the next wait would wake at once just to read EAGAIN, one wasted syscall per event.
-/// Race-free: tokio only clears readiness if no new event arrived since it was observed.
-fn read_some(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    read_space(buf);
-    let room = buf.capacity() - buf.len();
-    let mut got = 0;
-    let result = stream.try_io(tokio::io::Interest::READABLE, || {
-        let n = stream.try_read_buf(buf)?;
-        got = n;
-        if n > 0 && n < room {
-            Err(io::ErrorKind::WouldBlock.into())
-        } else {
-            Ok(n)
-        }
-    });
-    match result {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
-        other => other,
-    }
-}
 
 /// Give back an emptied buffer that grew for a big frame.
 fn release_if_big(buf: &mut BytesMut) {
@@ -231,7 +197,7 @@ impl OutQueue {
     }
 
     /// Write as much as the socket takes now; `Ok(n)` bytes written.
-    fn try_write(&mut self, stream: &TcpStream) -> io::Result<usize> {
+    fn try_write(&mut self, stream: &mut Stream) -> io::Result<usize> {
         let mut total = 0;
         while self.bytes > 0 {
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
@@ -244,12 +210,7 @@ impl OutQueue {
                 slices[n] = IoSlice::new(&self.tail);
                 n += 1;
             }
-            let result = if n == 1 {
-                stream.try_write(&slices[0])
-            } else {
-                stream.try_write_vectored(&slices[..n])
-            };
-            let written = match result {
+            let written = match stream.try_write_vectored(&slices[..n]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(w) => w,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(total),
@@ -284,12 +245,27 @@ impl OutQueue {
 struct Backend {
     /// Index of the backend in the topology.
     index: usize,
-    stream: TcpStream,
+    stream: Stream,
     buf: BytesMut,
     scanner: ReplyScanner,
     out: OutQueue,
     /// Label for logs and metrics.
     label: String,
+}
+
+impl Backend {
+    /// Bytes or TLS records waiting for the socket.
+    fn has_output(&self) -> bool {
+        !self.out.is_empty() || self.stream.wants_flush()
+    }
+
+    /// Write what the socket takes now.
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() {
+            self.out.try_write(&mut self.stream)?;
+        }
+        self.stream.flush_pending()
+    }
 }
 
 /// Per-connection state that outlives backend connections.
@@ -428,8 +404,27 @@ pub async fn run(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
+    let tls = shared.runtime.load().client_tls.clone();
+    let mut client = match tls {
+        None => Stream::Plain(client),
+        Some(tls) => {
+            let handshake = tokio::select! {
+                r = tls.accept(client) => r,
+                _ = shutdown.cancelled() => return,
+            };
+            match handshake {
+                Ok(stream) => stream,
+                Err(e) => {
+                    metrics::tls_handshake_failure("client");
+                    debug!(%peer, error = %e, "client TLS handshake failed");
+                    return;
+                }
+            }
+        }
+    };
     let mut session = Session::new(peer, shared);
-    let end = session.serve(&client, &shutdown).await;
+    let end = session.serve(&mut client, &shutdown).await;
+    client.close();
     match &end {
         SessionEnd::Protocol(e) => debug!(%peer, error = %e, "client closed: protocol error"),
         SessionEnd::CrossProtocol => warn!(
@@ -481,6 +476,8 @@ struct Session {
     client_done: bool,
     /// Replies in flight when the end was decided; the session ends when they are written.
     end: Option<SessionEnd>,
+    /// Shutdown seen: finishing what is in flight.
+    draining: bool,
 }
 
 enum Event {
@@ -521,10 +518,11 @@ impl Session {
             replies_at: Instant::now(),
             client_done: false,
             end: None,
+            draining: false,
         }
     }
 
-    async fn serve(&mut self, client: &TcpStream, shutdown: &CancellationToken) -> SessionEnd {
+    async fn serve(&mut self, client: &mut Stream, shutdown: &CancellationToken) -> SessionEnd {
         loop {
             if let Err(e) = self.flush(client) {
                 return SessionEnd::ClientIo(e);
@@ -537,7 +535,7 @@ impl Session {
                 }
             }
             // End only once every reply owed before the end has been written.
-            if self.to_client.is_empty() && self.pending.is_empty() {
+            if self.to_client.is_empty() && self.pending.is_empty() && !client.wants_flush() {
                 if let Some(end) = self.end.take() {
                     return end;
                 }
@@ -554,10 +552,10 @@ impl Session {
             let read_replica =
                 self.replica.is_some() && self.to_client.bytes < limits.max_reply_buffer;
             let backend_stream = self.backend.as_ref().map(|b| &b.stream);
-            let backend_out = self.backend.as_ref().is_some_and(|b| !b.out.is_empty());
+            let backend_out = self.backend.as_ref().is_some_and(Backend::has_output);
             let replica_stream = self.replica.as_ref().map(|b| &b.stream);
-            let replica_out = self.replica.as_ref().is_some_and(|b| !b.out.is_empty());
-            let client_out = !self.to_client.is_empty();
+            let replica_out = self.replica.as_ref().is_some_and(Backend::has_output);
+            let client_out = !self.to_client.is_empty() || client.wants_flush();
 
             let event = tokio::select! {
                 biased;
@@ -571,7 +569,8 @@ impl Session {
                 _ = writable(backend_stream), if backend_out => Event::Writable,
                 _ = writable(replica_stream), if replica_out => Event::Writable,
                 _ = idle_sleep(idle), if !idle.is_zero() => Event::Idle,
-                _ = shutdown.cancelled() => Event::Shutdown,
+                // Once draining, the token stays cancelled: polling it again would spin.
+                _ = shutdown.cancelled(), if !self.draining => Event::Shutdown,
             };
             match event {
                 Event::ClientReadable => {
@@ -598,6 +597,7 @@ impl Session {
                 }
                 Event::Shutdown => {
                     // Drain: stop reading the client, finish what is in flight.
+                    self.draining = true;
                     self.client_done = true;
                     if self.pending.is_empty() {
                         return SessionEnd::Shutdown;
@@ -629,32 +629,28 @@ impl Session {
 
     /// Write what both sockets take now. Errors on the backend side are handled as a
     /// lost backend; only client errors are returned.
-    fn flush(&mut self, client: &TcpStream) -> io::Result<()> {
+    fn flush(&mut self, client: &mut Stream) -> io::Result<()> {
         if let Some(b) = &mut self.backend {
-            if !b.out.is_empty() {
-                if let Err(e) = b.out.try_write(&b.stream) {
-                    debug!(peer = %self.peer, error = %e, "backend write failed");
-                    self.link_lost(Link::Master);
-                }
+            if let Err(e) = b.flush() {
+                debug!(peer = %self.peer, error = %e, "backend write failed");
+                self.link_lost(Link::Master);
             }
         }
         if let Some(b) = &mut self.replica {
-            if !b.out.is_empty() {
-                if let Err(e) = b.out.try_write(&b.stream) {
-                    debug!(peer = %self.peer, error = %e, "replica write failed");
-                    self.link_lost(Link::Replica);
-                }
+            if let Err(e) = b.flush() {
+                debug!(peer = %self.peer, error = %e, "replica write failed");
+                self.link_lost(Link::Replica);
             }
         }
         if !self.to_client.is_empty() {
             let n = self.to_client.try_write(client)?;
             self.shared.hot.bytes_out.increment(n as u64);
         }
-        Ok(())
+        client.flush_pending()
     }
 
-    async fn read_client(&mut self, client: &TcpStream) -> Option<SessionEnd> {
-        match read_some(client, &mut self.client_buf) {
+    async fn read_client(&mut self, client: &mut Stream) -> Option<SessionEnd> {
+        match client.read_some(&mut self.client_buf) {
             Ok(0) => return Some(SessionEnd::ClientClosed),
             Ok(n) => {
                 self.read_at = Instant::now();
@@ -790,6 +786,8 @@ impl Session {
                 self.answer(Bytes::from_static(replies::OK));
                 self.pending.push_back(Pending::Close);
                 self.client_done = true;
+                // Nothing in flight before it: end now, not at a reply that never comes.
+                self.drain_locals();
                 return None;
             }
             Special::Auth => {
@@ -1273,7 +1271,8 @@ impl Session {
             client_name: self.state.client_name.clone(),
         };
         let timeout = self.rt.config.limits.connect_timeout;
-        match BackendLink::open(&cfg, &handshake, timeout, self.rt.reply_limits()).await {
+        let tls = self.rt.backend_tls.as_deref();
+        match BackendLink::open(&cfg, &handshake, timeout, self.rt.reply_limits(), tls).await {
             Ok(link) => Ok(Backend {
                 index,
                 stream: link.stream,
@@ -1304,7 +1303,7 @@ impl Session {
         let Some(backend) = self.link_mut(link) else {
             return;
         };
-        match read_some(&backend.stream, &mut backend.buf) {
+        match backend.stream.read_some(&mut backend.buf) {
             Ok(0) => return self.link_lost(link),
             Ok(_) => self.replies_at = Instant::now(),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -1565,7 +1564,7 @@ fn is_message(reply: &Reply) -> bool {
     }
 }
 
-async fn readable(stream: Option<&TcpStream>) {
+async fn readable(stream: Option<&Stream>) {
     match stream {
         Some(s) => {
             let _ = s.readable().await;
@@ -1574,7 +1573,7 @@ async fn readable(stream: Option<&TcpStream>) {
     }
 }
 
-async fn writable(stream: Option<&TcpStream>) {
+async fn writable(stream: Option<&Stream>) {
     match stream {
         Some(s) => {
             let _ = s.writable().await;

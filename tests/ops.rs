@@ -151,3 +151,48 @@ async fn reload_moves_to_a_new_backend_list_without_dropping_clients() {
         "no write went to the removed backend after the move"
     );
 }
+
+/// CPU time this test process has used (all threads), from /proc/self/stat.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // Fields after the command name (which may hold spaces) end with ')'.
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the full line, in clock ticks (100 Hz).
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    Duration::from_millis(ticks * 10)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_sessions_wait_without_spinning() {
+    let redis = RedisServer::start(&[]);
+    let proxy = Proxy::start_with(config(&redis)).await;
+    let mut c = proxy.raw().await;
+    c.send(&resp(&[b"BLPOP", b"never", b"1"])).await;
+    let mut direct = redis.direct().await;
+    support::wait_until("BLPOP blocks", || {
+        let mut direct = direct.clone();
+        async move {
+            let info: String = redis::cmd("INFO")
+                .arg("clients")
+                .query_async(&mut direct)
+                .await
+                .unwrap_or_default();
+            info.contains("blocked_clients:1")
+        }
+    })
+    .await;
+    let before = process_cpu();
+    proxy.shutdown.cancel();
+    // The blocked command still gets its answer (nil after 1 s), then the close.
+    assert_eq!(c.read_to_close().await, b"*-1\r\n");
+    let used = process_cpu() - before;
+    // A session polling its cancelled shutdown token in a loop burns a core for the
+    // whole second; waiting on the backend costs next to nothing.
+    assert!(
+        used < Duration::from_millis(500),
+        "draining used {used:?} of CPU in about one second"
+    );
+    let _ = &mut direct;
+}

@@ -372,6 +372,35 @@ async fn commands_before_a_protocol_error_are_answered() {
 // ---------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quit_closes_with_or_without_requests_in_flight() {
+    let redis = RedisServer::start(&[]);
+    let proxy = Proxy::start(&[&redis]).await;
+    // First command on the connection: nothing in flight, the close must still follow.
+    let mut alone = proxy.raw().await;
+    alone
+        .send(
+            b"QUIT
+",
+        )
+        .await;
+    assert_eq!(alone.read_to_close().await, b"+OK\r\n");
+    // After a forwarded command whose reply has arrived.
+    let mut after = proxy.raw().await;
+    after.send(&resp(&[b"PING"])).await;
+    after.expect(b"+PONG\r\n").await;
+    after.send(&resp(&[b"QUIT"])).await;
+    assert_eq!(after.read_to_close().await, b"+OK\r\n");
+    // Pipelined behind a forwarded command, and with a command after it (not run).
+    let mut piped = proxy.raw().await;
+    let mut batch = resp(&[b"SET", b"quit:k", b"v"]);
+    batch.extend_from_slice(&resp(&[b"QUIT"]));
+    batch.extend_from_slice(&resp(&[b"SET", b"quit:after", b"v"]));
+    piped.send(&batch).await;
+    assert_eq!(piped.read_to_close().await, b"+OK\r\n+OK\r\n");
+    assert!(direct_get(&redis, "quit:after").await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_protocol_input_closes_without_reply() {
     let redis = RedisServer::start(&[]);
     let proxy = Proxy::start(&[&redis]).await;

@@ -5,17 +5,23 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::BackendConfig;
+use crate::net::Stream;
 use crate::protocol::{Reply, ReplyError, ReplyLimits, ReplyScanner, Request};
+use crate::tls::BackendTls;
 
 /// Why a backend connection could not be opened or used. Always backend-side.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("cannot connect to {addr}: {source}")]
     Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Tls {
         addr: String,
         source: std::io::Error,
     },
@@ -52,7 +58,7 @@ pub enum ReadReplyError {
 /// Read until one complete reply is buffered, for the proxy's own request/reply
 /// connections (handshake, probes, Sentinel). Sessions use their non-blocking loop.
 pub async fn read_reply(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     scanner: &mut ReplyScanner,
 ) -> Result<Reply, ReadReplyError> {
@@ -80,23 +86,24 @@ pub struct Handshake {
 /// An open, authenticated backend connection.
 #[derive(Debug)]
 pub struct BackendLink {
-    /// The socket, in the state the session expects (authenticated, state replayed).
-    pub stream: TcpStream,
+    /// The connection, in the state the session expects (authenticated, state replayed).
+    pub stream: Stream,
     /// Bytes read past the handshake replies (normally empty).
     pub leftover: BytesMut,
 }
 
 impl BackendLink {
-    /// Connect, authenticate with the configured credentials and replay `state`,
-    /// all within `timeout`.
+    /// Connect (with TLS when `tls` is given), authenticate with the configured
+    /// credentials and replay `state`, all within `timeout`.
     pub async fn open(
         backend: &BackendConfig,
         state: &Handshake,
         timeout: Duration,
         limits: ReplyLimits,
+        tls: Option<&BackendTls>,
     ) -> Result<BackendLink, BackendError> {
         let addr = backend.address.clone();
-        match tokio::time::timeout(timeout, Self::open_inner(backend, state, limits)).await {
+        match tokio::time::timeout(timeout, Self::open_inner(backend, state, limits, tls)).await {
             Ok(result) => result,
             Err(_) => Err(BackendError::Timeout { addr, timeout }),
         }
@@ -106,17 +113,27 @@ impl BackendLink {
         backend: &BackendConfig,
         state: &Handshake,
         limits: ReplyLimits,
+        tls: Option<&BackendTls>,
     ) -> Result<BackendLink, BackendError> {
         let addr = backend.address.as_str();
-        let mut stream =
-            TcpStream::connect(addr)
-                .await
-                .map_err(|source| BackendError::Connect {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|source| BackendError::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
+        // Small request/reply frames: never wait for Nagle.
+        let _ = tcp.set_nodelay(true);
+        let mut stream = match tls {
+            None => Stream::Plain(tcp),
+            Some(tls) => tls.connect(tcp, addr).await.map_err(|source| {
+                crate::metrics::tls_handshake_failure("backend");
+                BackendError::Tls {
                     addr: addr.to_string(),
                     source,
-                })?;
-        // Small request/reply frames: never wait for Nagle.
-        let _ = stream.set_nodelay(true);
+                }
+            })?,
+        };
 
         let mut steps: Vec<(&'static str, Request)> = Vec::new();
         if let Some(password) = &backend.password {

@@ -9,8 +9,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use metrics::{counter, gauge, histogram};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -18,15 +16,19 @@ use tracing::{error, info, warn};
 use crate::backend::topology::{Role, TopologyStore};
 use crate::backend::{read_reply, BackendError, BackendLink, Handshake, ReadReplyError};
 use crate::config::BackendConfig;
+use crate::net::Stream;
 use crate::protocol::{Item, Reply, ReplyLimits, ReplyScanner, Request};
+use crate::tls::BackendTls;
 
 /// Probe settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ProbeSettings {
     pub interval: Duration,
     pub timeout: Duration,
     pub auto_heal: bool,
     pub reply_limits: ReplyLimits,
+    /// `[backend_tls]`: probes connect the way sessions do.
+    pub tls: Option<Arc<BackendTls>>,
 }
 
 /// Why one probe failed.
@@ -48,7 +50,7 @@ enum ProbeError {
 
 /// The prober's own connection.
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     buf: BytesMut,
     scanner: ReplyScanner,
 }
@@ -78,7 +80,7 @@ pub async fn run(
     let mut was_hijacked = false;
     loop {
         // A reload may change the settings, this backend's credentials, or remove it.
-        let settings = **shared_settings.load();
+        let settings = shared_settings.load_full();
         match store.load().backends.get(index) {
             Some(b) if b.retired => {
                 info!(backend = %label, "backend removed from the configuration; prober stops");
@@ -92,15 +94,13 @@ pub async fn run(
             _ => {}
         }
         let started = Instant::now();
-        let result = match tokio::time::timeout(
-            settings.timeout,
-            probe(&mut conn, &backend, settings.reply_limits, settings.timeout),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(ProbeError::Timeout(settings.timeout)),
-        };
+        let result =
+            match tokio::time::timeout(settings.timeout, probe(&mut conn, &backend, &settings))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(ProbeError::Timeout(settings.timeout)),
+            };
         histogram!("portcullis_probe_duration_seconds", "backend" => label.clone())
             .record(started.elapsed().as_secs_f64());
         match result {
@@ -207,11 +207,18 @@ fn set_role_gauges(label: &str, role: Option<&str>) {
 async fn probe(
     conn: &mut Option<Conn>,
     backend: &BackendConfig,
-    limits: ReplyLimits,
-    timeout: Duration,
+    settings: &ProbeSettings,
 ) -> Result<Role, ProbeError> {
+    let limits = settings.reply_limits;
     if conn.is_none() {
-        let link = BackendLink::open(backend, &Handshake::default(), timeout, limits).await?;
+        let link = BackendLink::open(
+            backend,
+            &Handshake::default(),
+            settings.timeout,
+            limits,
+            settings.tls.as_deref(),
+        )
+        .await?;
         *conn = Some(Conn {
             stream: link.stream,
             buf: link.leftover,

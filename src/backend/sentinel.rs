@@ -8,14 +8,13 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use redis_protocol::resp2::types::OwnedFrame;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::backend::{read_reply, BackendLink, Handshake, TopologyStore};
 use crate::config::{BackendConfig, SentinelConfig};
+use crate::net::Stream;
 use crate::protocol::{Item, Reply, ReplyLimits, ReplyScanner, Request};
 
 /// Called with each newly discovered backend's index and config: starts its prober.
@@ -37,7 +36,7 @@ pub async fn run(
         timeout,
         shutdown.clone(),
     ));
-    let mut conn: Option<(TcpStream, BytesMut, ReplyScanner)> = None;
+    let mut conn: Option<(Stream, BytesMut, ReplyScanner)> = None;
     let mut last_master: Option<String> = None;
     loop {
         match tokio::time::timeout(timeout, poll(&cfg, &mut conn, timeout)).await {
@@ -89,7 +88,7 @@ pub async fn run(
 /// One round: the master's address and the replicas' addresses.
 async fn poll(
     cfg: &SentinelConfig,
-    conn: &mut Option<(TcpStream, BytesMut, ReplyScanner)>,
+    conn: &mut Option<(Stream, BytesMut, ReplyScanner)>,
     timeout: Duration,
 ) -> Result<(Option<String>, Vec<String>), String> {
     if conn.is_none() {
@@ -154,7 +153,7 @@ fn replica_addresses(reply: &Reply) -> Vec<String> {
 async fn connect(
     cfg: &SentinelConfig,
     timeout: Duration,
-) -> Result<(TcpStream, BytesMut, ReplyScanner), String> {
+) -> Result<(Stream, BytesMut, ReplyScanner), String> {
     let mut last = String::from("no sentinel addresses");
     for address in &cfg.addresses {
         let node = BackendConfig {
@@ -168,6 +167,7 @@ async fn connect(
             &Handshake::default(),
             timeout,
             ReplyLimits::default(),
+            None,
         )
         .await
         {
@@ -185,7 +185,7 @@ async fn connect(
 }
 
 async fn call(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     scanner: &mut ReplyScanner,
     req: &Request,
@@ -199,7 +199,7 @@ async fn call(
 
 /// The next reply from a Sentinel; an error reply is an error.
 async fn next_reply(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     scanner: &mut ReplyScanner,
 ) -> Result<Reply, String> {

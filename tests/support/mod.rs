@@ -226,16 +226,22 @@ pub async fn client(addr: &str) -> redis::aio::MultiplexedConnection {
     }
 }
 
-/// A raw socket for wire-level tests.
-pub struct Raw {
-    pub stream: TcpStream,
+/// A raw connection for wire-level tests (plain TCP, or TLS in tests/tls.rs).
+pub struct Raw<S = TcpStream> {
+    pub stream: S,
     buf: Vec<u8>,
 }
 
-impl Raw {
+impl Raw<TcpStream> {
     pub async fn connect(addr: SocketAddr) -> Raw {
         let stream = TcpStream::connect(addr).await.expect("connect");
         stream.set_nodelay(true).ok();
+        Raw::new(stream)
+    }
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Raw<S> {
+    pub fn new(stream: S) -> Raw<S> {
         Raw {
             stream,
             buf: Vec::new(),

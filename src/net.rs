@@ -1,0 +1,273 @@
+//! One connection's bytes, plain TCP or TLS, behind the readiness-driven API the session
+//! loop is built on: wait `readable()` / `writable()`, then `read_some` / `try_write`
+//! without blocking. TLS is rustls used sans-IO over the same `TcpStream`: records are
+//! read and written with the socket's non-blocking calls, so a TLS session has the same
+//! shape (one task, no extra buffers between tasks) as a plain one.
+//!
+//! Must not block, and must not lose bytes rustls has buffered: decrypted plaintext not
+//! yet handed out makes the stream readable at once, and encrypted records not yet
+//! written make `wants_flush` true so the session waits for writability.
+
+use std::io::{self, IoSlice, Read, Write};
+
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+
+/// First read buffer: a few commands; idle connections keep no more than this.
+pub(crate) const READ_MIN: usize = 512;
+/// Largest growth step of a read buffer (bigger frames reserve for themselves).
+const READ_MAX_STEP: usize = 64 * 1024;
+
+/// Make room for the next read: start small, double while reads fill the buffer.
+fn read_space(buf: &mut BytesMut) {
+    let spare = buf.capacity() - buf.len();
+    if spare < READ_MIN / 2 {
+        buf.reserve(buf.capacity().clamp(READ_MIN, READ_MAX_STEP));
+    }
+}
+
+/// A client or backend connection.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream>),
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stream::Plain(s) => f.debug_tuple("Plain").field(s).finish(),
+            Stream::Tls(s) => f.debug_tuple("Tls").field(&s.tcp).finish(),
+        }
+    }
+}
+
+/// rustls over a non-blocking socket.
+pub struct TlsStream {
+    tcp: TcpStream,
+    conn: rustls::Connection,
+    /// Decrypted bytes may be waiting inside rustls: the next read needs no socket event.
+    plaintext: bool,
+}
+
+impl TlsStream {
+    pub(crate) fn new(tcp: TcpStream, conn: impl Into<rustls::Connection>) -> TlsStream {
+        TlsStream {
+            tcp,
+            conn: conn.into(),
+            // The handshake may have read application data along with its last flight.
+            plaintext: true,
+        }
+    }
+
+    fn read_some(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        read_space(buf);
+        loop {
+            let start = buf.len();
+            buf.resize(buf.capacity(), 0);
+            let got = self.conn.reader().read(&mut buf[start..]);
+            buf.truncate(start + *got.as_ref().unwrap_or(&0));
+            match got {
+                // 0 = the peer sent close_notify: a clean end of stream.
+                Ok(n) => {
+                    self.plaintext = n > 0;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.plaintext = false,
+                // UnexpectedEof: the socket closed without close_notify.
+                Err(e) => return Err(e),
+            }
+            // WouldBlock from the socket ends the loop (and clears tokio's readiness).
+            self.conn.read_tls(&mut SocketIo(&self.tcp))?;
+            if let Err(e) = self.conn.process_new_packets() {
+                // Tell the peer why (the alert rustls queued), then fail.
+                let _ = self.flush();
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+            // Post-handshake messages (key updates, tickets) may need an answer.
+            if self.conn.wants_write() {
+                match self.flush() {
+                    Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Hand plaintext to rustls (bounded by its send buffer) and push records out.
+    fn try_write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self.flush() {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+            _ => {}
+        }
+        let n = self.conn.writer().write_vectored(bufs)?;
+        match self.flush() {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+            _ => {}
+        }
+        if n == 0 && bufs.iter().any(|b| !b.is_empty()) {
+            // rustls's buffer is full of records the socket does not take yet.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    }
+
+    /// Write queued TLS records; `WouldBlock` if the socket is full.
+    fn flush(&mut self) -> io::Result<()> {
+        while self.conn.wants_write() {
+            if self.conn.write_tls(&mut SocketIo(&self.tcp))? == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `std::io` view of a tokio socket's non-blocking calls, for rustls.
+struct SocketIo<'a>(&'a TcpStream);
+
+impl Read for SocketIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+impl Write for SocketIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.0.try_write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Stream {
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => &t.tcp,
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
+    /// Wait until `read_some` may make progress.
+    pub async fn readable(&self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.readable().await,
+            Stream::Tls(t) if t.plaintext => Ok(()),
+            Stream::Tls(t) => t.tcp.readable().await,
+        }
+    }
+
+    /// Wait until the socket takes bytes.
+    pub async fn writable(&self) -> io::Result<()> {
+        self.tcp().writable().await
+    }
+
+    /// One non-blocking read into `buf`: `Ok(0)` at end of stream, `WouldBlock` when
+    /// nothing is there yet.
+    pub fn read_some(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => read_some_plain(s, buf),
+            Stream::Tls(t) => t.read_some(buf),
+        }
+    }
+
+    /// Write what the connection takes now; `WouldBlock` if nothing.
+    pub fn try_write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) if bufs.len() == 1 => s.try_write(&bufs[0]),
+            Stream::Plain(s) => s.try_write_vectored(bufs),
+            Stream::Tls(t) => t.try_write_vectored(bufs),
+        }
+    }
+
+    /// TLS records are waiting for the socket (even with nothing left to hand over).
+    pub fn wants_flush(&self) -> bool {
+        match self {
+            Stream::Plain(_) => false,
+            Stream::Tls(t) => t.conn.wants_write(),
+        }
+    }
+
+    /// Write waiting TLS records; `Ok` also when the socket is full (try again when
+    /// writable), `Err` only for a broken connection.
+    pub fn flush_pending(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(_) => Ok(()),
+            Stream::Tls(t) => match t.flush() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+                other => other,
+            },
+        }
+    }
+
+    /// Read at least one byte, waiting as needed (the proxy's own request/reply links).
+    pub async fn read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        loop {
+            self.readable().await?;
+            match self.read_some(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Write all of `data` (and any waiting TLS records), waiting as needed.
+    pub async fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            match self.try_write_vectored(&[IoSlice::new(data)]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        while self.wants_flush() {
+            self.flush_pending()?;
+            if self.wants_flush() {
+                self.writable().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// End a TLS connection politely (close_notify), without waiting: the socket is
+    /// closed right after anyway.
+    pub fn close(&mut self) {
+        if let Stream::Tls(t) = self {
+            t.conn.send_close_notify();
+            let _ = t.flush();
+        }
+    }
+}
+
+/// One non-blocking read into `buf`. A short read means the socket is drained, so tokio's
+/// readiness is cleared right away (by reporting WouldBlock through `try_io`); otherwise
+/// the next wait would wake at once just to read EAGAIN, one wasted syscall per event.
+/// Race-free: tokio only clears readiness if no new event arrived since it was observed.
+fn read_some_plain(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    read_space(buf);
+    let room = buf.capacity() - buf.len();
+    let mut got = 0;
+    let result = stream.try_io(tokio::io::Interest::READABLE, || {
+        let n = stream.try_read_buf(buf)?;
+        got = n;
+        if n > 0 && n < room {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        other => other,
+    }
+}
