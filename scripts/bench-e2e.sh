@@ -21,6 +21,9 @@
 #                              built with `cargo build --release` when missing
 #   PROXY_EXTRA_ARGS           extra flags for the proxy (e.g. "--log-level warn")
 #   KEEP_TMP [0]               1: keep the temp dir (logs, raw.tsv)
+#   TLS [0]                    1: clients use TLS (needs openssl to make a throwaway CA):
+#                              direct = Redis's own tls-port; proxy = portcullis with [tls],
+#                              plain TCP to the same Redis (the sidecar setup)
 #
 # Output columns: test, op, direct rps and proxy rps (median over rounds), ratio
 # proxy/direct (median of per-round ratios), p50 direct / proxy in µs (median), added
@@ -38,6 +41,7 @@ CPU_CLIENT=${CPU_CLIENT:-0}
 CPU_SERVERS=${CPU_SERVERS:-1}
 KEEP_TMP=${KEEP_TMP:-0}
 PROXY_EXTRA_ARGS=${PROXY_EXTRA_ARGS:-}
+TLS=${TLS:-0}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PORTCULLIS_BIN=${PORTCULLIS_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/portcullis}
@@ -92,26 +96,52 @@ wait_pong() {  # wait_pong PORT PID NAME: poll PING until PONG, 20 s deadline
   local port=$1 pid=$2 name=$3 deadline=$((SECONDS + 20))
   while (( SECONDS < deadline )); do
     kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) exited; log: $(tail -5 "$TMP/$name.log" 2>/dev/null)"
-    [[ "$(timeout 2 redis-cli -h 127.0.0.1 -p "$port" PING 2>/dev/null)" == PONG ]] && return 0
+    [[ "$(timeout 2 redis-cli -h 127.0.0.1 -p "$port" "${TLS_PING[@]}" PING 2>/dev/null)" == PONG ]] && return 0
     sleep 0.05
   done
   die "$name on port $port never answered PONG"
 }
 
+TLS_PING=()
 REDIS_PORT=$(free_port)
+REDIS_TLS_ARGS=()
+PROXY_CONFIG_ARGS=()
+TLS_CLIENT=()
+if [[ "$TLS" == 1 ]]; then
+  command -v openssl >/dev/null || die "TLS=1 needs openssl"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+    -subj /CN=bench-ca -keyout "$TMP/ca.key" -out "$TMP/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
+    -keyout "$TMP/server.key" -out "$TMP/server.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$TMP/san.ext"
+  openssl x509 -req -in "$TMP/server.csr" -CA "$TMP/ca.pem" -CAkey "$TMP/ca.key" \
+    -CAcreateserial -days 1 -extfile "$TMP/san.ext" -out "$TMP/server.pem" 2>/dev/null
+  REDIS_TLS_PORT=$(free_port)
+  REDIS_TLS_ARGS=(--tls-port "$REDIS_TLS_PORT" --tls-cert-file "$TMP/server.pem"
+    --tls-key-file "$TMP/server.key" --tls-ca-cert-file "$TMP/ca.pem" --tls-auth-clients no)
+  printf '[tls]\ncert = "%s"\nkey = "%s"\n' "$TMP/server.pem" "$TMP/server.key" >"$TMP/proxy.toml"
+  PROXY_CONFIG_ARGS=(--config "$TMP/proxy.toml")
+  TLS_CLIENT=(--tls --cacert "$TMP/ca.pem")
+fi
 "${SRV_PIN[@]}" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no \
-  --daemonize no --dir "$TMP" --logfile "$TMP/redis.log" >/dev/null 2>&1 &
+  --daemonize no --dir "$TMP" --logfile "$TMP/redis.log" "${REDIS_TLS_ARGS[@]}" >/dev/null 2>&1 &
 REDIS_PID=$!; PIDS+=("$REDIS_PID")
 wait_pong "$REDIS_PORT" "$REDIS_PID" redis
 log "redis-server pid $REDIS_PID on 127.0.0.1:$REDIS_PORT"
 
 PROXY_PORT=$(free_port)
 # shellcheck disable=SC2086  # PROXY_EXTRA_ARGS is a word list on purpose
-"${SRV_PIN[@]}" "$PORTCULLIS_BIN" --listen "127.0.0.1:$PROXY_PORT" --backend "127.0.0.1:$REDIS_PORT" \
-  --admin-listen '' $PROXY_EXTRA_ARGS >"$TMP/proxy.log" 2>&1 &
+"${SRV_PIN[@]}" "$PORTCULLIS_BIN" "${PROXY_CONFIG_ARGS[@]}" --listen "127.0.0.1:$PROXY_PORT" \
+  --backend "127.0.0.1:$REDIS_PORT" --admin-listen '' $PROXY_EXTRA_ARGS >"$TMP/proxy.log" 2>&1 &
 PROXY_PID=$!; PIDS+=("$PROXY_PID")
+TLS_PING=("${TLS_CLIENT[@]}")
 wait_pong "$PROXY_PORT" "$PROXY_PID" proxy
 log "portcullis pid $PROXY_PID on 127.0.0.1:$PROXY_PORT ($PORTCULLIS_BIN)"
+DIRECT_PORT=$REDIS_PORT
+if [[ "$TLS" == 1 ]]; then
+  DIRECT_PORT=$REDIS_TLS_PORT
+  log "TLS: direct = redis tls-port $REDIS_TLS_PORT; proxy terminates TLS, plain to redis"
+fi
 
 test_args() {
   case "$1" in
@@ -125,7 +155,7 @@ for t in $TESTS; do test_args "$t" >/dev/null; done
 
 bench() {  # bench OUT PORT ARGS...
   local out=$1 port=$2 rc=0; shift 2
-  timeout 600 "${CLI_PIN[@]}" redis-benchmark -h 127.0.0.1 -p "$port" -t set,get --csv \
+  timeout 600 "${CLI_PIN[@]}" redis-benchmark -h 127.0.0.1 -p "$port" "${TLS_CLIENT[@]}" -t set,get --csv \
     --precision 3 "$@" >"$out" 2>>"$TMP/bench-stderr.log" &
   BENCH_PID=$!
   wait "$BENCH_PID" || rc=$?
@@ -134,7 +164,7 @@ bench() {  # bench OUT PORT ARGS...
 }
 
 # warm-up (discarded): connections, allocator, caches
-for port in "$REDIS_PORT" "$PROXY_PORT"; do
+for port in "$DIRECT_PORT" "$PROXY_PORT"; do
   bench "$TMP/warmup.csv" "$port" -c 50 -n 20000 -P 1 || die "warm-up failed on port $port"
 done
 
@@ -143,7 +173,7 @@ done
 for ((r=1; r<=ROUNDS; r++)); do
   for t in $TESTS; do
     read -r -a args <<<"$(test_args "$t")"
-    for tp in "direct:$REDIS_PORT" "proxy:$PROXY_PORT"; do
+    for tp in "direct:$DIRECT_PORT" "proxy:$PROXY_PORT"; do
       name=${tp%%:*}; port=${tp##*:}
       bench "$TMP/run.csv" "$port" "${args[@]}" || die "redis-benchmark against $name ($t, round $r) failed"
       kill -0 "$PROXY_PID" 2>/dev/null || die "proxy exited during $t round $r"
@@ -156,7 +186,7 @@ for ((r=1; r<=ROUNDS; r++)); do
 done
 
 echo
-echo "portcullis vs direct Redis: $ROUNDS rounds, median; pin=$PIN; $(redis-server --version | awk '{print $3}')"
+echo "portcullis vs direct Redis: $ROUNDS rounds, median; pin=$PIN; tls=$TLS; $(redis-server --version | awk '{print $3}')"
 echo
 awk -F'\t' -v tests="$TESTS" '
 function med(s,   a, n, i, j, x) {
