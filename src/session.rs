@@ -125,6 +125,8 @@ pub enum SessionEnd {
     BackendDesync,
     #[error("client idle timeout")]
     Idle,
+    #[error("client did not complete a request frame within limits.frame_timeout")]
+    FrameTimeout,
     #[error("proxy shutting down")]
     Shutdown,
 }
@@ -436,6 +438,10 @@ pub async fn run(
             %peer,
             "possible cross-protocol attack (POST or Host: line); connection closed"
         ),
+        SessionEnd::FrameTimeout => warn!(
+            %peer,
+            "client did not complete a request frame within limits.frame_timeout (slow sender); connection closed"
+        ),
         other => debug!(%peer, reason = %other, "client closed"),
     }
 }
@@ -447,6 +453,10 @@ struct Session {
     rt: Arc<Runtime>,
     parser: RequestParser,
     client_buf: BytesMut,
+    /// When the incomplete frame at the front of `client_buf` was first seen: it must be
+    /// complete within `limits.frame_timeout` (slow senders). Restarted when the session
+    /// resumes reading its client after back-pressure, which is not the client's fault.
+    partial_since: Option<Instant>,
     to_client: OutQueue,
     backend: Option<Backend>,
     /// Session-affine replica connection for reads (`routing.reads`).
@@ -488,6 +498,7 @@ enum Event {
     BackendReadable(Link),
     Writable,
     Idle,
+    FrameTimeout,
     Shutdown,
 }
 
@@ -503,6 +514,7 @@ impl Session {
             user: None,
             shared,
             client_buf: BytesMut::new(),
+            partial_since: None,
             to_client: OutQueue::default(),
             backend: None,
             replica: None,
@@ -549,6 +561,12 @@ impl Session {
                 && self.retrying == 0
                 && self.pending.len() < limits.max_pending
                 && self.to_client.bytes < limits.max_reply_buffer;
+            let frame_deadline = match self.partial_since {
+                Some(since) if read_client && !limits.frame_timeout.is_zero() => {
+                    Some(tokio::time::Instant::from_std(since + limits.frame_timeout))
+                }
+                _ => None,
+            };
             let read_backend =
                 self.backend.is_some() && self.to_client.bytes < limits.max_reply_buffer;
             let read_replica =
@@ -571,8 +589,16 @@ impl Session {
                 _ = writable(backend_stream), if backend_out => Event::Writable,
                 _ = writable(replica_stream), if replica_out => Event::Writable,
                 _ = idle_sleep(idle), if !idle.is_zero() => Event::Idle,
+                _ = frame_sleep(frame_deadline), if frame_deadline.is_some() => Event::FrameTimeout,
                 _ = shutdown.cancelled() => Event::Shutdown,
             };
+            if !read_client {
+                // The frame clock runs only while the client is read: back-pressure is
+                // not its fault. Restarted at every wake-up, so also when reading resumes.
+                if let Some(since) = &mut self.partial_since {
+                    *since = Instant::now();
+                }
+            }
             match event {
                 Event::ClientReadable => {
                     if let Some(end) = self.read_client(client).await {
@@ -595,6 +621,10 @@ impl Session {
                     if self.pending.is_empty() {
                         return SessionEnd::Idle;
                     }
+                }
+                Event::FrameTimeout => {
+                    metrics::protocol_error("frame_timeout");
+                    return SessionEnd::FrameTimeout;
                 }
                 Event::Shutdown => {
                     // Drain: stop reading the client, finish what is in flight.
@@ -678,12 +708,18 @@ impl Session {
         {
             match self.parser.parse(&mut self.client_buf) {
                 Ok(Some(req)) => {
+                    self.partial_since = None;
                     if let Some(end) = self.on_request(req).await {
                         return Some(end);
                     }
                 }
                 Ok(None) => {
                     release_if_big(&mut self.client_buf);
+                    if self.client_buf.is_empty() {
+                        self.partial_since = None;
+                    } else {
+                        self.partial_since.get_or_insert_with(Instant::now);
+                    }
                     break;
                 }
                 Err(e) => {
@@ -1585,4 +1621,11 @@ async fn writable(stream: Option<&TcpStream>) {
 
 async fn idle_sleep(d: Duration) {
     tokio::time::sleep(d).await
+}
+
+async fn frame_sleep(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }
