@@ -24,7 +24,8 @@ pub const DEFAULT_MAX_INLINE_LEN: usize = 64 * 1024;
 pub const DEFAULT_MAX_CLIENTS: usize = 10_000;
 /// Requests a session may have in flight before it stops reading from its client.
 pub const DEFAULT_MAX_PENDING: usize = 4096;
-/// Reply bytes buffered for a slow client before the session stops reading its backend.
+/// Bytes a session buffers in each direction: replies for a slow client before it stops
+/// reading its backend, requests for a slow backend before it stops reading its client.
 pub const DEFAULT_MAX_REPLY_BUFFER: usize = 8 * 1024 * 1024;
 /// How long a backend connect (TCP + AUTH) may take.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -324,7 +325,9 @@ pub struct Limits {
     pub max_clients: usize,
     /// Requests in flight per session before the proxy stops reading that client.
     pub max_pending: usize,
-    /// Reply bytes buffered per session before the proxy stops reading its backend.
+    /// Reply bytes buffered per session before the proxy stops reading its backend; also
+    /// the bound on request bytes waiting for a slow backend before it stops reading the
+    /// client.
     pub max_reply_buffer: usize,
     /// Close a client idle this long (`0s` = never, Redis's `timeout 0`).
     #[serde(with = "humantime_serde")]

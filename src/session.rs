@@ -556,11 +556,17 @@ impl Session {
             }
             let limits = &self.rt.config.limits;
             let idle = limits.idle_timeout;
+            // Requests waiting for a slow backend are held to the same bound as replies
+            // waiting for a slow client: the proxy stops reading a pipeline Redis is not
+            // taking instead of buffering all of it.
+            let to_backends = self.backend.as_ref().map_or(0, |b| b.out.bytes)
+                + self.replica.as_ref().map_or(0, |b| b.out.bytes);
             let read_client = !self.client_done
                 && self.held.is_none()
                 && self.retrying == 0
                 && self.pending.len() < limits.max_pending
-                && self.to_client.bytes < limits.max_reply_buffer;
+                && self.to_client.bytes < limits.max_reply_buffer
+                && to_backends < limits.max_reply_buffer;
             let frame_deadline = match self.partial_since {
                 Some(since) if read_client && !limits.frame_timeout.is_zero() => {
                     Some(tokio::time::Instant::from_std(since + limits.frame_timeout))

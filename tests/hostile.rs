@@ -553,6 +553,98 @@ async fn request_flood_is_back_pressured_and_loses_nothing() {
     set_get(&mut bystander, "bystander", "2").await;
 }
 
+/// SETs pipelined by the big-value flooder, and their value size (200 MiB in all).
+const BIG_SETS: usize = 200;
+const BIG_SET_VALUE: usize = 1024 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_value_flood_waits_for_a_busy_backend() {
+    let redis = RedisServer::start(&["--enable-debug-command", "yes"]);
+    // Probes far apart: the master stays confirmed while Redis sleeps.
+    let proxy = ProxyProcess::start(
+        &redis,
+        "[limits]\nframe_timeout = \"1s\"\n[probe]\ninterval = \"5s\"\ntimeout = \"5s\"\n",
+    )
+    .await;
+    let mut bystander = proxy.raw().await;
+    set_get(&mut bystander, "bystander", "0").await;
+    let rss_before = proxy.rss();
+    let bytes_in = "portcullis_client_received_bytes_total";
+    let in_before = proxy.metric(bytes_in).await;
+
+    // Redis reads nothing for 3 s, then a 200 MiB pipeline of SETs arrives, replies unread.
+    let mut sleeper = Raw::connect(redis.addr().parse().expect("redis addr")).await;
+    sleeper.send(&resp(&[b"DEBUG", b"SLEEP", b"3"])).await;
+    let flooder = Raw::connect_with_recv_buffer(proxy.addr, 64 * 1024).await;
+    let (mut reader, mut writer) = flooder.stream.into_split();
+    let writer_task = tokio::spawn(async move {
+        let value = vec![b'v'; BIG_SET_VALUE];
+        for i in 0..BIG_SETS {
+            writer
+                .write_all(&resp(&[b"SET", format!("big:{i}").as_bytes(), &value]))
+                .await
+                .expect("flood write");
+        }
+        writer
+    });
+
+    // The proxy stops reading the flooder once max_reply_buffer of its requests wait for
+    // Redis, instead of taking the pipeline into memory.
+    let mut last = -1.0;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = proxy.metric(bytes_in).await;
+        if now == last {
+            break;
+        }
+        last = now;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the proxy never stopped reading"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let read = (last - in_before) as u64;
+    let rss_flooded = peak_rss(&proxy, 4).await;
+    eprintln!(
+        "big-value flood, Redis asleep: {} MiB sent, proxy read {:.1} MiB, RSS {:.1} -> {:.1} MiB",
+        BIG_SETS * BIG_SET_VALUE / MIB as usize,
+        mib(read),
+        mib(rss_before),
+        mib(rss_flooded)
+    );
+    assert!(
+        read < 40 * MIB,
+        "the proxy read {:.1} MiB of a pipeline Redis was not taking",
+        mib(read)
+    );
+    assert!(
+        rss_flooded < rss_before + FLOOD_RSS_GROWTH_BOUND,
+        "proxy RSS grew from {:.1} to {:.1} MiB",
+        mib(rss_before),
+        mib(rss_flooded)
+    );
+    sleeper.expect(b"+OK\r\n").await;
+
+    // Redis is back: everything goes through, and others are served.
+    let mut expected = Vec::new();
+    for _ in 0..BIG_SETS {
+        expected.extend_from_slice(b"+OK\r\n");
+    }
+    expect_stream(&mut reader, &expected, "SET replies").await;
+    let mut writer = writer_task.await.expect("writer task");
+    set_get(&mut bystander, "bystander", "1").await;
+    let mut direct = redis.direct().await;
+    let len: usize = redis::cmd("STRLEN")
+        .arg(format!("big:{}", BIG_SETS - 1))
+        .query_async(&mut direct)
+        .await
+        .expect("STRLEN");
+    assert_eq!(len, BIG_SET_VALUE);
+    writer.write_all(b"PING\r\n").await.expect("write");
+    expect_stream(&mut reader, b"+PONG\r\n", "flooder PING").await;
+}
+
 // ---------------------------------------------------------------------------------------
 // 4. Reply flood: a client asks for big replies and never reads them
 // ---------------------------------------------------------------------------------------
