@@ -24,12 +24,18 @@ pub const DEFAULT_MAX_INLINE_LEN: usize = 64 * 1024;
 pub const DEFAULT_MAX_CLIENTS: usize = 10_000;
 /// Requests a session may have in flight before it stops reading from its client.
 pub const DEFAULT_MAX_PENDING: usize = 4096;
-/// Reply bytes buffered for a slow client before the session stops reading its backend.
+/// Bytes a session buffers in each direction: replies for a slow client before it stops
+/// reading its backend, requests for a slow backend before it stops reading its client.
 pub const DEFAULT_MAX_REPLY_BUFFER: usize = 8 * 1024 * 1024;
 /// How long a backend connect (TCP + AUTH) may take.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Deepest reply nesting accepted from a backend.
 pub const DEFAULT_MAX_REPLY_DEPTH: usize = 128;
+/// How long a client may take to complete a request frame it has started (slowloris).
+pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+/// Smallest non-zero `limits.frame_timeout`: a frame split across TCP segments needs a
+/// few round trips, and a shorter bound would cut legitimate clients on slow links.
+pub const MIN_FRAME_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// A configuration problem, naming the field and the reason.
 #[derive(Debug, thiserror::Error)]
@@ -368,11 +374,18 @@ pub struct Limits {
     pub max_clients: usize,
     /// Requests in flight per session before the proxy stops reading that client.
     pub max_pending: usize,
-    /// Reply bytes buffered per session before the proxy stops reading its backend.
+    /// Reply bytes buffered per session before the proxy stops reading its backend; also
+    /// the bound on request bytes waiting for a slow backend before it stops reading the
+    /// client.
     pub max_reply_buffer: usize,
     /// Close a client idle this long (`0s` = never, Redis's `timeout 0`).
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Close a client that started a request frame and did not complete it within this
+    /// long (`0s` = never). The idle timeout cannot catch a client that sends one byte
+    /// every few seconds; this does.
+    #[serde(with = "humantime_serde")]
+    pub frame_timeout: Duration,
     /// Backend connect + authentication bound.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -390,6 +403,7 @@ impl Default for Limits {
             max_pending: DEFAULT_MAX_PENDING,
             max_reply_buffer: DEFAULT_MAX_REPLY_BUFFER,
             idle_timeout: Duration::ZERO,
+            frame_timeout: DEFAULT_FRAME_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_reply_depth: DEFAULT_MAX_REPLY_DEPTH,
         }
@@ -506,6 +520,12 @@ impl Config {
         if l.connect_timeout.is_zero() {
             return Err(invalid("limits.connect_timeout", "must be greater than 0"));
         }
+        if !l.frame_timeout.is_zero() && l.frame_timeout < MIN_FRAME_TIMEOUT {
+            return Err(invalid(
+                "limits.frame_timeout",
+                "must be 0s (never) or at least 100ms",
+            ));
+        }
         if let Some(t) = &self.tls {
             if t.handshake_timeout.is_zero() {
                 return Err(invalid("tls.handshake_timeout", "must be greater than 0"));
@@ -594,6 +614,10 @@ mod tests {
             ),
             ("limits.max_clients", Box::new(|c| c.limits.max_clients = 0)),
             (
+                "limits.frame_timeout",
+                Box::new(|c| c.limits.frame_timeout = Duration::from_millis(5)),
+            ),
+            (
                 "log.level",
                 Box::new(|c| c.log.level = "no=such=level".into()),
             ),
@@ -606,6 +630,18 @@ mod tests {
                 other => panic!("{field}: expected invalid, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn frame_timeout_defaults_to_30s_and_0s_disables() {
+        assert_eq!(Limits::default().frame_timeout, Duration::from_secs(30));
+        let c = Config::from_toml(
+            "[[backends]]\naddress = \"r:6379\"\n[limits]\nframe_timeout = \"0s\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert!(c.limits.frame_timeout.is_zero());
     }
 
     #[test]
@@ -633,6 +669,7 @@ mod tests {
             password = "s3cret"
             [limits]
             idle_timeout = "5m"
+            frame_timeout = "10s"
             connect_timeout = "500ms"
             "#,
             "t.toml",
@@ -640,6 +677,7 @@ mod tests {
         .unwrap();
         c.validate().unwrap();
         assert_eq!(c.limits.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.limits.frame_timeout, Duration::from_secs(10));
         assert_eq!(c.log.format, LogFormat::Json);
         assert_eq!(c.backends[0].label(), "primary");
         assert!(!format!("{:?}", c.backends[0]).contains("s3cret"));

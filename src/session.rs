@@ -91,6 +91,8 @@ pub enum SessionEnd {
     BackendDesync,
     #[error("client idle timeout")]
     Idle,
+    #[error("client did not complete a request frame within limits.frame_timeout")]
+    FrameTimeout,
     #[error("proxy shutting down")]
     Shutdown,
 }
@@ -431,6 +433,10 @@ pub async fn run(
             %peer,
             "possible cross-protocol attack (POST or Host: line); connection closed"
         ),
+        SessionEnd::FrameTimeout => warn!(
+            %peer,
+            "client did not complete a request frame within limits.frame_timeout (slow sender); connection closed"
+        ),
         other => debug!(%peer, reason = %other, "client closed"),
     }
 }
@@ -442,6 +448,10 @@ struct Session {
     rt: Arc<Runtime>,
     parser: RequestParser,
     client_buf: BytesMut,
+    /// When the incomplete frame at the front of `client_buf` was first seen: it must be
+    /// complete within `limits.frame_timeout` (slow senders). Restarted when the session
+    /// resumes reading its client after back-pressure, which is not the client's fault.
+    partial_since: Option<Instant>,
     to_client: OutQueue,
     backend: Option<Backend>,
     /// Session-affine replica connection for reads (`routing.reads`).
@@ -485,6 +495,7 @@ enum Event {
     BackendReadable(Link),
     Writable,
     Idle,
+    FrameTimeout,
     Shutdown,
 }
 
@@ -500,6 +511,7 @@ impl Session {
             user: None,
             shared,
             client_buf: BytesMut::new(),
+            partial_since: None,
             to_client: OutQueue::default(),
             backend: None,
             replica: None,
@@ -542,11 +554,23 @@ impl Session {
             }
             let limits = &self.rt.config.limits;
             let idle = limits.idle_timeout;
+            // Requests waiting for a slow backend are held to the same bound as replies
+            // waiting for a slow client: the proxy stops reading a pipeline Redis is not
+            // taking instead of buffering all of it.
+            let to_backends = self.backend.as_ref().map_or(0, |b| b.out.bytes)
+                + self.replica.as_ref().map_or(0, |b| b.out.bytes);
             let read_client = !self.client_done
                 && self.held.is_none()
                 && self.retrying == 0
                 && self.pending.len() < limits.max_pending
-                && self.to_client.bytes < limits.max_reply_buffer;
+                && self.to_client.bytes < limits.max_reply_buffer
+                && to_backends < limits.max_reply_buffer;
+            let frame_deadline = match self.partial_since {
+                Some(since) if read_client && !limits.frame_timeout.is_zero() => {
+                    Some(tokio::time::Instant::from_std(since + limits.frame_timeout))
+                }
+                _ => None,
+            };
             let read_backend =
                 self.backend.is_some() && self.to_client.bytes < limits.max_reply_buffer;
             let read_replica =
@@ -569,9 +593,17 @@ impl Session {
                 _ = writable(backend_stream), if backend_out => Event::Writable,
                 _ = writable(replica_stream), if replica_out => Event::Writable,
                 _ = idle_sleep(idle), if !idle.is_zero() => Event::Idle,
+                _ = frame_sleep(frame_deadline), if frame_deadline.is_some() => Event::FrameTimeout,
                 // Once draining, the token stays cancelled: polling it again would spin.
                 _ = shutdown.cancelled(), if !self.draining => Event::Shutdown,
             };
+            if !read_client {
+                // The frame clock runs only while the client is read: back-pressure is
+                // not its fault. Restarted at every wake-up, so also when reading resumes.
+                if let Some(since) = &mut self.partial_since {
+                    *since = Instant::now();
+                }
+            }
             match event {
                 Event::ClientReadable => {
                     if let Some(end) = self.read_client(client).await {
@@ -594,6 +626,10 @@ impl Session {
                     if self.pending.is_empty() {
                         return SessionEnd::Idle;
                     }
+                }
+                Event::FrameTimeout => {
+                    metrics::protocol_error("frame_timeout");
+                    return SessionEnd::FrameTimeout;
                 }
                 Event::Shutdown => {
                     // Drain: stop reading the client, finish what is in flight.
@@ -674,12 +710,18 @@ impl Session {
         {
             match self.parser.parse(&mut self.client_buf) {
                 Ok(Some(req)) => {
+                    self.partial_since = None;
                     if let Some(end) = self.on_request(req).await {
                         return Some(end);
                     }
                 }
                 Ok(None) => {
                     release_if_big(&mut self.client_buf);
+                    if self.client_buf.is_empty() {
+                        self.partial_since = None;
+                    } else {
+                        self.partial_since.get_or_insert_with(Instant::now);
+                    }
                     break;
                 }
                 Err(e) => {
@@ -1584,4 +1626,11 @@ async fn writable(stream: Option<&Stream>) {
 
 async fn idle_sleep(d: Duration) {
     tokio::time::sleep(d).await
+}
+
+async fn frame_sleep(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }

@@ -7,38 +7,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use support::{RedisServer, WAIT};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::{free_port, http_get, RedisServer, WAIT};
 
-const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
-}
-
-async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut out = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
-        .await
-        .ok()?
-        .ok()?;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((status, body))
-}
+const BIN: &str = support::PROXY_BIN;
 
 async fn wait_status(port: u16, path: &str, want: u16) -> String {
     let deadline = tokio::time::Instant::now() + WAIT;

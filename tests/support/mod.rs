@@ -21,7 +21,8 @@ pub struct RedisServer {
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
+/// A loopback port nobody listens on right now (the caller binds it soon after).
+pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -238,6 +239,17 @@ impl Raw<TcpStream> {
         stream.set_nodelay(true).ok();
         Raw::new(stream)
     }
+
+    /// Connect with a fixed receive buffer (`SO_RCVBUF`, which also turns off the kernel's
+    /// autotuning, up to 32 MiB here): a client that does not read then holds back only
+    /// about this much, so replies pile up at the proxy instead of in the kernel.
+    pub async fn connect_with_recv_buffer(addr: SocketAddr, bytes: u32) -> Raw {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        let stream = socket.connect(addr).await.expect("connect");
+        stream.set_nodelay(true).ok();
+        Raw::new(stream)
+    }
 }
 
 impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Raw<S> {
@@ -418,4 +430,151 @@ pub async fn cmdstat(r: &RedisServer, cmd: &str) -> u64 {
         .and_then(|v| v.split(',').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// The built binary, for tests that run the proxy as its own process.
+pub const PROXY_BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+
+/// `GET path` on a local HTTP port: `(status, body)`, or `None` if nothing answered.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// Resident memory of a process in bytes (`VmRSS` in `/proc/<pid>/status`).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .expect("VmRSS line")
+}
+
+/// The proxy binary as a child process on ephemeral loopback ports, with its admin
+/// listener: its own memory (measurable RSS) and its own file descriptor limit (an
+/// in-process proxy shares the test's, two descriptors per connection). Killed on drop.
+pub struct ProxyProcess {
+    pub addr: SocketAddr,
+    pub admin_port: u16,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl ProxyProcess {
+    /// Start `portcullis --config FILE` in front of `backend`; `extra` is appended to the
+    /// generated file (sections such as `[limits]`). Returns once `/readyz` says a master
+    /// is confirmed. Logs (WARN and up) go to a file, shown by `log()`.
+    pub async fn start(backend: &RedisServer, extra: &str) -> ProxyProcess {
+        for _ in 0..5 {
+            let (port, admin_port) = (free_port(), free_port());
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("portcullis.toml");
+            std::fs::write(
+                &path,
+                format!(
+                    "listen = \"127.0.0.1:{port}\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\
+                     [log]\nlevel = \"warn\"\n[[backends]]\naddress = \"{}\"\n{extra}\n",
+                    backend.addr()
+                ),
+            )
+            .expect("write config");
+            let log = std::fs::File::create(dir.path().join("proxy.log")).expect("log file");
+            let mut child = Command::new(PROXY_BIN)
+                .arg("--config")
+                .arg(&path)
+                .env_remove("PORTCULLIS_CONFIG")
+                .env_remove("PORTCULLIS_BACKEND")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("start the portcullis binary");
+            let deadline = tokio::time::Instant::now() + WAIT;
+            let ready = loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break false; // a port was taken in between: try others
+                }
+                if let Some((200, _)) = http_get(admin_port, "/readyz").await {
+                    break true;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    break false;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            if ready {
+                return ProxyProcess {
+                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                    admin_port,
+                    child,
+                    dir,
+                };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("the portcullis binary did not become ready");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The process's resident memory, bytes.
+    pub fn rss(&self) -> u64 {
+        rss_bytes(self.pid())
+    }
+
+    /// What the proxy logged so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        match http_get(self.admin_port, "/metrics").await {
+            Some((200, body)) => body,
+            other => panic!("/metrics: {other:?}"),
+        }
+    }
+
+    /// The value of one series as rendered (`name{label="v"}`), 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics().await;
+        let prefix = format!("{series} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    pub async fn raw(&self) -> Raw {
+        Raw::connect(self.addr).await
+    }
+
+    pub async fn client(&self) -> redis::aio::MultiplexedConnection {
+        client(&self.addr.to_string()).await
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
