@@ -20,6 +20,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -141,20 +142,46 @@ enum Pending {
     Backend {
         remaining: u32,
         on_reply: OnReply,
-        retry: Option<Request>,
+        retry: Option<Retained>,
         link: Link,
         /// When the request's bytes were read (for the latency histogram).
         sent: Instant,
     },
     /// A write the backend refused with `-READONLY`: not applied, to be retried on the
     /// confirmed master once this link has answered everything before it.
-    Retry(Request),
+    Retry(Retained),
     /// A reply that arrived while an earlier request waits for its retry.
     Done(Bytes),
     /// A reply produced by the proxy, emitted once everything before it is.
     Local(Bytes),
     /// Close the client once everything before has been written (QUIT).
     Close,
+}
+
+/// A forwarded write's frame, kept until its reply in case it must be retried after
+/// `-READONLY`. Counted in the session's `retained` total while it lives (dropping it, on
+/// any path, takes it off), so a pipeline of big writes to a fast backend cannot pile up
+/// answered-but-unread frames beyond the session's buffer bound.
+#[derive(Debug)]
+struct Retained {
+    frame: Bytes,
+    total: Arc<AtomicUsize>,
+}
+
+impl Retained {
+    fn new(frame: Bytes, total: &Arc<AtomicUsize>) -> Retained {
+        total.fetch_add(frame.len(), Ordering::Relaxed);
+        Retained {
+            frame,
+            total: total.clone(),
+        }
+    }
+}
+
+impl Drop for Retained {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.frame.len(), Ordering::Relaxed);
+    }
 }
 
 /// CLIENT REPLY state, tracked when a command is sent (as Redis applies it).
@@ -474,6 +501,8 @@ struct Session {
     /// A request waiting for the pending queue to drain before the session moves to a
     /// new master (never sent to the old one).
     held: Option<(Request, u32, OnReply, bool)>,
+    /// Bytes of forwarded writes kept for a READONLY retry (`Retained`).
+    retained: Arc<AtomicUsize>,
     /// `Pending::Retry` entries in the queue.
     retrying: usize,
     /// Metric class of the request being handled (`metrics::CLASSES`).
@@ -525,6 +554,7 @@ impl Session {
             watching: false,
             held: None,
             retrying: 0,
+            retained: Arc::new(AtomicUsize::new(0)),
             class: 2,
             read_at: Instant::now(),
             replies_at: Instant::now(),
@@ -564,7 +594,8 @@ impl Session {
                 && self.retrying == 0
                 && self.pending.len() < limits.max_pending
                 && self.to_client.bytes < limits.max_reply_buffer
-                && to_backends < limits.max_reply_buffer;
+                && to_backends < limits.max_reply_buffer
+                && self.retained.load(Ordering::Relaxed) < limits.max_reply_buffer;
             let frame_deadline = match self.partial_since {
                 Some(since) if read_client && !limits.frame_timeout.is_zero() => {
                     Some(tokio::time::Instant::from_std(since + limits.frame_timeout))
@@ -1204,7 +1235,8 @@ impl Session {
             self.pending.push_back(Pending::Backend {
                 remaining: replies,
                 on_reply,
-                retry: (retryable && replies == 1).then_some(req),
+                retry: (retryable && replies == 1)
+                    .then(|| Retained::new(req.frame().clone(), &self.retained)),
                 link: Link::Master,
                 sent: self.read_at,
             });
@@ -1245,13 +1277,13 @@ impl Session {
         let connected = self.connect_to_master().await.is_ok();
         let masterdown = self.shared.masterdown();
         for entry in self.pending.iter_mut() {
-            let Pending::Retry(req) = entry else {
+            let Pending::Retry(retained) = entry else {
                 continue;
             };
             *entry = match (&mut self.backend, connected) {
                 (Some(b), true) => {
                     metrics::readonly_retry();
-                    b.out.push(req.frame().clone());
+                    b.out.push(retained.frame.clone());
                     // No second retry: a master that also says READONLY gets MASTERDOWN.
                     Pending::Backend {
                         remaining: 1,

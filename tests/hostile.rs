@@ -645,6 +645,51 @@ async fn big_value_flood_waits_for_a_busy_backend() {
     expect_stream(&mut reader, b"+PONG\r\n", "flooder PING").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_value_pipeline_to_a_fast_backend_is_bounded() {
+    let redis = RedisServer::start(&[]);
+    let proxy = ProxyProcess::start(&redis, "").await;
+    let mut bystander = proxy.raw().await;
+    set_get(&mut bystander, "bystander", "0").await;
+    let rss_before = proxy.rss();
+
+    // Redis takes everything at once; the client writes the whole pipeline, then reads.
+    // Each forwarded write is kept until its reply (for a READONLY retry): those frames
+    // must count toward the session's bound, or they pile up while the client is read.
+    let flooder = Raw::connect(proxy.addr).await;
+    let (mut reader, mut writer) = flooder.stream.into_split();
+    let writer_task = tokio::spawn(async move {
+        let value = vec![b'w'; BIG_SET_VALUE];
+        for i in 0..BIG_SETS {
+            writer
+                .write_all(&resp(&[b"SET", format!("fast:{i}").as_bytes(), &value]))
+                .await
+                .expect("flood write");
+        }
+        writer
+    });
+    let mut expected = Vec::new();
+    for _ in 0..BIG_SETS {
+        expected.extend_from_slice(b"+OK\r\n");
+    }
+    expect_stream(&mut reader, &expected, "SET replies").await;
+    writer_task.await.expect("writer task");
+    let peak = support::peak_rss_bytes(proxy.pid());
+    eprintln!(
+        "big-value pipeline, fast Redis: {} MiB sent, proxy RSS {:.1} MiB before, peak {:.1} MiB",
+        BIG_SETS * BIG_SET_VALUE / MIB as usize,
+        mib(rss_before),
+        mib(peak)
+    );
+    assert!(
+        peak < rss_before + FLOOD_RSS_GROWTH_BOUND,
+        "proxy peak RSS {:.1} MiB, from {:.1} MiB before the flood",
+        mib(peak),
+        mib(rss_before)
+    );
+    set_get(&mut bystander, "bystander", "1").await;
+}
+
 // ---------------------------------------------------------------------------------------
 // 4. Reply flood: a client asks for big replies and never reads them
 // ---------------------------------------------------------------------------------------

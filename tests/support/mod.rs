@@ -466,6 +466,17 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .expect("VmRSS line")
 }
 
+/// Peak resident set size of a process (`VmHWM`), in bytes.
+pub fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .expect("VmHWM line")
+}
+
 /// The proxy binary as a child process on ephemeral loopback ports, with its admin
 /// listener: its own memory (measurable RSS) and its own file descriptor limit (an
 /// in-process proxy shares the test's, two descriptors per connection). Killed on drop.
