@@ -60,15 +60,17 @@ impl TlsStream {
     }
 
     fn read_some(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        read_space(buf);
+        use std::io::BufRead;
         loop {
-            let start = buf.len();
-            buf.resize(buf.capacity(), 0);
-            let got = self.conn.reader().read(&mut buf[start..]);
-            buf.truncate(start + *got.as_ref().unwrap_or(&0));
-            match got {
-                // 0 = the peer sent close_notify: a clean end of stream.
-                Ok(n) => {
+            // Copy out of rustls's buffer (one record at most): no zero-filling of the
+            // room a parser reserved for a big frame.
+            let mut reader = self.conn.reader();
+            match reader.fill_buf() {
+                // Empty = the peer sent close_notify: a clean end of stream.
+                Ok(chunk) => {
+                    let n = chunk.len();
+                    buf.extend_from_slice(chunk);
+                    reader.consume(n);
                     self.plaintext = n > 0;
                     return Ok(n);
                 }

@@ -149,6 +149,7 @@ pub async fn run(
     }
     probers.close();
     let permits = Arc::new(Semaphore::new(max_clients));
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     let tracker = TaskTracker::new();
     info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "portcullis accepting clients");
 
@@ -175,12 +176,12 @@ pub async fn run(
         if !admitted(protected, peer.ip()) {
             metrics::rejected_connection("protected_mode");
             warn!(%peer, "protected mode: refused a non-loopback client (configure [[users]] or protection.protected_mode = false)");
-            tracker.spawn(refuse(stream, PROTECTED_REPLY, shared.clone()));
+            refuse(&tracker, &refusals, stream, PROTECTED_REPLY, &shared);
             continue;
         }
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             metrics::rejected_connection("max_clients");
-            tracker.spawn(refuse(stream, MAX_CLIENTS_REPLY, shared.clone()));
+            refuse(&tracker, &refusals, stream, MAX_CLIENTS_REPLY, &shared);
             continue;
         };
         let shared = shared.clone();
@@ -265,20 +266,37 @@ fn apply_backends(
     }
 }
 
-/// Tell a refused client why, as Redis does (over TLS on a TLS listener), and close.
-async fn refuse(tcp: TcpStream, reply: &'static [u8], shared: Arc<Shared>) {
+/// Refusals explained at once; past this, refused connections are closed without a
+/// word, so a flood of them cannot hold file descriptors (a TLS refusal costs a handshake
+/// and up to a second).
+const MAX_REFUSALS: usize = 64;
+
+/// Tell a refused client why, as Redis does (over TLS on a TLS listener), and close; or
+/// just close when `MAX_REFUSALS` are already being told.
+fn refuse(
+    tracker: &TaskTracker,
+    refusals: &Arc<Semaphore>,
+    tcp: TcpStream,
+    reply: &'static [u8],
+    shared: &Shared,
+) {
     const BOUND: Duration = Duration::from_secs(1);
-    let tls = shared.runtime.load().client_tls.clone();
-    drop(shared);
-    let mut stream = match tls {
-        None => Stream::Plain(tcp),
-        Some(tls) => match tokio::time::timeout(BOUND, tls.accept(tcp)).await {
-            Ok(Ok(stream)) => stream,
-            _ => return,
-        },
+    let Ok(permit) = refusals.clone().try_acquire_owned() else {
+        return;
     };
-    let _ = tokio::time::timeout(BOUND, stream.write_all(reply)).await;
-    stream.close();
+    let tls = shared.runtime.load().client_tls.clone();
+    tracker.spawn(async move {
+        let mut stream = match tls {
+            None => Stream::Plain(tcp),
+            Some(tls) => match tokio::time::timeout(BOUND, tls.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                _ => return,
+            },
+        };
+        let _ = tokio::time::timeout(BOUND, stream.write_all(reply)).await;
+        stream.close();
+        drop(permit);
+    });
 }
 
 /// Protected mode admits only loopback clients (IPv4 127.0.0.0/8, IPv6 ::1, and

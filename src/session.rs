@@ -575,6 +575,12 @@ impl Session {
                 if let Some(end) = self.after_replies().await {
                     return end;
                 }
+                // Requests already buffered behind them: no socket event may come.
+                if !self.client_buf.is_empty() {
+                    if let Some(end) = self.parse_buffered().await {
+                        return end;
+                    }
+                }
             }
             // End only once every reply owed before the end has been written.
             if self.to_client.is_empty() && self.pending.is_empty() && !client.wants_flush() {
@@ -594,8 +600,7 @@ impl Session {
                 && self.retrying == 0
                 && self.pending.len() < limits.max_pending
                 && self.to_client.bytes < limits.max_reply_buffer
-                && to_backends < limits.max_reply_buffer
-                && self.retained.load(Ordering::Relaxed) < limits.max_reply_buffer;
+                && to_backends < limits.max_reply_buffer;
             let frame_deadline = match self.partial_since {
                 Some(since) if read_client && !limits.frame_timeout.is_zero() => {
                     Some(tokio::time::Instant::from_std(since + limits.frame_timeout))
@@ -666,9 +671,8 @@ impl Session {
                     // Drain: stop reading the client, finish what is in flight.
                     self.draining = true;
                     self.client_done = true;
-                    if self.pending.is_empty() {
-                        return SessionEnd::Shutdown;
-                    }
+                    // The end check at the top waits for replies already answered but
+                    // not yet written, too (bounded by the server's shutdown grace).
                     self.end.get_or_insert(SessionEnd::Shutdown);
                 }
             }
@@ -724,6 +728,10 @@ impl Session {
                 self.shared.hot.bytes_in.increment(n as u64);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            // A TLS client that closed without close_notify (common; not an attack).
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Some(SessionEnd::ClientClosed)
+            }
             Err(e) => return Some(SessionEnd::ClientIo(e)),
         }
         self.parse_buffered().await
@@ -1235,7 +1243,13 @@ impl Session {
             self.pending.push_back(Pending::Backend {
                 remaining: replies,
                 on_reply,
-                retry: (retryable && replies == 1)
+                // Kept for a READONLY retry up to the session's buffer bound; past it a
+                // READONLY answer becomes MASTERDOWN (not applied either way), so a
+                // big-value pipeline cannot pin its frames until their replies.
+                retry: (retryable
+                    && replies == 1
+                    && self.retained.load(Ordering::Relaxed)
+                        < self.rt.config.limits.max_reply_buffer)
                     .then(|| Retained::new(req.frame().clone(), &self.retained)),
                 link: Link::Master,
                 sent: self.read_at,

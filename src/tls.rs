@@ -121,7 +121,7 @@ impl ClientTls {
         };
         let config = builder
             .with_single_cert(chain, key)
-            .map_err(invalid("tls.key"))?;
+            .map_err(invalid("tls.cert/tls.key"))?;
         Ok(ClientTls {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             handshake_timeout: cfg.handshake_timeout,
@@ -170,7 +170,7 @@ impl BackendTls {
                     certs("backend_tls.cert", cert)?,
                     key("backend_tls.key", key_path)?,
                 )
-                .map_err(invalid("backend_tls.key"))?,
+                .map_err(invalid("backend_tls.cert/backend_tls.key"))?,
             _ => builder.with_no_client_auth(),
         };
         let server_name = match &cfg.server_name {

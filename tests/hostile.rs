@@ -780,3 +780,65 @@ async fn reply_flood_is_bounded_by_max_reply_buffer() {
     ping(&mut flooder).await;
     set_get(&mut bystander, "bystander", "1").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_behind_a_blocked_command_and_big_writes_is_noticed() {
+    let redis = RedisServer::start(&[]);
+    let proxy = Proxy::start(&[&redis]).await;
+    let mut direct = redis.direct().await;
+    // BLPOP blocks every reply behind it; 12 MiB of writes follow (more than the
+    // session's buffer bound), then the client goes away.
+    let mut c = proxy.raw().await;
+    let mut batch = resp(&[b"BLPOP", b"gone:q", b"0"]);
+    let value = vec![b'g'; 1024 * 1024];
+    for i in 0..12 {
+        batch.extend_from_slice(&resp(&[b"SET", format!("gone:{i}").as_bytes(), &value]));
+    }
+    c.send(&batch).await;
+    // Redis reads a blocked client's pipeline into its query buffer (runs none of it).
+    support::wait_until("the writes reach Redis's query buffer", || {
+        let mut direct = direct.clone();
+        async move {
+            let list: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .query_async(&mut direct)
+                .await
+                .unwrap_or_default();
+            list.lines().any(|l| {
+                l.contains("cmd=blpop")
+                    && l.split_whitespace()
+                        .filter_map(|f| f.strip_prefix("qbuf="))
+                        .filter_map(|v| v.parse::<u64>().ok())
+                        .any(|q| q > 11 * 1024 * 1024)
+            })
+        }
+    })
+    .await;
+    drop(c);
+    // The session sees the close and drops its backend connection, so the BLPOP is not
+    // left to pop an element for a client that no longer exists.
+    support::wait_until("the blocked backend connection is closed", || {
+        let mut direct = direct.clone();
+        async move {
+            let info: String = redis::cmd("INFO")
+                .arg("clients")
+                .query_async(&mut direct)
+                .await
+                .unwrap_or_default();
+            info.contains("blocked_clients:0")
+        }
+    })
+    .await;
+    let _: i64 = redis::cmd("LPUSH")
+        .arg("gone:q")
+        .arg("x")
+        .query_async(&mut direct)
+        .await
+        .expect("LPUSH");
+    let len: i64 = redis::cmd("LLEN")
+        .arg("gone:q")
+        .query_async(&mut direct)
+        .await
+        .expect("LLEN");
+    assert_eq!(len, 1, "an element was popped for a gone client");
+}

@@ -196,3 +196,44 @@ async fn draining_sessions_wait_without_spinning() {
     );
     let _ = &mut direct;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_writing_answered_replies() {
+    let redis = RedisServer::start(&[]);
+    let proxy = Proxy::start_with(config(&redis)).await;
+    let value = vec![b'r'; 4 * 1024 * 1024];
+    let mut direct = redis.direct().await;
+    let _: () = redis::cmd("SET")
+        .arg("drain:big")
+        .arg(&value)
+        .query_async(&mut direct)
+        .await
+        .expect("SET");
+    // A client with a small receive window asks for 4 MiB and does not read yet: the
+    // whole reply is at the proxy (nothing pending at Redis) when shutdown starts.
+    let mut c = support::Raw::connect_with_recv_buffer(proxy.addr, 64 * 1024).await;
+    c.send(&resp(&[b"GET", b"drain:big"])).await;
+    support::wait_until("Redis has answered the GET", || {
+        let mut direct = direct.clone();
+        async move {
+            let stats: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut direct)
+                .await
+                .unwrap_or_default();
+            stats.contains("cmdstat_get:calls=1,")
+        }
+    })
+    .await;
+    proxy.shutdown.cancel();
+    let mut expected = format!("${}\r\n", value.len()).into_bytes();
+    expected.extend_from_slice(&value);
+    expected.extend_from_slice(b"\r\n");
+    let got = c.read_to_close().await;
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "the reply is cut short by shutdown"
+    );
+    assert!(got == expected);
+}

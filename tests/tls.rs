@@ -258,6 +258,20 @@ async fn tls_clients_are_served_and_plain_ones_are_not() {
     let got = tls.read_exact_len(expected.len()).await;
     assert!(got == expected, "big value round trip over TLS differs");
 
+    // A value far beyond one TLS record and every buffer, both ways: each read hands out
+    // at most a record, so any per-read cost proportional to the frame shows up here.
+    let huge = vec![b'h'; 48 * 1024 * 1024];
+    tls.send(&resp(&[b"SET", b"tls:huge", &huge])).await;
+    tls.expect(b"+OK\r\n").await;
+    tls.send(&resp(&[b"STRLEN", b"tls:huge"])).await;
+    tls.expect(format!(":{}\r\n", huge.len()).as_bytes()).await;
+    tls.send(&resp(&[b"GET", b"tls:huge"])).await;
+    let mut expected = format!("${}\r\n", huge.len()).into_bytes();
+    expected.extend_from_slice(&huge);
+    expected.extend_from_slice(b"\r\n");
+    let got = tls.read_exact_len(expected.len()).await;
+    assert!(got == expected, "48 MiB value round trip over TLS differs");
+
     // QUIT: +OK, then the proxy closes.
     tls.send(&resp(&[b"QUIT"])).await;
     assert_eq!(tls.read_to_close().await, b"+OK\r\n");
