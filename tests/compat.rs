@@ -230,7 +230,7 @@ async fn blocking_commands_and_disconnect_while_blocked() {
     blocked.send(&resp(&[b"BLPOP", b"q", b"0"])).await;
     let mut direct = redis.direct().await;
     // Wait until Redis sees the blocked client (an event, not a sleep).
-    wait_for_blocked(&mut direct, 1).await;
+    support::wait_for_blocked(&mut direct, 1).await;
     let mut c = proxy.client().await;
     let _: i64 = c.rpush("q", "job").await.unwrap();
     blocked.expect(b"*2\r\n$1\r\nq\r\n$3\r\njob\r\n").await;
@@ -241,9 +241,9 @@ async fn blocking_commands_and_disconnect_while_blocked() {
     // A client that disconnects while blocked must not consume a later push.
     let mut gone = proxy.raw().await;
     gone.send(&resp(&[b"BLPOP", b"q2", b"0"])).await;
-    wait_for_blocked(&mut direct, 1).await;
+    support::wait_for_blocked(&mut direct, 1).await;
     drop(gone);
-    wait_for_blocked(&mut direct, 0).await;
+    support::wait_for_blocked(&mut direct, 0).await;
     let _: i64 = c.rpush("q2", "keep").await.unwrap();
     let len: i64 = direct.llen("q2").await.unwrap();
     assert_eq!(len, 1);
@@ -252,7 +252,7 @@ async fn blocking_commands_and_disconnect_while_blocked() {
     blocked
         .send(&resp(&[b"XREAD", b"BLOCK", b"0", b"STREAMS", b"st", b"$"]))
         .await;
-    wait_for_blocked(&mut direct, 1).await;
+    support::wait_for_blocked(&mut direct, 1).await;
     let _: String = c.xadd("st", "*", &[("f", "v")]).await.unwrap();
     let head = blocked.read_exact_len(4).await;
     assert_eq!(head, b"*1\r\n");
@@ -264,30 +264,6 @@ async fn blocking_commands_and_disconnect_while_blocked() {
         .await
         .unwrap();
     assert_eq!(n, 0);
-}
-
-async fn wait_for_blocked(direct: &mut redis::aio::MultiplexedConnection, n: usize) {
-    let deadline = tokio::time::Instant::now() + support::WAIT;
-    loop {
-        let info: String = redis::cmd("INFO")
-            .arg("clients")
-            .query_async(direct)
-            .await
-            .unwrap();
-        let blocked = info
-            .lines()
-            .find_map(|l| l.strip_prefix("blocked_clients:"))
-            .and_then(|v| v.trim().parse::<usize>().ok());
-        if blocked == Some(n) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "blocked_clients never reached {n}: {info}"
-        );
-        tokio::task::yield_now().await;
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -155,6 +155,25 @@ async fn peak_rss(proxy: &ProxyProcess, samples: usize) -> u64 {
     peak
 }
 
+/// Wait until the proxy stops reading (the `bytes_in` counter holds still over 200 ms);
+/// returns the counter's value then.
+async fn reading_stopped(proxy: &ProxyProcess, bytes_in: &str) -> f64 {
+    let mut last = -1.0;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = proxy.metric(bytes_in).await;
+        if now == last {
+            return now;
+        }
+        last = now;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the proxy never stopped reading"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Sum of `omem=` (reply bytes Redis holds for clients that do not read) over `CLIENT LIST`.
 async fn redis_output_buffers(c: &mut redis::aio::MultiplexedConnection) -> u64 {
     let list: String = redis::cmd("CLIENT")
@@ -493,20 +512,7 @@ async fn request_flood_is_back_pressured_and_loses_nothing() {
     });
 
     // Wait until the proxy stops reading: its received byte count stops moving.
-    let mut last = -1.0;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let now = proxy.metric(bytes_in).await;
-        if now == last {
-            break;
-        }
-        last = now;
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the proxy never stopped reading"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let last = reading_stopped(&proxy, bytes_in).await;
     let read = last - in_before;
     let rss_flooded = peak_rss(&proxy, 10).await;
     eprintln!(
@@ -590,20 +596,7 @@ async fn big_value_flood_waits_for_a_busy_backend() {
 
     // The proxy stops reading the flooder once max_reply_buffer of its requests wait for
     // Redis, instead of taking the pipeline into memory.
-    let mut last = -1.0;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let now = proxy.metric(bytes_in).await;
-        if now == last {
-            break;
-        }
-        last = now;
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the proxy never stopped reading"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let last = reading_stopped(&proxy, bytes_in).await;
     let read = (last - in_before) as u64;
     let rss_flooded = peak_rss(&proxy, 4).await;
     eprintln!(
@@ -817,18 +810,7 @@ async fn a_client_gone_behind_a_blocked_command_and_big_writes_is_noticed() {
     drop(c);
     // The session sees the close and drops its backend connection, so the BLPOP is not
     // left to pop an element for a client that no longer exists.
-    support::wait_until("the blocked backend connection is closed", || {
-        let mut direct = direct.clone();
-        async move {
-            let info: String = redis::cmd("INFO")
-                .arg("clients")
-                .query_async(&mut direct)
-                .await
-                .unwrap_or_default();
-            info.contains("blocked_clients:0")
-        }
-    })
-    .await;
+    support::wait_for_blocked(&mut direct, 0).await;
     let _: i64 = redis::cmd("LPUSH")
         .arg("gone:q")
         .arg("x")

@@ -68,23 +68,7 @@ async fn shutdown_drains_a_pipelined_batch() {
     batch.extend(resp(&[b"BLPOP", b"never", b"0.3"]));
     c.send(&batch).await;
     // When Redis has the BLPOP blocked, the whole batch was read and sent.
-    let mut direct = redis.direct().await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let info: String = redis::cmd("INFO")
-            .arg("clients")
-            .query_async(&mut direct)
-            .await
-            .unwrap();
-        if info.contains("blocked_clients:1") {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "BLPOP never blocked"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    support::wait_for_blocked(&mut redis.direct().await, 1).await;
     proxy.shutdown.cancel();
     let mut expected = Vec::new();
     for i in 1..=5000 {
@@ -170,19 +154,7 @@ async fn draining_sessions_wait_without_spinning() {
     let proxy = Proxy::start_with(config(&redis)).await;
     let mut c = proxy.raw().await;
     c.send(&resp(&[b"BLPOP", b"never", b"1"])).await;
-    let mut direct = redis.direct().await;
-    support::wait_until("BLPOP blocks", || {
-        let mut direct = direct.clone();
-        async move {
-            let info: String = redis::cmd("INFO")
-                .arg("clients")
-                .query_async(&mut direct)
-                .await
-                .unwrap_or_default();
-            info.contains("blocked_clients:1")
-        }
-    })
-    .await;
+    support::wait_for_blocked(&mut redis.direct().await, 1).await;
     let before = process_cpu();
     proxy.shutdown.cancel();
     // The blocked command still gets its answer (nil after 1 s), then the close.
@@ -194,7 +166,6 @@ async fn draining_sessions_wait_without_spinning() {
         used < Duration::from_millis(500),
         "draining used {used:?} of CPU in about one second"
     );
-    let _ = &mut direct;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -603,29 +603,7 @@ async fn backend_death_answers_errors_and_never_hangs() {
     ping(&mut c).await;
     c.send(b"BLPOP q 0\r\n").await;
     // Make sure the BLPOP reached redis before killing it.
-    {
-        let mut conn = redis.direct().await;
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let n: i64 = redis::cmd("INFO")
-                .arg("clients")
-                .query_async::<String>(&mut conn)
-                .await
-                .expect("INFO")
-                .lines()
-                .find_map(|l| l.strip_prefix("blocked_clients:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if n >= 1 {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "BLPOP never blocked"
-            );
-            tokio::task::yield_now().await;
-        }
-    }
+    support::wait_for_blocked(&mut redis.direct().await, 1).await;
     redis.kill();
 
     let line = c.read_to_line().await;

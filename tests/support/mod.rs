@@ -455,26 +455,49 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
-/// Resident memory of a process in bytes (`VmRSS` in `/proc/<pid>/status`).
-pub fn rss_bytes(pid: u32) -> u64 {
+/// A `/proc/<pid>/status` memory field (`VmRSS`, `VmHWM`, ...) in bytes.
+fn proc_status_bytes(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kib| kib * 1024)
-        .expect("VmRSS line")
+        .unwrap_or_else(|| panic!("{field} line in /proc/{pid}/status"))
 }
 
-/// Peak resident set size of a process (`VmHWM`), in bytes.
+/// Resident memory of a process in bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    proc_status_bytes(pid, "VmRSS")
+}
+
+/// Peak resident set size of a process in bytes.
 pub fn peak_rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kib| kib * 1024)
-        .expect("VmHWM line")
+    proc_status_bytes(pid, "VmHWM")
+}
+
+/// Wait until Redis reports exactly `n` blocked clients (`INFO clients`).
+pub async fn wait_for_blocked(direct: &mut redis::aio::MultiplexedConnection, n: usize) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("clients")
+            .query_async(direct)
+            .await
+            .expect("INFO clients");
+        let blocked = info
+            .lines()
+            .find_map(|l| l.strip_prefix("blocked_clients:"))
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        if blocked == Some(n) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "blocked_clients never reached {n}: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// The proxy binary as a child process on ephemeral loopback ports, with its admin
