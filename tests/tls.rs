@@ -617,3 +617,91 @@ fn check_config_loads_the_certificates() {
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(stderr.contains("tls.key"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_rs_client_with_tls_client_certificate_and_auth() {
+    use sha2::{Digest, Sha256};
+    let redis = RedisServer::start(&[]);
+    let pki = Pki::new();
+    let mut config = tls_proxy_config(&redis, pki.listener("server", Some("ca")));
+    config.users = vec![portcullis::auth::UserConfig {
+        name: "app".into(),
+        password_sha256: format!("{:x}", Sha256::digest(b"app-secret")),
+        allow: Vec::new(),
+        deny: Vec::new(),
+    }];
+    let proxy = Proxy::start_with(config).await;
+    let read = |path: PathBuf| std::fs::read(path).expect("read PEM");
+    let certs = |client: bool| redis::TlsCertificates {
+        client_tls: client.then(|| redis::ClientTlsConfig {
+            client_cert: read(pki.cert("client")),
+            client_key: read(pki.key("client")),
+        }),
+        root_cert: Some(read(pki.cert("ca"))),
+    };
+    let port = proxy.addr.port();
+
+    // The application's client: rediss:// with the proxy's CA, its client certificate,
+    // and AUTH as a proxy user (HELLO 3 AUTH, as redis-rs sends it for RESP3 URLs).
+    let url = format!("rediss://app:app-secret@127.0.0.1:{port}/?protocol=resp3");
+    let client = redis::Client::build_with_tls(url.as_str(), certs(true)).expect("TLS client");
+    let mut c = tokio::time::timeout(WAIT, client.get_multiplexed_async_connection())
+        .await
+        .expect("connect in time")
+        .expect("TLS + AUTH through the proxy");
+    let _: () = redis::cmd("SET")
+        .arg("rs:k")
+        .arg("v")
+        .query_async(&mut c)
+        .await
+        .expect("SET");
+    let v: String = redis::cmd("GET")
+        .arg("rs:k")
+        .query_async(&mut c)
+        .await
+        .expect("GET");
+    assert_eq!(v, "v");
+    let err = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("dir")
+        .arg("/tmp")
+        .query_async::<()>(&mut c)
+        .await
+        .expect_err("CONFIG SET dir is refused");
+    assert_eq!(err.code(), Some("NOPERM"), "{err}");
+
+    // Wrong password: refused at the proxy (redis-rs reports WRONGPASS as an
+    // authentication failure).
+    let bad = format!("rediss://app:nope@127.0.0.1:{port}/");
+    let client = redis::Client::build_with_tls(bad.as_str(), certs(true)).expect("TLS client");
+    let err = match tokio::time::timeout(WAIT, client.get_multiplexed_async_connection())
+        .await
+        .expect("answer in time")
+    {
+        Ok(mut c) => redis::cmd("PING")
+            .query_async::<String>(&mut c)
+            .await
+            .expect_err("unauthenticated PING"),
+        Err(e) => e,
+    };
+    assert!(
+        err.kind() == redis::ErrorKind::AuthenticationFailed
+            || err.to_string().contains("WRONGPASS"),
+        "{err}"
+    );
+
+    // No client certificate: the handshake (or the first exchange) fails.
+    let url = format!("rediss://app:app-secret@127.0.0.1:{port}/");
+    let client = redis::Client::build_with_tls(url.as_str(), certs(false)).expect("TLS client");
+    let refused = match tokio::time::timeout(WAIT, client.get_multiplexed_async_connection())
+        .await
+        .expect("answer in time")
+    {
+        Err(_) => true,
+        Ok(mut c) => redis::cmd("PING")
+            .query_async::<String>(&mut c)
+            .await
+            .is_err(),
+    };
+    assert!(refused, "served without a client certificate");
+}
