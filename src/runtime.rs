@@ -62,6 +62,17 @@ impl Runtime {
         })
     }
 
+    /// Protected mode is in force: no one authenticates at the proxy (no `[[users]]`,
+    /// no required client certificates), so only loopback clients are admitted.
+    pub fn protected(&self) -> bool {
+        self.config.protection.protected_mode
+            && !self.users.enabled()
+            && !self
+                .client_tls
+                .as_ref()
+                .is_some_and(ClientTls::verifies_clients)
+    }
+
     /// Parser limits; before authentication, Redis's pre-auth bounds (CVE-2021-32675).
     pub fn request_limits(&self, authenticated: bool) -> RequestLimits {
         let l = &self.config.limits;
@@ -142,5 +153,65 @@ pub fn reload(current: &ArcSwap<Runtime>, mut new: Config) -> Result<u64, Runtim
             warn!(error = %e, "config reload rejected; the running config stays");
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BackendConfig, TlsConfig};
+
+    fn config() -> Config {
+        Config {
+            backends: vec![BackendConfig::from_address("127.0.0.1:6379")],
+            ..Config::default()
+        }
+    }
+
+    /// A self-signed certificate and key in `dir`: (cert, key) paths.
+    fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let (c, k) = (dir.join("c.pem"), dir.join("k.pem"));
+        std::fs::write(&c, cert.pem()).expect("write cert");
+        std::fs::write(&k, key.serialize_pem()).expect("write key");
+        (c, k)
+    }
+
+    #[test]
+    fn protected_mode_needs_someone_to_authenticate() {
+        let protected = |c: Config| Runtime::build(c, 0).expect("valid").protected();
+        assert!(protected(config()), "no users, no client certificates");
+
+        let mut off = config();
+        off.protection.protected_mode = false;
+        assert!(!protected(off));
+
+        let mut users = config();
+        users.users = vec![crate::auth::UserConfig {
+            name: "app".into(),
+            password_sha256: "0".repeat(64),
+            allow: Vec::new(),
+            deny: Vec::new(),
+        }];
+        assert!(!protected(users), "AUTH at the proxy");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = self_signed(dir.path());
+        let tls = |client_ca| TlsConfig {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca,
+            handshake_timeout: std::time::Duration::from_secs(1),
+        };
+        let mut server_only = config();
+        server_only.tls = Some(tls(None));
+        assert!(protected(server_only), "TLS alone authenticates no one");
+        let mut mutual = config();
+        mutual.tls = Some(tls(Some(cert.clone())));
+        assert!(!protected(mutual), "required client certificates");
     }
 }

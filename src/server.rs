@@ -25,7 +25,7 @@ use crate::session::{self, Shared};
 /// Redis's answer when `maxclients` is reached.
 const MAX_CLIENTS_REPLY: &[u8] = b"-ERR max number of clients reached\r\n";
 /// Answer to a non-loopback client in protected mode, then close (as Redis does).
-const PROTECTED_REPLY: &[u8] = b"-DENIED portcullis is running in protected mode because no [[users]] are configured: only loopback clients are accepted. Configure [[users]] (AUTH at the proxy) or set protection.protected_mode = false (--protected-mode false) if the network already restricts who can connect.\r\n";
+const PROTECTED_REPLY: &[u8] = b"-DENIED portcullis is running in protected mode because no [[users]] are configured: only loopback clients are accepted. Configure [[users]] (AUTH at the proxy), require client certificates (tls.client_ca), or set protection.protected_mode = false (--protected-mode false) if the network already restricts who can connect.\r\n";
 
 /// Why the proxy could not run.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +62,6 @@ pub async fn run(
     } = control;
     let runtime = Runtime::build(config, 0)?;
     let config = &runtime.config;
-    let protected = config.protection.protected_mode && !runtime.users.enabled();
     let max_clients = config.limits.max_clients;
     let grace = config.shutdown.grace;
     let topology = TopologyStore::new(
@@ -173,7 +172,8 @@ pub async fn run(
             }
         };
         let _ = stream.set_nodelay(true);
-        if !admitted(protected, peer.ip()) {
+        // Read per connection: a reload that adds users (or client certificates) lifts it.
+        if !admitted(shared.runtime.load().protected(), peer.ip()) {
             metrics::rejected_connection("protected_mode");
             warn!(%peer, "protected mode: refused a non-loopback client (configure [[users]] or protection.protected_mode = false)");
             refuse(&tracker, &refusals, stream, PROTECTED_REPLY, &shared);

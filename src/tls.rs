@@ -87,6 +87,8 @@ fn invalid(field: &'static str) -> impl Fn(rustls::Error) -> TlsError {
 pub struct ClientTls {
     acceptor: TlsAcceptor,
     handshake_timeout: Duration,
+    /// `client_ca` is set: every client proves itself with a certificate.
+    verifies_clients: bool,
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -125,7 +127,13 @@ impl ClientTls {
         Ok(ClientTls {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             handshake_timeout: cfg.handshake_timeout,
+            verifies_clients: cfg.client_ca.is_some(),
         })
+    }
+
+    /// Clients must present a certificate from `tls.client_ca`.
+    pub fn verifies_clients(&self) -> bool {
+        self.verifies_clients
     }
 
     /// Run the server side of the handshake within `tls.handshake_timeout`.
