@@ -18,12 +18,14 @@
 #   NOFILE [30000]    ulimit -n for this script, redis and the proxy (capped at the hard limit)
 #   PORTCULLIS_BIN    [${CARGO_TARGET_DIR:-target}/release/portcullis]; built when missing
 #   KEEP_TMP [0]      1: keep the temp dir (logs, config)
+#   TLS [0]           1: clients connect with TLS (handshake done, then idle); needs openssl
 
 set -Eeuo pipefail
 
 CONNS=${CONNS:-10000}
 NOFILE=${NOFILE:-30000}
 KEEP_TMP=${KEEP_TMP:-0}
+TLS=${TLS:-0}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PORTCULLIS_BIN=${PORTCULLIS_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/portcullis}
 
@@ -71,12 +73,13 @@ wait_pong() {  # wait_pong PORT PID NAME (20 s deadline)
   local port=$1 pid=$2 name=$3 deadline=$((SECONDS + 20))
   while (( SECONDS < deadline )); do
     kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) exited: $(tail -5 "$TMP/$name.log" 2>/dev/null)"
-    [[ "$(timeout 2 redis-cli -h 127.0.0.1 -p "$port" PING 2>/dev/null)" == PONG ]] && return 0
+    [[ "$(timeout 2 redis-cli -h 127.0.0.1 -p "$port" "${CLI_TLS[@]}" PING 2>/dev/null)" == PONG ]] && return 0
     sleep 0.05
   done
   die "$name on port $port never answered PONG"
 }
 
+CLI_TLS=()
 REDIS_PORT=$(free_port)
 redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no --daemonize no \
   --maxclients $((CONNS + 1000)) --dir "$TMP" --logfile "$TMP/redis.log" >/dev/null 2>&1 &
@@ -88,17 +91,32 @@ cat >"$TMP/portcullis.toml" <<EOF
 [limits]
 max_clients = $((CONNS + 1000))
 EOF
+CA=""
+if [[ "$TLS" == 1 ]]; then
+  command -v openssl >/dev/null || die "TLS=1 needs openssl"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+    -subj /CN=idle-ca -keyout "$TMP/ca.key" -out "$TMP/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
+    -keyout "$TMP/server.key" -out "$TMP/server.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$TMP/san.ext"
+  openssl x509 -req -in "$TMP/server.csr" -CA "$TMP/ca.pem" -CAkey "$TMP/ca.key" \
+    -CAcreateserial -days 1 -extfile "$TMP/san.ext" -out "$TMP/server.pem" 2>/dev/null
+  printf '[tls]\ncert = "%s"\nkey = "%s"\n' "$TMP/server.pem" "$TMP/server.key" >>"$TMP/portcullis.toml"
+  CA="$TMP/ca.pem"
+fi
 PROXY_PORT=$(free_port)
 "$PORTCULLIS_BIN" --config "$TMP/portcullis.toml" --listen "127.0.0.1:$PROXY_PORT" \
   --backend "127.0.0.1:$REDIS_PORT" --admin-listen '' --log-level warn >"$TMP/proxy.log" 2>&1 &
 PROXY_PID=$!; PIDS+=("$PROXY_PID")
+[[ "$TLS" == 1 ]] && CLI_TLS=(--tls --cacert "$CA")
 wait_pong "$PROXY_PORT" "$PROXY_PID" proxy
 log "redis pid $REDIS_PID :$REDIS_PORT, portcullis pid $PROXY_PID :$PROXY_PORT, $CONNS connections"
 
-python3 - "$PROXY_PID" "$PROXY_PORT" "$CONNS" <<'PY'
-import os, socket, sys, time
+python3 - "$PROXY_PID" "$PROXY_PORT" "$CONNS" "$CA" <<'PY'
+import os, socket, ssl, sys, time
 
 pid, port, total = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+tls = ssl.create_default_context(cafile=sys.argv[4]) if sys.argv[4] else None
 half = total // 2
 
 def rss_kib():
@@ -130,6 +148,8 @@ def settle(min_fds, deadline_s=60):
 def connect():
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls:
+        s = tls.wrap_socket(s, server_hostname="localhost")  # handshake completes here
     return s
 
 def read_exact(s, want):
@@ -160,7 +180,7 @@ fd2 = nfds()
 
 n_p = total - half
 print()
-print(f"portcullis idle connections: {total} ({half} silent, {n_p} after one PING); fds {fd0} -> {fd2}")
+print(f"portcullis idle connections{' (TLS)' if tls else ''}: {total} ({half} silent, {n_p} after one PING); fds {fd0} -> {fd2}")
 print()
 print("| phase | connections | proxy VmRSS KiB | delta KiB | KiB per connection |")
 print("|---|---:|---:|---:|---:|")
