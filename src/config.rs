@@ -238,6 +238,11 @@ pub struct SentinelConfig {
     pub backend_username: Option<String>,
     #[serde(default)]
     pub backend_password: Option<String>,
+    /// Connect to the Sentinels with TLS, using `[backend_tls]` (its CA and client
+    /// certificate; each Sentinel address's host, or `backend_tls.server_name`, is the
+    /// name verified).
+    #[serde(default)]
+    pub tls: bool,
 }
 
 impl std::fmt::Debug for SentinelConfig {
@@ -250,6 +255,7 @@ impl std::fmt::Debug for SentinelConfig {
             .field("password", &redact(&self.password))
             .field("backend_username", &self.backend_username)
             .field("backend_password", &redact(&self.backend_password))
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -446,6 +452,12 @@ impl Config {
             }
             if s.master_name.is_empty() {
                 return Err(invalid("sentinel.master_name", "must not be empty"));
+            }
+            if s.tls && self.backend_tls.is_none() {
+                return Err(invalid(
+                    "sentinel.tls",
+                    "needs a [backend_tls] section (its CA verifies the Sentinels)",
+                ));
             }
         }
         if self.backends.is_empty() && self.sentinel.is_none() {

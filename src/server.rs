@@ -97,8 +97,14 @@ pub async fn run(
     }
     if let Some(sentinel_cfg) = config.sentinel.clone() {
         topology.update_all(|t| t.sentinel_master = Some(None));
+        let tls = if sentinel_cfg.tls {
+            runtime.backend_tls.clone()
+        } else {
+            None
+        };
         probers.spawn(sentinel::run(
             sentinel_cfg,
+            tls,
             topology.clone(),
             spawner.clone(),
             config.probe.interval,

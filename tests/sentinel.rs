@@ -36,6 +36,7 @@ async fn sentinel_failover_moves_writes_without_readonly() {
             password: None,
             backend_username: None,
             backend_password: None,
+            tls: false,
         }),
         ..Config::default()
     };

@@ -705,3 +705,63 @@ async fn redis_rs_client_with_tls_client_certificate_and_auth() {
     };
     assert!(refused, "served without a client certificate");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_over_tls_names_a_tls_master() {
+    let pki = Pki::new();
+    let (master, tls_port) = tls_redis(&pki);
+    let sentinel_tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    // The Sentinel monitors the master's TLS port over TLS and serves TLS itself.
+    let sentinel = support::start_sentinel_with(
+        "tlsmaster",
+        tls_port,
+        &format!(
+            "tls-port {sentinel_tls_port}\ntls-cert-file {}\ntls-key-file {}\n\
+             tls-ca-cert-file {}\ntls-replication yes\n\
+             tls-client-cert-file {}\ntls-client-key-file {}\n",
+            pki.path("server"),
+            pki.key_path("server"),
+            pki.path("ca"),
+            pki.path("client"),
+            pki.key_path("client"),
+        ),
+    );
+    let mut config = Config {
+        sentinel: Some(portcullis::config::SentinelConfig {
+            addresses: vec![format!("127.0.0.1:{sentinel_tls_port}")],
+            master_name: "tlsmaster".into(),
+            username: None,
+            password: None,
+            backend_username: None,
+            backend_password: None,
+            tls: true,
+        }),
+        backend_tls: Some(BackendTlsConfig {
+            ca: pki.cert("ca"),
+            server_name: None,
+            cert: Some(pki.cert("client")),
+            key: Some(pki.key("client")),
+        }),
+        ..Config::default()
+    };
+    config.routing.failover_wait = WAIT;
+    let proxy = Proxy::start_with(config).await;
+    let mut c = proxy.client().await;
+    let _: () = redis::cmd("SET")
+        .arg("sentinel:tls")
+        .arg("v")
+        .query_async(&mut c)
+        .await
+        .expect("SET via a Sentinel-named master, all over TLS");
+    let mut direct = master.direct().await;
+    let v: Option<String> = redis::cmd("GET")
+        .arg("sentinel:tls")
+        .query_async(&mut direct)
+        .await
+        .expect("direct GET");
+    assert_eq!(v.as_deref(), Some("v"));
+    drop(sentinel);
+}

@@ -16,6 +16,7 @@ use crate::backend::{read_reply, BackendLink, Handshake, TopologyStore};
 use crate::config::{BackendConfig, SentinelConfig};
 use crate::net::Stream;
 use crate::protocol::{Item, Reply, ReplyLimits, ReplyScanner, Request};
+use crate::tls::BackendTls;
 
 /// Called with each newly discovered backend's index and config: starts its prober.
 pub type SpawnProber = Arc<dyn Fn(usize, BackendConfig) + Send + Sync>;
@@ -23,6 +24,7 @@ pub type SpawnProber = Arc<dyn Fn(usize, BackendConfig) + Send + Sync>;
 /// Poll Sentinel every `interval` (and at once on `+switch-master`) until shutdown.
 pub async fn run(
     cfg: SentinelConfig,
+    tls: Option<Arc<BackendTls>>,
     store: Arc<TopologyStore>,
     spawn: SpawnProber,
     interval: Duration,
@@ -32,6 +34,7 @@ pub async fn run(
     let switched = Arc::new(Notify::new());
     tokio::spawn(watch_switch(
         cfg.clone(),
+        tls.clone(),
         switched.clone(),
         timeout,
         shutdown.clone(),
@@ -39,7 +42,7 @@ pub async fn run(
     let mut conn: Option<(Stream, BytesMut, ReplyScanner)> = None;
     let mut last_master: Option<String> = None;
     loop {
-        match tokio::time::timeout(timeout, poll(&cfg, &mut conn, timeout)).await {
+        match tokio::time::timeout(timeout, poll(&cfg, tls.as_deref(), &mut conn, timeout)).await {
             Ok(Ok((master, replicas))) => {
                 let node = |address: String| BackendConfig {
                     address,
@@ -88,11 +91,12 @@ pub async fn run(
 /// One round: the master's address and the replicas' addresses.
 async fn poll(
     cfg: &SentinelConfig,
+    tls: Option<&BackendTls>,
     conn: &mut Option<(Stream, BytesMut, ReplyScanner)>,
     timeout: Duration,
 ) -> Result<(Option<String>, Vec<String>), String> {
     if conn.is_none() {
-        *conn = Some(connect(cfg, timeout).await?);
+        *conn = Some(connect(cfg, tls, timeout).await?);
     }
     let Some((stream, buf, scanner)) = conn.as_mut() else {
         return Err("no connection".into());
@@ -152,6 +156,7 @@ fn replica_addresses(reply: &Reply) -> Vec<String> {
 
 async fn connect(
     cfg: &SentinelConfig,
+    tls: Option<&BackendTls>,
     timeout: Duration,
 ) -> Result<(Stream, BytesMut, ReplyScanner), String> {
     let mut last = String::from("no sentinel addresses");
@@ -167,7 +172,7 @@ async fn connect(
             &Handshake::default(),
             timeout,
             ReplyLimits::default(),
-            None,
+            tls,
         )
         .await
         {
@@ -215,10 +220,11 @@ async fn next_reply(
 /// One subscription: returns only on error.
 async fn switch_session(
     cfg: &SentinelConfig,
+    tls: Option<&BackendTls>,
     switched: &Notify,
     timeout: Duration,
 ) -> Result<(), String> {
-    let (mut stream, mut buf, mut scanner) = connect(cfg, timeout).await?;
+    let (mut stream, mut buf, mut scanner) = connect(cfg, tls, timeout).await?;
     stream
         .write_all(Request::from_args(&[b"SUBSCRIBE".as_slice(), b"+switch-master"]).frame())
         .await
@@ -238,13 +244,14 @@ async fn switch_session(
 /// Subscribe to `+switch-master` and wake the poller on each event for our master.
 async fn watch_switch(
     cfg: SentinelConfig,
+    tls: Option<Arc<BackendTls>>,
     switched: Arc<Notify>,
     timeout: Duration,
     shutdown: CancellationToken,
 ) {
     loop {
         tokio::select! {
-            r = switch_session(&cfg, &switched, timeout) => {
+            r = switch_session(&cfg, tls.as_deref(), &switched, timeout) => {
                 if let Err(e) = r {
                     warn!(error = %e, "sentinel +switch-master subscription lost; retrying");
                 }

@@ -358,6 +358,11 @@ pub fn resp(args: &[&[u8]]) -> Vec<u8> {
 
 /// A Redis Sentinel on 127.0.0.1:<ephemeral>, monitoring `master_port` as `name`.
 pub fn start_sentinel(name: &str, master_port: u16) -> RedisServer {
+    start_sentinel_with(name, master_port, "")
+}
+
+/// A Sentinel as `start_sentinel`, with extra `sentinel.conf` lines (e.g. TLS settings).
+pub fn start_sentinel_with(name: &str, master_port: u16, extra_conf: &str) -> RedisServer {
     for _ in 0..5 {
         let port = free_port();
         let dir = tempfile::tempdir().expect("tempdir");
@@ -368,7 +373,7 @@ pub fn start_sentinel(name: &str, master_port: u16) -> RedisServer {
                 "port {port}\nbind 127.0.0.1\ndir {}\n\
                  sentinel monitor {name} 127.0.0.1 {master_port} 1\n\
                  sentinel down-after-milliseconds {name} 1000\n\
-                 sentinel failover-timeout {name} 5000\n",
+                 sentinel failover-timeout {name} 5000\n{extra_conf}",
                 dir.path().display()
             ),
         )
