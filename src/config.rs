@@ -127,7 +127,7 @@ fn default_tls_handshake_timeout() -> Duration {
 }
 
 /// `[backend_tls]`: how the proxy's backend connections (sessions and probes) verify and
-/// identify themselves. Sentinel connections stay plain TCP.
+/// identify themselves. Sentinel connections use it when `sentinel.tls` is set.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct BackendTlsConfig {
