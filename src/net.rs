@@ -17,12 +17,17 @@ use tokio::net::TcpStream;
 pub(crate) const READ_MIN: usize = 512;
 /// Largest growth step of a read buffer (bigger frames reserve for themselves).
 const READ_MAX_STEP: usize = 64 * 1024;
+/// Most bytes one readiness event reads before the session handles them.
+pub(crate) const READ_BATCH: usize = 64 * 1024;
 
-/// Make room for the next read: start small, double while reads fill the buffer.
-fn read_space(buf: &mut BytesMut) {
+/// Make room for the next read: start small, double while reads fill the buffer, and
+/// leave room for `expect` bytes (the size of the previous batch) plus slack, so a
+/// pipeline of the usual size arrives in one short read.
+fn read_space(buf: &mut BytesMut, expect: usize) {
     let spare = buf.capacity() - buf.len();
-    if spare < READ_MIN / 2 {
-        buf.reserve(buf.capacity().clamp(READ_MIN, READ_MAX_STEP));
+    let want = expect.min(READ_BATCH) + READ_MIN / 2;
+    if spare < want {
+        buf.reserve(want.max(buf.capacity().clamp(READ_MIN, READ_MAX_STEP)));
     }
 }
 
@@ -61,6 +66,7 @@ impl TlsStream {
 
     fn read_some(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         use std::io::BufRead;
+        read_space(buf, 0);
         loop {
             // Copy out of rustls's buffer (one record at most): no zero-filling of the
             // room a parser reserved for a big frame.
@@ -176,10 +182,41 @@ impl Stream {
     /// One non-blocking read into `buf`: `Ok(0)` at end of stream, `WouldBlock` when
     /// nothing is there yet.
     pub fn read_some(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        self.read_expecting(buf, 0)
+    }
+
+    fn read_expecting(&mut self, buf: &mut BytesMut, expect: usize) -> io::Result<usize> {
         match self {
-            Stream::Plain(s) => read_some_plain(s, buf),
+            Stream::Plain(s) => read_some_plain(s, buf, expect),
             Stream::Tls(t) => t.read_some(buf),
         }
+    }
+
+    /// Read what is there now, up to about `READ_BATCH` bytes: keep reading while a read
+    /// filled the buffer (more is likely waiting), so a pipeline bigger than the buffer
+    /// is parsed and forwarded as one batch, not as two writes to the next hop.
+    /// `last` is the previous batch's size (updated here): the buffer is sized for it.
+    /// `Ok(0)` only at end of stream with nothing read; `WouldBlock` only when nothing
+    /// was read. An end or error after some bytes shows at the next read.
+    pub fn read_batch(&mut self, buf: &mut BytesMut, last: &mut usize) -> io::Result<usize> {
+        let mut total = 0;
+        let result = loop {
+            match self.read_expecting(buf, *last) {
+                Ok(0) => break Ok(total),
+                Ok(n) => {
+                    total += n;
+                    if buf.len() < buf.capacity() || total >= READ_BATCH {
+                        break Ok(total);
+                    }
+                }
+                Err(_) if total > 0 => break Ok(total),
+                Err(e) => break Err(e),
+            }
+        };
+        if total > 0 {
+            *last = total;
+        }
+        result
     }
 
     /// Write what the connection takes now; `WouldBlock` if nothing.
@@ -255,8 +292,8 @@ impl Stream {
 /// readiness is cleared right away (by reporting WouldBlock through `try_io`); otherwise
 /// the next wait would wake at once just to read EAGAIN, one wasted syscall per event.
 /// Race-free: tokio only clears readiness if no new event arrived since it was observed.
-fn read_some_plain(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    read_space(buf);
+fn read_some_plain(stream: &TcpStream, buf: &mut BytesMut, expect: usize) -> io::Result<usize> {
+    read_space(buf, expect);
     let room = buf.capacity() - buf.len();
     let mut got = 0;
     let result = stream.try_io(tokio::io::Interest::READABLE, || {
@@ -271,5 +308,59 @@ fn read_some_plain(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> 
     match result {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[test]
+    fn read_space_leaves_room_for_the_previous_batch() {
+        let mut buf = BytesMut::new();
+        read_space(&mut buf, 0);
+        assert!(buf.capacity() >= READ_MIN / 2 && buf.capacity() < 4 * READ_MIN);
+        let mut buf = BytesMut::new();
+        read_space(&mut buf, 3000);
+        assert!(buf.capacity() - buf.len() >= 3000 + READ_MIN / 2);
+        // Bounded by the batch limit, whatever the previous batch was.
+        let mut buf = BytesMut::new();
+        read_space(&mut buf, 10 * READ_BATCH);
+        assert!(buf.capacity() < 2 * READ_BATCH);
+    }
+
+    #[tokio::test]
+    async fn read_batch_reads_past_a_full_buffer_and_keeps_the_end_for_later() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut peer = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let data = vec![b'x'; 3000];
+        peer.write_all(&data).await.expect("write");
+        drop(peer); // FIN right behind the data
+        let mut stream = Stream::Plain(server);
+        let (mut buf, mut last, mut total) = (BytesMut::new(), 0, 0);
+        while total < data.len() {
+            stream.readable().await.expect("readable");
+            match stream.read_batch(&mut buf, &mut last) {
+                Ok(n) => {
+                    assert!(n > 0, "end of stream reported before the data");
+                    total += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(buf.len(), 3000);
+        assert!(
+            last > READ_MIN,
+            "one batch read past the first buffer: {last}"
+        );
+        stream.readable().await.expect("readable");
+        assert_eq!(stream.read_batch(&mut buf, &mut last).expect("eof"), 0);
     }
 }

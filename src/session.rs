@@ -276,6 +276,8 @@ struct Backend {
     index: usize,
     stream: Stream,
     buf: BytesMut,
+    /// Bytes of the previous read batch (sizes the next read).
+    batch: usize,
     scanner: ReplyScanner,
     out: OutQueue,
     /// Label for logs and metrics.
@@ -475,6 +477,8 @@ struct Session {
     rt: Arc<Runtime>,
     parser: RequestParser,
     client_buf: BytesMut,
+    /// Bytes of the client's previous read batch (sizes the next read).
+    client_batch: usize,
     /// When the incomplete frame at the front of `client_buf` was first seen: it must be
     /// complete within `limits.frame_timeout` (slow senders). Restarted when the session
     /// resumes reading its client after back-pressure, which is not the client's fault.
@@ -540,6 +544,7 @@ impl Session {
             user: None,
             shared,
             client_buf: BytesMut::new(),
+            client_batch: 0,
             partial_since: None,
             to_client: OutQueue::default(),
             backend: None,
@@ -721,7 +726,7 @@ impl Session {
     }
 
     async fn read_client(&mut self, client: &mut Stream) -> Option<SessionEnd> {
-        match client.read_some(&mut self.client_buf) {
+        match client.read_batch(&mut self.client_buf, &mut self.client_batch) {
             Ok(0) => return Some(SessionEnd::ClientClosed),
             Ok(n) => {
                 self.read_at = Instant::now();
@@ -1365,6 +1370,7 @@ impl Session {
                 index,
                 stream: link.stream,
                 buf: link.leftover,
+                batch: 0,
                 scanner: ReplyScanner::new(self.rt.reply_limits()),
                 out: OutQueue::default(),
                 label: cfg.label().to_string(),
@@ -1391,7 +1397,10 @@ impl Session {
         let Some(backend) = self.link_mut(link) else {
             return;
         };
-        match backend.stream.read_some(&mut backend.buf) {
+        match backend
+            .stream
+            .read_batch(&mut backend.buf, &mut backend.batch)
+        {
             Ok(0) => return self.link_lost(link),
             Ok(_) => self.replies_at = Instant::now(),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
