@@ -4,8 +4,10 @@
 //! proxy's own `Special` behaviour tag. Pure data and lookups: no I/O, no policy.
 
 use std::cmp::Ordering;
+use std::collections::HashMap;
 use std::fmt;
 use std::ops::{BitOr, BitOrAssign};
+use std::sync::OnceLock;
 
 #[path = "command_table.rs"]
 mod table;
@@ -338,7 +340,7 @@ impl CommandSpec {
 /// Finds a command (and, for a container, its subcommand) by the request's first two
 /// arguments, ASCII case-insensitively and without allocating.
 pub fn lookup(argv0: &[u8], argv1: Option<&[u8]>) -> Lookup {
-    let Some(spec) = find(table::COMMANDS, argv0, 0) else {
+    let Some(spec) = find_top(argv0) else {
         return Lookup::UnknownCommand;
     };
     if !spec.is_container() {
@@ -373,6 +375,55 @@ pub fn all() -> impl Iterator<Item = &'static CommandSpec> {
     table::COMMANDS.iter()
 }
 
+/// Longest name the hashed index folds; every table name is shorter (unit-tested).
+const MAX_NAME: usize = 32;
+
+/// FNV-1a over the name's bytes: a few bytes to hash, no DoS concern (the key set is
+/// fixed and a miss costs one probe sequence).
+#[derive(Default)]
+struct NameHasher(u64);
+
+impl std::hash::Hasher for NameHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = self.0 ^ 0xcbf2_9ce4_8422_2325;
+        for b in bytes {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+type NameIndex =
+    HashMap<&'static [u8], &'static CommandSpec, std::hash::BuildHasherDefault<NameHasher>>;
+
+/// Top-level commands by (lowercase) name, built on first use.
+fn top_index() -> &'static NameIndex {
+    static INDEX: OnceLock<NameIndex> = OnceLock::new();
+    INDEX.get_or_init(|| {
+        table::COMMANDS
+            .iter()
+            .map(|spec| (spec.name.as_bytes(), spec))
+            .collect()
+    })
+}
+
+/// The hot-path lookup of a request's command name: fold case into a stack buffer, then
+/// one hash probe (the binary search below folds case at every comparison).
+fn find_top(name: &[u8]) -> Option<&'static CommandSpec> {
+    if name.len() > MAX_NAME {
+        return None;
+    }
+    let mut folded = [0u8; MAX_NAME];
+    let folded = &mut folded[..name.len()];
+    for (d, s) in folded.iter_mut().zip(name) {
+        *d = s.to_ascii_lowercase();
+    }
+    top_index().get(&*folded).copied()
+}
+
 /// Binary search of a name-sorted table; `skip` drops the `container|` prefix of
 /// subcommand names before comparing.
 fn find(specs: &'static [CommandSpec], wanted: &[u8], skip: usize) -> Option<&'static CommandSpec> {
@@ -404,6 +455,27 @@ mod tests {
         match lookup(argv0, argv1) {
             Lookup::Known(spec) => spec,
             other => panic!("{:?} {:?}: {other:?}", argv0, argv1),
+        }
+    }
+
+    #[test]
+    fn hashed_index_agrees_with_the_table() {
+        for spec in all() {
+            assert!(spec.name.len() <= MAX_NAME, "{}", spec.name);
+            assert_eq!(
+                spec.name,
+                spec.name.to_ascii_lowercase(),
+                "table names are lowercase"
+            );
+            let upper = spec.name.to_ascii_uppercase();
+            for name in [spec.name.as_bytes(), upper.as_bytes()] {
+                let found = find_top(name).map(|s| s.name);
+                assert_eq!(found, Some(spec.name));
+                assert_eq!(found, find(table::COMMANDS, name, 0).map(|s| s.name));
+            }
+        }
+        for miss in [&b""[..], b"ge", b"gett", b"get\0", &[b'a'; MAX_NAME + 1]] {
+            assert!(find_top(miss).is_none(), "{miss:?}");
         }
     }
 

@@ -511,6 +511,9 @@ struct Session {
     retrying: usize,
     /// Metric class of the request being handled (`metrics::CLASSES`).
     class: usize,
+    /// The clock, read once per event (after each wake-up): the time of that event's
+    /// reads and of the confirmed-master check for every command it carries.
+    now: Instant,
     /// When the latest client bytes were read: the start of their requests' latency.
     read_at: Instant,
     /// When the latest backend bytes were read: the end of their replies' latency.
@@ -561,6 +564,7 @@ impl Session {
             retrying: 0,
             retained: Arc::new(AtomicUsize::new(0)),
             class: 2,
+            now: Instant::now(),
             read_at: Instant::now(),
             replies_at: Instant::now(),
             client_done: false,
@@ -638,6 +642,7 @@ impl Session {
                 // Once draining, the token stays cancelled: polling it again would spin.
                 _ = shutdown.cancelled(), if !self.draining => Event::Shutdown,
             };
+            self.now = Instant::now();
             if !read_client {
                 // The frame clock runs only while the client is read: back-pressure is
                 // not its fault. Restarted at every wake-up, so also when reading resumes.
@@ -729,7 +734,7 @@ impl Session {
         match client.read_batch(&mut self.client_buf, &mut self.client_batch) {
             Ok(0) => return Some(SessionEnd::ClientClosed),
             Ok(n) => {
-                self.read_at = Instant::now();
+                self.read_at = self.now;
                 self.shared.hot.bytes_in.increment(n as u64);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
@@ -1203,7 +1208,8 @@ impl Session {
         on_reply: OnReply,
         retryable: bool,
     ) -> Option<SessionEnd> {
-        let master = self.shared.topology.load().master_now();
+        let now = tokio::time::Instant::from_std(self.now);
+        let master = self.shared.topology.load().master_at(now);
         let current = self.backend.as_ref().map(|b| b.index);
         if current.is_none() || current != master {
             if current.is_some() && !self.at_safe_point() {
@@ -1323,6 +1329,14 @@ impl Session {
     /// that refuses the connection is reported to the topology (and re-probed at once),
     /// so the wait can end on its successor.
     async fn connect_to_master(&mut self) -> Result<(), Bytes> {
+        let result = self.wait_and_connect().await;
+        // The wait may have been long: later commands of this event check the
+        // confirmed master against the present, not the time of the wake-up.
+        self.now = Instant::now();
+        result
+    }
+
+    async fn wait_and_connect(&mut self) -> Result<(), Bytes> {
         let deadline = tokio::time::Instant::now() + self.rt.config.routing.failover_wait;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -1402,7 +1416,7 @@ impl Session {
             .read_batch(&mut backend.buf, &mut backend.batch)
         {
             Ok(0) => return self.link_lost(link),
-            Ok(_) => self.replies_at = Instant::now(),
+            Ok(_) => self.replies_at = self.now,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             Err(e) => {
                 debug!(peer = %self.peer, error = %e, "backend read failed");
