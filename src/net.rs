@@ -64,28 +64,58 @@ impl TlsStream {
         }
     }
 
+    /// Decrypt what the socket has and hand out all of it, reading the socket until it
+    /// would block, so the stream is readable again only when new bytes arrive (one
+    /// wake-up per batch, as for plain TCP). Plaintext is copied out of rustls's buffer:
+    /// no zero-filling of the room a parser reserved for a big frame.
     fn read_some(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         use std::io::BufRead;
-        read_space(buf, 0);
+        let mut got = 0;
         loop {
-            // Copy out of rustls's buffer (one record at most): no zero-filling of the
-            // room a parser reserved for a big frame.
             let mut reader = self.conn.reader();
-            match reader.fill_buf() {
-                // Empty = the peer sent close_notify: a clean end of stream.
-                Ok(chunk) => {
-                    let n = chunk.len();
-                    buf.extend_from_slice(chunk);
-                    reader.consume(n);
-                    self.plaintext = n > 0;
-                    return Ok(n);
+            loop {
+                match reader.fill_buf() {
+                    Ok(chunk) if !chunk.is_empty() => {
+                        let n = chunk.len();
+                        buf.extend_from_slice(chunk);
+                        reader.consume(n);
+                        got += n;
+                    }
+                    // Empty: the peer sent close_notify, a clean end of stream (reported
+                    // once the data before it is handed out).
+                    Ok(_) => {
+                        self.plaintext = got > 0;
+                        return Ok(got);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    // UnexpectedEof: the socket closed without close_notify.
+                    Err(_) if got > 0 => {
+                        self.plaintext = true;
+                        return Ok(got);
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.plaintext = false,
-                // UnexpectedEof: the socket closed without close_notify.
-                Err(e) => return Err(e),
             }
-            // WouldBlock from the socket ends the loop (and clears tokio's readiness).
-            self.conn.read_tls(&mut SocketIo(&self.tcp))?;
+            if got >= READ_BATCH {
+                // Enough for one event; the socket may hold more.
+                self.plaintext = true;
+                return Ok(got);
+            }
+            match self.conn.read_tls(&mut SocketIo(&self.tcp)) {
+                // Drained (tokio's readiness is cleared by the WouldBlock).
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.plaintext = false;
+                    return if got > 0 { Ok(got) } else { Err(e) };
+                }
+                Err(e) if got > 0 => {
+                    // Hand out what arrived; the error shows at the next read.
+                    self.plaintext = true;
+                    drop(e);
+                    return Ok(got);
+                }
+                Err(e) => return Err(e),
+                Ok(_) => {}
+            }
             if let Err(e) = self.conn.process_new_packets() {
                 // Tell the peer why (the alert rustls queued), then fail.
                 let _ = self.flush();
