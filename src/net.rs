@@ -52,6 +52,8 @@ pub struct TlsStream {
     conn: rustls::Connection,
     /// Decrypted bytes may be waiting inside rustls: the next read needs no socket event.
     plaintext: bool,
+    /// An error met after some bytes were handed out; returned by the next read.
+    deferred: Option<io::Error>,
 }
 
 impl TlsStream {
@@ -61,6 +63,7 @@ impl TlsStream {
             conn: conn.into(),
             // The handshake may have read application data along with its last flight.
             plaintext: true,
+            deferred: None,
         }
     }
 
@@ -70,7 +73,10 @@ impl TlsStream {
     /// no zero-filling of the room a parser reserved for a big frame.
     fn read_some(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         use std::io::BufRead;
-        let mut got = 0;
+        if let Some(e) = self.deferred.take() {
+            return Err(e);
+        }
+        let (mut got, mut wire) = (0, 0);
         loop {
             let mut reader = self.conn.reader();
             loop {
@@ -96,37 +102,44 @@ impl TlsStream {
                     Err(e) => return Err(e),
                 }
             }
-            if got >= READ_BATCH {
-                // Enough for one event; the socket may hold more.
+            if got >= READ_BATCH || wire >= 2 * READ_BATCH {
+                // Enough for one event (records with little or no plaintext count too);
+                // the socket may hold more.
                 self.plaintext = true;
                 return Ok(got);
             }
-            match self.conn.read_tls(&mut SocketIo(&self.tcp)) {
+            let step = match self.conn.read_tls(&mut SocketIo(&self.tcp)) {
                 // Drained (tokio's readiness is cleared by the WouldBlock).
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.plaintext = false;
                     return if got > 0 { Ok(got) } else { Err(e) };
                 }
-                Err(e) if got > 0 => {
-                    // Hand out what arrived; the error shows at the next read.
-                    self.plaintext = true;
-                    drop(e);
-                    return Ok(got);
+                Err(e) => Err(e),
+                Ok(n) => {
+                    wire += n;
+                    match self.conn.process_new_packets() {
+                        // Tell the peer why (the alert rustls queued), then fail.
+                        Err(e) => {
+                            let _ = self.flush();
+                            Err(io::Error::new(io::ErrorKind::InvalidData, e))
+                        }
+                        // Post-handshake messages (key updates) may need an answer.
+                        Ok(_) if self.conn.wants_write() => match self.flush() {
+                            Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
+                            _ => Ok(()),
+                        },
+                        Ok(_) => Ok(()),
+                    }
                 }
-                Err(e) => return Err(e),
-                Ok(_) => {}
-            }
-            if let Err(e) = self.conn.process_new_packets() {
-                // Tell the peer why (the alert rustls queued), then fail.
-                let _ = self.flush();
-                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
-            }
-            // Post-handshake messages (key updates, tickets) may need an answer.
-            if self.conn.wants_write() {
-                match self.flush() {
-                    Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
-                    _ => {}
+            };
+            if let Err(e) = step {
+                if got == 0 {
+                    return Err(e);
                 }
+                // Hand out what arrived first; the error ends the stream at the next read.
+                self.deferred = Some(e);
+                self.plaintext = true;
+                return Ok(got);
             }
         }
     }

@@ -97,14 +97,9 @@ pub async fn run(
     }
     if let Some(sentinel_cfg) = config.sentinel.clone() {
         topology.update_all(|t| t.sentinel_master = Some(None));
-        let tls = if sentinel_cfg.tls {
-            runtime.backend_tls.clone()
-        } else {
-            None
-        };
         probers.spawn(sentinel::run(
             sentinel_cfg,
-            tls,
+            settings.clone(),
             topology.clone(),
             spawner.clone(),
             config.probe.interval,
@@ -181,7 +176,7 @@ pub async fn run(
         // Read per connection: a reload that adds users (or client certificates) lifts it.
         if !admitted(shared.runtime.load().protected(), peer.ip()) {
             metrics::rejected_connection("protected_mode");
-            warn!(%peer, "protected mode: refused a non-loopback client (configure [[users]] or protection.protected_mode = false)");
+            warn!(%peer, "protected mode: refused a non-loopback client (configure [[users]], tls.client_ca, or protection.protected_mode = false)");
             refuse(&tracker, &refusals, stream, PROTECTED_REPLY, &shared);
             continue;
         }

@@ -512,7 +512,7 @@ struct Session {
     /// Metric class of the request being handled (`metrics::CLASSES`).
     class: usize,
     /// The clock, read once per event (after each wake-up): the time of that event's
-    /// reads and of the confirmed-master check for every command it carries.
+    /// reads, for the latency histogram.
     now: Instant,
     /// When the latest client bytes were read: the start of their requests' latency.
     read_at: Instant,
@@ -524,6 +524,8 @@ struct Session {
     end: Option<SessionEnd>,
     /// Shutdown seen: finishing what is in flight.
     draining: bool,
+    /// A link loss answered requests: parse what the client buffered behind them.
+    resume_parse: bool,
 }
 
 enum Event {
@@ -570,6 +572,7 @@ impl Session {
             client_done: false,
             end: None,
             draining: false,
+            resume_parse: false,
         }
     }
 
@@ -577,6 +580,14 @@ impl Session {
         loop {
             if let Err(e) = self.flush(client) {
                 return SessionEnd::ClientIo(e);
+            }
+            // Requests buffered behind a link that was lost outside a backend read (a
+            // failed write): no socket event may come for them.
+            if std::mem::take(&mut self.resume_parse) && !self.client_buf.is_empty() {
+                if let Some(end) = self.parse_buffered().await {
+                    return end;
+                }
+                continue;
             }
             // A held request or READONLY retries may be unblocked by something other than
             // a backend read (a lost link answered locally): resume them here too.
@@ -647,7 +658,7 @@ impl Session {
                 // The frame clock runs only while the client is read: back-pressure is
                 // not its fault. Restarted at every wake-up, so also when reading resumes.
                 if let Some(since) = &mut self.partial_since {
-                    *since = Instant::now();
+                    *since = self.now;
                 }
             }
             match event {
@@ -1208,8 +1219,7 @@ impl Session {
         on_reply: OnReply,
         retryable: bool,
     ) -> Option<SessionEnd> {
-        let now = tokio::time::Instant::from_std(self.now);
-        let master = self.shared.topology.load().master_at(now);
+        let master = self.shared.topology.load().master_now();
         let current = self.backend.as_ref().map(|b| b.index);
         if current.is_none() || current != master {
             if current.is_some() && !self.at_safe_point() {
@@ -1222,6 +1232,14 @@ impl Session {
                 if self.state.subscribed() {
                     // Pub/sub works on any node: stay where the subscriptions are.
                     return self.push_request(req, replies, on_reply, retryable);
+                }
+                if self.pending.is_empty() {
+                    // Nothing in flight, yet the state (CLIENT REPLY OFF/SKIP) cannot be
+                    // replayed on a new link: waiting would never end. Close, as when
+                    // such a session's link is lost; the client reconnects.
+                    self.client_done = true;
+                    self.end.get_or_insert(SessionEnd::BackendLost);
+                    return None;
                 }
                 // Finish what is in flight on the old link first.
                 self.held = Some((req, replies, on_reply, retryable));
@@ -1329,14 +1347,6 @@ impl Session {
     /// that refuses the connection is reported to the topology (and re-probed at once),
     /// so the wait can end on its successor.
     async fn connect_to_master(&mut self) -> Result<(), Bytes> {
-        let result = self.wait_and_connect().await;
-        // The wait may have been long: later commands of this event check the
-        // confirmed master against the present, not the time of the wake-up.
-        self.now = Instant::now();
-        result
-    }
-
-    async fn wait_and_connect(&mut self) -> Result<(), Bytes> {
         let deadline = tokio::time::Instant::now() + self.rt.config.routing.failover_wait;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -1637,6 +1647,8 @@ impl Session {
             self.client_done = true;
             self.end.get_or_insert(SessionEnd::BackendLost);
         }
+        // Requests may wait in the client buffer for room that just opened.
+        self.resume_parse = true;
     }
 }
 

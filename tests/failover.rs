@@ -444,3 +444,62 @@ async fn transaction_across_a_failover_is_aborted_not_split() {
         assert_eq!((half, other_half), (None, None));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reply_off_session_closes_on_a_master_change_instead_of_hanging() {
+    let old = RedisServer::start(&[]);
+    let new = RedisServer::start(&["--replicaof", "127.0.0.1", &old.port.to_string()]);
+    wait_linked(&new).await;
+    let proxy = Proxy::start_with(config(&[("ro-old", &old), ("ro-new", &new)], false)).await;
+    // A bulk loader: replies off, writes flowing to the old master.
+    let mut loader = proxy.raw().await;
+    loader
+        .send(
+            &[
+                support::resp(&[b"CLIENT", b"REPLY", b"OFF"]),
+                support::resp(&[b"SET", b"off:1", b"v"]),
+            ]
+            .concat(),
+        )
+        .await;
+    wait_until("the first write lands", || async {
+        let mut d = old.direct().await;
+        let n: i64 = redis::cmd("EXISTS")
+            .arg("off:1")
+            .query_async(&mut d)
+            .await
+            .unwrap_or(0);
+        n == 1
+    })
+    .await;
+    promote(&new, &old).await;
+    // Wait until the proxy routes to the new master (a fresh client's write lands there).
+    let probe = proxy.client().await;
+    wait_until("the proxy follows the promotion", || async {
+        let mut probe = probe.clone();
+        let r: redis::RedisResult<()> = redis::cmd("SET")
+            .arg("off:probe")
+            .arg("v")
+            .query_async(&mut probe)
+            .await;
+        let mut d = new.direct().await;
+        let n: i64 = redis::cmd("EXISTS")
+            .arg("off:probe")
+            .query_async(&mut d)
+            .await
+            .unwrap_or(0);
+        r.is_ok() && n == 1
+    })
+    .await;
+    // Its next write cannot move (CLIENT REPLY OFF is not replayed on a new link) and
+    // nothing is in flight to wait for: the session closes so the client reconnects.
+    loader.send(&support::resp(&[b"SET", b"off:2", b"v"])).await;
+    assert!(loader.read_to_close().await.is_empty());
+    let mut d = new.direct().await;
+    let n: i64 = redis::cmd("EXISTS")
+        .arg("off:2")
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "the write went nowhere unseen");
+}

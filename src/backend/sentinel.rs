@@ -12,11 +12,13 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::backend::prober::ProbeSettings;
 use crate::backend::{read_reply, BackendLink, Handshake, TopologyStore};
 use crate::config::{BackendConfig, SentinelConfig};
 use crate::net::Stream;
 use crate::protocol::{Item, Reply, ReplyLimits, ReplyScanner, Request};
 use crate::tls::BackendTls;
+use arc_swap::ArcSwap;
 
 /// Called with each newly discovered backend's index and config: starts its prober.
 pub type SpawnProber = Arc<dyn Fn(usize, BackendConfig) + Send + Sync>;
@@ -24,7 +26,7 @@ pub type SpawnProber = Arc<dyn Fn(usize, BackendConfig) + Send + Sync>;
 /// Poll Sentinel every `interval` (and at once on `+switch-master`) until shutdown.
 pub async fn run(
     cfg: SentinelConfig,
-    tls: Option<Arc<BackendTls>>,
+    settings: Arc<ArcSwap<ProbeSettings>>,
     store: Arc<TopologyStore>,
     spawn: SpawnProber,
     interval: Duration,
@@ -34,7 +36,7 @@ pub async fn run(
     let switched = Arc::new(Notify::new());
     tokio::spawn(watch_switch(
         cfg.clone(),
-        tls.clone(),
+        settings.clone(),
         switched.clone(),
         timeout,
         shutdown.clone(),
@@ -42,6 +44,7 @@ pub async fn run(
     let mut conn: Option<(Stream, BytesMut, ReplyScanner)> = None;
     let mut last_master: Option<String> = None;
     loop {
+        let tls = tls_for(&cfg, &settings);
         match tokio::time::timeout(timeout, poll(&cfg, tls.as_deref(), &mut conn, timeout)).await {
             Ok(Ok((master, replicas))) => {
                 let node = |address: String| BackendConfig {
@@ -85,6 +88,15 @@ pub async fn run(
             _ = switched.notified() => {}
             _ = shutdown.cancelled() => return,
         }
+    }
+}
+
+/// `[backend_tls]` as of now (reloads rotate certificates) when `sentinel.tls` is set.
+fn tls_for(cfg: &SentinelConfig, settings: &ArcSwap<ProbeSettings>) -> Option<Arc<BackendTls>> {
+    if cfg.tls {
+        settings.load().tls.clone()
+    } else {
+        None
     }
 }
 
@@ -244,12 +256,13 @@ async fn switch_session(
 /// Subscribe to `+switch-master` and wake the poller on each event for our master.
 async fn watch_switch(
     cfg: SentinelConfig,
-    tls: Option<Arc<BackendTls>>,
+    settings: Arc<ArcSwap<ProbeSettings>>,
     switched: Arc<Notify>,
     timeout: Duration,
     shutdown: CancellationToken,
 ) {
     loop {
+        let tls = tls_for(&cfg, &settings);
         tokio::select! {
             r = switch_session(&cfg, tls.as_deref(), &switched, timeout) => {
                 if let Err(e) = r {
