@@ -13,7 +13,7 @@ use std::io::{self, IoSlice, Read, Write};
 use bytes::BytesMut;
 use tokio::net::TcpStream;
 
-/// First read buffer: a few commands; idle connections keep no more than this.
+/// First read buffer: a few commands; a connection that never sent more keeps no more.
 pub(crate) const READ_MIN: usize = 512;
 /// Largest growth step of a read buffer (bigger frames reserve for themselves).
 const READ_MAX_STEP: usize = 64 * 1024;
@@ -248,7 +248,9 @@ impl Stream {
                 Ok(0) => break Ok(total),
                 Ok(n) => {
                     total += n;
-                    if buf.len() < buf.capacity() || total >= READ_BATCH {
+                    // A TLS read already takes everything up to would-block (and may
+                    // hold back an error for the next read): one call is the batch.
+                    if self.is_tls() || buf.len() < buf.capacity() || total >= READ_BATCH {
                         break Ok(total);
                     }
                 }
