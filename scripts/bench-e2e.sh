@@ -44,6 +44,8 @@ PROXY_EXTRA_ARGS=${PROXY_EXTRA_ARGS:-}
 TLS=${TLS:-0}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=lib/test-ca.sh
+source "$ROOT/scripts/lib/test-ca.sh"
 PORTCULLIS_BIN=${PORTCULLIS_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/portcullis}
 
 log() { printf '[bench-e2e %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -108,14 +110,7 @@ REDIS_TLS_ARGS=()
 PROXY_CONFIG_ARGS=()
 TLS_CLIENT=()
 if [[ "$TLS" == 1 ]]; then
-  command -v openssl >/dev/null || die "TLS=1 needs openssl"
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
-    -subj /CN=bench-ca -keyout "$TMP/ca.key" -out "$TMP/ca.pem" 2>/dev/null
-  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
-    -keyout "$TMP/server.key" -out "$TMP/server.csr" 2>/dev/null
-  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$TMP/san.ext"
-  openssl x509 -req -in "$TMP/server.csr" -CA "$TMP/ca.pem" -CAkey "$TMP/ca.key" \
-    -CAcreateserial -days 1 -extfile "$TMP/san.ext" -out "$TMP/server.pem" 2>/dev/null
+  make_test_ca "$TMP" || die "TLS=1 needs openssl (could not make a test CA)"
   REDIS_TLS_PORT=$(free_port)
   REDIS_TLS_ARGS=(--tls-port "$REDIS_TLS_PORT" --tls-cert-file "$TMP/server.pem"
     --tls-key-file "$TMP/server.key" --tls-ca-cert-file "$TMP/ca.pem" --tls-auth-clients no)

@@ -382,6 +382,24 @@ async fn reload_rotates_the_certificate_without_dropping_clients() {
     before.expect(b"+PONG\r\n").await;
 }
 
+/// SET `key` through the proxy; a direct connection to `redis` then reads it back.
+async fn write_lands(proxy: &Proxy, redis: &RedisServer, key: &str) {
+    let mut c = proxy.client().await;
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg("v")
+        .query_async(&mut c)
+        .await
+        .expect("SET through the proxy");
+    let mut direct = redis.direct().await;
+    let v: Option<String> = redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut direct)
+        .await
+        .expect("direct GET");
+    assert_eq!(v.as_deref(), Some("v"), "{key} did not land on the backend");
+}
+
 /// A redis-server with a plain port (for the test's own checks) and a TLS port that
 /// requires client certificates from "ca".
 fn tls_redis(pki: &Pki) -> (RedisServer, u16) {
@@ -437,20 +455,8 @@ async fn backends_over_tls_with_verification_and_client_certificates() {
         WAIT,
     ))
     .await;
-    let mut c = proxy.client().await;
-    let _: () = redis::cmd("SET")
-        .arg("btls:k")
-        .arg("v")
-        .query_async(&mut c)
-        .await
-        .expect("SET through a TLS backend");
+    write_lands(&proxy, &redis, "btls:k").await;
     let mut direct = redis.direct().await;
-    let v: Option<String> = redis::cmd("GET")
-        .arg("btls:k")
-        .query_async(&mut direct)
-        .await
-        .expect("direct GET");
-    assert_eq!(v.as_deref(), Some("v"));
     // A session's backend connection and the prober's both came over the TLS port.
     let clients: String = redis::cmd("CLIENT")
         .arg("LIST")
@@ -749,19 +755,7 @@ async fn sentinel_over_tls_names_a_tls_master() {
     };
     config.routing.failover_wait = WAIT;
     let proxy = Proxy::start_with(config).await;
-    let mut c = proxy.client().await;
-    let _: () = redis::cmd("SET")
-        .arg("sentinel:tls")
-        .arg("v")
-        .query_async(&mut c)
-        .await
-        .expect("SET via a Sentinel-named master, all over TLS");
-    let mut direct = master.direct().await;
-    let v: Option<String> = redis::cmd("GET")
-        .arg("sentinel:tls")
-        .query_async(&mut direct)
-        .await
-        .expect("direct GET");
-    assert_eq!(v.as_deref(), Some("v"));
+    // Sentinel-named master, every leg over TLS.
+    write_lands(&proxy, &master, "sentinel:tls").await;
     drop(sentinel);
 }
