@@ -139,6 +139,16 @@ async fn tls_connect(
     Ok(Raw::new(tls))
 }
 
+/// Connect as `tls_connect` does and check the proxy answers PING; returns the connection.
+async fn served(proxy: &Proxy, pki: &Pki, ca: &str, client: Option<&str>) -> TlsRaw {
+    let mut conn = tls_connect(proxy.addr, pki, ca, client)
+        .await
+        .unwrap_or_else(|e| panic!("TLS connect trusting {ca}, certificate {client:?}: {e}"));
+    conn.send(b"PING\r\n").await;
+    conn.expect(b"+PONG\r\n").await;
+    conn
+}
+
 /// A TLS 1.3 server learns of a refused client certificate after the client's handshake
 /// is done, so the refusal shows on the first exchange: the connection closes.
 async fn refused(conn: std::io::Result<TlsRaw>) -> bool {
@@ -317,11 +327,7 @@ async fn client_certificates_are_required_when_client_ca_is_set() {
         refused(tls_connect(proxy.addr, &pki, "ca", Some("other-client")).await).await,
         "a client certificate from another CA was accepted"
     );
-    let mut ok = tls_connect(proxy.addr, &pki, "ca", Some("client"))
-        .await
-        .expect("TLS connect with a client certificate");
-    ok.send(b"PING\r\n").await;
-    ok.expect(b"+PONG\r\n").await;
+    served(&proxy, &pki, "ca", Some("client")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,11 +344,7 @@ async fn stalled_tls_handshakes_time_out() {
     assert!(silent.read_to_close().await.is_empty());
     assert!(started.elapsed() >= Duration::from_millis(250));
 
-    let mut ok = tls_connect(proxy.addr, &pki, "ca", None)
-        .await
-        .expect("TLS connect");
-    ok.send(b"PING\r\n").await;
-    ok.expect(b"+PONG\r\n").await;
+    served(&proxy, &pki, "ca", None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,11 +352,7 @@ async fn reload_rotates_the_certificate_without_dropping_clients() {
     let redis = RedisServer::start(&[]);
     let pki = Pki::new();
     let proxy = Proxy::start_with(tls_proxy_config(&redis, pki.listener("server", None))).await;
-    let mut before = tls_connect(proxy.addr, &pki, "ca", None)
-        .await
-        .expect("TLS connect");
-    before.send(b"PING\r\n").await;
-    before.expect(b"+PONG\r\n").await;
+    let mut before = served(&proxy, &pki, "ca", None).await;
 
     // A bad key path is rejected and the running certificate stays.
     let mut broken = pki.listener("other-server", None);
@@ -371,11 +369,7 @@ async fn reload_rotates_the_certificate_without_dropping_clients() {
         .await
         .expect("reload with the new certificate");
     // New connections get the new certificate...
-    let mut after = tls_connect(proxy.addr, &pki, "other-ca", None)
-        .await
-        .expect("TLS connect trusting the new CA");
-    after.send(b"PING\r\n").await;
-    after.expect(b"+PONG\r\n").await;
+    served(&proxy, &pki, "other-ca", None).await;
     assert!(tls_connect(proxy.addr, &pki, "ca", None).await.is_err());
     // ...and the connection made before keeps working.
     before.send(b"PING\r\n").await;
