@@ -589,30 +589,23 @@ fn check_config_loads_the_certificates() {
         )
         .expect("write config");
     };
-    let bin = env!("CARGO_BIN_EXE_portcullis");
+    let check = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .arg("--config")
+            .arg(&path)
+            .arg("--check-config")
+            .output()
+            .expect("run portcullis")
+    };
     write(&pki.key("server"));
-    let ok = std::process::Command::new(bin)
-        .args([
-            "--config",
-            path.to_str().expect("utf-8 path"),
-            "--check-config",
-        ])
-        .output()
-        .expect("run portcullis");
+    let ok = check();
     assert!(
         ok.status.success(),
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
     write(&pki.key("missing"));
-    let bad = std::process::Command::new(bin)
-        .args([
-            "--config",
-            path.to_str().expect("utf-8 path"),
-            "--check-config",
-        ])
-        .output()
-        .expect("run portcullis");
+    let bad = check();
     assert_eq!(bad.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(stderr.contains("tls.key"), "{stderr}");
