@@ -44,8 +44,8 @@ PROXY_EXTRA_ARGS=${PROXY_EXTRA_ARGS:-}
 TLS=${TLS:-0}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-# shellcheck source=lib/test-ca.sh
-source "$ROOT/scripts/lib/test-ca.sh"
+# shellcheck source=lib/bench.sh
+source "$ROOT/scripts/lib/bench.sh"
 PORTCULLIS_BIN=${PORTCULLIS_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/portcullis}
 
 log() { printf '[bench-e2e %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -90,21 +90,8 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-free_port() {  # a loopback port nothing listens on (the kernel's pick, then released)
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 
-wait_pong() {  # wait_pong PORT PID NAME: poll PING until PONG, 20 s deadline
-  local port=$1 pid=$2 name=$3 deadline=$((SECONDS + 20))
-  while (( SECONDS < deadline )); do
-    kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) exited; log: $(tail -5 "$TMP/$name.log" 2>/dev/null)"
-    [[ "$(timeout 2 redis-cli -h 127.0.0.1 -p "$port" "${TLS_PING[@]}" PING 2>/dev/null)" == PONG ]] && return 0
-    sleep 0.05
-  done
-  die "$name on port $port never answered PONG"
-}
 
-TLS_PING=()
 REDIS_PORT=$(free_port)
 REDIS_TLS_ARGS=()
 PROXY_CONFIG_ARGS=()
@@ -129,7 +116,7 @@ PROXY_PORT=$(free_port)
 "${SRV_PIN[@]}" "$PORTCULLIS_BIN" "${PROXY_CONFIG_ARGS[@]}" --listen "127.0.0.1:$PROXY_PORT" \
   --backend "127.0.0.1:$REDIS_PORT" --admin-listen '' $PROXY_EXTRA_ARGS >"$TMP/proxy.log" 2>&1 &
 PROXY_PID=$!; PIDS+=("$PROXY_PID")
-TLS_PING=("${TLS_CLIENT[@]}")
+PING_ARGS=("${TLS_CLIENT[@]}")
 wait_pong "$PROXY_PORT" "$PROXY_PID" proxy
 log "portcullis pid $PROXY_PID on 127.0.0.1:$PROXY_PORT ($PORTCULLIS_BIN)"
 DIRECT_PORT=$REDIS_PORT

@@ -27,8 +27,8 @@ NOFILE=${NOFILE:-30000}
 KEEP_TMP=${KEEP_TMP:-0}
 TLS=${TLS:-0}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-# shellcheck source=lib/test-ca.sh
-source "$ROOT/scripts/lib/test-ca.sh"
+# shellcheck source=lib/bench.sh
+source "$ROOT/scripts/lib/bench.sh"
 PORTCULLIS_BIN=${PORTCULLIS_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/portcullis}
 
 log() { printf '[idle-memory %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -68,20 +68,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_pong() {  # wait_pong PORT PID NAME (20 s deadline)
-  local port=$1 pid=$2 name=$3 deadline=$((SECONDS + 20))
-  while (( SECONDS < deadline )); do
-    kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) exited: $(tail -5 "$TMP/$name.log" 2>/dev/null)"
-    [[ "$(timeout 2 redis-cli -h 127.0.0.1 -p "$port" "${CLI_TLS[@]}" PING 2>/dev/null)" == PONG ]] && return 0
-    sleep 0.05
-  done
-  die "$name on port $port never answered PONG"
-}
 
-CLI_TLS=()
 REDIS_PORT=$(free_port)
 redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no --daemonize no \
   --maxclients $((CONNS + 1000)) --dir "$TMP" --logfile "$TMP/redis.log" >/dev/null 2>&1 &
@@ -103,7 +90,7 @@ PROXY_PORT=$(free_port)
 "$PORTCULLIS_BIN" --config "$TMP/portcullis.toml" --listen "127.0.0.1:$PROXY_PORT" \
   --backend "127.0.0.1:$REDIS_PORT" --admin-listen '' --log-level warn >"$TMP/proxy.log" 2>&1 &
 PROXY_PID=$!; PIDS+=("$PROXY_PID")
-[[ "$TLS" == 1 ]] && CLI_TLS=(--tls --cacert "$CA")
+[[ "$TLS" == 1 ]] && PING_ARGS=(--tls --cacert "$CA")
 wait_pong "$PROXY_PORT" "$PROXY_PID" proxy
 log "redis pid $REDIS_PID :$REDIS_PORT, portcullis pid $PROXY_PID :$PROXY_PORT, $CONNS connections"
 
