@@ -1,5 +1,6 @@
 //! One connection to one Redis backend, opened with the proxy's own credentials and the
-//! session's replayed state (db, protocol, client name). Owns connect + handshake only;
+//! session's replayed state (db, protocol, client name, library info, eviction and touch
+//! flags, cluster read mode). Owns connect + handshake only;
 //! the session drives the connection afterwards.
 
 use std::time::Duration;
@@ -81,6 +82,14 @@ pub struct Handshake {
     pub resp3: bool,
     /// `CLIENT SETNAME` when the client named its connection.
     pub client_name: Option<Bytes>,
+    /// `CLIENT SETINFO <attr> <value>` pairs the client set (library name and version).
+    pub setinfo: Vec<(Bytes, Bytes)>,
+    /// `CLIENT NO-EVICT ON`.
+    pub no_evict: bool,
+    /// `CLIENT NO-TOUCH ON`.
+    pub no_touch: bool,
+    /// `READONLY` (cluster replica reads).
+    pub readonly: bool,
 }
 
 /// An open, authenticated backend connection.
@@ -160,6 +169,27 @@ impl BackendLink {
                 "CLIENT SETNAME",
                 Request::from_args(&[b"CLIENT".as_slice(), b"SETNAME", name]),
             ));
+        }
+        for (attr, value) in &state.setinfo {
+            steps.push((
+                "CLIENT SETINFO",
+                Request::from_args(&[b"CLIENT".as_slice(), b"SETINFO", attr, value]),
+            ));
+        }
+        if state.no_evict {
+            steps.push((
+                "CLIENT NO-EVICT",
+                Request::from_args(&[b"CLIENT".as_slice(), b"NO-EVICT", b"ON"]),
+            ));
+        }
+        if state.no_touch {
+            steps.push((
+                "CLIENT NO-TOUCH",
+                Request::from_args(&[b"CLIENT".as_slice(), b"NO-TOUCH", b"ON"]),
+            ));
+        }
+        if state.readonly {
+            steps.push(("READONLY", Request::from_args(&[b"READONLY".as_slice()])));
         }
         let mut leftover = BytesMut::new();
         if steps.is_empty() {
