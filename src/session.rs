@@ -31,8 +31,8 @@ use tracing::{debug, warn};
 
 use arc_swap::ArcSwap;
 
-use crate::auth::User;
-use crate::backend::{BackendLink, Handshake, TopologyStore};
+use crate::auth::{Credentials, ProxyAuthAnswer, User};
+use crate::backend::{BackendLink, Handshake, LinkAuth, TopologyStore};
 use crate::command::{AclCategories, CommandSpec, Flags, Lookup, PubSubKind, Special};
 use crate::config::ReadPolicy;
 use crate::metrics::{self, Hot};
@@ -88,6 +88,8 @@ pub enum SessionEnd {
     ClientIo(io::Error),
     #[error("backend lost with unreplayable session state")]
     BackendLost,
+    #[error("pass-through: the backend refused this client's credentials on a new link")]
+    CredentialsRefused,
     #[error("backend sent a reply nobody asked for")]
     BackendDesync,
     #[error("client idle timeout")]
@@ -119,7 +121,11 @@ enum StateChange {
     Hello {
         resp3: Option<bool>,
         name: Option<Bytes>,
+        /// Pass-through: `HELLO ... AUTH user pass` credentials, kept once Redis accepts.
+        auth: Option<Credentials>,
     },
+    /// Pass-through: `AUTH` credentials Redis accepted, replayed on new links.
+    Auth(Credentials),
     Reset,
     /// EXEC: apply the changes queued inside MULTI when the transaction ran.
     Exec(Vec<StateChange>),
@@ -299,6 +305,25 @@ impl Backend {
     }
 }
 
+/// Why a session could not open a backend link.
+#[derive(Debug)]
+struct LinkFailure {
+    /// The error reply owed to the request that needed the link.
+    reply: Bytes,
+    /// Pass-through: Redis refused the client's own credentials; the backend itself is
+    /// fine (never reported unreachable) and the session closes.
+    credentials_refused: bool,
+}
+
+impl LinkFailure {
+    fn unreachable(reply: Bytes) -> LinkFailure {
+        LinkFailure {
+            reply,
+            credentials_refused: false,
+        }
+    }
+}
+
 /// Per-connection state that outlives backend connections.
 #[derive(Debug, Default)]
 struct ConnState {
@@ -308,6 +333,9 @@ struct ConnState {
     channels: HashSet<Bytes>,
     patterns: HashSet<Bytes>,
     shard_channels: HashSet<Bytes>,
+    /// Pass-through: the credentials Redis accepted from this client (`None`: not
+    /// authenticated, or RESET since), replayed instead of the proxy's on new links.
+    creds: Option<Credentials>,
 }
 
 impl ConnState {
@@ -327,14 +355,18 @@ impl ConnState {
         match change {
             StateChange::Select(db) => self.db = db,
             StateChange::ClientName(name) => self.client_name = name,
-            StateChange::Hello { resp3, name } => {
+            StateChange::Hello { resp3, name, auth } => {
                 if let Some(r) = resp3 {
                     self.resp3 = r;
                 }
                 if name.is_some() {
                     self.client_name = name;
                 }
+                if auth.is_some() {
+                    self.creds = auth;
+                }
             }
+            StateChange::Auth(creds) => self.creds = Some(creds),
             StateChange::Reset => {
                 *self = ConnState::default();
             }
@@ -526,6 +558,10 @@ struct Session {
     draining: bool,
     /// A link loss answered requests: parse what the client buffered behind them.
     resume_parse: bool,
+    /// Pass-through, under pre-auth bounds: an AUTH went to Redis; read and parse nothing
+    /// more until everything sent is answered, as Redis runs AUTH before it parses the
+    /// next command (and its bounds depend on the outcome).
+    auth_barrier: bool,
 }
 
 enum Event {
@@ -573,6 +609,7 @@ impl Session {
             end: None,
             draining: false,
             resume_parse: false,
+            auth_barrier: false,
         }
     }
 
@@ -608,6 +645,8 @@ impl Session {
                     return end;
                 }
             }
+            // Pass-through: a forwarded AUTH is answered before anything more is read.
+            let auth_wait = self.auth_wait();
             let limits = &self.rt.config.limits;
             let idle = limits.idle_timeout;
             // Requests waiting for a slow backend are held to the same bound as replies
@@ -616,6 +655,7 @@ impl Session {
             let to_backends = self.backend.as_ref().map_or(0, |b| b.out.bytes)
                 + self.replica.as_ref().map_or(0, |b| b.out.bytes);
             let read_client = !self.client_done
+                && !auth_wait
                 && self.held.is_none()
                 && self.retrying == 0
                 && self.pending.len() < limits.max_pending
@@ -763,7 +803,9 @@ impl Session {
     /// already and never make its socket readable again.
     async fn parse_buffered(&mut self) -> Option<SessionEnd> {
         self.refresh_runtime();
+        self.sync_passthrough_limits();
         while !self.client_done
+            && !self.auth_wait()
             && self.held.is_none()
             && self.retrying == 0
             && self.pending.len() < self.rt.config.limits.max_pending
@@ -892,10 +934,28 @@ impl Session {
                 self.drain_locals();
                 return None;
             }
+            Special::Auth if self.rt.passthrough() => {
+                // Pass-through (issue 10 item 7): forwarded; Redis checks and answers, and
+                // the credentials are kept for new links once it accepts them. Inside MULTI
+                // Redis only queues it, and EXEC's reply would not say whether it worked.
+                if self.in_multi {
+                    self.refuse(local_error(
+                        "ERR portcullis does not forward AUTH inside MULTI in pass-through mode",
+                    ));
+                    return None;
+                }
+                if let Some(creds) = Credentials::from_auth(&forward) {
+                    on_reply = OnReply::Apply(StateChange::Auth(creds));
+                    self.auth_sent();
+                }
+            }
             Special::Auth => {
                 self.shared.hot.local.increment(1);
                 let reply = match forward.argc() {
-                    2 if !self.rt.users.enabled() => Bytes::from_static(replies::AUTH_NO_PASSWORD),
+                    // No users: checked against the backend password the proxy holds.
+                    2 if !self.rt.users.enabled() => {
+                        self.proxy_auth(None, forward.arg(1).unwrap_or_default())
+                    }
                     2 => self.authenticate(b"default", forward.arg(1).unwrap_or_default()),
                     3 => self.authenticate(
                         forward.arg(1).unwrap_or_default(),
@@ -1082,6 +1142,13 @@ impl Session {
                         self.replica = Some(link);
                         self.replica_stale = false;
                     }
+                    Err(failure) if failure.credentials_refused => {
+                        self.close_for_credentials();
+                        if replies > 0 {
+                            self.push_local(failure.reply);
+                        }
+                        return None;
+                    }
                     Err(_) => self.shared.topology.request_probe(index),
                 }
             }
@@ -1118,15 +1185,10 @@ impl Session {
         self.forward(req, replies, OnReply::Forward, false).await
     }
 
-    /// AUTH at the proxy. With no users configured, like Redis's passwordless default
-    /// user: `default` with any password succeeds, any other user fails.
+    /// AUTH at the proxy. With no users configured, `proxy_auth`.
     fn authenticate(&mut self, name: &[u8], password: &[u8]) -> Bytes {
         if !self.rt.users.enabled() {
-            return if name == b"default" {
-                Bytes::from_static(replies::OK)
-            } else {
-                Bytes::from_static(replies::WRONGPASS)
-            };
+            return self.proxy_auth(Some(name), password);
         }
         match self.rt.users.authenticate(name, password) {
             Some(user) => {
@@ -1145,6 +1207,73 @@ impl Session {
         }
     }
 
+    /// Proxy mode without `[[users]]` (issue 10 item 7): an app built for a
+    /// password-protected Redis keeps sending that password. It is accepted when it is the
+    /// password the proxy itself holds for a backend; answers are Redis's texts.
+    fn proxy_auth(&self, name: Option<&[u8]>, password: &[u8]) -> Bytes {
+        match self.rt.backend_passwords.answer(name, password) {
+            ProxyAuthAnswer::Ok => Bytes::from_static(replies::OK),
+            ProxyAuthAnswer::NoPasswordConfigured => Bytes::from_static(replies::AUTH_NO_PASSWORD),
+            ProxyAuthAnswer::WrongPass => {
+                metrics::auth_failure();
+                let user = name.map_or("default".into(), |n| String::from_utf8_lossy(shown(n, 64)));
+                warn!(peer = %self.peer, user = %user, "AUTH failed (not the backend credentials the proxy holds)");
+                Bytes::from_static(replies::WRONGPASS)
+            }
+        }
+    }
+
+    /// Credentials for a new backend link: the proxy's own, or in pass-through the
+    /// client's (none before it authenticated, so Redis's own auth applies to it).
+    fn link_auth(&self) -> LinkAuth {
+        if !self.rt.passthrough() {
+            return LinkAuth::Proxy;
+        }
+        match &self.state.creds {
+            Some(creds) => LinkAuth::Client(creds.clone()),
+            None => LinkAuth::Unauthenticated,
+        }
+    }
+
+    /// Pass-through: Redis's pre-auth bounds (10 elements, 16 KiB bulks) while the client
+    /// has not authenticated and the backends require it, as Redis applies them; the
+    /// proxy must not buffer for an anonymous client what Redis would refuse.
+    fn sync_passthrough_limits(&mut self) {
+        if !self.rt.passthrough() {
+            return;
+        }
+        let pre_auth =
+            self.state.creds.is_none() && self.shared.topology.load().backends_require_auth();
+        if self.parser.limits().unauthenticated != pre_auth {
+            self.parser.set_limits(self.rt.request_limits(!pre_auth));
+        }
+    }
+
+    /// Pass-through: an AUTH was forwarded. Under pre-auth bounds, stop parsing until it
+    /// is answered (`auth_wait`).
+    fn auth_sent(&mut self) {
+        if self.parser.limits().unauthenticated {
+            self.auth_barrier = true;
+        }
+    }
+
+    /// Whether reading and parsing wait for a forwarded AUTH's reply (and what precedes
+    /// it); lifts the barrier once nothing is pending.
+    fn auth_wait(&mut self) -> bool {
+        if self.auth_barrier && self.pending.is_empty() {
+            self.auth_barrier = false;
+        }
+        self.auth_barrier
+    }
+
+    /// Pass-through: Redis refused this client's credentials on a new link. Answer what
+    /// is owed, then close, as Redis closes a client whose user is gone; the client
+    /// reconnects and authenticates again.
+    fn close_for_credentials(&mut self) {
+        self.client_done = true;
+        self.end.get_or_insert(SessionEnd::CredentialsRefused);
+    }
+
     /// A state change takes effect on the reply, or at EXEC when queued in MULTI.
     fn stage(&mut self, change: StateChange, on_reply: &mut OnReply) {
         if self.in_multi {
@@ -1157,6 +1286,9 @@ impl Session {
     /// HELLO: authenticate `AUTH user pass` at the proxy, forward the rest.
     fn rewrite_hello(&mut self, req: &Request) -> Result<(Request, StateChange), Bytes> {
         let mut args: Vec<&[u8]> = vec![b"HELLO"];
+        // Pass-through: AUTH stays in the forwarded HELLO for Redis to check.
+        let passthrough = self.rt.passthrough();
+        let auth = passthrough.then(|| Credentials::from_hello(req)).flatten();
         let mut resp3 = None;
         let mut name = None;
         let mut i = 1;
@@ -1171,7 +1303,11 @@ impl Session {
         }
         while i < req.argc() {
             let opt = req.arg(i).unwrap_or_default();
-            if opt.eq_ignore_ascii_case(b"auth") && req.argc() > i + 2 {
+            if passthrough && opt.eq_ignore_ascii_case(b"auth") && req.argc() > i + 2 {
+                args.extend([opt, req.arg(i + 1).unwrap_or_default()]);
+                args.push(req.arg(i + 2).unwrap_or_default());
+                i += 3;
+            } else if opt.eq_ignore_ascii_case(b"auth") && req.argc() > i + 2 {
                 let reply = self.authenticate(
                     req.arg(i + 1).unwrap_or_default(),
                     req.arg(i + 2).unwrap_or_default(),
@@ -1195,9 +1331,12 @@ impl Session {
         if !self.authenticated {
             return Err(Bytes::from_static(replies::HELLO_NOAUTH));
         }
+        if auth.is_some() {
+            self.auth_sent();
+        }
         Ok((
             Request::from_args(&args),
-            StateChange::Hello { resp3, name },
+            StateChange::Hello { resp3, name, auth },
         ))
     }
 
@@ -1355,7 +1494,13 @@ impl Session {
             };
             match self.connect(index).await {
                 Ok(()) => return Ok(()),
-                Err(reply) => {
+                // Pass-through: Redis refused this client's own credentials (password
+                // changed, user disabled): the backend is fine, this session cannot go on.
+                Err(failure) if failure.credentials_refused => {
+                    self.close_for_credentials();
+                    return Err(failure.reply);
+                }
+                Err(LinkFailure { reply, .. }) => {
                     self.shared.topology.report_unreachable(index, &reply);
                     if tokio::time::Instant::now() >= deadline {
                         return Err(reply);
@@ -1365,13 +1510,13 @@ impl Session {
         }
     }
 
-    async fn connect(&mut self, index: usize) -> Result<(), Bytes> {
+    async fn connect(&mut self, index: usize) -> Result<(), LinkFailure> {
         self.backend = Some(self.open_link(index).await?);
         Ok(())
     }
 
     /// Open a backend connection with this session's state replayed.
-    async fn open_link(&self, index: usize) -> Result<Backend, Bytes> {
+    async fn open_link(&self, index: usize) -> Result<Backend, LinkFailure> {
         let Some(cfg) = self
             .shared
             .topology
@@ -1380,9 +1525,12 @@ impl Session {
             .get(index)
             .map(|b| b.config.clone())
         else {
-            return Err(local_error("ERR portcullis has no backend configured"));
+            return Err(LinkFailure::unreachable(local_error(
+                "ERR portcullis has no backend configured",
+            )));
         };
         let handshake = Handshake {
+            auth: self.link_auth(),
             db: self.state.db,
             resp3: self.state.resp3,
             client_name: self.state.client_name.clone(),
@@ -1399,13 +1547,23 @@ impl Session {
                 out: OutQueue::default(),
                 label: cfg.label().to_string(),
             }),
+            Err(e) if matches!(handshake.auth, LinkAuth::Client(_)) && e.refused_auth() => {
+                warn!(peer = %self.peer, backend = cfg.label(), error = %e, "pass-through: the backend refused the client's credentials on a new link; closing the client");
+                Err(LinkFailure {
+                    reply: local_error(&format!(
+                        "ERR portcullis could not authenticate this connection again on backend {} (the connection is closed; reconnect and AUTH): {e}",
+                        cfg.label()
+                    )),
+                    credentials_refused: true,
+                })
+            }
             Err(e) => {
                 metrics::backend_connect_error(cfg.label());
                 warn!(backend = cfg.label(), error = %e, "backend connection failed");
-                Err(local_error(&format!(
+                Err(LinkFailure::unreachable(local_error(&format!(
                     "ERR portcullis cannot reach backend {}: {e}",
                     cfg.label()
-                )))
+                ))))
             }
         }
     }

@@ -73,6 +73,10 @@ pub struct BackendState {
     pub hijacked: bool,
     /// Removed from the configuration by a reload: never routed to again.
     pub retired: bool,
+    /// Pass-through mode: whether the backend refuses an unauthenticated client
+    /// (`-NOAUTH` to PING), as last checked by the prober; `None` until known. Kept
+    /// across failed probes: only a new answer changes it.
+    pub requires_auth: Option<bool>,
 }
 
 impl BackendState {
@@ -99,6 +103,7 @@ impl BackendState {
             readonly_seen: false,
             hijacked: false,
             retired: false,
+            requires_auth: None,
         }
     }
 
@@ -231,6 +236,13 @@ impl Topology {
             Ok(i) if now <= self.valid_until => Some(i),
             _ => None,
         }
+    }
+
+    /// Every backend still configured is known to refuse unauthenticated clients (so in
+    /// pass-through mode Redis authenticates every client). Unknown counts as no.
+    pub fn backends_require_auth(&self) -> bool {
+        let mut live = self.backends.iter().filter(|b| !b.retired).peekable();
+        live.peek().is_some() && live.all(|b| b.requires_auth == Some(true))
     }
 
     /// A replica for reads: fresh, following the confirmed master with its link up, not
