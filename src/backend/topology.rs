@@ -440,6 +440,32 @@ mod tests {
         s
     }
 
+    #[test]
+    fn backends_require_auth_only_when_all_live_ones_are_known_to() {
+        let topo = |states: Vec<(Option<bool>, bool)>| Topology {
+            backends: states
+                .into_iter()
+                .enumerate()
+                .map(|(i, (requires_auth, retired))| BackendState {
+                    requires_auth,
+                    retired,
+                    ..b("x", 7000 + i as u16, None)
+                })
+                .collect(),
+            master: Err(NoMaster::None),
+            valid_until: Instant::now(),
+            generation: 0,
+            staleness: STALE,
+            sentinel_master: None,
+        };
+        assert!(!topo(vec![]).backends_require_auth());
+        assert!(topo(vec![(Some(true), false)]).backends_require_auth());
+        assert!(!topo(vec![(Some(true), false), (None, false)]).backends_require_auth());
+        assert!(!topo(vec![(Some(true), false), (Some(false), false)]).backends_require_auth());
+        assert!(topo(vec![(Some(true), false), (Some(false), true)]).backends_require_auth());
+        assert!(!topo(vec![(Some(true), true)]).backends_require_auth());
+    }
+
     fn replica_of(port: u16) -> Option<Role> {
         Some(Role::Replica {
             master_host: "127.0.0.1".into(),
