@@ -342,3 +342,112 @@ async fn redis_rs_clients_authenticate_through_the_proxy() {
         "{err:?}"
     );
 }
+
+/// An admin connection (the default user) straight to a server.
+async fn admin(r: &RedisServer) -> Conn {
+    let mut c = Conn::open(&r.addr()).await;
+    assert_eq!(text(&c.call(&["AUTH", ADMIN_PW]).await), "+OK\r\n");
+    c
+}
+
+/// Poll `check` on `r` (as admin) until it holds.
+async fn until_on(r: &RedisServer, what: &str, cmd: &[&str], check: impl Fn(&str) -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut c = admin(r).await;
+    loop {
+        let got = text(&c.call(cmd).await);
+        if check(&got) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {got}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_follow_the_session_to_replicas_and_a_new_master() {
+    let acl = |extra: &[&'static str]| -> Vec<&'static str> {
+        let mut args = vec![
+            "--requirepass",
+            ADMIN_PW,
+            "--masterauth",
+            ADMIN_PW,
+            "--user",
+            "app",
+            "on",
+            ">app-pw",
+            "~app:*",
+            "+@all",
+        ];
+        args.extend_from_slice(extra);
+        args
+    };
+    let old = RedisServer::start(&acl(&[]));
+    let old_port = old.port.to_string();
+    let mut replica_args = acl(&[]);
+    replica_args.extend_from_slice(&["--replicaof", "127.0.0.1", &old_port]);
+    let new = RedisServer::start(&replica_args);
+    until_on(&new, "replica link up", &["INFO", "replication"], |i| {
+        i.contains("master_link_status:up")
+    })
+    .await;
+    let mut config = passthrough(&old, Some(ADMIN_PW));
+    config.backends.push(BackendConfig {
+        password: Some(ADMIN_PW.into()),
+        ..BackendConfig::from_address(new.addr())
+    });
+    config.routing.reads = portcullis::config::ReadPolicy::PreferReplica;
+    let proxy = Proxy::start_with(config).await;
+
+    let mut c = Conn::open(&proxy.addr.to_string()).await;
+    assert_eq!(text(&c.call(&["AUTH", "app", "app-pw"]).await), "+OK\r\n");
+    assert_eq!(text(&c.call(&["SET", "app:k", "v1"]).await), "+OK\r\n");
+    // Reads go to the replica on a link opened with the client's credentials (once the
+    // proxy has seen the replica follow the master).
+    until_on(&new, "replica has the write", &["GET", "app:k"], |v| {
+        v.contains("v1")
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        assert_eq!(text(&c.call(&["GET", "app:k"]).await), "$2\r\nv1\r\n");
+        let mut a = admin(&new).await;
+        if text(&a.call(&["CLIENT", "LIST"]).await).contains("user=app") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no replica link as app"
+        );
+    }
+
+    // Promotion: the session moves to the new master with its credentials.
+    let mut a = admin(&new).await;
+    assert_eq!(text(&a.call(&["REPLICAOF", "NO", "ONE"]).await), "+OK\r\n");
+    let mut a = admin(&old).await;
+    let new_port = new.port.to_string();
+    assert_eq!(
+        text(&a.call(&["REPLICAOF", "127.0.0.1", &new_port]).await),
+        "+OK\r\n"
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r = text(&c.call(&["SET", "app:k", "v2"]).await);
+        if r == "+OK\r\n" {
+            break;
+        }
+        assert!(
+            r.starts_with("-MASTERDOWN") || r.contains("portcullis lost the connection"),
+            "{r}"
+        );
+        assert!(tokio::time::Instant::now() < deadline, "{r}");
+    }
+    let mut direct_new = admin(&new).await;
+    assert_eq!(
+        text(&direct_new.call(&["GET", "app:k"]).await),
+        "$2\r\nv2\r\n"
+    );
+    assert_eq!(text(&c.call(&["ACL", "WHOAMI"]).await), "$3\r\napp\r\n");
+    let denied = text(&c.call(&["SET", "other:k", "v"]).await);
+    assert!(denied.starts_with("-NOPERM"), "{denied}");
+}
