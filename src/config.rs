@@ -74,6 +74,8 @@ pub struct Config {
     /// Users clients authenticate as; none = no AUTH needed (loopback only unless
     /// `protection.protected_mode = false`).
     pub users: Vec<crate::auth::UserConfig>,
+    /// `[auth]`: who checks a client's AUTH (the proxy, or Redis in pass-through).
+    pub auth: crate::auth::AuthConfig,
     pub shutdown: ShutdownConfig,
     /// Sentinel mode: the master (and replicas) come from Sentinel, still confirmed by ROLE.
     pub sentinel: Option<SentinelConfig>,
@@ -95,6 +97,7 @@ impl Default for Config {
             routing: RoutingConfig::default(),
             protection: ProtectionConfig::default(),
             users: Vec::new(),
+            auth: crate::auth::AuthConfig::default(),
             shutdown: ShutdownConfig::default(),
             sentinel: None,
             tls: None,
@@ -529,6 +532,12 @@ impl Config {
             let (field, reason) = text.split_once(": ").unwrap_or(("users", &text));
             invalid(field, reason)
         })?;
+        if self.auth.mode == crate::auth::AuthMode::Passthrough && !self.users.is_empty() {
+            return Err(invalid(
+                "auth.mode",
+                "\"passthrough\" sends AUTH to Redis, whose ACL decides; [[users]] at the proxy would never be asked. Remove [[users]] (create them as Redis ACL users) or use mode = \"proxy\"",
+            ));
+        }
         if l.connect_timeout.is_zero() {
             return Err(invalid("limits.connect_timeout", "must be greater than 0"));
         }
@@ -633,6 +642,18 @@ mod tests {
                 "log.level",
                 Box::new(|c| c.log.level = "no=such=level".into()),
             ),
+            (
+                "auth.mode",
+                Box::new(|c| {
+                    c.auth.mode = crate::auth::AuthMode::Passthrough;
+                    c.users = vec![crate::auth::UserConfig {
+                        name: "app".into(),
+                        password_sha256: "0".repeat(64),
+                        allow: vec![],
+                        deny: vec![],
+                    }];
+                }),
+            ),
         ];
         for (field, mutate) in cases {
             let mut c = valid();
@@ -679,6 +700,8 @@ mod tests {
             name = "primary"
             username = "portcullis"
             password = "s3cret"
+            [auth]
+            mode = "passthrough"
             [limits]
             idle_timeout = "5m"
             frame_timeout = "10s"
@@ -692,6 +715,9 @@ mod tests {
         assert_eq!(c.limits.frame_timeout, Duration::from_secs(10));
         assert_eq!(c.log.format, LogFormat::Json);
         assert_eq!(c.backends[0].label(), "primary");
+        assert_eq!(c.auth.mode, crate::auth::AuthMode::Passthrough);
+        assert_eq!(Config::default().auth.mode, crate::auth::AuthMode::Proxy);
+        assert!(Config::from_toml("[auth]\nmode = \"redis\"\n", "t.toml").is_err());
         assert!(!format!("{:?}", c.backends[0]).contains("s3cret"));
     }
 }

@@ -1,6 +1,7 @@
-//! One connection to one Redis backend, opened with the proxy's own credentials and the
-//! session's replayed state (db, protocol, client name, library info, eviction and touch
-//! flags, cluster read mode). Owns connect + handshake only;
+//! One connection to one Redis backend, opened with the proxy's own credentials (or, in
+//! pass-through mode, the client's) and the session's replayed state (db, protocol, client
+//! name, library info, eviction and touch flags, cluster read mode). Owns connect +
+//! handshake only;
 //! the session drives the connection afterwards.
 
 use std::time::Duration;
@@ -8,6 +9,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
 
+use crate::auth::Credentials;
 use crate::config::BackendConfig;
 use crate::net::Stream;
 use crate::protocol::{Reply, ReplyError, ReplyLimits, ReplyScanner, Request};
@@ -45,6 +47,19 @@ pub enum BackendError {
     },
 }
 
+impl BackendError {
+    /// The backend refused the handshake's `AUTH` (wrong credentials, user disabled).
+    pub fn refused_auth(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Refused {
+                command: "AUTH",
+                ..
+            }
+        )
+    }
+}
+
 /// Why reading one reply on one of the proxy's own backend connections failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadReplyError {
@@ -73,9 +88,24 @@ pub async fn read_reply(
     }
 }
 
+/// Which credentials a new link authenticates with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum LinkAuth {
+    /// The backend's configured `username`/`password` (proxy mode; probes).
+    #[default]
+    Proxy,
+    /// None: pass-through before the client authenticated, so Redis's own `requirepass`
+    /// or ACL applies to it exactly as on a direct connection.
+    Unauthenticated,
+    /// The client's own credentials, accepted earlier by Redis (pass-through).
+    Client(Credentials),
+}
+
 /// Session state replayed on a fresh backend connection.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Handshake {
+    /// Whose credentials `AUTH` sends first.
+    pub auth: LinkAuth,
     /// `SELECT` this database when not 0.
     pub db: u64,
     /// `HELLO 3` when the client switched to RESP3.
@@ -145,14 +175,20 @@ impl BackendLink {
         };
 
         let mut steps: Vec<(&'static str, Request)> = Vec::new();
-        if let Some(password) = &backend.password {
-            let req = match &backend.username {
-                Some(user) => {
-                    Request::from_args(&[b"AUTH".as_slice(), user.as_bytes(), password.as_bytes()])
-                }
-                None => Request::from_args(&[b"AUTH".as_slice(), password.as_bytes()]),
-            };
-            steps.push(("AUTH", req));
+        match (&state.auth, &backend.password) {
+            (LinkAuth::Proxy, Some(password)) => {
+                let req = match &backend.username {
+                    Some(user) => Request::from_args(&[
+                        b"AUTH".as_slice(),
+                        user.as_bytes(),
+                        password.as_bytes(),
+                    ]),
+                    None => Request::from_args(&[b"AUTH".as_slice(), password.as_bytes()]),
+                };
+                steps.push(("AUTH", req));
+            }
+            (LinkAuth::Client(creds), _) => steps.push(("AUTH", creds.auth_request())),
+            (LinkAuth::Proxy, None) | (LinkAuth::Unauthenticated, _) => {}
         }
         if state.resp3 {
             steps.push(("HELLO 3", Request::from_args(&[b"HELLO".as_slice(), b"3"])));

@@ -119,6 +119,13 @@ pub fn unreachable(backend: &str, why: &dyn std::fmt::Display) -> Bytes {
     ))
 }
 
+/// Pass-through: Redis refused the client's own credentials on a new connection.
+pub fn credentials_refused(backend: &str, why: &dyn std::fmt::Display) -> Bytes {
+    error(&format!(
+        "ERR portcullis could not authenticate this connection again on backend {backend} (the connection is closed; reconnect and AUTH): {why}"
+    ))
+}
+
 /// No backend is configured at that index (a reload removed it).
 pub const NO_BACKEND: &[u8] = b"-ERR portcullis has no backend configured\r\n";
 

@@ -43,8 +43,8 @@ use tracing::{debug, warn};
 
 use arc_swap::ArcSwap;
 
-use crate::auth::User;
-use crate::backend::TopologyStore;
+use crate::auth::{Credentials, ProxyAuthAnswer, User};
+use crate::backend::{LinkAuth, TopologyStore};
 use crate::command::{AclCategories, CommandSpec, Flags, Lookup, Special};
 use crate::config::ReadPolicy;
 use crate::metrics::{self, Hot};
@@ -99,6 +99,8 @@ pub enum SessionEnd {
     ClientIo(io::Error),
     #[error("backend lost with unreplayable session state")]
     BackendLost,
+    #[error("pass-through: the backend refused this client's credentials on a new link")]
+    CredentialsRefused,
     #[error("backend sent a reply nobody asked for")]
     BackendDesync,
     #[error("client idle timeout")]
@@ -127,6 +129,25 @@ struct Parked {
     deliver: bool,
     on_reply: OnReply,
     retryable: bool,
+}
+
+/// Why a session could not open a backend link.
+#[derive(Debug)]
+struct LinkFailure {
+    /// The error reply owed to the request that needed the link.
+    reply: Bytes,
+    /// Pass-through: Redis refused the client's own credentials; the backend itself is
+    /// fine (never reported unreachable) and the session closes.
+    credentials_refused: bool,
+}
+
+impl LinkFailure {
+    fn unreachable(reply: Bytes) -> LinkFailure {
+        LinkFailure {
+            reply,
+            credentials_refused: false,
+        }
+    }
 }
 
 /// Serve one client connection until it ends.
@@ -203,9 +224,13 @@ struct Session {
     /// The user this connection authenticated as (its policy applies).
     user: Option<Arc<User>>,
     parked: Option<Parked>,
-    /// An EXEC whose transaction changes `CLIENT REPLY` is in flight: whether later
-    /// answers are delivered depends on its outcome, so nothing more is parsed until then.
+    /// Parse nothing more until everything sent is answered: an EXEC whose transaction
+    /// changes `CLIENT REPLY` is in flight (whether later answers are delivered depends
+    /// on its outcome), or, in pass-through under pre-auth bounds, an AUTH (Redis runs it
+    /// before it parses the next command, and its bounds depend on the outcome).
     barrier: bool,
+    /// An EXEC that sets `CLIENT REPLY` is in flight: the mode comes from its answer.
+    mode_pending: bool,
     /// Bytes of forwarded writes kept for a READONLY retry (`Retained`).
     retained: Arc<AtomicUsize>,
     /// The clock, read once per event (after each wake-up).
@@ -251,6 +276,7 @@ impl Session {
             watching: false,
             parked: None,
             barrier: false,
+            mode_pending: false,
             retained: Arc::new(AtomicUsize::new(0)),
             now,
             read_at: now,
@@ -320,6 +346,9 @@ impl Session {
     /// One progress step: retries and a parked request first (they come before anything
     /// parsed after them), then the requests already buffered, then what a phase asks.
     async fn progress(&mut self, client: &mut Stream) -> Result<(), SessionEnd> {
+        if self.barrier && self.queue.is_empty() {
+            self.barrier = false;
+        }
         if self.queue.retries() > 0 && !self.queue.waiting_on(LinkId::Master) {
             self.run_retries().await;
         }
@@ -494,6 +523,7 @@ impl Session {
             return Ok(());
         }
         self.refresh_runtime();
+        self.sync_passthrough_limits();
         while self.may_parse() {
             match self.parser.parse(&mut self.client_buf) {
                 Ok(Some(req)) => {
@@ -609,9 +639,27 @@ impl Session {
                 self.end_after_replies(SessionEnd::Quit);
                 return;
             }
+            Plan::Auth if self.rt.passthrough() => {
+                // Pass-through: forwarded; Redis checks and answers, and the credentials
+                // are kept for new links once it accepts them. Inside MULTI Redis only
+                // queues it, and EXEC's answer would not say whether it worked.
+                if in_multi {
+                    self.refuse(texts::error(
+                        "ERR portcullis does not forward AUTH inside MULTI in pass-through mode",
+                    ));
+                    return;
+                }
+                if let Some(creds) = Credentials::from_auth(&forward) {
+                    on_reply = OnReply::Apply(StateChange::Auth(creds));
+                    self.auth_sent();
+                }
+            }
             Plan::Auth => {
                 let reply = match forward.argc() {
-                    2 if !self.rt.users.enabled() => Bytes::from_static(texts::AUTH_NO_PASSWORD),
+                    // No users: checked against the backend password the proxy holds.
+                    2 if !self.rt.users.enabled() => {
+                        self.proxy_auth(None, forward.arg(1).unwrap_or_default())
+                    }
                     2 => self.authenticate(b"default", forward.arg(1).unwrap_or_default()),
                     3 => self.authenticate(
                         forward.arg(1).unwrap_or_default(),
@@ -702,6 +750,7 @@ impl Session {
                         if txn.changes_reply_mode() {
                             // The mode after EXEC depends on its outcome.
                             self.barrier = true;
+                            self.mode_pending = true;
                         } else {
                             self.mode.command_done();
                         }
@@ -731,7 +780,6 @@ impl Session {
                 }
                 self.txn = None;
                 self.watching = false;
-                self.barrier = false;
                 // RESET clears CLIENT REPLY before answering `+RESET`.
                 self.mode = ReplyMode::default();
                 on_reply = OnReply::Apply(StateChange::Reset);
@@ -813,6 +861,11 @@ impl Session {
                         self.upstream.replica = Some(link);
                         self.upstream.replica_stale = false;
                     }
+                    Err(failure) if failure.credentials_refused => {
+                        self.close_for_credentials();
+                        self.push_local(deliver.then_some(failure.reply));
+                        return;
+                    }
                     Err(_) => self.shared.topology.request_probe(index),
                 }
             }
@@ -835,15 +888,10 @@ impl Session {
         self.send(req, 1, deliver, OnReply::Forward, false).await;
     }
 
-    /// AUTH at the proxy. With no users configured, like Redis's passwordless default
-    /// user: `default` with any password succeeds, any other user fails.
+    /// AUTH at the proxy. With no users configured, `proxy_auth`.
     fn authenticate(&mut self, name: &[u8], password: &[u8]) -> Bytes {
         if !self.rt.users.enabled() {
-            return if name == b"default" {
-                Bytes::from_static(texts::OK)
-            } else {
-                Bytes::from_static(texts::WRONGPASS)
-            };
+            return self.proxy_auth(Some(name), password);
         }
         match self.rt.users.authenticate(name, password) {
             Some(user) => {
@@ -862,9 +910,64 @@ impl Session {
         }
     }
 
+    /// Proxy mode without `[[users]]`: an app built for a password-protected Redis keeps
+    /// sending that password. It is accepted when it is the password the proxy itself
+    /// holds for a backend; answers are Redis's texts.
+    fn proxy_auth(&self, name: Option<&[u8]>, password: &[u8]) -> Bytes {
+        match self.rt.backend_passwords.answer(name, password) {
+            ProxyAuthAnswer::Ok => Bytes::from_static(texts::OK),
+            ProxyAuthAnswer::NoPasswordConfigured => Bytes::from_static(texts::AUTH_NO_PASSWORD),
+            ProxyAuthAnswer::WrongPass => {
+                metrics::auth_failure();
+                let user = name.map_or("default".into(), |n| {
+                    String::from_utf8_lossy(texts::shown(n, 64))
+                });
+                warn!(peer = %self.peer, user = %user, "AUTH failed (not the backend credentials the proxy holds)");
+                Bytes::from_static(texts::WRONGPASS)
+            }
+        }
+    }
+
+    /// Credentials for a new backend link: the proxy's own, or in pass-through the
+    /// client's (none before it authenticated, so Redis's own auth applies to it).
+    fn link_auth(&self) -> LinkAuth {
+        if !self.rt.passthrough() {
+            return LinkAuth::Proxy;
+        }
+        match &self.state.creds {
+            Some(creds) => LinkAuth::Client(creds.clone()),
+            None => LinkAuth::Unauthenticated,
+        }
+    }
+
+    /// Pass-through: Redis's pre-auth bounds (10 elements, 16 KiB bulks) while the client
+    /// has not authenticated and the backends require it, as Redis applies them; the
+    /// proxy must not buffer for an anonymous client what Redis would refuse.
+    fn sync_passthrough_limits(&mut self) {
+        if !self.rt.passthrough() {
+            return;
+        }
+        let pre_auth =
+            self.state.creds.is_none() && self.shared.topology.load().backends_require_auth();
+        if self.parser.limits().unauthenticated != pre_auth {
+            self.parser.set_limits(self.rt.request_limits(!pre_auth));
+        }
+    }
+
+    /// Pass-through: an AUTH was forwarded. Under pre-auth bounds, parse nothing more
+    /// until it is answered.
+    fn auth_sent(&mut self) {
+        if self.parser.limits().unauthenticated {
+            self.barrier = true;
+        }
+    }
+
     /// HELLO: authenticate `AUTH user pass` at the proxy, forward the rest.
     fn rewrite_hello(&mut self, req: &Request) -> Result<(Request, StateChange), Bytes> {
         let mut args: Vec<&[u8]> = vec![b"HELLO"];
+        // Pass-through: AUTH stays in the forwarded HELLO for Redis to check.
+        let passthrough = self.rt.passthrough();
+        let auth = passthrough.then(|| Credentials::from_hello(req)).flatten();
         let mut resp3 = None;
         let mut name = None;
         let mut i = 1;
@@ -879,7 +982,11 @@ impl Session {
         }
         while i < req.argc() {
             let opt = req.arg(i).unwrap_or_default();
-            if opt.eq_ignore_ascii_case(b"auth") && req.argc() > i + 2 {
+            if passthrough && opt.eq_ignore_ascii_case(b"auth") && req.argc() > i + 2 {
+                args.extend([opt, req.arg(i + 1).unwrap_or_default()]);
+                args.push(req.arg(i + 2).unwrap_or_default());
+                i += 3;
+            } else if opt.eq_ignore_ascii_case(b"auth") && req.argc() > i + 2 {
                 let reply = self.authenticate(
                     req.arg(i + 1).unwrap_or_default(),
                     req.arg(i + 2).unwrap_or_default(),
@@ -903,9 +1010,12 @@ impl Session {
         if !self.authenticated {
             return Err(Bytes::from_static(texts::HELLO_NOAUTH));
         }
+        if auth.is_some() {
+            self.auth_sent();
+        }
         Ok((
             Request::from_args(&args),
-            StateChange::Hello { resp3, name },
+            StateChange::Hello { resp3, name, auth },
         ))
     }
 
@@ -963,7 +1073,10 @@ impl Session {
             if let Err(reply) = self.connect_to_master().await {
                 self.push_local(deliver.then_some(reply));
                 if let OnReply::Exec(_) = on_reply {
-                    self.barrier = false;
+                    // Not sent: nothing ran.
+                    if std::mem::take(&mut self.mode_pending) {
+                        self.mode.command_done();
+                    }
                 }
                 return;
             }
@@ -1051,7 +1164,13 @@ impl Session {
                     self.upstream.master = Some(link);
                     return Ok(());
                 }
-                Err(reply) => {
+                // Pass-through: Redis refused this client's own credentials (password
+                // changed, user disabled): the backend is fine, this session cannot go on.
+                Err(failure) if failure.credentials_refused => {
+                    self.close_for_credentials();
+                    return Err(failure.reply);
+                }
+                Err(LinkFailure { reply, .. }) => {
                     self.shared.topology.report_unreachable(index, &reply);
                     if tokio::time::Instant::now() >= deadline {
                         return Err(reply);
@@ -1062,7 +1181,7 @@ impl Session {
     }
 
     /// Open a backend connection with this session's state replayed.
-    async fn open_link(&self, index: usize) -> Result<Link, Bytes> {
+    async fn open_link(&self, index: usize) -> Result<Link, LinkFailure> {
         let Some(cfg) = self
             .shared
             .topology
@@ -1071,22 +1190,40 @@ impl Session {
             .get(index)
             .map(|b| b.config.clone())
         else {
-            return Err(Bytes::from_static(texts::NO_BACKEND));
+            return Err(LinkFailure::unreachable(Bytes::from_static(
+                texts::NO_BACKEND,
+            )));
         };
+        let mut handshake = self.state.handshake();
+        handshake.auth = self.link_auth();
         let opened = Link::open(
             index,
             &cfg,
-            &self.state.handshake(),
+            &handshake,
             self.rt.config.limits.connect_timeout,
             self.rt.reply_limits(),
             self.rt.backend_tls.as_deref(),
         )
         .await;
         opened.map_err(|e| {
+            if matches!(handshake.auth, LinkAuth::Client(_)) && e.refused_auth() {
+                warn!(peer = %self.peer, backend = cfg.label(), error = %e, "pass-through: the backend refused the client's credentials on a new link; closing the client");
+                return LinkFailure {
+                    reply: texts::credentials_refused(cfg.label(), &e),
+                    credentials_refused: true,
+                };
+            }
             metrics::backend_connect_error(cfg.label());
             warn!(backend = cfg.label(), error = %e, "backend connection failed");
-            texts::unreachable(cfg.label(), &e)
+            LinkFailure::unreachable(texts::unreachable(cfg.label(), &e))
         })
+    }
+
+    /// Pass-through: Redis refused this client's credentials on a new link. Answer what
+    /// is owed, then close, as Redis closes a client whose user is gone; the client
+    /// reconnects and authenticates again.
+    fn close_for_credentials(&mut self) {
+        self.end_after_replies(SessionEnd::CredentialsRefused);
     }
 
     /// Read what link `id` has and match every complete reply.
@@ -1262,7 +1399,7 @@ impl Session {
                 let mut mode = plan.mode;
                 mode.command_done();
                 let answer = plan.deliver.then(|| reply.into_frame());
-                if std::mem::take(&mut self.barrier) {
+                if std::mem::take(&mut self.mode_pending) {
                     self.mode = mode;
                 }
                 if let Some(Entry::Upstream(a)) = self.queue.complete(index, answer) {
@@ -1299,7 +1436,7 @@ impl Session {
             .unwrap_or_else(|| (array.frame().clone(), Vec::new()));
         elements.extend(extras);
         let outcome = plan.finish(&mut self.state, &header, elements);
-        if std::mem::take(&mut self.barrier) {
+        if std::mem::take(&mut self.mode_pending) {
             self.mode = outcome.mode;
         }
         self.upstream.replica_stale = true;
@@ -1337,7 +1474,7 @@ impl Session {
             metrics::backend_lost(&link.label);
             warn!(peer = %self.peer, backend = %link.label, in_flight, "backend connection lost with requests in flight");
         }
-        if std::mem::take(&mut self.barrier) {
+        if std::mem::take(&mut self.mode_pending) {
             // The EXEC that would have changed CLIENT REPLY got an error instead.
             self.mode.command_done();
         }

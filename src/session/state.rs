@@ -6,7 +6,8 @@ use std::collections::HashSet;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::backend::Handshake;
+use crate::auth::Credentials;
+use crate::backend::{Handshake, LinkAuth};
 use crate::command::PubSubKind;
 use crate::protocol::{Item, Reply, ReplyLimits, ReplyScanner};
 
@@ -20,7 +21,11 @@ pub(super) enum StateChange {
     Hello {
         resp3: Option<bool>,
         name: Option<Bytes>,
+        /// Pass-through: `HELLO ... AUTH user pass` credentials, kept once Redis accepts.
+        auth: Option<Credentials>,
     },
+    /// Pass-through: `AUTH` credentials Redis accepted, replayed on new links.
+    Auth(Credentials),
     /// `CLIENT SETINFO <attr> <value>` (attribute lower-cased).
     SetInfo {
         attr: Bytes,
@@ -67,6 +72,9 @@ pub(super) struct ConnState {
     pub(super) channels: HashSet<Bytes>,
     pub(super) patterns: HashSet<Bytes>,
     pub(super) shard_channels: HashSet<Bytes>,
+    /// Pass-through: the credentials Redis accepted from this client (`None`: not
+    /// authenticated, or RESET since), replayed instead of the proxy's on new links.
+    pub(super) creds: Option<Credentials>,
 }
 
 impl ConnState {
@@ -92,9 +100,11 @@ impl ConnState {
         self.tracking || self.monitor || self.subscribed()
     }
 
-    /// What a fresh backend connection must be given to continue this session.
+    /// What a fresh backend connection must be given to continue this session (with the
+    /// proxy's credentials; the session picks whose).
     pub(super) fn handshake(&self) -> Handshake {
         Handshake {
+            auth: LinkAuth::Proxy,
             db: self.db,
             resp3: self.resp3,
             client_name: self.client_name.clone(),
@@ -110,14 +120,18 @@ impl ConnState {
         match change {
             StateChange::Select(db) => self.db = db,
             StateChange::ClientName(name) => self.client_name = name,
-            StateChange::Hello { resp3, name } => {
+            StateChange::Hello { resp3, name, auth } => {
                 if let Some(r) = resp3 {
                     self.resp3 = r;
                 }
                 if name.is_some() {
                     self.client_name = name;
                 }
+                if auth.is_some() {
+                    self.creds = auth;
+                }
             }
+            StateChange::Auth(creds) => self.creds = Some(creds),
             StateChange::SetInfo { attr, value } => {
                 self.setinfo.retain(|(a, _)| *a != attr);
                 if !value.is_empty() {
