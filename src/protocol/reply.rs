@@ -15,8 +15,14 @@ use super::request::string2ll;
 
 /// Largest bulk length Redis accepts by default (`proto-max-bulk-len`, 512 MiB).
 pub const DEFAULT_MAX_BULK_LEN: usize = 512 * 1024 * 1024;
-/// Default bound on aggregate nesting; Redis itself never nests replies this deep.
-pub const DEFAULT_MAX_DEPTH: usize = 128;
+/// Default bound on aggregate nesting. Redis 7's Lua replies nest up to 7,995 levels
+/// (`EVAL` of a table nested N deep: N = 7,995 is returned, deeper ones end in
+/// `-ERR reached lua stack limit` at that depth; measured on 7.0.15), so this admits
+/// everything Redis produces; the scanner's stack is explicit, so depth costs 16 bytes a
+/// level of heap, never call stack.
+pub const DEFAULT_MAX_DEPTH: usize = 10_000;
+/// A stack that grew past this many levels (a deep reply) is released afterwards.
+const STACK_KEEP: usize = 256;
 /// Longest length/count header line (`-9223372036854775808` is 20 bytes) before we give up.
 const MAX_HEADER_LINE: usize = 32;
 
@@ -430,6 +436,9 @@ impl ReplyScanner {
         self.scan_from = 0;
         self.has_attribute = false;
         self.value_start = 0;
+        if self.stack.capacity() > STACK_KEEP {
+            self.stack = Vec::new();
+        }
         reply
     }
 }
@@ -1194,7 +1203,7 @@ mod tests {
             ReplyError::TooDeep { limit: 2 }
         );
         assert_eq!(ReplyLimits::default().max_bulk_len, 512 * 1024 * 1024);
-        assert_eq!(ReplyLimits::default().max_depth, 128);
+        assert_eq!(ReplyLimits::default().max_depth, 10_000);
     }
 
     #[test]
