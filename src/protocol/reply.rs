@@ -936,28 +936,29 @@ mod tests {
     #[test]
     fn depth_limit() {
         let limits = ReplyLimits::default();
-        let ok = [b"*1\r\n".repeat(128), b":1\r\n".to_vec()].concat();
+        const D: usize = DEFAULT_MAX_DEPTH;
+        let ok = [b"*1\r\n".repeat(D), b":1\r\n".to_vec()].concat();
         assert_eq!(scan_one(&ok).kind(), Array);
-        let too_deep = [b"*1\r\n".repeat(129), b":1\r\n".to_vec()].concat();
+        let too_deep = [b"*1\r\n".repeat(D + 1), b":1\r\n".to_vec()].concat();
         assert_eq!(
             scan_all(&too_deep).unwrap_err(),
-            ReplyError::TooDeep { limit: 128 }
+            ReplyError::TooDeep { limit: D }
         );
         // Empty aggregates count too: depth is about nesting, not storage.
-        let empty_at_129 = [b"*1\r\n".repeat(128), b"*0\r\n".to_vec()].concat();
-        assert!(scan_all(&empty_at_129).is_err());
-        let attr_deep = [b"*1\r\n".repeat(128), b"|1\r\n+a\r\n+b\r\n:1\r\n".to_vec()].concat();
+        let empty_one_too_deep = [b"*1\r\n".repeat(D), b"*0\r\n".to_vec()].concat();
+        assert!(scan_all(&empty_one_too_deep).is_err());
+        let attr_deep = [b"*1\r\n".repeat(D), b"|1\r\n+a\r\n+b\r\n:1\r\n".to_vec()].concat();
         assert!(scan_all(&attr_deep).is_err());
 
         let million = b"*1\r\n".repeat(1_000_000);
         assert_eq!(
             scan_all(&million).unwrap_err(),
-            ReplyError::TooDeep { limit: 128 }
+            ReplyError::TooDeep { limit: D }
         );
         let err = scan_chunked(&million, 4096, limits).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "backend protocol error: nesting deeper than 128"
+            format!("backend protocol error: nesting deeper than {D}")
         );
         let mixed = b"%1\r\n~1\r\n>1\r\n|1\r\n".repeat(250_000);
         assert!(scan_chunked(&mixed, 1, limits).is_err());
