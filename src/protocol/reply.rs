@@ -555,15 +555,6 @@ impl Reply {
         }
     }
 
-    /// Value of an `:` integer reply.
-    pub fn integer(&self) -> Option<i64> {
-        let mut pos = self.value_start;
-        match read_value(&self.frame, &mut pos)? {
-            Value::Line(b':', line) => string2ll(line),
-            _ => None,
-        }
-    }
-
     /// Shallow decode of a top-level array, push, set, or map (keys and values
     /// alternating); nested aggregates become [`Item::Other`], attributes are skipped.
     pub fn items(&self) -> Option<Vec<Item<'_>>> {
