@@ -622,12 +622,9 @@ fn parse_inline(line: &[u8]) -> Result<Option<Request>, ProtocolError> {
     if spans.as_slice().is_empty() {
         return Ok(None);
     }
-    Ok(Some(encode(
-        spans
-            .as_slice()
-            .iter()
-            .map(|span| unescaped.get(span.start..span.end).unwrap_or(&[])),
-    )))
+    Ok(Some(encode(spans.as_slice().iter().map(|span| {
+        unescaped.get(span.start..span.end).unwrap_or(&[])
+    }))))
 }
 
 /// C `isspace` in the C locale.
