@@ -1220,8 +1220,6 @@ mod tests {
         );
         assert_eq!(scan_one(b"$-1\r\n").text(), None);
         assert_eq!(scan_one(b":42\r\n").text(), None);
-        assert_eq!(scan_one(b":-42\r\n").integer(), Some(-42));
-        assert_eq!(scan_one(b"+42\r\n").integer(), None);
         assert_eq!(scan_one(b"+OK\r\n").items(), None);
         assert_eq!(scan_one(b"*-1\r\n").items(), None);
         assert_eq!(scan_one(b"*0\r\n").items(), Some(vec![]));
