@@ -45,6 +45,11 @@ pub struct Cli {
     #[arg(long, env = "PORTCULLIS_AUTH_MODE", value_enum)]
     pub auth_mode: Option<crate::auth::AuthMode>,
 
+    /// How sessions reach the master: `dedicated` (a connection each) or `shared` (a few
+    /// per backend for commands of sessions without connection state) [default: dedicated].
+    #[arg(long, env = "PORTCULLIS_BACKEND_CONNECTIONS", value_enum)]
+    pub backend_connections: Option<crate::config::BackendConnections>,
+
     /// Validate the configuration, print it (secrets redacted) and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -72,6 +77,9 @@ impl Cli {
         }
         if let Some(level) = &self.log_level {
             config.log.level = level.clone();
+        }
+        if let Some(mode) = self.backend_connections {
+            config.routing.backend_connections = mode;
         }
         if let Some(p) = self.protected_mode {
             config.protection.protected_mode = p;

@@ -198,15 +198,40 @@ pub struct RoutingConfig {
     pub failover_wait: Duration,
     /// Where reads go.
     pub reads: ReadPolicy,
+    /// How sessions reach the master: a connection of their own, or a few connections
+    /// per backend shared by every session without connection state.
+    pub backend_connections: BackendConnections,
+    /// `shared` mode: connections per backend that stateless commands share.
+    pub shared_connections: usize,
 }
+
+/// Most `routing.shared_connections`.
+pub const MAX_SHARED_CONNECTIONS: usize = 64;
 
 impl Default for RoutingConfig {
     fn default() -> Self {
         RoutingConfig {
             failover_wait: DEFAULT_FAILOVER_WAIT,
             reads: ReadPolicy::Master,
+            backend_connections: BackendConnections::Dedicated,
+            shared_connections: 2,
         }
     }
+}
+
+/// `routing.backend_connections`: how sessions reach the master.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendConnections {
+    /// One master connection per client session (Redis sees every client as its own
+    /// connection).
+    Dedicated,
+    /// Commands of sessions without connection state share `shared_connections` per
+    /// backend, written together and answered in order; a session with state (MULTI,
+    /// WATCH, pub/sub, blocking commands, tracking, MONITOR, a db other than 0, RESP3,
+    /// a name or library info, pass-through credentials) uses a connection of its own
+    /// until that state ends.
+    Shared,
 }
 
 /// `routing.reads`: where read-only commands go.
@@ -497,6 +522,12 @@ impl Config {
             return Err(invalid(
                 "limits.max_inline_len",
                 "must be between 16 and 536870912",
+            ));
+        }
+        if !(1..=MAX_SHARED_CONNECTIONS).contains(&self.routing.shared_connections) {
+            return Err(invalid(
+                "routing.shared_connections",
+                format!("must be between 1 and {MAX_SHARED_CONNECTIONS}"),
             ));
         }
         for (field, v) in [

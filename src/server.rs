@@ -121,6 +121,7 @@ pub async fn run(
         runtime: ArcSwap::from_pointee(runtime),
         hot: Hot::register(),
         topology,
+        pools: session::Pools::default(),
     });
     if let Some(mut rx) = reloads {
         let shared = shared.clone();
@@ -213,6 +214,7 @@ pub async fn run(
     }
     // The admin endpoints answered through the drain (`/readyz` 503, `/metrics`).
     admin_stop.cancel();
+    shared.pools.close();
     Ok(())
 }
 

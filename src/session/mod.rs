@@ -26,6 +26,7 @@
 
 mod out;
 mod plan;
+mod pool;
 mod queue;
 mod state;
 mod upstream;
@@ -46,7 +47,7 @@ use arc_swap::ArcSwap;
 use crate::auth::{Credentials, ProxyAuthAnswer, User};
 use crate::backend::{LinkAuth, TopologyStore};
 use crate::command::{AclCategories, CommandSpec, Flags, Lookup, Special};
-use crate::config::ReadPolicy;
+use crate::config::{BackendConnections, ReadPolicy};
 use crate::metrics::{self, Hot};
 use crate::net::Stream;
 use crate::policy::{self, Verdict};
@@ -55,6 +56,8 @@ use crate::runtime::Runtime;
 
 use out::OutQueue;
 use plan::Plan;
+pub use pool::Pools;
+use pool::{Delivery, SharedLink};
 use queue::{Awaiting, Entry, ReplyMode, ReplyQueue, Retained};
 use state::{ConnState, Effect, ExecPlan, OnReply, StateChange, Transaction};
 use upstream::{Link, LinkEnd, LinkId, Upstream};
@@ -74,6 +77,8 @@ pub struct Shared {
     pub runtime: ArcSwap<Runtime>,
     pub hot: Hot,
     pub topology: Arc<TopologyStore>,
+    /// Shared backend connections (`routing.backend_connections = "shared"`).
+    pub pools: Pools,
 }
 
 impl Shared {
@@ -239,12 +244,16 @@ struct Session {
     read_at: Instant,
     /// When the latest backend bytes were read: the end of their replies' latency.
     replies_at: Instant,
+    /// The request being handled may use a shared connection (`pool::shareable_command`).
+    cmd_shareable: bool,
 }
 
 /// What woke the session up.
 enum Event {
     ClientReadable,
     BackendReadable(LinkId),
+    /// Replies (or a failure) from the session's shared connection.
+    Shared(Option<Delivery>),
     Writable,
     Idle,
     FrameTimeout,
@@ -281,6 +290,7 @@ impl Session {
             now,
             read_at: now,
             replies_at: now,
+            cmd_shareable: false,
         }
     }
 
@@ -324,6 +334,7 @@ impl Session {
             match event {
                 Event::ClientReadable => self.read_client(client)?,
                 Event::BackendReadable(link) => self.read_backend(link),
+                Event::Shared(delivery) => self.on_deliveries(delivery),
                 Event::Writable => {}
                 Event::Idle => {
                     if self.queue.is_empty() {
@@ -349,7 +360,10 @@ impl Session {
         if self.barrier && self.queue.is_empty() {
             self.barrier = false;
         }
-        if self.queue.retries() > 0 && !self.queue.waiting_on(LinkId::Master) {
+        if self.queue.retries() > 0
+            && !self.queue.waiting_on(LinkId::Master)
+            && !self.queue.waiting_on(LinkId::Shared)
+        {
             self.run_retries().await;
         }
         if self.queue.is_empty() {
@@ -454,6 +468,7 @@ impl Session {
             },
             _ = upstream::readable(master), if read_replies && master.is_some() => Event::BackendReadable(LinkId::Master),
             _ = upstream::readable(replica), if read_replies && replica.is_some() => Event::BackendReadable(LinkId::Replica),
+            d = pool::recv(self.upstream.shared.as_mut()), if read_replies && self.upstream.shared.is_some() => Event::Shared(d),
             _ = client.writable(), if client_out => Event::Writable,
             _ = upstream::writable(master), if master_out => Event::Writable,
             _ = upstream::writable(replica), if replica_out => Event::Writable,
@@ -486,6 +501,9 @@ impl Session {
     /// Write what every socket takes now. Errors on the backend side are handled as a
     /// lost backend; only client errors are returned.
     fn flush(&mut self, client: &mut Stream) -> io::Result<()> {
+        if let Some(shared) = &mut self.upstream.shared {
+            shared.flush();
+        }
         for id in [LinkId::Master, LinkId::Replica] {
             if let Some(link) = self.upstream.get_mut(id) {
                 if let Err(e) = link.flush() {
@@ -624,6 +642,7 @@ impl Session {
 
     /// Carry out the plan for an authorized request.
     async fn apply_plan(&mut self, plan: Plan, req: Request, spec: &CommandSpec, class: usize) {
+        self.cmd_shareable = pool::shareable_command(spec);
         if !self.state.resp3
             && self.state.subscribed()
             && matches!(plan, Plan::ClientReply(_) | Plan::Auth | Plan::Hello)
@@ -1055,6 +1074,23 @@ impl Session {
         on_reply: OnReply,
         retryable: bool,
     ) {
+        match self.shared_route(&on_reply, frames) {
+            pool::Route::Shared => {
+                return self.push_to(LinkId::Shared, &req, frames, deliver, on_reply, retryable)
+            }
+            pool::Route::Wait => {
+                // Switching paths: what is in flight on the other one is answered first.
+                self.parked = Some(Parked {
+                    req,
+                    frames,
+                    deliver,
+                    on_reply,
+                    retryable,
+                });
+                return;
+            }
+            pool::Route::Dedicated => {}
+        }
         let master = self.shared.topology.load().master_now();
         let current = self.upstream.master.as_ref().map(|l| l.index);
         if current.is_none() || current != master {
@@ -1115,10 +1151,17 @@ impl Session {
         on_reply: OnReply,
         retryable: bool,
     ) {
-        let Some(link) = self.upstream.get_mut(id) else {
-            return;
-        };
-        link.send(req.frame().clone());
+        if id == LinkId::Shared {
+            let Some(shared) = &mut self.upstream.shared else {
+                return;
+            };
+            shared.send(req.frame());
+        } else {
+            let Some(link) = self.upstream.get_mut(id) else {
+                return;
+            };
+            link.send(req.frame().clone());
+        }
         // Kept for a READONLY retry up to the session's buffer bound; past it a READONLY
         // answer becomes MASTERDOWN (not applied either way), so a big-value pipeline
         // cannot pin its frames until their replies.
@@ -1314,6 +1357,8 @@ impl Session {
             // Redis did not apply it. Stop routing writes there, and retry or explain.
             if let (LinkId::Master, Some(link)) = (id, &self.upstream.master) {
                 self.shared.topology.report_readonly(link.index);
+            } else if let (LinkId::Shared, Some(link)) = (id, &self.upstream.shared) {
+                self.shared.topology.report_readonly(link.index);
             }
             if self.queue.mark_retry(index) {
                 return true;
@@ -1470,7 +1515,7 @@ impl Session {
     /// the client if nothing stateful was lost. Writes refused with READONLY keep their
     /// retry.
     fn link_lost(&mut self, id: LinkId, end: LinkEnd) {
-        let Some(link) = self.upstream.slot(id).take() else {
+        let Some(link) = self.upstream.take(id) else {
             return;
         };
         match &end {
@@ -1504,6 +1549,97 @@ impl Session {
             // Its state cannot be given to a new connection: close, as Redis would.
             self.end_after_replies(SessionEnd::BackendLost);
         }
+    }
+}
+
+impl Session {
+    /// Which path a request takes in shared mode (always `Dedicated` otherwise): the
+    /// shared connection of the confirmed master when neither the request nor the
+    /// session carries connection state, else the session's dedicated link; `Wait` while
+    /// the other path still owes answers (per-session order).
+    fn shared_route(&mut self, on_reply: &OnReply, frames: u32) -> pool::Route {
+        use pool::Route;
+        let routing = &self.rt.config.routing;
+        if routing.backend_connections != BackendConnections::Shared {
+            return Route::Dedicated;
+        }
+        let on_shared = self.queue.waiting_on(LinkId::Shared);
+        let not_shared = if on_shared {
+            Route::Wait
+        } else {
+            Route::Dedicated
+        };
+        let shareable = self.cmd_shareable
+            && frames == 1
+            && matches!(on_reply, OnReply::Forward)
+            && self.txn.is_none()
+            && !self.watching
+            && !self.rt.passthrough()
+            && self.state.shareable();
+        if !shareable {
+            return not_shared;
+        }
+        let Some(index) = self.shared.topology.load().master_now() else {
+            // No confirmed master now: the dedicated path waits for one.
+            return not_shared;
+        };
+        let current = self.upstream.shared.as_ref().filter(|s| s.index == index);
+        match current {
+            Some(s) if s.conn.usable(self.now) => {}
+            Some(_) => return not_shared,
+            None if on_shared => return Route::Wait,
+            None => {
+                let size = routing.shared_connections;
+                let key = self.peer.port() as usize;
+                let Some(conn) = self.shared.pools.conn(&self.shared, index, size, key) else {
+                    return Route::Dedicated;
+                };
+                if !conn.usable(self.now) {
+                    return Route::Dedicated;
+                }
+                self.upstream.shared = Some(SharedLink::new(index, conn));
+            }
+        }
+        if self.queue.waiting_on(LinkId::Master) {
+            return Route::Wait;
+        }
+        // The state that needed a connection of its own has ended: release it.
+        self.upstream.master = None;
+        Route::Shared
+    }
+
+    /// What the shared connection delivered, and whatever else is already there.
+    fn on_deliveries(&mut self, first: Option<Delivery>) {
+        let mut next = first;
+        while let Some(d) = next {
+            self.replies_at = self.now;
+            match d {
+                Delivery::Reply(r) => self.shared_reply(r),
+                Delivery::Replies(rs) => {
+                    for r in rs {
+                        self.shared_reply(r);
+                    }
+                }
+                Delivery::Fail { n, reply } => {
+                    self.queue.fail_first(LinkId::Shared, n, &reply);
+                    self.queue.drain(&mut self.to_client);
+                }
+            }
+            if self.to_client.bytes >= self.rt.config.limits.max_reply_buffer {
+                return;
+            }
+            next = self.upstream.shared.as_mut().and_then(SharedLink::try_recv);
+        }
+    }
+
+    fn shared_reply(&mut self, reply: Reply) {
+        if self.upstream.shared.is_none() || self.on_reply(reply, LinkId::Shared) {
+            return;
+        }
+        warn!(peer = %self.peer, "shared backend connection sent an unexpected reply; closing session");
+        self.upstream.close();
+        self.queue.clear();
+        self.end_after_replies(SessionEnd::BackendDesync);
     }
 }
 

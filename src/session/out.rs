@@ -41,6 +41,18 @@ impl OutQueue {
         }
     }
 
+    /// Queue `b` as its own chunk, never copied (a batch of requests already gathered).
+    pub(super) fn push_chunk(&mut self, b: Bytes) {
+        if b.is_empty() {
+            return;
+        }
+        self.bytes += b.len();
+        if !self.tail.is_empty() {
+            self.chunks.push_back(self.tail.split().freeze());
+        }
+        self.chunks.push_back(b);
+    }
+
     /// Nothing left to write.
     pub(super) fn is_empty(&self) -> bool {
         self.bytes == 0

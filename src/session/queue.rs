@@ -280,6 +280,28 @@ impl ReplyQueue {
         n
     }
 
+    /// Answer the first `n` entries still waiting on `link` with `answer` (a shared
+    /// connection lost the requests it had of this session, the oldest first).
+    pub(super) fn fail_first(&mut self, link: LinkId, n: u32, answer: &Bytes) {
+        let mut left = n;
+        for entry in self.entries.iter_mut() {
+            if left == 0 {
+                break;
+            }
+            if let Entry::Upstream(a) = entry {
+                if a.link == link {
+                    let deliver = a.deliver;
+                    let mut out = std::mem::take(&mut a.acc);
+                    if deliver {
+                        out.extend_from_slice(answer);
+                    }
+                    *entry = Entry::Ready((!out.is_empty()).then(|| out.freeze()));
+                    left -= 1;
+                }
+            }
+        }
+    }
+
     /// Drop every entry from the first one still waiting on `link`: a client that closed
     /// its sending side is gone once Redis closed that connection (Redis frees such a
     /// client without answering, or running, what it had not reached).

@@ -100,6 +100,20 @@ impl ConnState {
         self.tracking || self.monitor || self.subscribed()
     }
 
+    /// Nothing a shared backend connection would not have (`routing.backend_connections
+    /// = "shared"`): db 0, RESP2, no name or library info, no flags, nothing pinned.
+    pub(super) fn shareable(&self) -> bool {
+        self.db == 0
+            && !self.resp3
+            && self.client_name.is_none()
+            && self.setinfo.is_empty()
+            && !self.no_evict
+            && !self.no_touch
+            && !self.readonly
+            && self.creds.is_none()
+            && !self.pinned()
+    }
+
     /// What a fresh backend connection must be given to continue this session (with the
     /// proxy's credentials; the session picks whose).
     pub(super) fn handshake(&self) -> Handshake {

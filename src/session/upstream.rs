@@ -14,6 +14,7 @@ use crate::protocol::{Reply, ReplyError, ReplyLimits, ReplyScanner};
 use crate::tls::BackendTls;
 
 use super::out::OutQueue;
+use super::pool::SharedLink;
 
 /// Which of the session's backend connections a request went to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +23,9 @@ pub(super) enum LinkId {
     Master,
     /// A replica, for reads when `routing.reads` allows it.
     Replica,
+    /// The master through a shared connection (`routing.backend_connections = "shared"`):
+    /// replies arrive in the session's inbox.
+    Shared,
 }
 
 /// One open backend connection of a session.
@@ -168,6 +172,8 @@ pub(super) struct Upstream {
     pub(super) replica: Option<Link>,
     /// The replica link predates a state change (SELECT, HELLO, ...): reopen it when idle.
     pub(super) replica_stale: bool,
+    /// The master's shared connection, while the session uses it.
+    pub(super) shared: Option<SharedLink>,
 }
 
 impl Upstream {
@@ -176,19 +182,25 @@ impl Upstream {
         match id {
             LinkId::Master => self.master.as_ref(),
             LinkId::Replica => self.replica.as_ref(),
+            LinkId::Shared => None,
         }
     }
 
     /// The link `id`, when open.
     pub(super) fn get_mut(&mut self, id: LinkId) -> Option<&mut Link> {
-        self.slot(id).as_mut()
+        match id {
+            LinkId::Master => self.master.as_mut(),
+            LinkId::Replica => self.replica.as_mut(),
+            LinkId::Shared => None,
+        }
     }
 
-    /// The slot of link `id`.
-    pub(super) fn slot(&mut self, id: LinkId) -> &mut Option<Link> {
+    /// Take link `id` out (it ended).
+    pub(super) fn take(&mut self, id: LinkId) -> Option<Link> {
         match id {
-            LinkId::Master => &mut self.master,
-            LinkId::Replica => &mut self.replica,
+            LinkId::Master => self.master.take(),
+            LinkId::Replica => self.replica.take(),
+            LinkId::Shared => None,
         }
     }
 
@@ -205,10 +217,11 @@ impl Upstream {
         }
     }
 
-    /// Close both links.
+    /// Close every link.
     pub(super) fn close(&mut self) {
         self.master = None;
         self.replica = None;
+        self.shared = None;
     }
 }
 

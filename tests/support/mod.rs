@@ -13,6 +13,20 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+/// Environment variable that runs a suite with `routing.backend_connections` set to its
+/// value (`dedicated` or `shared`) in every proxy this harness starts; unset: the config's
+/// own. `tests/shared_mode.rs` re-runs the key suites with it set to `shared`.
+pub const MODE_ENV: &str = "PORTCULLIS_TEST_BACKEND_CONNECTIONS";
+
+/// The upstream mode forced on this run, if any (`MODE_ENV`).
+pub fn forced_mode() -> Option<portcullis::config::BackendConnections> {
+    match std::env::var(MODE_ENV).ok()?.as_str() {
+        "shared" => Some(portcullis::config::BackendConnections::Shared),
+        "dedicated" => Some(portcullis::config::BackendConnections::Dedicated),
+        other => panic!("{MODE_ENV}={other}: expected dedicated or shared"),
+    }
+}
+
 /// How long any single wait in a test may take before it fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -153,7 +167,10 @@ impl Proxy {
     }
 
     /// Start the proxy with a given config (its `listen` is ignored: 127.0.0.1:0).
-    pub async fn start_with(config: Config) -> Proxy {
+    pub async fn start_with(mut config: Config) -> Proxy {
+        if let Some(mode) = forced_mode() {
+            config.routing.backend_connections = mode;
+        }
         config.validate().expect("valid test config");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
@@ -536,7 +553,13 @@ impl ProxyProcess {
             )
             .expect("write config");
             let log = std::fs::File::create(dir.path().join("proxy.log")).expect("log file");
-            let mut child = Command::new(PROXY_BIN)
+            let mut cmd = Command::new(PROXY_BIN);
+            if let Ok(mode) = std::env::var(MODE_ENV) {
+                cmd.env("PORTCULLIS_BACKEND_CONNECTIONS", mode);
+            } else {
+                cmd.env_remove("PORTCULLIS_BACKEND_CONNECTIONS");
+            }
+            let mut child = cmd
                 .arg("--config")
                 .arg(&path)
                 .env_remove("PORTCULLIS_CONFIG")

@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# bench-cpu.sh: throughput AND CPU per request, direct Redis vs portcullis per upstream
+# mode (dedicated / shared backend connections), in one run.
+#
+# Starts its own redis-server and one portcullis per mode on free loopback ports, then
+# runs redis-benchmark (-t set,get --csv) against each target, interleaved every round.
+# Around each run it reads utime+stime (/proc/PID/stat) of the proxy and of Redis, and
+# prints µs of CPU per request served beside rps: "proxy µs/req" is the proxy's own cost,
+# "redis µs/req" is what Redis spent per request behind it (batched writes from a shared
+# connection make Redis cheaper per request). Stops only what it started, by pid.
+#
+# Usage (from the repo root, after `cargo build --release`):
+#   bash scripts/bench-cpu.sh
+#   MODES="dedicated shared" TESTS="c50_P1 c50_P16" ROUNDS=5 bash scripts/bench-cpu.sh
+#
+# Environment (defaults in brackets):
+#   ROUNDS [3]
+#   TESTS [c50_P1 c50_P16 c50_P128 c1_P1]   -c 50 -P 1|16|128, and -c 1 -P 1 (latency)
+#   N_P1 [200000] N_P16 [1000000] N_P128 [2000000] N_LAT [50000]   requests per op (-n)
+#   MODES [dedicated shared]  one proxy per mode, started with --backend-connections MODE;
+#                             "default" starts one with no such flag (older binaries)
+#   PIN [split] CPU_CLIENT [0] CPU_SERVERS [1]   as ../shared/bench/compare.sh
+#   PORTCULLIS_BIN [target/release/portcullis]
+#   PROXY_EXTRA_ARGS          extra proxy flags
+#   KEEP_TMP [0]
+#
+# Columns: rps (median over rounds, SET and GET averaged), x direct (median of per-round
+# ratios), proxy µs/req and redis µs/req (CPU time over the run / requests in the run,
+# median), p50 µs (median; the c1_P1 row is the latency one), added p50 vs direct.
+# CPU comes from clock ticks (getconf CLK_TCK, 10 ms): runs last seconds, so ~1 %.
+
+set -Eeuo pipefail
+
+ROUNDS=${ROUNDS:-3}
+TESTS=${TESTS:-"c50_P1 c50_P16 c50_P128 c1_P1"}
+N_P1=${N_P1:-200000}
+N_P16=${N_P16:-1000000}
+N_P128=${N_P128:-2000000}
+N_LAT=${N_LAT:-50000}
+MODES=${MODES:-"dedicated shared"}
+PIN=${PIN:-split}
+CPU_CLIENT=${CPU_CLIENT:-0}
+CPU_SERVERS=${CPU_SERVERS:-1}
+KEEP_TMP=${KEEP_TMP:-0}
+PROXY_EXTRA_ARGS=${PROXY_EXTRA_ARGS:-}
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=lib/bench.sh
+source "$ROOT/scripts/lib/bench.sh"
+PORTCULLIS_BIN=${PORTCULLIS_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/portcullis}
+
+log() { printf '[bench-cpu %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+for bin in redis-server redis-cli redis-benchmark timeout python3; do
+  command -v "$bin" >/dev/null 2>&1 || die "missing $bin"
+done
+case "$PIN" in
+  split) command -v taskset >/dev/null || die "PIN=split needs taskset"
+         SRV_PIN=(taskset -c "$CPU_SERVERS"); CLI_PIN=(taskset -c "$CPU_CLIENT") ;;
+  none)  SRV_PIN=(); CLI_PIN=() ;;
+  *)     die "PIN must be split or none" ;;
+esac
+[[ -x "$PORTCULLIS_BIN" ]] || die "no binary at $PORTCULLIS_BIN (cargo build --release)"
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/bench-cpu.XXXXXX")
+PIDS=()
+BENCH_PID=
+stop_pid() {
+  local pid=$1 i
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+cleanup() {
+  local rc=$? i
+  trap - EXIT INT TERM
+  [[ -n "$BENCH_PID" ]] && stop_pid "$BENCH_PID"
+  for ((i=${#PIDS[@]}-1; i>=0; i--)); do stop_pid "${PIDS[$i]}"; done
+  if [[ "$KEEP_TMP" == 1 ]]; then log "kept $TMP"; else rm -rf "$TMP"; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+HZ=$(getconf CLK_TCK 2>/dev/null || echo 100)
+cpu_ms() {  # cpu_ms PID: utime+stime of the process (all threads), ms
+  awk -v hz="$HZ" '{ sub(/^.*\) /, ""); printf "%d\n", ($12 + $13) * 1000 / hz }' "/proc/$1/stat"
+}
+
+REDIS_PORT=$(free_port)
+"${SRV_PIN[@]}" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no \
+  --daemonize no --dir "$TMP" --logfile "$TMP/redis.log" >/dev/null 2>&1 &
+REDIS_PID=$!; PIDS+=("$REDIS_PID")
+wait_pong "$REDIS_PORT" "$REDIS_PID" redis
+log "redis-server pid $REDIS_PID on 127.0.0.1:$REDIS_PORT"
+
+TARGETS=("direct:$REDIS_PORT:$REDIS_PID")
+for mode in $MODES; do
+  port=$(free_port)
+  mode_args=()
+  [[ "$mode" != default ]] && mode_args=(--backend-connections "$mode")
+  # shellcheck disable=SC2086  # PROXY_EXTRA_ARGS is a word list on purpose
+  "${SRV_PIN[@]}" "$PORTCULLIS_BIN" --listen "127.0.0.1:$port" --backend "127.0.0.1:$REDIS_PORT" \
+    --admin-listen '' "${mode_args[@]}" $PROXY_EXTRA_ARGS >"$TMP/$mode.log" 2>&1 &
+  pid=$!; PIDS+=("$pid")
+  wait_pong "$port" "$pid" "$mode"
+  log "portcullis ($mode) pid $pid on 127.0.0.1:$port"
+  TARGETS+=("$mode:$port:$pid")
+done
+
+test_args() {
+  case "$1" in
+    c50_P1)   echo "-c 50 -n $N_P1 -P 1" ;;
+    c50_P16)  echo "-c 50 -n $N_P16 -P 16" ;;
+    c50_P128) echo "-c 50 -n $N_P128 -P 128" ;;
+    c1_P1)    echo "-c 1 -n $N_LAT -P 1" ;;
+    *) die "unknown test $1" ;;
+  esac
+}
+test_n() { test_args "$1" | awk '{ print $4 }'; }
+for t in $TESTS; do test_args "$t" >/dev/null; done
+
+bench() {  # bench OUT PORT ARGS...
+  local out=$1 port=$2 rc=0; shift 2
+  timeout 600 "${CLI_PIN[@]}" redis-benchmark -h 127.0.0.1 -p "$port" -t set,get --csv \
+    --precision 3 "$@" >"$out" 2>>"$TMP/bench-stderr.log" &
+  BENCH_PID=$!
+  wait "$BENCH_PID" || rc=$?
+  BENCH_PID=
+  return "$rc"
+}
+
+for tp in "${TARGETS[@]}"; do
+  IFS=: read -r _ port _ <<<"$tp"
+  bench "$TMP/warmup.csv" "$port" -c 50 -n 20000 -P 1 || die "warm-up failed on port $port"
+done
+
+# raw.tsv: round target test rps(mean of SET, GET) p50_ms(mean) proxy_us redis_us
+: >"$TMP/raw.tsv"
+for ((r=1; r<=ROUNDS; r++)); do
+  for t in $TESTS; do
+    read -r -a args <<<"$(test_args "$t")"
+    n=$(test_n "$t")
+    for tp in "${TARGETS[@]}"; do
+      IFS=: read -r name port pid <<<"$tp"
+      p0=$(cpu_ms "$pid"); r0=$(cpu_ms "$REDIS_PID")
+      bench "$TMP/run.csv" "$port" "${args[@]}" || die "redis-benchmark against $name ($t, round $r) failed"
+      p1=$(cpu_ms "$pid"); r1=$(cpu_ms "$REDIS_PID")
+      kill -0 "$pid" 2>/dev/null || die "$name exited during $t round $r"
+      row=$(awk -F, -v r="$r" -v nm="$name" -v t="$t" -v n="$n" -v pc="$((p1 - p0))" -v rc="$((r1 - r0))" '
+        NR>1 { gsub(/"/,""); rps += $2; p50 += $5; k++ }
+        END {
+          if (k != 2) exit 1
+          proxy = (nm == "direct") ? 0 : pc * 1000 / (2 * n)
+          printf "%s\t%s\t%s\t%.0f\t%.4f\t%.3f\t%.3f\n", r, nm, t, rps / 2, p50 / 2, proxy, rc * 1000 / (2 * n)
+        }' "$TMP/run.csv") || die "unexpected redis-benchmark output: $(cat "$TMP/run.csv")"
+      printf '%s\n' "$row" >>"$TMP/raw.tsv"
+      awk -F'\t' '{ printf "round %s %-10s %-9s %10.0f rps  p50 %.3f ms  proxy %.3f µs/req  redis %.3f µs/req\n", $1,$2,$3,$4,$5,$6,$7 }' <<<"$row" >&2
+    done
+  done
+done
+
+echo
+echo "portcullis vs direct Redis, CPU per request: $ROUNDS rounds, median; pin=$PIN; $(redis-server --version | awk '{print $3}'); modes: $MODES"
+echo
+awk -F'\t' -v tests="$TESTS" -v targets="$(for tp in "${TARGETS[@]}"; do printf '%s ' "${tp%%:*}"; done)" '
+function med(s,   a, n, i, j, x) {
+  n = split(s, a, " ")
+  for (i = 2; i <= n; i++) { x = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > x + 0; j--) a[j+1] = a[j]; a[j+1] = x }
+  return (n % 2) ? a[(n + 1) / 2] : (a[n/2] + a[n/2 + 1]) / 2
+}
+{ R[$1, $2, $3, "rps"] = $4; R[$1, $2, $3, "p50"] = $5; R[$1, $2, $3, "pu"] = $6; R[$1, $2, $3, "ru"] = $7; rounds[$1] = 1 }
+END {
+  print "| test | target | rps | x direct | proxy µs/req | redis µs/req | p50 µs | added p50 µs |"
+  print "|---|---|---:|---:|---:|---:|---:|---:|"
+  nt = split(tests, T, " "); ng = split(targets, G, " ")
+  for (ti = 1; ti <= nt; ti++) for (gi = 1; gi <= ng; gi++) {
+    t = T[ti]; g = G[gi]
+    rp = ra = pu = ru = p5 = ad = ""
+    for (r in rounds) {
+      if (!((r, g, t, "rps") in R) || !((r, "direct", t, "rps") in R)) continue
+      d = R[r, "direct", t, "rps"]
+      rp = rp " " R[r, g, t, "rps"]; if (d > 0) ra = ra " " R[r, g, t, "rps"] / d
+      pu = pu " " R[r, g, t, "pu"]; ru = ru " " R[r, g, t, "ru"]
+      p5 = p5 " " R[r, g, t, "p50"] * 1000; ad = ad " " (R[r, g, t, "p50"] - R[r, "direct", t, "p50"]) * 1000
+    }
+    if (rp == "") continue
+    printf "| %s | %s | %.0f | %.2f | %s | %.2f | %.0f | %+.0f |\n", t, g, med(rp), med(ra), (g == "direct" ? "-" : sprintf("%.2f", med(pu))), med(ru), med(p5), med(ad)
+  }
+}' "$TMP/raw.tsv"
+echo
+echo "tests: c50_P1 = -c 50 -n $N_P1 -P 1; c50_P16 = -c 50 -n $N_P16 -P 16; c50_P128 = -c 50 -n $N_P128 -P 128; c1_P1 = -c 1 -n $N_LAT -P 1 (-t set,get; n per op)"

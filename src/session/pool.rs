@@ -1,0 +1,482 @@
+//! Shared backend connections (`routing.backend_connections = "shared"`): a few
+//! connections per backend, each owned by one task, carrying the stateless commands of
+//! every session that holds no connection state.
+//!
+//! A session hands its connection a `Batch` (the request frames it read in one wake-up,
+//! how many, and its inbox); the task writes every batch that is ready in one write, so
+//! one wake-up of Redis carries many sessions' requests, and remembers, in order, whose
+//! replies come next. Reply frames are routed to the sessions' inboxes in that order.
+//! A lost connection answers every session's in-flight requests with the same error a
+//! lost dedicated link gives (`texts::link_lost`); the sessions live on.
+//!
+//! A session always uses the same connection of a backend's pool (its replies then come
+//! back in the order it sent them), and the proxy keeps per-session order across the
+//! shared and its dedicated path by switching only when nothing is in flight on the other.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::mpsc::{self, error::TryRecvError, UnboundedReceiver, UnboundedSender};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::backend::{BackendLink, Handshake};
+use crate::command::{AclCategories, CommandSpec, Flags, Special};
+use crate::metrics;
+use crate::net::Stream;
+use crate::protocol::{texts, Reply, ReplyScanner};
+
+use super::out::OutQueue;
+use super::Shared;
+
+/// How long a pool connection that could not connect is avoided (sessions take their
+/// dedicated path meanwhile, which waits for a master as usual).
+const DOWN_FOR: Duration = Duration::from_millis(250);
+
+/// Where a request goes in shared mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Route {
+    /// The confirmed master's shared connection.
+    Shared,
+    /// The session's own link (today's path).
+    Dedicated,
+    /// After what the other path still owes (the request is parked).
+    Wait,
+}
+
+/// Whether a command can run on a connection other sessions use: it neither reads nor
+/// changes connection state (transactions, pub/sub, `CLIENT ...`, `SELECT`, `WAIT`, ...)
+/// nor blocks the connection.
+pub(super) fn shareable_command(spec: &CommandSpec) -> bool {
+    matches!(spec.special, Special::None | Special::Ping)
+        && !spec.flags.intersects(Flags::BLOCKING)
+        && !spec.acl.intersects(AclCategories::TRANSACTION)
+        && (!spec.acl.intersects(AclCategories::CONNECTION) || matches!(spec.name, "ping" | "echo"))
+}
+
+/// What a shared connection sends a session, in the order of its requests.
+#[derive(Debug)]
+pub(super) enum Delivery {
+    /// The next reply frame.
+    Reply(Reply),
+    /// Several consecutive reply frames, read together.
+    Replies(Vec<Reply>),
+    /// The next `n` requests are answered with `reply` (the connection was lost, or
+    /// could not be opened).
+    Fail { n: u32, reply: Bytes },
+}
+
+/// Requests one session read in one wake-up.
+#[derive(Debug)]
+struct Batch {
+    frames: Bytes,
+    count: u32,
+    inbox: UnboundedSender<Delivery>,
+}
+
+/// The handle of one shared connection.
+#[derive(Debug)]
+pub(super) struct PoolConn {
+    tx: UnboundedSender<Batch>,
+    /// Milliseconds since `epoch` until which the connection is avoided (0: usable).
+    down_until: AtomicU64,
+    epoch: Instant,
+    /// Backend label, for error texts and logs.
+    pub(super) label: String,
+}
+
+impl PoolConn {
+    /// Whether sessions may send to it now.
+    pub(super) fn usable(&self, now: Instant) -> bool {
+        let until = self.down_until.load(Ordering::Relaxed);
+        until == 0 || now.saturating_duration_since(self.epoch).as_millis() as u64 >= until
+    }
+
+    fn mark_down(&self) {
+        let until = Instant::now().saturating_duration_since(self.epoch) + DOWN_FOR;
+        self.down_until
+            .store((until.as_millis() as u64).max(1), Ordering::Relaxed);
+    }
+
+    fn mark_up(&self) {
+        self.down_until.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Every backend's shared connections, opened when first needed.
+#[derive(Debug, Default)]
+pub struct Pools {
+    by_backend: Mutex<Vec<Option<Arc<[Arc<PoolConn>]>>>>,
+    stop: CancellationToken,
+}
+
+impl Pools {
+    /// Stop every shared connection (the proxy is done).
+    pub fn close(&self) {
+        self.stop.cancel();
+    }
+
+    /// Shared connections open or opening (all backends).
+    pub fn connections(&self) -> usize {
+        self.by_backend
+            .lock()
+            .map(|v| v.iter().flatten().map(|p| p.len()).sum())
+            .unwrap_or(0)
+    }
+
+    /// The shared connection of backend `index` that session `key` uses; started (with
+    /// `size` connections for that backend) on first use.
+    pub(super) fn conn(
+        &self,
+        shared: &Arc<Shared>,
+        index: usize,
+        size: usize,
+        key: usize,
+    ) -> Option<Arc<PoolConn>> {
+        let pool = {
+            let mut by_backend = self.by_backend.lock().ok()?;
+            if by_backend.len() <= index {
+                by_backend.resize(index + 1, None);
+            }
+            match &by_backend[index] {
+                Some(p) => p.clone(),
+                None => {
+                    let label = shared
+                        .topology
+                        .load()
+                        .backends
+                        .get(index)?
+                        .config
+                        .label()
+                        .to_string();
+                    let conns: Arc<[Arc<PoolConn>]> = (0..size.max(1))
+                        .map(|_| spawn_conn(shared.clone(), index, label.clone(), &self.stop))
+                        .collect();
+                    by_backend[index] = Some(conns.clone());
+                    conns
+                }
+            }
+        };
+        pool.get(key % pool.len()).cloned()
+    }
+}
+
+fn spawn_conn(
+    shared: Arc<Shared>,
+    index: usize,
+    label: String,
+    stop: &CancellationToken,
+) -> Arc<PoolConn> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let conn = Arc::new(PoolConn {
+        tx,
+        down_until: AtomicU64::new(0),
+        epoch: Instant::now(),
+        label,
+    });
+    tokio::spawn(run_conn(shared, index, conn.clone(), rx, stop.clone()));
+    conn
+}
+
+/// A session's side of its shared connection: the requests of this wake-up, and the
+/// inbox its replies arrive in.
+#[derive(Debug)]
+pub(super) struct SharedLink {
+    /// Index of the backend in the topology.
+    pub(super) index: usize,
+    pub(super) conn: Arc<PoolConn>,
+    batch: BytesMut,
+    count: u32,
+    inbox_tx: UnboundedSender<Delivery>,
+    inbox: UnboundedReceiver<Delivery>,
+}
+
+impl SharedLink {
+    pub(super) fn new(index: usize, conn: Arc<PoolConn>) -> SharedLink {
+        let (inbox_tx, inbox) = mpsc::unbounded_channel();
+        SharedLink {
+            index,
+            conn,
+            batch: BytesMut::new(),
+            count: 0,
+            inbox_tx,
+            inbox,
+        }
+    }
+
+    /// Queue a request frame (answered by one reply frame).
+    pub(super) fn send(&mut self, frame: &[u8]) {
+        self.batch.extend_from_slice(frame);
+        self.count += 1;
+    }
+
+    /// Hand what was queued to the connection. A connection task that is gone answers
+    /// through `Fail` at once.
+    pub(super) fn flush(&mut self) {
+        if self.count == 0 {
+            return;
+        }
+        let batch = Batch {
+            frames: self.batch.split().freeze(),
+            count: std::mem::take(&mut self.count),
+            inbox: self.inbox_tx.clone(),
+        };
+        if let Err(mpsc::error::SendError(b)) = self.conn.tx.send(batch) {
+            let _ = self.inbox_tx.send(Delivery::Fail {
+                n: b.count,
+                reply: texts::link_lost(&self.conn.label),
+            });
+        }
+    }
+
+    /// Wait for the next delivery.
+    pub(super) async fn recv(&mut self) -> Option<Delivery> {
+        self.inbox.recv().await
+    }
+
+    /// The next delivery, when one is there.
+    pub(super) fn try_recv(&mut self) -> Option<Delivery> {
+        self.inbox.try_recv().ok()
+    }
+}
+
+/// Wait for a delivery on `link`; never, when there is none.
+pub(super) async fn recv(link: Option<&mut SharedLink>) -> Option<Delivery> {
+    match link {
+        Some(l) => l.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whose replies come next on a connection.
+struct Owed {
+    inbox: UnboundedSender<Delivery>,
+    remaining: u32,
+}
+
+/// Why a connection's service ended.
+enum Stop {
+    /// The proxy is done.
+    Closed,
+    /// The connection broke: what was owed is answered with an error, then it reconnects.
+    Lost(String),
+}
+
+async fn run_conn(
+    shared: Arc<Shared>,
+    index: usize,
+    conn: Arc<PoolConn>,
+    mut rx: UnboundedReceiver<Batch>,
+    stop: CancellationToken,
+) {
+    let mut waiting: Option<Batch> = None;
+    loop {
+        // Connect when there is something to send (a batch, or the first use).
+        let first = match waiting.take() {
+            Some(b) => b,
+            None => tokio::select! {
+                b = rx.recv() => match b {
+                    Some(b) => b,
+                    None => return,
+                },
+                _ = stop.cancelled() => return,
+            },
+        };
+        let rt = shared.runtime.load_full();
+        let Some(cfg) = shared
+            .topology
+            .load()
+            .backends
+            .get(index)
+            .map(|b| b.config.clone())
+        else {
+            fail_all(first, &mut rx, &Bytes::from_static(texts::NO_BACKEND));
+            conn.mark_down();
+            continue;
+        };
+        let opened = BackendLink::open(
+            &cfg,
+            &Handshake::default(),
+            rt.config.limits.connect_timeout,
+            rt.reply_limits(),
+            rt.backend_tls.as_deref(),
+        )
+        .await;
+        let link = match opened {
+            Ok(link) => link,
+            Err(e) => {
+                metrics::backend_connect_error(cfg.label());
+                warn!(backend = cfg.label(), error = %e, "shared backend connection failed");
+                let reply = texts::unreachable(cfg.label(), &e);
+                shared.topology.report_unreachable(index, &reply);
+                conn.mark_down();
+                fail_all(first, &mut rx, &reply);
+                continue;
+            }
+        };
+        conn.mark_up();
+        debug!(backend = cfg.label(), "shared backend connection open");
+        let mut io = ConnIo {
+            stream: link.stream,
+            buf: link.leftover,
+            batch: 0,
+            scanner: ReplyScanner::new(rt.reply_limits()),
+            out: OutQueue::default(),
+            owed: VecDeque::new(),
+        };
+        io.take(first);
+        match io.serve(&mut rx, &stop).await {
+            Stop::Closed => return,
+            Stop::Lost(why) => {
+                debug!(backend = %conn.label, error = %why, "shared backend connection lost");
+                let reply = texts::link_lost(&conn.label);
+                let mut in_flight = 0;
+                for owed in io.owed.drain(..) {
+                    in_flight += owed.remaining;
+                    let _ = owed.inbox.send(Delivery::Fail {
+                        n: owed.remaining,
+                        reply: reply.clone(),
+                    });
+                }
+                if in_flight > 0 {
+                    metrics::backend_lost(&conn.label);
+                    warn!(backend = %conn.label, in_flight, "shared backend connection lost with requests in flight");
+                }
+                // Batches not written yet were never sent: they go to the next connection.
+                waiting = match rx.try_recv() {
+                    Ok(b) => Some(b),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => return,
+                };
+            }
+        }
+    }
+}
+
+/// Answer `first` and every batch already queued with `reply`.
+fn fail_all(first: Batch, rx: &mut UnboundedReceiver<Batch>, reply: &Bytes) {
+    let mut next = Some(first);
+    while let Some(b) = next {
+        let _ = b.inbox.send(Delivery::Fail {
+            n: b.count,
+            reply: reply.clone(),
+        });
+        next = rx.try_recv().ok();
+    }
+}
+
+/// One open shared connection.
+struct ConnIo {
+    stream: Stream,
+    buf: BytesMut,
+    batch: usize,
+    scanner: ReplyScanner,
+    out: OutQueue,
+    owed: VecDeque<Owed>,
+}
+
+impl ConnIo {
+    fn take(&mut self, b: Batch) {
+        self.out.push_chunk(b.frames);
+        self.owed.push_back(Owed {
+            inbox: b.inbox,
+            remaining: b.count,
+        });
+    }
+
+    async fn serve(&mut self, rx: &mut UnboundedReceiver<Batch>, stop: &CancellationToken) -> Stop {
+        loop {
+            // Everything ready goes out in one write.
+            loop {
+                match rx.try_recv() {
+                    Ok(b) => self.take(b),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return Stop::Closed,
+                }
+            }
+            if !self.out.is_empty() {
+                if let Err(e) = self.out.try_write(&mut self.stream) {
+                    return Stop::Lost(e.to_string());
+                }
+            }
+            if let Err(e) = self.stream.flush_pending() {
+                return Stop::Lost(e.to_string());
+            }
+            let wants_write = !self.out.is_empty() || self.stream.wants_flush();
+            tokio::select! {
+                biased;
+                r = self.stream.readable() => {
+                    if let Err(e) = r {
+                        return Stop::Lost(e.to_string());
+                    }
+                    if let Err(why) = self.read() {
+                        return Stop::Lost(why);
+                    }
+                }
+                b = rx.recv() => match b {
+                    Some(b) => self.take(b),
+                    None => return Stop::Closed,
+                },
+                _ = self.stream.writable(), if wants_write => {}
+                _ = stop.cancelled() => return Stop::Closed,
+            }
+        }
+    }
+
+    /// Read what the socket has and route every complete reply.
+    fn read(&mut self) -> Result<(), String> {
+        match self.stream.read_batch(&mut self.buf, &mut self.batch) {
+            Ok(0) => return Err("closed by the backend".into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        }
+        // Consecutive frames for one session travel together.
+        let mut group: Vec<Reply> = Vec::new();
+        loop {
+            let reply = match self.scanner.next(&mut self.buf) {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(e) => {
+                    self.deliver(&mut group);
+                    return Err(e.to_string());
+                }
+            };
+            let Some(front) = self.owed.front_mut() else {
+                self.deliver(&mut group);
+                return Err("the backend sent a reply nobody asked for".into());
+            };
+            group.push(reply);
+            front.remaining = front.remaining.saturating_sub(1);
+            if front.remaining == 0 {
+                self.deliver(&mut group);
+                self.owed.pop_front();
+            }
+        }
+        self.deliver(&mut group);
+        super::release_if_big(&mut self.buf);
+        Ok(())
+    }
+
+    /// Send `group` (replies for the front of `owed`) to its session.
+    fn deliver(&mut self, group: &mut Vec<Reply>) {
+        let Some(front) = self.owed.front() else {
+            group.clear();
+            return;
+        };
+        let d = match group.len() {
+            0 => return,
+            1 => match group.pop() {
+                Some(r) => Delivery::Reply(r),
+                None => return,
+            },
+            _ => Delivery::Replies(std::mem::take(group)),
+        };
+        // A session that ended drops its inbox: its replies are discarded.
+        let _ = front.inbox.send(d);
+    }
+}
