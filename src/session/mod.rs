@@ -1585,7 +1585,7 @@ impl Session {
         };
         let current = self.upstream.shared.as_ref().filter(|s| s.index == index);
         match current {
-            Some(s) if s.conn.usable(self.now) => {}
+            Some(s) if s.conn.usable() => {}
             Some(_) => return not_shared,
             None if on_shared => return Route::Wait,
             None => {
@@ -1594,7 +1594,7 @@ impl Session {
                 let Some(conn) = self.shared.pools.conn(&self.shared, index, size, key) else {
                     return Route::Dedicated;
                 };
-                if !conn.usable(self.now) {
+                if !conn.usable() {
                     return Route::Dedicated;
                 }
                 self.upstream.shared = Some(SharedLink::new(index, conn));

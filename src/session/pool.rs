@@ -15,12 +15,13 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc::{self, error::TryRecvError, UnboundedReceiver, UnboundedSender};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -33,9 +34,9 @@ use crate::protocol::{texts, Reply, ReplyScanner};
 use super::out::OutQueue;
 use super::Shared;
 
-/// How long a pool connection that could not connect is avoided (sessions take their
+/// After a failed connect, the least time before the next attempt (sessions take their
 /// dedicated path meanwhile, which waits for a master as usual).
-const DOWN_FOR: Duration = Duration::from_millis(250);
+const RETRY_AFTER: Duration = Duration::from_millis(250);
 
 /// Where a request goes in shared mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,28 +83,24 @@ struct Batch {
 #[derive(Debug)]
 pub(super) struct PoolConn {
     tx: UnboundedSender<Batch>,
-    /// Milliseconds since `epoch` until which the connection is avoided (0: usable).
-    down_until: AtomicU64,
-    epoch: Instant,
+    /// Connected and serving. Sessions send only then: a request is never handed to a
+    /// connection that is not open (the dedicated path connects, and waits for a master,
+    /// as it always did).
+    up: AtomicBool,
+    /// Asks the task to connect.
+    kick: Notify,
     /// Backend label, for error texts and logs.
     pub(super) label: String,
 }
 
 impl PoolConn {
-    /// Whether sessions may send to it now.
-    pub(super) fn usable(&self, now: Instant) -> bool {
-        let until = self.down_until.load(Ordering::Relaxed);
-        until == 0 || now.saturating_duration_since(self.epoch).as_millis() as u64 >= until
-    }
-
-    fn mark_down(&self) {
-        let until = Instant::now().saturating_duration_since(self.epoch) + DOWN_FOR;
-        self.down_until
-            .store((until.as_millis() as u64).max(1), Ordering::Relaxed);
-    }
-
-    fn mark_up(&self) {
-        self.down_until.store(0, Ordering::Relaxed);
+    /// Whether sessions may send to it now; when not, asks it to (re)connect.
+    pub(super) fn usable(&self) -> bool {
+        let up = self.up.load(Ordering::Acquire);
+        if !up {
+            self.kick.notify_one();
+        }
+        up
     }
 }
 
@@ -174,10 +171,12 @@ fn spawn_conn(
     let (tx, rx) = mpsc::unbounded_channel();
     let conn = Arc::new(PoolConn {
         tx,
-        down_until: AtomicU64::new(0),
-        epoch: Instant::now(),
+        up: AtomicBool::new(false),
+        kick: Notify::new(),
         label,
     });
+    // Connect at once: the first sessions take their dedicated path until it is up.
+    conn.kick.notify_one();
     tokio::spawn(run_conn(shared, index, conn.clone(), rx, stop.clone()));
     conn
 }
@@ -273,19 +272,19 @@ async fn run_conn(
     mut rx: UnboundedReceiver<Batch>,
     stop: CancellationToken,
 ) {
+    // Batches sent while the connection was up, not written when it was lost.
     let mut waiting: Option<Batch> = None;
     loop {
-        // Connect when there is something to send (a batch, or the first use).
-        let first = match waiting.take() {
-            Some(b) => b,
-            None => tokio::select! {
+        if waiting.is_none() {
+            tokio::select! {
+                _ = conn.kick.notified() => {}
                 b = rx.recv() => match b {
-                    Some(b) => b,
+                    Some(b) => waiting = Some(b),
                     None => return,
                 },
                 _ = stop.cancelled() => return,
-            },
-        };
+            }
+        }
         let rt = shared.runtime.load_full();
         let Some(cfg) = shared
             .topology
@@ -294,9 +293,8 @@ async fn run_conn(
             .get(index)
             .map(|b| b.config.clone())
         else {
-            fail_all(first, &mut rx, &Bytes::from_static(texts::NO_BACKEND));
-            conn.mark_down();
-            continue;
+            fail_all(waiting.take(), &mut rx, &Bytes::from_static(texts::NO_BACKEND));
+            return;
         };
         let opened = BackendLink::open(
             &cfg,
@@ -313,12 +311,14 @@ async fn run_conn(
                 warn!(backend = cfg.label(), error = %e, "shared backend connection failed");
                 let reply = texts::unreachable(cfg.label(), &e);
                 shared.topology.report_unreachable(index, &reply);
-                conn.mark_down();
-                fail_all(first, &mut rx, &reply);
+                fail_all(waiting.take(), &mut rx, &reply);
+                tokio::select! {
+                    _ = tokio::time::sleep(RETRY_AFTER) => {}
+                    _ = stop.cancelled() => return,
+                }
                 continue;
             }
         };
-        conn.mark_up();
         debug!(backend = cfg.label(), "shared backend connection open");
         let mut io = ConnIo {
             stream: link.stream,
@@ -328,8 +328,14 @@ async fn run_conn(
             out: OutQueue::default(),
             owed: VecDeque::new(),
         };
-        io.take(first);
-        match io.serve(&mut rx, &stop).await {
+        if let Some(b) = waiting.take() {
+            io.take(b);
+        }
+        conn.up.store(true, Ordering::Release);
+        let stopped = io.serve(&mut rx, &stop).await;
+        // From now on sessions take their dedicated path until it is up again.
+        conn.up.store(false, Ordering::Release);
+        match stopped {
             Stop::Closed => return,
             Stop::Lost(why) => {
                 debug!(backend = %conn.label, error = %why, "shared backend connection lost");
@@ -346,20 +352,21 @@ async fn run_conn(
                     metrics::backend_lost(&conn.label);
                     warn!(backend = %conn.label, in_flight, "shared backend connection lost with requests in flight");
                 }
-                // Batches not written yet were never sent: they go to the next connection.
+                // Reconnect at once; batches not written yet go to the new connection.
                 waiting = match rx.try_recv() {
                     Ok(b) => Some(b),
                     Err(TryRecvError::Empty) => None,
                     Err(TryRecvError::Disconnected) => return,
                 };
+                conn.kick.notify_one();
             }
         }
     }
 }
 
 /// Answer `first` and every batch already queued with `reply`.
-fn fail_all(first: Batch, rx: &mut UnboundedReceiver<Batch>, reply: &Bytes) {
-    let mut next = Some(first);
+fn fail_all(first: Option<Batch>, rx: &mut UnboundedReceiver<Batch>, reply: &Bytes) {
+    let mut next = first.or_else(|| rx.try_recv().ok());
     while let Some(b) = next {
         let _ = b.inbox.send(Delivery::Fail {
             n: b.count,
