@@ -18,6 +18,8 @@
 #   NOFILE [30000]    ulimit -n for this script, redis and the proxy (capped at the hard limit)
 #   PORTCULLIS_BIN    [${CARGO_TARGET_DIR:-target}/release/portcullis]; built when missing
 #   KEEP_TMP [0]      1: keep the temp dir (logs, config)
+#   MODE [dedicated]  routing.backend_connections (--backend-connections): dedicated or
+#                     shared (pinged clients then share a few backend connections)
 #   TLS [0]           1: clients connect with TLS (handshake done, then idle); needs openssl
 
 set -Eeuo pipefail
@@ -26,6 +28,7 @@ CONNS=${CONNS:-10000}
 NOFILE=${NOFILE:-30000}
 KEEP_TMP=${KEEP_TMP:-0}
 TLS=${TLS:-0}
+MODE=${MODE:-dedicated}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=lib/bench.sh
 source "$ROOT/scripts/lib/bench.sh"
@@ -88,7 +91,8 @@ if [[ "$TLS" == 1 ]]; then
 fi
 PROXY_PORT=$(free_port)
 "$PORTCULLIS_BIN" --config "$TMP/portcullis.toml" --listen "127.0.0.1:$PROXY_PORT" \
-  --backend "127.0.0.1:$REDIS_PORT" --admin-listen '' --log-level warn >"$TMP/proxy.log" 2>&1 &
+  --backend "127.0.0.1:$REDIS_PORT" --admin-listen '' --log-level warn \
+  --backend-connections "$MODE" >"$TMP/proxy.log" 2>&1 &
 PROXY_PID=$!; PIDS+=("$PROXY_PID")
 [[ "$TLS" == 1 ]] && PING_ARGS=(--tls --cacert "$CA")
 wait_pong "$PROXY_PORT" "$PROXY_PID" proxy

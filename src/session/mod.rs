@@ -468,7 +468,8 @@ impl Session {
             },
             _ = upstream::readable(master), if read_replies && master.is_some() => Event::BackendReadable(LinkId::Master),
             _ = upstream::readable(replica), if read_replies && replica.is_some() => Event::BackendReadable(LinkId::Replica),
-            d = pool::recv(self.upstream.shared.as_mut()), if read_replies && self.upstream.shared.is_some() => Event::Shared(d),
+            // Replies from a shared connection are in the proxy already: always taken.
+            d = pool::recv(self.upstream.shared.as_mut()), if self.upstream.shared.is_some() => Event::Shared(d),
             _ = client.writable(), if client_out => Event::Writable,
             _ = upstream::writable(master), if master_out => Event::Writable,
             _ = upstream::writable(replica), if replica_out => Event::Writable,
@@ -1576,7 +1577,10 @@ impl Session {
             && !self.watching
             && !self.rt.passthrough()
             && self.state.shareable();
-        if !shareable {
+        let limits = &self.rt.config.limits;
+        if !shareable || self.to_client.bytes >= limits.max_reply_buffer / 2 {
+            // A client behind on its replies goes on its own link too: Redis then holds
+            // what it has not read, as it does for a direct client.
             return not_shared;
         }
         let Some(index) = self.shared.topology.load().master_now() else {
@@ -1585,7 +1589,11 @@ impl Session {
         };
         let current = self.upstream.shared.as_ref().filter(|s| s.index == index);
         match current {
-            Some(s) if s.conn.usable() => {}
+            Some(s) if s.conn.usable() => {
+                if !s.has_room(limits.max_reply_buffer, limits.max_pending) {
+                    return Route::Wait;
+                }
+            }
             Some(_) => return not_shared,
             None if on_shared => return Route::Wait,
             None => {
@@ -1600,8 +1608,13 @@ impl Session {
                 self.upstream.shared = Some(SharedLink::new(index, conn));
             }
         }
-        if self.queue.waiting_on(LinkId::Master) {
+        if on_shared && self.queue.waiting_on(LinkId::Master) {
             return Route::Wait;
+        }
+        if self.queue.waiting_on(LinkId::Master) {
+            // Stay on the dedicated link until it has answered everything (a pipeline
+            // behind a blocking command goes on reaching Redis, as it always did).
+            return Route::Dedicated;
         }
         // The state that needed a connection of its own has ended: release it.
         self.upstream.master = None;
@@ -1613,6 +1626,9 @@ impl Session {
         let mut next = first;
         while let Some(d) = next {
             self.replies_at = self.now;
+            if let Some(shared) = &mut self.upstream.shared {
+                shared.answered(d.answers(), d.bytes());
+            }
             match d {
                 Delivery::Reply(r) => self.shared_reply(r),
                 Delivery::Replies(rs) => {
@@ -1624,9 +1640,6 @@ impl Session {
                     self.queue.fail_first(LinkId::Shared, n, &reply);
                     self.queue.drain(&mut self.to_client);
                 }
-            }
-            if self.to_client.bytes >= self.rt.config.limits.max_reply_buffer {
-                return;
             }
             next = self.upstream.shared.as_mut().and_then(SharedLink::try_recv);
         }

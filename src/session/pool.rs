@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -71,12 +71,43 @@ pub(super) enum Delivery {
     Fail { n: u32, reply: Bytes },
 }
 
+/// Request frames up to this size are gathered into one buffer; bigger ones travel as
+/// their own chunk, never copied.
+const GATHER_MAX: usize = 2048;
+
+/// Requests a session may have in flight on a shared connection before its first reply
+/// tells how big its replies are (`SharedLink::has_room`).
+const FIRST_WINDOW: usize = 32;
+
+/// A session's address at its shared connection.
+#[derive(Debug)]
+struct Mailbox {
+    inbox: UnboundedSender<Delivery>,
+    /// Request bytes handed to the connection and not written to the backend yet: the
+    /// session stops reading its client past `limits.max_reply_buffer`, as it does for
+    /// its own link's unwritten bytes.
+    unwritten: AtomicUsize,
+    /// Reply bytes in the inbox, not taken by the session yet.
+    undelivered: AtomicUsize,
+}
+
+impl Mailbox {
+    fn send(&self, d: Delivery, bytes: usize) {
+        self.undelivered.fetch_add(bytes, Ordering::Relaxed);
+        // A session that ended drops its inbox: its replies are discarded.
+        if self.inbox.send(d).is_err() {
+            self.undelivered.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Requests one session read in one wake-up.
 #[derive(Debug)]
 struct Batch {
-    frames: Bytes,
+    parts: Vec<Bytes>,
+    len: usize,
     count: u32,
-    inbox: UnboundedSender<Delivery>,
+    mailbox: Arc<Mailbox>,
 }
 
 /// The handle of one shared connection.
@@ -188,10 +219,18 @@ pub(super) struct SharedLink {
     /// Index of the backend in the topology.
     pub(super) index: usize,
     pub(super) conn: Arc<PoolConn>,
-    batch: BytesMut,
+    /// Small frames of this wake-up, gathered.
+    small: BytesMut,
+    /// What this wake-up sends, in order (with `small` after it).
+    parts: Vec<Bytes>,
+    len: usize,
     count: u32,
-    inbox_tx: UnboundedSender<Delivery>,
+    mailbox: Arc<Mailbox>,
     inbox: UnboundedReceiver<Delivery>,
+    /// Requests sent and not answered yet.
+    in_flight: usize,
+    /// Running mean of this session's reply sizes (0: none seen yet).
+    mean_reply: usize,
 }
 
 impl SharedLink {
@@ -200,17 +239,66 @@ impl SharedLink {
         SharedLink {
             index,
             conn,
-            batch: BytesMut::new(),
+            small: BytesMut::new(),
+            parts: Vec::new(),
+            len: 0,
             count: 0,
-            inbox_tx,
+            mailbox: Arc::new(Mailbox {
+                inbox: inbox_tx,
+                unwritten: AtomicUsize::new(0),
+                undelivered: AtomicUsize::new(0),
+            }),
             inbox,
+            in_flight: 0,
+            mean_reply: 0,
+        }
+    }
+
+    /// Whether one more request may go out now: a session's replies in flight on a shared
+    /// connection are read into the proxy whatever its client does, so their expected
+    /// size is bounded by `budget` (`limits.max_reply_buffer`). Before any reply is seen
+    /// the window is `FIRST_WINDOW` requests.
+    pub(super) fn has_room(&self, budget: usize, max_pending: usize) -> bool {
+        let window = match self.mean_reply {
+            0 => FIRST_WINDOW,
+            mean => (budget / mean).clamp(FIRST_WINDOW, max_pending.max(FIRST_WINDOW)),
+        };
+        self.in_flight < window
+    }
+
+    /// `n` requests were answered with `bytes` of replies.
+    pub(super) fn answered(&mut self, n: usize, bytes: usize) {
+        self.in_flight = self.in_flight.saturating_sub(n);
+        if n > 0 && bytes > 0 {
+            let mean = bytes / n;
+            self.mean_reply = if self.mean_reply == 0 {
+                mean.max(1)
+            } else {
+                ((self.mean_reply * 3 + mean) / 4).max(1)
+            };
         }
     }
 
     /// Queue a request frame (answered by one reply frame).
-    pub(super) fn send(&mut self, frame: &[u8]) {
-        self.batch.extend_from_slice(frame);
+    pub(super) fn send(&mut self, frame: &Bytes) {
+        if frame.len() <= GATHER_MAX {
+            self.small.extend_from_slice(frame);
+        } else {
+            if !self.small.is_empty() {
+                self.parts.push(self.small.split().freeze());
+            }
+            self.parts.push(frame.clone());
+        }
+        self.len += frame.len();
         self.count += 1;
+        self.in_flight += 1;
+    }
+
+    /// Request bytes not written to the backend yet, and reply bytes not taken yet.
+    pub(super) fn queued_bytes(&self) -> usize {
+        self.len
+            + self.mailbox.unwritten.load(Ordering::Relaxed)
+            + self.mailbox.undelivered.load(Ordering::Relaxed)
     }
 
     /// Hand what was queued to the connection. A connection task that is gone answers
@@ -219,27 +307,68 @@ impl SharedLink {
         if self.count == 0 {
             return;
         }
+        if !self.small.is_empty() {
+            self.parts.push(self.small.split().freeze());
+        }
+        let len = std::mem::take(&mut self.len);
+        self.mailbox.unwritten.fetch_add(len, Ordering::Relaxed);
         let batch = Batch {
-            frames: self.batch.split().freeze(),
+            parts: std::mem::take(&mut self.parts),
+            len,
             count: std::mem::take(&mut self.count),
-            inbox: self.inbox_tx.clone(),
+            mailbox: self.mailbox.clone(),
         };
         if let Err(mpsc::error::SendError(b)) = self.conn.tx.send(batch) {
-            let _ = self.inbox_tx.send(Delivery::Fail {
-                n: b.count,
-                reply: texts::link_lost(&self.conn.label),
-            });
+            b.mailbox.unwritten.fetch_sub(b.len, Ordering::Relaxed);
+            b.mailbox.send(
+                Delivery::Fail {
+                    n: b.count,
+                    reply: texts::link_lost(&self.conn.label),
+                },
+                0,
+            );
         }
     }
 
     /// Wait for the next delivery.
     pub(super) async fn recv(&mut self) -> Option<Delivery> {
-        self.inbox.recv().await
+        let d = self.inbox.recv().await;
+        self.taken(d.as_ref());
+        d
     }
 
     /// The next delivery, when one is there.
     pub(super) fn try_recv(&mut self) -> Option<Delivery> {
-        self.inbox.try_recv().ok()
+        let d = self.inbox.try_recv().ok();
+        self.taken(d.as_ref());
+        d
+    }
+
+    fn taken(&self, d: Option<&Delivery>) {
+        let bytes = d.map_or(0, Delivery::bytes);
+        if bytes > 0 {
+            self.mailbox.undelivered.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Delivery {
+    /// Requests it answers.
+    pub(super) fn answers(&self) -> usize {
+        match self {
+            Delivery::Reply(_) => 1,
+            Delivery::Replies(rs) => rs.len(),
+            Delivery::Fail { n, .. } => *n as usize,
+        }
+    }
+
+    /// Reply bytes it carries.
+    pub(super) fn bytes(&self) -> usize {
+        match self {
+            Delivery::Reply(r) => r.frame().len(),
+            Delivery::Replies(rs) => rs.iter().map(|r| r.frame().len()).sum(),
+            Delivery::Fail { .. } => 0,
+        }
     }
 }
 
@@ -253,7 +382,7 @@ pub(super) async fn recv(link: Option<&mut SharedLink>) -> Option<Delivery> {
 
 /// Whose replies come next on a connection.
 struct Owed {
-    inbox: UnboundedSender<Delivery>,
+    mailbox: Arc<Mailbox>,
     remaining: u32,
 }
 
@@ -327,6 +456,7 @@ async fn run_conn(
             scanner: ReplyScanner::new(rt.reply_limits()),
             out: OutQueue::default(),
             owed: VecDeque::new(),
+            writes: VecDeque::new(),
         };
         if let Some(b) = waiting.take() {
             io.take(b);
@@ -343,10 +473,17 @@ async fn run_conn(
                 let mut in_flight = 0;
                 for owed in io.owed.drain(..) {
                     in_flight += owed.remaining;
-                    let _ = owed.inbox.send(Delivery::Fail {
-                        n: owed.remaining,
-                        reply: reply.clone(),
-                    });
+                    owed.mailbox.send(
+                        Delivery::Fail {
+                            n: owed.remaining,
+                            reply: reply.clone(),
+                        },
+                        0,
+                    );
+                }
+                // What was not written never will be (on this connection).
+                for (mailbox, len) in io.writes.drain(..) {
+                    mailbox.unwritten.fetch_sub(len, Ordering::Relaxed);
                 }
                 if in_flight > 0 {
                     metrics::backend_lost(&conn.label);
@@ -368,10 +505,14 @@ async fn run_conn(
 fn fail_all(first: Option<Batch>, rx: &mut UnboundedReceiver<Batch>, reply: &Bytes) {
     let mut next = first.or_else(|| rx.try_recv().ok());
     while let Some(b) = next {
-        let _ = b.inbox.send(Delivery::Fail {
-            n: b.count,
-            reply: reply.clone(),
-        });
+        b.mailbox.unwritten.fetch_sub(b.len, Ordering::Relaxed);
+        b.mailbox.send(
+            Delivery::Fail {
+                n: b.count,
+                reply: reply.clone(),
+            },
+            0,
+        );
         next = rx.try_recv().ok();
     }
 }
@@ -384,15 +525,36 @@ struct ConnIo {
     scanner: ReplyScanner,
     out: OutQueue,
     owed: VecDeque<Owed>,
+    /// Whose bytes `out` holds, in order (to credit `Mailbox::unwritten`).
+    writes: VecDeque<(Arc<Mailbox>, usize)>,
 }
 
 impl ConnIo {
     fn take(&mut self, b: Batch) {
-        self.out.push_chunk(b.frames);
+        for part in b.parts {
+            self.out.push_chunk(part);
+        }
+        self.writes.push_back((b.mailbox.clone(), b.len));
         self.owed.push_back(Owed {
-            inbox: b.inbox,
+            mailbox: b.mailbox,
             remaining: b.count,
         });
+    }
+
+    /// `n` bytes of `out` were written.
+    fn written(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some((mailbox, len)) = self.writes.front_mut() else {
+                return;
+            };
+            let k = n.min(*len);
+            mailbox.unwritten.fetch_sub(k, Ordering::Relaxed);
+            *len -= k;
+            n -= k;
+            if *len == 0 {
+                self.writes.pop_front();
+            }
+        }
     }
 
     async fn serve(&mut self, rx: &mut UnboundedReceiver<Batch>, stop: &CancellationToken) -> Stop {
@@ -406,8 +568,9 @@ impl ConnIo {
                 }
             }
             if !self.out.is_empty() {
-                if let Err(e) = self.out.try_write(&mut self.stream) {
-                    return Stop::Lost(e.to_string());
+                match self.out.try_write(&mut self.stream) {
+                    Ok(n) => self.written(n),
+                    Err(e) => return Stop::Lost(e.to_string()),
                 }
             }
             if let Err(e) = self.stream.flush_pending() {
@@ -483,7 +646,7 @@ impl ConnIo {
             },
             _ => Delivery::Replies(std::mem::take(group)),
         };
-        // A session that ended drops its inbox: its replies are discarded.
-        let _ = front.inbox.send(d);
+        let bytes = d.bytes();
+        front.mailbox.send(d, bytes);
     }
 }

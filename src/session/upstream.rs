@@ -208,6 +208,7 @@ impl Upstream {
     pub(super) fn queued_bytes(&self) -> usize {
         self.master.as_ref().map_or(0, Link::queued_bytes)
             + self.replica.as_ref().map_or(0, Link::queued_bytes)
+            + self.shared.as_ref().map_or(0, SharedLink::queued_bytes)
     }
 
     /// Half-close every open link once its requests are written.
