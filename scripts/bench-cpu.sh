@@ -21,6 +21,8 @@
 #                             "default" starts one with no such flag (older binaries)
 #   PIN [split] CPU_CLIENT [0] CPU_SERVERS [1]   as ../shared/bench/compare.sh
 #   PORTCULLIS_BIN [target/release/portcullis]
+#   BASE_BIN                  optional: another binary (e.g. a build of main) added as
+#                             target "base", started without --backend-connections
 #   PROXY_EXTRA_ARGS          extra proxy flags
 #   KEEP_TMP [0]
 #
@@ -98,6 +100,16 @@ wait_pong "$REDIS_PORT" "$REDIS_PID" redis
 log "redis-server pid $REDIS_PID on 127.0.0.1:$REDIS_PORT"
 
 TARGETS=("direct:$REDIS_PORT:$REDIS_PID")
+if [[ -n "${BASE_BIN:-}" ]]; then
+  port=$(free_port)
+  # shellcheck disable=SC2086
+  "${SRV_PIN[@]}" "$BASE_BIN" --listen "127.0.0.1:$port" --backend "127.0.0.1:$REDIS_PORT" \
+    --admin-listen '' $PROXY_EXTRA_ARGS >"$TMP/base.log" 2>&1 &
+  pid=$!; PIDS+=("$pid")
+  wait_pong "$port" "$pid" base
+  log "base ($BASE_BIN) pid $pid on 127.0.0.1:$port"
+  TARGETS+=("base:$port:$pid")
+fi
 for mode in $MODES; do
   port=$(free_port)
   mode_args=()

@@ -118,6 +118,16 @@ fn passthrough_in_shared_mode() {
 }
 
 #[test]
+fn tls_in_shared_mode() {
+    run_suite("tls");
+}
+
+#[test]
+fn sentinel_in_shared_mode() {
+    run_suite("sentinel");
+}
+
+#[test]
 fn multiplexing_in_shared_mode() {
     run_suite("multiplexing");
 }

@@ -246,6 +246,31 @@ struct Session {
     replies_at: Instant,
     /// The request being handled may use a shared connection (`pool::shareable_command`).
     cmd_shareable: bool,
+    /// Metrics of this wake-up, recorded once per wake-up (`Tally::record`).
+    tally: Tally,
+}
+
+/// Per-wake-up metrics: counted in the session, handed to the recorder once per wake-up
+/// instead of once per command.
+#[derive(Debug, Default)]
+struct Tally {
+    /// Forwarded commands by class (`metrics::CLASSES`).
+    forwarded: [u64; 3],
+    /// The longest request latency answered in this wake-up (one histogram sample).
+    latency: Option<std::time::Duration>,
+}
+
+impl Tally {
+    fn record(&mut self, hot: &Hot) {
+        for (class, n) in self.forwarded.iter_mut().enumerate() {
+            if *n > 0 {
+                hot.forwarded[class].increment(std::mem::take(n));
+            }
+        }
+        if let Some(latency) = self.latency.take() {
+            hot.request_duration.record(latency);
+        }
+    }
 }
 
 /// What woke the session up.
@@ -291,6 +316,7 @@ impl Session {
             read_at: now,
             replies_at: now,
             cmd_shareable: false,
+            tally: Tally::default(),
         }
     }
 
@@ -502,6 +528,7 @@ impl Session {
     /// Write what every socket takes now. Errors on the backend side are handled as a
     /// lost backend; only client errors are returned.
     fn flush(&mut self, client: &mut Stream) -> io::Result<()> {
+        self.tally.record(&self.shared.hot);
         if let Some(shared) = &mut self.upstream.shared {
             shared.flush();
         }
@@ -796,7 +823,7 @@ impl Session {
                             array: None,
                             frames: Vec::new(),
                         };
-                        self.shared.hot.forwarded[class].increment(1);
+                        self.tally.forwarded[class] += 1;
                         self.send(forward, 1, deliver, OnReply::Exec(exec), false)
                             .await;
                         return;
@@ -838,7 +865,7 @@ impl Session {
             self.upstream.replica_stale = true;
         }
         if let OnReply::PubSub { .. } = on_reply {
-            self.shared.hot.forwarded[class].increment(1);
+            self.tally.forwarded[class] += 1;
             if !self.state.resp3 {
                 // Whether the connection is in RESP2 pub/sub context after it decides how
                 // the next commands are answered: wait for its confirmations.
@@ -867,7 +894,7 @@ impl Session {
         on_reply: OnReply,
         retryable: bool,
     ) {
-        self.shared.hot.forwarded[class].increment(1);
+        self.tally.forwarded[class] += 1;
         let deliver = self.mode.next_command();
         self.send(req, 1, deliver, on_reply, retryable).await;
     }
@@ -917,7 +944,7 @@ impl Session {
             .as_ref()
             .is_some_and(|r| Some(r.index) == choice && !self.upstream.replica_stale);
         if ready {
-            self.shared.hot.forwarded[class].increment(1);
+            self.tally.forwarded[class] += 1;
             self.push_to(LinkId::Replica, &req, 1, deliver, OnReply::Forward, false);
             return;
         }
@@ -925,7 +952,7 @@ impl Session {
             self.push_local(deliver.then(|| texts::no_replica(&topo.explain())));
             return;
         }
-        self.shared.hot.forwarded[class].increment(1);
+        self.tally.forwarded[class] += 1;
         self.send(req, 1, deliver, OnReply::Forward, false).await;
     }
 
@@ -1443,11 +1470,12 @@ impl Session {
         self.queue.drain(&mut self.to_client);
     }
 
-    fn record_latency(&self, sent: Instant) {
-        self.shared
-            .hot
-            .request_duration
-            .record(self.replies_at.saturating_duration_since(sent));
+    /// One sample per wake-up: the oldest request it answered.
+    fn record_latency(&mut self, sent: Instant) {
+        let latency = self.replies_at.saturating_duration_since(sent);
+        if self.tally.latency.is_none_or(|l| l < latency) {
+            self.tally.latency = Some(latency);
+        }
     }
 
     /// A frame of an EXEC whose transaction changes the session: the array, then (RESP2
