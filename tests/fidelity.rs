@@ -1,0 +1,1141 @@
+//! Connection fidelity (issue 10): every request a client sent gets the answer Redis would
+//! give, byte for byte, at every edge of a connection's life.
+//!
+//! Each case sends the same bytes to a redis-server directly and, through the proxy, to
+//! another redis-server of the same build, and compares what the client sees: every byte,
+//! and whether the connection was closed. The two servers are separate so that keys and
+//! server state never mix; checks of what was applied run directly on each server.
+//!
+//! Kinds: half-close (and its neighbours: pipeline, blocked command, MULTI, refusals,
+//! QUIT, protocol errors), `CLIENT REPLY` before local answers, pub/sub and `HELLO` inside
+//! MULTI, connection state across a new backend link, tracking, MONITOR, deep replies.
+//! SIGTERM drain and the rolling restart are in `tests/fidelity_drain.rs`.
+
+mod support;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use portcullis::config::{BackendConfig, Config};
+use support::{resp, Proxy, RedisServer, WAIT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+// ---------------------------------------------------------------------------------------
+// Test support: a byte-level client and the direct/proxied pair.
+// ---------------------------------------------------------------------------------------
+
+/// What a client saw: every byte, and whether the peer closed the connection.
+#[derive(Clone, PartialEq, Eq)]
+struct Seen {
+    bytes: Vec<u8>,
+    closed: bool,
+}
+
+impl fmt::Debug for Seen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = &self.bytes;
+        if b.len() > 600 {
+            write!(
+                f,
+                "({} bytes) \"{} ... {}\"",
+                b.len(),
+                b[..200].escape_ascii(),
+                b[b.len() - 200..].escape_ascii()
+            )?;
+        } else {
+            write!(f, "\"{}\"", b.escape_ascii())?;
+        }
+        write!(
+            f,
+            " then {}",
+            if self.closed { "CLOSED" } else { "still open" }
+        )
+    }
+}
+
+impl Seen {
+    /// The same with every HELLO connection id blanked (it differs between servers).
+    fn masked(mut self) -> Seen {
+        self.bytes = mask_ids(&self.bytes);
+        self
+    }
+
+    /// The same with each `-NOPERM` text cut to its first words: the direct server denies
+    /// by ACL what the proxy refuses by policy, and only the proxy says why.
+    fn noperm_cut(mut self) -> Seen {
+        let mut out = Vec::new();
+        let mut rest = &self.bytes[..];
+        while let Some(pos) = find(rest, b"-NOPERM ") {
+            out.extend_from_slice(&rest[..pos]);
+            out.extend_from_slice(b"-NOPERM ...");
+            rest = &rest[pos..];
+            let end = find(rest, b"\r\n").unwrap_or(rest.len());
+            rest = &rest[end..];
+        }
+        out.extend_from_slice(rest);
+        self.bytes = out;
+        self
+    }
+}
+
+/// A plain TCP client that records bytes and the close.
+struct Wire {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    closed: bool,
+}
+
+impl Wire {
+    async fn connect(addr: SocketAddr) -> Wire {
+        let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+            .await
+            .unwrap_or_else(|_| panic!("connect to {addr} timed out"))
+            .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+        stream.set_nodelay(true).ok();
+        Wire {
+            stream,
+            buf: Vec::new(),
+            closed: false,
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// `shutdown(SHUT_WR)`: the client sends nothing more but still reads.
+    async fn half_close(&mut self) {
+        self.stream.shutdown().await.expect("shutdown(SHUT_WR)");
+    }
+
+    /// Read once (until `deadline`); false when the peer closed or time is up.
+    async fn read_some(&mut self, deadline: tokio::time::Instant) -> bool {
+        if self.closed {
+            return false;
+        }
+        let mut chunk = vec![0u8; 64 * 1024];
+        match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+            Err(_) => false,
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                self.closed = true;
+                false
+            }
+            Ok(Ok(n)) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+        }
+    }
+
+    /// Everything until the peer closes (or `limit` passes: then `closed` is false).
+    async fn until_close(&mut self, limit: Duration) -> Seen {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.read_some(deadline).await {}
+        Seen {
+            bytes: std::mem::take(&mut self.buf),
+            closed: self.closed,
+        }
+    }
+
+    /// Everything through the first `marker` (or all that came before a close or `limit`).
+    async fn until(&mut self, marker: &[u8], limit: Duration) -> Seen {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(pos) = find(&self.buf, marker) {
+                return Seen {
+                    bytes: self.buf.drain(..pos + marker.len()).collect(),
+                    closed: false,
+                };
+            }
+            if !self.read_some(deadline).await {
+                return Seen {
+                    bytes: std::mem::take(&mut self.buf),
+                    closed: self.closed,
+                };
+            }
+        }
+    }
+
+    /// Exactly `n` bytes, or what came before a close or `limit`.
+    async fn take(&mut self, n: usize, limit: Duration) -> Seen {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.buf.len() < n && self.read_some(deadline).await {}
+        let n = n.min(self.buf.len());
+        Seen {
+            bytes: self.buf.drain(..n).collect(),
+            closed: self.closed,
+        }
+    }
+}
+
+/// Every `id` of a HELLO reply blanked.
+fn mask_ids(bytes: &[u8]) -> Vec<u8> {
+    let key = b"$2\r\nid\r\n:";
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while let Some(pos) = find(rest, key) {
+        out.extend_from_slice(&rest[..pos + key.len()]);
+        out.extend_from_slice(b"ID");
+        rest = &rest[pos + key.len()..];
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        rest = &rest[digits..];
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Several commands as one write.
+fn cmds(list: &[&[&str]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in list {
+        let args: Vec<&[u8]> = c.iter().map(|a| a.as_bytes()).collect();
+        out.extend(resp(&args));
+    }
+    out
+}
+
+/// The reply of `ECHO fidelity:end`: the last thing asked in most cases here.
+const END: &[u8] = b"$12\r\nfidelity:end\r\n";
+const ECHO_END: &[&str] = &["ECHO", "fidelity:end"];
+
+/// One redis-server used directly, one behind the proxy (same build, same flags).
+struct Bench {
+    direct: RedisServer,
+    backend: RedisServer,
+    proxy: Proxy,
+    /// Every difference found so far: a test reports all its cases, then fails.
+    differences: std::sync::Mutex<Vec<String>>,
+}
+
+/// One way to reach Redis: where the client connects, and the server its data lands in.
+#[derive(Clone, Copy)]
+struct Side {
+    client: SocketAddr,
+    server: SocketAddr,
+}
+
+impl Bench {
+    async fn start() -> Bench {
+        Bench::with(&[], |_| {}).await
+    }
+
+    /// With extra redis-server flags and a config tweak for the proxy.
+    async fn with(redis_flags: &[&str], tweak: impl FnOnce(&mut Config)) -> Bench {
+        let direct = RedisServer::start(redis_flags);
+        let backend = RedisServer::start(redis_flags);
+        let mut config = Config {
+            backends: vec![BackendConfig::from_address(backend.addr())],
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let proxy = Proxy::start_with(config).await;
+        for server in [&direct, &backend] {
+            let addr = server.addr().parse().expect("addr");
+            let ok = query(
+                addr,
+                &[
+                    "ACL",
+                    "SETUSER",
+                    "admin",
+                    "on",
+                    ">admin-pw",
+                    "+@all",
+                    "~*",
+                    "&*",
+                ],
+            )
+            .await;
+            assert_eq!(ok, b"+OK\r\n", "ACL SETUSER admin");
+        }
+        // The direct server denies by ACL what the proxy refuses by policy, so both answer
+        // the same commands with -NOPERM (see `Seen::noperm_cut`).
+        let addr = direct.addr().parse().expect("addr");
+        let ok = query(
+            addr,
+            &[
+                "ACL",
+                "SETUSER",
+                "default",
+                "-config|set",
+                "-slaveof",
+                "-flushall",
+                "-client|no-evict",
+                "-client|kill",
+                "-client|list",
+                "-monitor",
+            ],
+        )
+        .await;
+        assert_eq!(ok, b"+OK\r\n", "ACL SETUSER default");
+        Bench {
+            direct,
+            backend,
+            proxy,
+            differences: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn direct_side(&self) -> Side {
+        let server = self.direct.addr().parse().expect("addr");
+        Side {
+            client: server,
+            server,
+        }
+    }
+
+    fn proxy_side(&self) -> Side {
+        Side {
+            client: self.proxy.addr,
+            server: self.backend.addr().parse().expect("addr"),
+        }
+    }
+
+    /// Run `case` against both sides and compare.
+    async fn compare<F, Fut>(&self, what: &str, case: F)
+    where
+        F: Fn(Side) -> Fut,
+        Fut: std::future::Future<Output = Seen>,
+    {
+        let direct = case(self.direct_side()).await.masked().noperm_cut();
+        let proxied = case(self.proxy_side()).await.masked().noperm_cut();
+        if direct != proxied {
+            let text = format!("{what}:\n  direct: {direct:?}\n  proxy:  {proxied:?}");
+            eprintln!("DIFFERENCE {text}");
+            self.differences.lock().expect("lock").push(text);
+        }
+    }
+
+    /// Fail with every difference found by `compare`.
+    #[track_caller]
+    fn finish(self) {
+        let differences = self.differences.into_inner().expect("lock");
+        assert!(
+            differences.is_empty(),
+            "{} case(s) differ through the proxy:\n{}",
+            differences.len(),
+            differences.join("\n")
+        );
+    }
+}
+
+/// One write, then read through `END` (connection stays open).
+async fn exchange(addr: SocketAddr, bytes: &[u8]) -> Seen {
+    let mut w = Wire::connect(addr).await;
+    w.send(bytes).await;
+    w.until(END, WAIT).await
+}
+
+/// One write, then `shutdown(SHUT_WR)`, then everything until the close.
+async fn half_closed(addr: SocketAddr, bytes: &[u8]) -> Seen {
+    let mut w = Wire::connect(addr).await;
+    w.send(bytes).await;
+    w.half_close().await;
+    w.until_close(WAIT).await
+}
+
+/// One command straight to a server, its reply (for checks of what was applied).
+async fn query(server: SocketAddr, args: &[&str]) -> Vec<u8> {
+    let mut w = Wire::connect(server).await;
+    w.send(&cmds(&[args, ECHO_END])).await;
+    let seen = w.until(END, WAIT).await;
+    assert!(seen.bytes.ends_with(END), "direct query {args:?}: {seen:?}");
+    seen.bytes[..seen.bytes.len() - END.len()].to_vec()
+}
+
+/// One command straight to a server as its `admin` ACL user (which may CONFIG SET).
+async fn admin(server: SocketAddr, args: &[&str]) -> Vec<u8> {
+    let mut w = Wire::connect(server).await;
+    w.send(&cmds(&[&["AUTH", "admin", "admin-pw"], args, ECHO_END]))
+        .await;
+    let seen = w.until(END, WAIT).await;
+    assert!(
+        seen.bytes.starts_with(b"+OK\r\n") && seen.bytes.ends_with(END),
+        "admin query {args:?}: {seen:?}"
+    );
+    seen.bytes[5..seen.bytes.len() - END.len()].to_vec()
+}
+
+/// Poll `INFO clients` until `blocked_clients` is `n`; false after `WAIT`.
+async fn blocked_clients_reach(server: SocketAddr, n: usize) -> bool {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let info = query(server, &["INFO", "clients"]).await;
+        let text = String::from_utf8_lossy(&info);
+        let blocked = text
+            .lines()
+            .find_map(|l| l.strip_prefix("blocked_clients:"))
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        if blocked == Some(n) {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Half-close and the other ends of a client's input.
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_after_requests_answers_them_then_closes() {
+    let bench = Bench::start().await;
+    bench
+        .compare("SET, GET, PING, shutdown(SHUT_WR)", |side| async move {
+            let mut seen = half_closed(
+                side.client,
+                &cmds(&[&["SET", "hc:k", "v1"], &["GET", "hc:k"], &["PING"]]),
+            )
+            .await;
+            // And the SET was applied exactly when acknowledged.
+            seen.bytes
+                .extend(query(side.server, &["GET", "hc:k"]).await);
+            seen
+        })
+        .await;
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_inline_health_check_like_nc_n() {
+    // printf 'PING\r\n' | nc -N host port
+    let bench = Bench::start().await;
+    bench
+        .compare("inline PING then shutdown(SHUT_WR)", |side| async move {
+            half_closed(side.client, b"PING\r\n").await
+        })
+        .await;
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_after_a_1000_command_pipeline() {
+    let bench = Bench::start().await;
+    let mut batch = Vec::new();
+    for i in 0..1000 {
+        let value = format!("v{i}");
+        batch.extend(cmds(&[&["INCR", "hc:n"], &["SET", "hc:last", &value]]));
+    }
+    batch.extend(cmds(&[&["GET", "hc:last"]]));
+    let batch = &batch;
+    bench
+        .compare(
+            "2,001-command pipeline then shutdown(SHUT_WR)",
+            |side| async move {
+                let mut seen = half_closed(side.client, batch).await;
+                seen.bytes
+                    .extend(query(side.server, &["GET", "hc:n"]).await);
+                seen
+            },
+        )
+        .await;
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_after_a_blocked_blpop_pops_nothing_later() {
+    let bench = Bench::start().await;
+    bench
+        .compare("BLPOP blocked, then shutdown(SHUT_WR)", |side| async move {
+            let mut w = Wire::connect(side.client).await;
+            w.send(&cmds(&[&["BLPOP", "hc:list", "0"]])).await;
+            assert!(
+                blocked_clients_reach(side.server, 1).await,
+                "the BLPOP never blocked at the server"
+            );
+            w.half_close().await;
+            let mut seen = w.until_close(WAIT).await;
+            // Redis drops the blocked client on end of input: nobody waits on the list.
+            let unblocked = blocked_clients_reach(side.server, 0).await;
+            seen.bytes
+                .extend(format!("[server still blocked: {}]", !unblocked).into_bytes());
+            // A push made afterwards stays in the list (not popped by the gone client).
+            seen.bytes
+                .extend(query(side.server, &["RPUSH", "hc:list", "x"]).await);
+            seen.bytes
+                .extend(query(side.server, &["LLEN", "hc:list"]).await);
+            seen
+        })
+        .await;
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_inside_multi_applies_nothing() {
+    let bench = Bench::start().await;
+    bench
+        .compare(
+            "MULTI + queued, no EXEC, shutdown(SHUT_WR)",
+            |side| async move {
+                let mut seen = half_closed(
+                    side.client,
+                    &cmds(&[
+                        &["SET", "hc:before", "1"],
+                        &["MULTI"],
+                        &["SET", "hc:m", "1"],
+                        &["INCR", "hc:m2"],
+                    ]),
+                )
+                .await;
+                seen.bytes
+                    .extend(query(side.server, &["MGET", "hc:before", "hc:m", "hc:m2"]).await);
+                seen
+            },
+        )
+        .await;
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_after_an_unknown_command() {
+    let bench = Bench::start().await;
+    bench
+        .compare(
+            "unknown command, PING, shutdown(SHUT_WR)",
+            |side| async move {
+                half_closed(side.client, &cmds(&[&["NOSUCH.CMD", "x"], &["PING"]])).await
+            },
+        )
+        .await;
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_after_a_refused_command() {
+    // The direct server denies SLAVEOF by ACL as the proxy refuses it by policy.
+    let bench = Bench::start().await;
+    let send = cmds(&[&["SLAVEOF", "no", "one"], &["SET", "hc:r", "1"], &["PING"]]);
+    let send = &send;
+    bench
+        .compare(
+            "refused SLAVEOF, SET, PING, shutdown(SHUT_WR)",
+            |side| async move { half_closed(side.client, send).await },
+        )
+        .await;
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quit_in_a_pipeline_runs_nothing_after_it() {
+    let bench = Bench::start().await;
+    bench
+        .compare("SET, QUIT, SET, PING in one write", |side| async move {
+            let mut w = Wire::connect(side.client).await;
+            w.send(&cmds(&[
+                &["SET", "q:1", "1"],
+                &["QUIT"],
+                &["SET", "q:2", "1"],
+                &["PING"],
+            ]))
+            .await;
+            let mut seen = w.until_close(WAIT).await;
+            seen.bytes
+                .extend(query(side.server, &["MGET", "q:1", "q:2"]).await);
+            seen
+        })
+        .await;
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quit_then_half_close() {
+    let bench = Bench::start().await;
+    bench
+        .compare("GET, QUIT, shutdown(SHUT_WR)", |side| async move {
+            half_closed(side.client, &cmds(&[&["GET", "q:none"], &["QUIT"]])).await
+        })
+        .await;
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_error_after_earlier_requests() {
+    let bench = Bench::start().await;
+    for (name, bad) in [
+        ("invalid bulk length", &b"*1\r\n$x\r\n"[..]),
+        ("invalid multibulk length", b"*abc\r\n"),
+        ("expected '$'", b"*1\r\n:1\r\n"),
+        ("unbalanced quotes (inline)", b"SET \"a b\r\n"),
+    ] {
+        let mut send = cmds(&[&["SET", "pe:k", "1"], &["GET", "pe:k"], &["PING"]]);
+        send.extend_from_slice(bad);
+        send.extend(cmds(&[&["SET", "pe:after", "1"]]));
+        let send = &send;
+        bench
+            .compare(name, |side| async move {
+                let mut w = Wire::connect(side.client).await;
+                w.send(send).await;
+                let mut seen = w.until_close(WAIT).await;
+                seen.bytes
+                    .extend(query(side.server, &["MGET", "pe:k", "pe:after"]).await);
+                seen
+            })
+            .await;
+    }
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_error_after_a_pipeline_then_half_close() {
+    let bench = Bench::start().await;
+    let mut send = Vec::new();
+    for _ in 0..200 {
+        send.extend(cmds(&[&["INCR", "pe:n"]]));
+    }
+    send.extend_from_slice(b"*1\r\n$-5\r\n");
+    let send = &send;
+    bench
+        .compare("200 INCR, protocol error, shutdown", |side| async move {
+            let mut seen = half_closed(side.client, send).await;
+            seen.bytes
+                .extend(query(side.server, &["GET", "pe:n"]).await);
+            seen
+        })
+        .await;
+    bench.finish();
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. CLIENT REPLY before every kind of answer, and what Redis accepts inside MULTI.
+// ---------------------------------------------------------------------------------------
+
+/// Commands the proxy may answer itself (refusals, unknown, AUTH, HELLO, arity and syntax
+/// errors, transaction misuse); each is harmless on a test Redis when it does run there.
+const LOCAL_ANSWERS: &[&[&str]] = &[
+    &["NOSUCH.CMD", "x"],
+    &["AUTH", "wrong-password"],
+    &["AUTH", "someone", "wrong-password"],
+    &["CONFIG", "SET", "slowlog-max-len", "128"],
+    &["SLAVEOF", "no", "one"],
+    &["FLUSHALL"],
+    &["CLIENT", "NOSUCHSUB"],
+    &["CLIENT", "REPLY", "bogus"],
+    &["HELLO", "4"],
+    &["HELLO", "2"],
+    &["GET"],
+    &["EXEC"],
+    &["DISCARD"],
+    &["WATCH"],
+    &["SELECT", "0"],
+    &["CLIENT", "SETNAME", "reply-test"],
+    &["PING", "a", "b", "c"],
+    &["COMMAND", "COUNT"],
+    &["EVAL", "return 1", "0"],
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reply_skip_before_an_unknown_command() {
+    // The issue's minimal case: Redis answers +OK $1 1 +PONG $6 marker.
+    let bench = Bench::start().await;
+    let send = cmds(&[
+        &["CLIENT", "REPLY", "SKIP"],
+        &["NOSUCH.CMD", "x"],
+        &["SET", "skip:k", "1"],
+        &["GET", "skip:k"],
+        &["PING"],
+        &["ECHO", "marker"],
+        ECHO_END,
+    ]);
+    let send = &send;
+    bench
+        .compare("CLIENT REPLY SKIP + unknown command", |side| async move {
+            exchange(side.client, send).await
+        })
+        .await;
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reply_skip_before_each_local_answer() {
+    let bench = Bench::start().await;
+    for cmd in LOCAL_ANSWERS {
+        let send = cmds(&[
+            &["CLIENT", "REPLY", "SKIP"],
+            cmd,
+            &["SET", "skip:k", "1"],
+            &["GET", "skip:k"],
+            &["PING"],
+            ECHO_END,
+        ]);
+        let send = &send;
+        bench
+            .compare(&format!("CLIENT REPLY SKIP + {cmd:?}"), |side| async move {
+                exchange(side.client, send).await
+            })
+            .await;
+    }
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reply_off_around_each_local_answer() {
+    let bench = Bench::start().await;
+    for cmd in LOCAL_ANSWERS {
+        let send = cmds(&[
+            &["CLIENT", "REPLY", "OFF"],
+            cmd,
+            &["SET", "off:k", "2"],
+            cmd,
+            &["CLIENT", "REPLY", "ON"],
+            &["GET", "off:k"],
+            cmd,
+            ECHO_END,
+        ]);
+        let send = &send;
+        bench
+            .compare(&format!("CLIENT REPLY OFF + {cmd:?}"), |side| async move {
+                exchange(side.client, send).await.masked()
+            })
+            .await;
+    }
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reply_skip_and_off_in_combinations() {
+    let bench = Bench::start().await;
+    let cases: &[(&str, &[&[&str]])] = &[
+        (
+            "SKIP SKIP",
+            &[
+                &["CLIENT", "REPLY", "SKIP"],
+                &["CLIENT", "REPLY", "SKIP"],
+                &["PING"],
+                &["ECHO", "a"],
+            ],
+        ),
+        (
+            "SKIP then OFF",
+            &[
+                &["CLIENT", "REPLY", "SKIP"],
+                &["CLIENT", "REPLY", "OFF"],
+                &["PING"],
+                &["CLIENT", "REPLY", "ON"],
+            ],
+        ),
+        (
+            "OFF then SKIP then ON",
+            &[
+                &["CLIENT", "REPLY", "OFF"],
+                &["CLIENT", "REPLY", "SKIP"],
+                &["PING"],
+                &["CLIENT", "REPLY", "ON"],
+                &["PING"],
+            ],
+        ),
+        (
+            "SKIP before MULTI ... EXEC",
+            &[
+                &["CLIENT", "REPLY", "SKIP"],
+                &["MULTI"],
+                &["SET", "sk:m", "1"],
+                &["EXEC"],
+            ],
+        ),
+        (
+            "SKIP before a refused command inside MULTI",
+            &[
+                &["MULTI"],
+                &["CLIENT", "REPLY", "SKIP"],
+                &["CONFIG", "SET", "slowlog-max-len", "128"],
+                &["EXEC"],
+                &["PING"],
+            ],
+        ),
+        (
+            "SKIP before an unknown command inside MULTI",
+            &[
+                &["MULTI"],
+                &["CLIENT", "REPLY", "SKIP"],
+                &["NOSUCH.CMD"],
+                &["EXEC"],
+                &["PING"],
+            ],
+        ),
+        (
+            "OFF before an unknown command inside MULTI",
+            &[
+                &["MULTI"],
+                &["SET", "off:m", "1"],
+                &["CLIENT", "REPLY", "OFF"],
+                &["NOSUCH.CMD"],
+                &["EXEC"],
+                &["CLIENT", "REPLY", "ON"],
+                &["GET", "off:m"],
+            ],
+        ),
+    ];
+    for (name, list) in cases {
+        let mut all: Vec<&[&str]> = list.to_vec();
+        all.push(&["CLIENT", "REPLY", "ON"]);
+        all.push(ECHO_END);
+        let send = cmds(&all);
+        let send = &send;
+        bench
+            .compare(
+                name,
+                |side| async move { exchange(side.client, send).await },
+            )
+            .await;
+    }
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reply_inside_multi() {
+    let bench = Bench::start().await;
+    let cases: &[(&str, &[&[&str]])] = &[
+        (
+            "MULTI, CLIENT REPLY OFF, SET, EXEC",
+            &[
+                &["MULTI"],
+                &["CLIENT", "REPLY", "OFF"],
+                &["SET", "crm:k", "1"],
+                &["EXEC"],
+            ],
+        ),
+        (
+            "MULTI, CLIENT REPLY SKIP, SET, GET, EXEC, PING",
+            &[
+                &["MULTI"],
+                &["CLIENT", "REPLY", "SKIP"],
+                &["SET", "crm:s", "1"],
+                &["GET", "crm:s"],
+                &["EXEC"],
+                &["PING"],
+            ],
+        ),
+        (
+            "MULTI, SET, CLIENT REPLY OFF, GET, CLIENT REPLY ON, GET, EXEC",
+            &[
+                &["MULTI"],
+                &["SET", "crm:o", "1"],
+                &["CLIENT", "REPLY", "OFF"],
+                &["GET", "crm:o"],
+                &["CLIENT", "REPLY", "ON"],
+                &["GET", "crm:o"],
+                &["EXEC"],
+            ],
+        ),
+        (
+            "CLIENT REPLY OFF, MULTI, CLIENT REPLY ON, EXEC",
+            &[
+                &["CLIENT", "REPLY", "OFF"],
+                &["MULTI"],
+                &["INCR", "crm:n"],
+                &["CLIENT", "REPLY", "ON"],
+                &["INCR", "crm:n"],
+                &["EXEC"],
+            ],
+        ),
+    ];
+    for (name, list) in cases {
+        let mut all: Vec<&[&str]> = list.to_vec();
+        all.push(&["CLIENT", "REPLY", "ON"]);
+        all.push(ECHO_END);
+        let send = cmds(&all);
+        let send = &send;
+        bench
+            .compare(
+                name,
+                |side| async move { exchange(side.client, send).await },
+            )
+            .await;
+    }
+}
+
+/// The RESP2 message a `PUBLISH channel payload` delivers to a subscriber.
+fn message(channel: &str, payload: &str) -> Vec<u8> {
+    resp(&[b"message", channel.as_bytes(), payload.as_bytes()])
+}
+
+/// Send `bytes` on a fresh connection, read the confirmations (through `confirmations`
+/// bytes as Redis sends them directly), publish `payload` to `channel` from another
+/// client of the same side, and read through the message.
+async fn subscribed(side: Side, bytes: &[u8], settle: &[u8], channel: &str) -> Seen {
+    let mut w = Wire::connect(side.client).await;
+    w.send(bytes).await;
+    let mut seen = w.until(settle, WAIT).await;
+    if seen.closed || !seen.bytes.ends_with(settle) {
+        return seen;
+    }
+    // Publish through the same side (direct, or another proxied connection).
+    let mut p = Wire::connect(side.client).await;
+    p.send(&cmds(&[&["PUBLISH", channel, "hello"]])).await;
+    let published = p.until(b"\r\n", WAIT).await;
+    seen.bytes
+        .extend(format!("[PUBLISH -> {}]", published.bytes.escape_ascii()).into_bytes());
+    let rest = w.until(&message(channel, "hello"), WAIT).await;
+    seen.bytes.extend(rest.bytes);
+    seen.closed = rest.closed;
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reply_off_and_skip_with_pubsub() {
+    let bench = Bench::start().await;
+    // Each case ends subscribed to `a` (RESP2): the settle marker is the PING reply a
+    // subscribed RESP2 client gets.
+    let pong = b"*2\r\n$4\r\npong\r\n$0\r\n\r\n";
+    let cases: &[(&str, &[&[&str]])] = &[
+        (
+            "CLIENT REPLY OFF, SUBSCRIBE a",
+            &[&["CLIENT", "REPLY", "OFF"], &["SUBSCRIBE", "a"]],
+        ),
+        (
+            "CLIENT REPLY SKIP, SUBSCRIBE a b, UNSUBSCRIBE b",
+            &[
+                &["CLIENT", "REPLY", "SKIP"],
+                &["SUBSCRIBE", "a", "b"],
+                &["UNSUBSCRIBE", "b"],
+            ],
+        ),
+        (
+            "SUBSCRIBE a, CLIENT REPLY OFF (not allowed while subscribed in RESP2)",
+            &[&["SUBSCRIBE", "a"], &["CLIENT", "REPLY", "OFF"]],
+        ),
+        (
+            "SUBSCRIBE a, CLIENT REPLY SKIP (not allowed while subscribed in RESP2)",
+            &[&["SUBSCRIBE", "a"], &["CLIENT", "REPLY", "SKIP"]],
+        ),
+        (
+            "CLIENT REPLY SKIP, PSUBSCRIBE x*, SUBSCRIBE a",
+            &[
+                &["CLIENT", "REPLY", "SKIP"],
+                &["PSUBSCRIBE", "x*"],
+                &["SUBSCRIBE", "a"],
+            ],
+        ),
+    ];
+    for (name, list) in cases {
+        // ON is refused in RESP2 subscribed mode (silently under OFF): PING with ON
+        // attempted first shows what the client gets either way.
+        let mut all: Vec<&[&str]> = list.to_vec();
+        all.push(&["CLIENT", "REPLY", "ON"]);
+        all.push(&["PING"]);
+        let send = cmds(&all);
+        let send = &send;
+        bench
+            .compare(name, |side| async move {
+                let mut w = Wire::connect(side.client).await;
+                w.send(send).await;
+                // Under OFF the PING answer may never come: settle on the subscribe
+                // confirmation instead when that is all there is.
+                let mut seen = w.until(pong, Duration::from_secs(3)).await;
+                let mut p = Wire::connect(side.client).await;
+                p.send(&cmds(&[&["PUBLISH", "a", "hello"]])).await;
+                let published = p.until(b"\r\n", WAIT).await;
+                seen.bytes.extend(
+                    format!("[PUBLISH -> {}]", published.bytes.escape_ascii()).into_bytes(),
+                );
+                let rest = w.until(&message("a", "hello"), WAIT).await;
+                seen.bytes.extend(rest.bytes);
+                seen.closed = rest.closed;
+                seen
+            })
+            .await;
+    }
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reply_off_with_resp3_pubsub() {
+    let bench = Bench::start().await;
+    let send = cmds(&[
+        &["HELLO", "3"],
+        &["CLIENT", "REPLY", "OFF"],
+        &["SUBSCRIBE", "a"],
+        &["GET", "nothing"],
+        &["CLIENT", "REPLY", "ON"],
+        ECHO_END,
+    ]);
+    let send = &send;
+    let push = b">3\r\n$7\r\nmessage\r\n$1\r\na\r\n$5\r\nhello\r\n";
+    bench
+        .compare("HELLO 3, OFF, SUBSCRIBE a, publish", |side| async move {
+            let mut w = Wire::connect(side.client).await;
+            w.send(send).await;
+            let mut seen = w.until(END, WAIT).await.masked();
+            let mut p = Wire::connect(side.client).await;
+            p.send(&cmds(&[&["PUBLISH", "a", "hello"]])).await;
+            p.until(b"\r\n", WAIT).await;
+            let rest = w.until(push, WAIT).await;
+            seen.bytes.extend(rest.bytes);
+            seen.closed = rest.closed;
+            seen
+        })
+        .await;
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_inside_multi() {
+    let bench = Bench::start().await;
+    let cases: &[(&str, &[&[&str]], &str)] = &[
+        (
+            "MULTI, SUBSCRIBE a, EXEC",
+            &[&["MULTI"], &["SUBSCRIBE", "a"], &["EXEC"]],
+            "a",
+        ),
+        (
+            "MULTI, SUBSCRIBE a b, EXEC",
+            &[&["MULTI"], &["SUBSCRIBE", "a", "b"], &["EXEC"]],
+            "b",
+        ),
+        (
+            "MULTI, SET, SUBSCRIBE a, GET, EXEC",
+            &[
+                &["MULTI"],
+                &["SET", "sm:k", "v"],
+                &["SUBSCRIBE", "a"],
+                &["GET", "sm:k"],
+                &["EXEC"],
+            ],
+            "a",
+        ),
+        (
+            "MULTI, SUBSCRIBE a b, UNSUBSCRIBE a, EXEC",
+            &[
+                &["MULTI"],
+                &["SUBSCRIBE", "a", "b"],
+                &["UNSUBSCRIBE", "a"],
+                &["EXEC"],
+            ],
+            "b",
+        ),
+        (
+            "MULTI, PSUBSCRIBE p*, EXEC",
+            &[&["MULTI"], &["PSUBSCRIBE", "p*"], &["EXEC"]],
+            "",
+        ),
+    ];
+    for (name, list, channel) in cases {
+        let send = cmds(list);
+        let send = &send;
+        let channel = *channel;
+        bench
+            .compare(name, |side| async move {
+                // Settle on a subscribed PING's answer, then publish.
+                let mut bytes = send.clone();
+                bytes.extend(cmds(&[&["PING", "settled"]]));
+                let settle = b"*2\r\n$4\r\npong\r\n$7\r\nsettled\r\n";
+                if channel.is_empty() {
+                    // Pattern: the message is a pmessage.
+                    let mut w = Wire::connect(side.client).await;
+                    w.send(&bytes).await;
+                    let mut seen = w.until(settle, WAIT).await;
+                    let mut p = Wire::connect(side.client).await;
+                    p.send(&cmds(&[&["PUBLISH", "pq", "hello"]])).await;
+                    p.until(b"\r\n", WAIT).await;
+                    let rest = w
+                        .until(&resp(&[b"pmessage", b"p*", b"pq", b"hello"]), WAIT)
+                        .await;
+                    seen.bytes.extend(rest.bytes);
+                    seen.closed = rest.closed;
+                    return seen;
+                }
+                subscribed(side, &bytes, settle, channel).await
+            })
+            .await;
+    }
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribe_inside_multi_when_not_subscribed() {
+    let bench = Bench::start().await;
+    let send = cmds(&[
+        &["MULTI"],
+        &["UNSUBSCRIBE"],
+        &["PUNSUBSCRIBE", "x*"],
+        &["EXEC"],
+        ECHO_END,
+    ]);
+    let send = &send;
+    bench
+        .compare(
+            "MULTI, UNSUBSCRIBE, PUNSUBSCRIBE x*, EXEC",
+            |side| async move { exchange(side.client, send).await },
+        )
+        .await;
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_inside_multi() {
+    let bench = Bench::start().await;
+    let cases: &[(&str, &[&[&str]])] = &[
+        (
+            "MULTI, HELLO 3, HSET, HGETALL, EXEC, HGETALL",
+            &[
+                &["MULTI"],
+                &["HELLO", "3"],
+                &["HSET", "hm:h", "f", "v"],
+                &["HGETALL", "hm:h"],
+                &["EXEC"],
+                &["HGETALL", "hm:h"],
+            ],
+        ),
+        (
+            "HELLO 3, MULTI, HELLO 2, EXEC, HGETALL",
+            &[
+                &["HELLO", "3"],
+                &["MULTI"],
+                &["HELLO", "2"],
+                &["EXEC"],
+                &["HGETALL", "hm:h"],
+            ],
+        ),
+        (
+            "MULTI, HELLO 3 SETNAME x, CLIENT GETNAME, EXEC",
+            &[
+                &["MULTI"],
+                &["HELLO", "3", "SETNAME", "hm-name"],
+                &["CLIENT", "GETNAME"],
+                &["EXEC"],
+                &["CLIENT", "GETNAME"],
+            ],
+        ),
+    ];
+    for (name, list) in cases {
+        let mut all: Vec<&[&str]> = list.to_vec();
+        all.push(ECHO_END);
+        let send = cmds(&all);
+        let send = &send;
+        bench
+            .compare(name, |side| async move {
+                exchange(side.client, send).await.masked()
+            })
+            .await;
+    }
+    bench.finish();
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Deep replies.
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_script_replies() {
+    let bench = Bench::start().await;
+    let script = "local t = 1 for i = 1, tonumber(ARGV[1]) do t = {t} end return t";
+    for depth in ["129", "1000", "7990", "10000"] {
+        let send = cmds(&[&["EVAL", script, "0", depth], ECHO_END]);
+        let send = &send;
+        bench
+            .compare(
+                &format!("EVAL nested table depth {depth}"),
+                |side| async move { exchange(side.client, send).await },
+            )
+            .await;
+    }
+    bench.finish();
+}
