@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 use super::request::string2ll;
 
 /// Largest bulk length Redis accepts by default (`proto-max-bulk-len`, 512 MiB).
-pub const DEFAULT_MAX_BULK_LEN: usize = 512 * 1024 * 1024;
+pub const DEFAULT_MAX_BULK_LEN: usize = super::PROTO_MAX_BULK_LEN;
 /// Default bound on aggregate nesting. Redis 7's Lua replies nest up to 7,995 levels
 /// (`EVAL` of a table nested N deep: N = 7,995 is returned, deeper ones end in
 /// `-ERR reached lua stack limit` at that depth; measured on 7.0.15), so this admits
