@@ -15,7 +15,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:6380";
 /// Admin HTTP port (metrics, health).
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9190";
 /// Redis's `proto-max-bulk-len`.
-pub const DEFAULT_MAX_BULK_LEN: usize = 512 * 1024 * 1024;
+pub const DEFAULT_MAX_BULK_LEN: usize = crate::protocol::PROTO_MAX_BULK_LEN;
 /// Redis 7's multibulk count bound (INT_MAX).
 pub const DEFAULT_MAX_MULTIBULK_LEN: usize = i32::MAX as usize;
 /// Redis's `PROTO_INLINE_MAX_SIZE`.
@@ -29,8 +29,9 @@ pub const DEFAULT_MAX_PENDING: usize = 4096;
 pub const DEFAULT_MAX_REPLY_BUFFER: usize = 8 * 1024 * 1024;
 /// How long a backend connect (TCP + AUTH) may take.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Deepest reply nesting accepted from a backend.
-pub const DEFAULT_MAX_REPLY_DEPTH: usize = 128;
+/// Deepest reply nesting accepted from a backend: above everything Redis produces
+/// (`protocol::reply::DEFAULT_MAX_DEPTH`).
+pub const DEFAULT_MAX_REPLY_DEPTH: usize = crate::protocol::reply::DEFAULT_MAX_DEPTH;
 /// How long a client may take to complete a request frame it has started (slowloris).
 pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 /// Smallest non-zero `limits.frame_timeout`: a frame split across TCP segments needs a

@@ -159,7 +159,7 @@ pub fn reload(current: &ArcSwap<Runtime>, mut new: Config) -> Result<u64, Runtim
         Ok(rt) => {
             let generation = rt.generation;
             current.store(Arc::new(rt));
-            metrics::counter!("portcullis_config_reloads_total", "result" => "ok").increment(1);
+            crate::metrics::config_reload(true);
             if !kept.is_empty() {
                 warn!(fields = ?kept, "config reloaded, but these settings need a restart; the running values stay");
             }
@@ -170,8 +170,7 @@ pub fn reload(current: &ArcSwap<Runtime>, mut new: Config) -> Result<u64, Runtim
             Ok(generation)
         }
         Err(e) => {
-            metrics::counter!("portcullis_config_reloads_total", "result" => "rejected")
-                .increment(1);
+            crate::metrics::config_reload(false);
             warn!(error = %e, "config reload rejected; the running config stays");
             Err(e)
         }

@@ -107,6 +107,7 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
+    // Stopped after the drain, not at shutdown: the drain stays observable.
     let admin_stop = CancellationToken::new();
     if let Some(admin_listener) = admin {
         let state = Arc::new(AdminState {
@@ -210,6 +211,8 @@ pub async fn run(
             "shutdown grace expired; closing remaining sessions"
         );
     }
+    // The admin endpoints answered through the drain (`/readyz` 503, `/metrics`).
+    admin_stop.cancel();
     Ok(())
 }
 

@@ -91,6 +91,15 @@ pub fn wrong_arity(command: &str) -> Bytes {
     ))
 }
 
+/// Redis's answer to a command other than (P|S)SUBSCRIBE, (P|S)UNSUBSCRIBE, PING, QUIT
+/// and RESET on a RESP2 connection with subscriptions (`server.c` processCommand);
+/// `command` is the full name (`client|reply`).
+pub fn pubsub_context(command: &str) -> Bytes {
+    error(&format!(
+        "ERR Can't execute '{command}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+    ))
+}
+
 /// The protection policy's refusal: Redis's NOPERM wording, with the proxy's reason.
 pub fn refused(command: &str, reason: &str) -> Bytes {
     error(&format!(

@@ -624,6 +624,15 @@ impl Session {
 
     /// Carry out the plan for an authorized request.
     async fn apply_plan(&mut self, plan: Plan, req: Request, spec: &CommandSpec, class: usize) {
+        if !self.state.resp3
+            && self.state.subscribed()
+            && matches!(plan, Plan::ClientReply(_) | Plan::Auth | Plan::Hello)
+        {
+            // RESP2 pub/sub context: Redis refuses these before running them; the proxy
+            // would have answered them itself (forwarded commands get Redis's own answer).
+            self.refuse(texts::pubsub_context(spec.name));
+            return;
+        }
         let in_multi = self.txn.is_some();
         let is_exec = plan == Plan::Exec;
         let mut on_reply = OnReply::Forward;
@@ -754,6 +763,10 @@ impl Session {
                         } else {
                             self.mode.command_done();
                         }
+                        if txn.changes_subscriptions() && !self.state.resp3 {
+                            // So does the RESP2 pub/sub context.
+                            self.barrier = true;
+                        }
                         let exec = ExecPlan {
                             queued: txn.queued,
                             effects: txn.effects,
@@ -780,6 +793,9 @@ impl Session {
                 }
                 self.txn = None;
                 self.watching = false;
+                // What RESET clears (subscriptions, tracking, MONITOR) decides how the
+                // next commands are answered: wait for it.
+                self.barrier = true;
                 // RESET clears CLIENT REPLY before answering `+RESET`.
                 self.mode = ReplyMode::default();
                 on_reply = OnReply::Apply(StateChange::Reset);
@@ -803,6 +819,11 @@ impl Session {
         }
         if let OnReply::PubSub { .. } = on_reply {
             self.shared.hot.forwarded[class].increment(1);
+            if !self.state.resp3 {
+                // Whether the connection is in RESP2 pub/sub context after it decides how
+                // the next commands are answered: wait for its confirmations.
+                self.barrier = true;
+            }
             let deliver = self.mode.next_command();
             self.send(forward, frames, deliver, on_reply, false).await;
             return;

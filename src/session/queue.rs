@@ -314,6 +314,19 @@ impl ReplyQueue {
 mod tests {
     use super::*;
 
+    /// A plain forwarded request on the master link.
+    fn awaiting(deliver: bool) -> Awaiting {
+        Awaiting {
+            link: LinkId::Master,
+            remaining: 1,
+            deliver,
+            on_reply: OnReply::Forward,
+            retry: None,
+            sent: Instant::now(),
+            acc: BytesMut::new(),
+        }
+    }
+
     fn out_bytes(out: &mut OutQueue) -> Vec<u8> {
         std::mem::take(out).contents()
     }
@@ -393,15 +406,7 @@ mod tests {
         let mut q = ReplyQueue::default();
         let mut out = OutQueue::default();
         let deliver = mode.next_command();
-        q.push_upstream(Awaiting {
-            link: LinkId::Master,
-            remaining: 1,
-            deliver,
-            on_reply: OnReply::Forward,
-            retry: None,
-            sent: Instant::now(),
-            acc: BytesMut::new(),
-        });
+        q.push_upstream(awaiting(deliver));
         local(&mut mode, &mut q, &mut out, b"-NOPERM refused\r\n");
         assert!(out.is_empty());
         let i = q.first_on(LinkId::Master).unwrap();
@@ -416,15 +421,7 @@ mod tests {
         let mut q = ReplyQueue::default();
         let mut out = OutQueue::default();
         for deliver in [true, false, true] {
-            q.push_upstream(Awaiting {
-                link: LinkId::Master,
-                remaining: 1,
-                deliver,
-                on_reply: OnReply::Forward,
-                retry: None,
-                sent: Instant::now(),
-                acc: BytesMut::new(),
-            });
+            q.push_upstream(awaiting(deliver));
         }
         assert_eq!(
             q.fail_link(LinkId::Master, &Bytes::from_static(b"-ERR lost\r\n")),
@@ -439,15 +436,7 @@ mod tests {
     fn half_closed_clients_get_what_was_answered_before_the_first_unanswered() {
         let mut q = ReplyQueue::default();
         let mut out = OutQueue::default();
-        q.push_upstream(Awaiting {
-            link: LinkId::Master,
-            remaining: 1,
-            deliver: true,
-            on_reply: OnReply::Forward,
-            retry: None,
-            sent: Instant::now(),
-            acc: BytesMut::new(),
-        });
+        q.push_upstream(awaiting(true));
         q.push_local(&mut out, Some(Bytes::from_static(b"-NOPERM x\r\n")));
         q.abandon_from(LinkId::Master);
         assert!(q.is_empty());

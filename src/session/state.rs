@@ -193,6 +193,13 @@ impl Transaction {
             .any(|(_, e)| matches!(e, Effect::Reply(_)))
     }
 
+    /// Whether EXEC subscribes or unsubscribes.
+    pub(super) fn changes_subscriptions(&self) -> bool {
+        self.effects
+            .iter()
+            .any(|(_, e)| matches!(e, Effect::PubSub { .. }))
+    }
+
     /// Whether EXEC's answer must be taken apart (reply modes or pub/sub inside).
     pub(super) fn needs_plan(&self) -> bool {
         !self.effects.is_empty()

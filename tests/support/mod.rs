@@ -93,6 +93,17 @@ impl RedisServer {
         client(&self.addr()).await
     }
 
+    /// Whether `key` exists on this server (false when it cannot be asked).
+    pub async fn has_key(&self, key: &str) -> bool {
+        let mut d = self.direct().await;
+        let n: i64 = redis::cmd("EXISTS")
+            .arg(key)
+            .query_async(&mut d)
+            .await
+            .unwrap_or(0);
+        n == 1
+    }
+
     /// Stop it now (SIGKILL), e.g. to test a backend loss.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
