@@ -157,17 +157,6 @@ impl Wire {
             }
         }
     }
-
-    /// Exactly `n` bytes, or what came before a close or `limit`.
-    async fn take(&mut self, n: usize, limit: Duration) -> Seen {
-        let deadline = tokio::time::Instant::now() + limit;
-        while self.buf.len() < n && self.read_some(deadline).await {}
-        let n = n.min(self.buf.len());
-        Seen {
-            bytes: self.buf.drain(..n).collect(),
-            closed: self.closed,
-        }
-    }
 }
 
 /// Every `id` of a HELLO reply blanked.
@@ -604,6 +593,94 @@ async fn protocol_error_after_a_pipeline_then_half_close() {
         })
         .await;
     bench.finish();
+}
+
+/// Pause a server process (SIGSTOP), run `f`, resume it (SIGCONT).
+async fn paused<F, Fut, T>(pid: u32, f: F) -> T
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    signal(pid, "-STOP");
+    let out = f().await;
+    signal(pid, "-CONT");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_arriving_with_the_requests() {
+    // The server (redis-server, or the proxy process) is paused while the client writes a
+    // pipeline and half-closes: on resume the requests and the end of input are ready at
+    // once. Redis answers all, then closes.
+    let direct = RedisServer::start(&[]);
+    let backend = RedisServer::start(&[]);
+    let proxy = support::ProxyProcess::start(&backend, "").await;
+    let mut send = Vec::new();
+    for _ in 0..300 {
+        send.extend(cmds(&[&["INCR", "hcp:n"]]));
+    }
+    send.extend(cmds(&[&["GET", "hcp:n"], &["PING"]]));
+    let mut seen = Vec::new();
+    for (pid, addr, server) in [
+        (direct.pid(), direct.addr(), direct.addr()),
+        (proxy.pid(), proxy.addr.to_string(), backend.addr()),
+    ] {
+        let addr: SocketAddr = addr.parse().expect("addr");
+        let mut w = Wire::connect(addr).await;
+        // Let the proxy finish accepting before it is paused.
+        w.send(&cmds(&[&["PING"]])).await;
+        let pong = w.until(b"+PONG\r\n", WAIT).await;
+        assert!(pong.bytes.ends_with(b"+PONG\r\n"), "{pong:?}");
+        paused(pid, || async {
+            w.send(&send).await;
+            w.half_close().await;
+        })
+        .await;
+        let mut got = w.until_close(WAIT).await;
+        got.bytes
+            .extend(query(server.parse().expect("addr"), &["GET", "hcp:n"]).await);
+        seen.push(got);
+    }
+    let proxied = seen.pop().expect("two");
+    let direct_seen = seen.pop().expect("two");
+    assert!(
+        direct_seen == proxied,
+        "300 INCR, GET, PING and the half-close arriving together:\n  direct: {direct_seen:?}\n  proxy:  {proxied:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_waits_for_a_request_in_flight() {
+    // Redis `timeout 1` never closes a client blocked in BLPOP; the proxy's
+    // `limits.idle_timeout = 1s` must not either: the client gets BLPOP's answer, then
+    // (idle) the close.
+    let direct = RedisServer::start(&["--timeout", "1"]);
+    let backend = RedisServer::start(&[]);
+    let proxy = Proxy::start_with(Config {
+        backends: vec![BackendConfig::from_address(backend.addr())],
+        limits: portcullis::config::Limits {
+            idle_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
+        ..Config::default()
+    })
+    .await;
+    let mut seen = Vec::new();
+    for addr in [direct.addr().parse().expect("addr"), proxy.addr] {
+        let mut w = Wire::connect(addr).await;
+        w.send(&cmds(&[
+            &["SET", "it:k", "1"],
+            &["BLPOP", "it:list", "2.5"],
+        ]))
+        .await;
+        seen.push(w.until_close(WAIT).await);
+    }
+    let proxied = seen.pop().expect("two");
+    let direct_seen = seen.pop().expect("two");
+    assert!(
+        direct_seen == proxied,
+        "idle timeout with BLPOP in flight:\n  direct: {direct_seen:?}\n  proxy:  {proxied:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1689,5 +1766,107 @@ async fn monitor_streams_when_allowed() {
             },
         )
         .await;
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_state_is_what_a_new_link_gets() {
+    // After RESET, a new link must not get the state from before it (db, name, RESP3,
+    // no-evict): state is carried exactly, including its reset.
+    let bench = Bench::with(&[], |c| c.protection.allow = vec!["client|no-evict".into()]).await;
+    let server = bench.proxy_side().server;
+    let mut c = Wire::connect(bench.proxy.addr).await;
+    c.send(&cmds(&[
+        &["SELECT", "3"],
+        &["CLIENT", "SETNAME", "before-reset"],
+        &["HELLO", "3"],
+        &["CLIENT", "NO-EVICT", "on"],
+        &["RESET"],
+        &["CLIENT", "ID"],
+    ]))
+    .await;
+    let setup = c.until(b"+RESET\r\n", WAIT).await;
+    assert!(setup.bytes.ends_with(b"+RESET\r\n"), "{setup:?}");
+    let id = integer(&c.until(b"\r\n", WAIT).await.bytes);
+    let killed = admin(server, &["CLIENT", "KILL", "ID", &id.to_string()]).await;
+    assert_eq!(killed, b":1\r\n", "CLIENT KILL ID {id}");
+    link_gone(server, id).await;
+    // As in `state_survives`: the race with the link's end is tested on its own.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.send(&cmds(&[&["CLIENT", "INFO"], ECHO_END])).await;
+    let after = c.until(END, WAIT).await;
+    assert!(
+        after.bytes.ends_with(END),
+        "CLIENT INFO after RESET and a new link: {after:?}"
+    );
+    let fields = client_info_fields(&after.bytes);
+    let summary = format!(
+        "db={} name={} resp={} flags={}",
+        field(&fields, "db"),
+        field(&fields, "name"),
+        field(&fields, "resp"),
+        field(&fields, "flags")
+    );
+    assert!(
+        field(&fields, "db") == "0"
+            && field(&fields, "name").is_empty()
+            && field(&fields, "resp") == "2"
+            && !field(&fields, "flags").contains('e'),
+        "after RESET then a new link: {summary}; expected db=0, no name, resp=2, no e flag"
+    );
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reply_before_masterdown() {
+    // MASTERDOWN is the proxy's own answer (no Redis gives it): it obeys SKIP and OFF as
+    // any reply does.
+    let mut bench = Bench::with(&[], |c| {
+        c.routing.failover_wait = Duration::from_millis(200);
+        c.probe.interval = Duration::from_millis(100);
+    })
+    .await;
+    bench.backend.kill();
+    // Until the proxy knows, a request may wait or get a connection error: wait for the
+    // first MASTERDOWN.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut p = Wire::connect(bench.proxy.addr).await;
+        p.send(&cmds(&[&["GET", "md:k"]])).await;
+        if p.until(b"\r\n", WAIT)
+            .await
+            .bytes
+            .starts_with(b"-MASTERDOWN")
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no MASTERDOWN after the backend died"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut c = Wire::connect(bench.proxy.addr).await;
+    c.send(&cmds(&[
+        &["CLIENT", "REPLY", "SKIP"],
+        &["GET", "md:k"],
+        &["CLIENT", "REPLY", "OFF"],
+        &["SET", "md:k", "1"],
+        &["GET", "md:k"],
+        &["CLIENT", "REPLY", "ON"],
+        &["GET", "md:k"],
+        &["ECHO", "x"],
+        &["PING"],
+    ]))
+    .await;
+    // ON's +OK, then GET's MASTERDOWN; ECHO and PING may be local or MASTERDOWN: read
+    // three more lines in all and check the first two.
+    let ok = c.until(b"\r\n", WAIT).await;
+    let md = c.until(b"\r\n", WAIT).await;
+    assert!(
+        ok.bytes == b"+OK\r\n" && md.bytes.starts_with(b"-MASTERDOWN "),
+        "CLIENT REPLY SKIP/OFF before MASTERDOWN answers: expected +OK (CLIENT REPLY ON) then \
+         one -MASTERDOWN (the last GET); got {ok:?} then {md:?}"
+    );
     bench.finish();
 }
