@@ -1207,6 +1207,26 @@ async fn hello_inside_multi() {
 async fn deeply_nested_script_replies() {
     let bench = Bench::start().await;
     let script = "local t = 1 for i = 1, tonumber(ARGV[1]) do t = {t} end return t";
+    let map_script = "redis.setresp(3) local t = 1 for i = 1, tonumber(ARGV[1]) do \
+                      t = {map = {k = t}} end return t";
+    for depth in ["129", "3000", "7990", "10000"] {
+        // RESP3 maps, and a transaction around it (one level more).
+        let send = cmds(&[
+            &["HELLO", "3"],
+            &["EVAL", map_script, "0", depth],
+            &["MULTI"],
+            &["EVAL", script, "0", depth],
+            &["EXEC"],
+            ECHO_END,
+        ]);
+        let send = &send;
+        bench
+            .compare(
+                &format!("RESP3 nested map and EXEC around a nested table, depth {depth}"),
+                |side| async move { exchange(side.client, send).await },
+            )
+            .await;
+    }
     for depth in ["129", "1000", "7990", "10000"] {
         let send = cmds(&[&["EVAL", script, "0", depth], ECHO_END]);
         let send = &send;
