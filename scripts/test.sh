@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run every test: Rust unit + integration tests (real redis-server processes on loopback)
-# and the redis-py compatibility suite through the proxy binary.
+# Run every test: Rust unit + integration tests (real redis-server processes on loopback),
+# the redis-py compatibility suite and the node-redis/ioredis smoke tests through the
+# proxy binary.
 #
 #   bash scripts/test.sh
 #
@@ -33,3 +34,5 @@ cargo test --all-targets --locked
 echo "== redis-py suite" >&2
 cargo build --locked
 bash scripts/py-test.sh
+echo "== node-redis / ioredis smoke tests" >&2
+bash scripts/node-test.sh
