@@ -2003,3 +2003,217 @@ async fn client_reply_before_masterdown() {
     );
     bench.finish();
 }
+
+/// Through the proxy: send `setup` (ending with `CLIENT ID`), kill that backend link from
+/// a direct connection, then send `after` + `ECHO END`; returns what came back after the
+/// kill (until END, or the close).
+async fn across_a_killed_link(bench: &Bench, setup: &[&[&str]], after: &[&[&str]]) -> Seen {
+    let server = bench.proxy_side().server;
+    let mut c = Wire::connect(bench.proxy.addr).await;
+    let mut list = setup.to_vec();
+    list.push(&["CLIENT", "ID"]);
+    list.push(ECHO_END);
+    c.send(&cmds(&list)).await;
+    let got = c.until(END, WAIT).await;
+    assert!(got.bytes.ends_with(END), "setup: {got:?}");
+    let before_end = &got.bytes[..got.bytes.len() - END.len()];
+    let start = before_end[..before_end.len() - 2]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map(|p| p + 1)
+        .unwrap_or(0);
+    let id = integer(&before_end[start..]);
+    let killed = admin(server, &["CLIENT", "KILL", "ID", &id.to_string()]).await;
+    assert_eq!(killed, b":1\r\n", "CLIENT KILL ID {id}");
+    link_gone(server, id).await;
+    // The race of a request with the link's end is `request_right_after_its_idle_link_closed`.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut list = after.to_vec();
+    list.push(ECHO_END);
+    c.send(&cmds(&list)).await;
+    c.until_close_or(END).await
+}
+
+impl Wire {
+    /// Through `marker` if it comes, else everything until the close (bounded).
+    async fn until_close_or(&mut self, marker: &[u8]) -> Seen {
+        self.until(marker, WAIT).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_set_inside_exec_is_carried() {
+    let bench = Bench::start().await;
+    let seen = across_a_killed_link(
+        &bench,
+        &[
+            &["MULTI"],
+            &["SELECT", "5"],
+            &["CLIENT", "SETNAME", "in-exec"],
+            &["HELLO", "3"],
+            &["EXEC"],
+        ],
+        &[&["CLIENT", "INFO"]],
+    )
+    .await;
+    let fields = client_info_fields(&seen.bytes);
+    assert!(
+        field(&fields, "db") == "5"
+            && field(&fields, "name") == "in-exec"
+            && field(&fields, "resp") == "3",
+        "SELECT/SETNAME/HELLO run by EXEC, then a new link: expected db=5 name=in-exec resp=3; \
+         got {seen:?}"
+    );
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reply_mode_is_carried() {
+    // The proxy owns CLIENT REPLY: OFF set before the link is lost still holds after.
+    let bench = Bench::start().await;
+    let server = bench.proxy_side().server;
+    let mut c = Wire::connect(bench.proxy.addr).await;
+    c.send(&cmds(&[&["CLIENT", "ID"]])).await;
+    let id = integer(&c.until(b"\r\n", WAIT).await.bytes);
+    c.send(&cmds(&[
+        &["CLIENT", "REPLY", "OFF"],
+        &["SET", "crm:a", "1"],
+    ]))
+    .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while query(server, &["GET", "crm:a"]).await != b"$1\r\n1\r\n" {
+        assert!(tokio::time::Instant::now() < deadline, "the SET never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let killed = admin(server, &["CLIENT", "KILL", "ID", &id.to_string()]).await;
+    assert_eq!(killed, b":1\r\n", "CLIENT KILL ID {id}");
+    link_gone(server, id).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.send(&cmds(&[
+        &["SET", "crm:b", "2"],
+        &["GET", "crm:b"],
+        &["CLIENT", "REPLY", "ON"],
+        &["GET", "crm:a"],
+        ECHO_END,
+    ]))
+    .await;
+    let seen = c.until(END, WAIT).await;
+    assert_eq!(
+        seen,
+        Seen {
+            bytes: [&b"+OK\r\n$1\r\n1\r\n"[..], END].concat(),
+            closed: false
+        },
+        "CLIENT REPLY OFF across a new link"
+    );
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracking_turned_off_is_not_pinned() {
+    // Tracking on then off: nothing is lost with the link, the session goes on.
+    let bench = Bench::start().await;
+    let seen = across_a_killed_link(
+        &bench,
+        &[
+            &["HELLO", "3"],
+            &["CLIENT", "TRACKING", "ON"],
+            &["GET", "to:k"],
+            &["CLIENT", "TRACKING", "OFF"],
+        ],
+        &[&["CLIENT", "TRACKINGINFO"]],
+    )
+    .await;
+    assert!(
+        !seen.closed && seen.bytes.ends_with(END) && find(&seen.bytes, b"off").is_some(),
+        "tracking off, then a new link: the session should go on (CLIENT TRACKINGINFO off); \
+         got {seen:?}"
+    );
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_state_closes_the_client_when_its_link_is_lost() {
+    // Tracking (also set inside MULTI), subscriptions, MONITOR and an open MULTI live
+    // only on their backend connection: when it is lost, Redis would have closed the
+    // client, and so must the proxy (no reply to what follows).
+    let bench = Bench::with(&[], |c| c.protection.allow = vec!["monitor".into()]).await;
+    let cases: &[(&str, &[&[&str]], &[&str])] = &[
+        (
+            "tracking set inside MULTI",
+            &[
+                &["HELLO", "3"],
+                &["MULTI"],
+                &["CLIENT", "TRACKING", "ON"],
+                &["GET", "pin:k"],
+                &["EXEC"],
+            ],
+            &["GET", "pin:k"],
+        ),
+        (
+            "tracking BCAST",
+            &[&["HELLO", "3"], &["CLIENT", "TRACKING", "ON", "BCAST"]],
+            &["GET", "pin:k"],
+        ),
+        (
+            "RESP3 subscription",
+            &[&["HELLO", "3"], &["SUBSCRIBE", "pin:chan"]],
+            &["PING"],
+        ),
+        (
+            "open MULTI",
+            &[&["MULTI"], &["SET", "pin:m", "1"]],
+            &["EXEC"],
+        ),
+        ("WATCH", &[&["WATCH", "pin:w"]], &["GET", "pin:w"]),
+    ];
+    let mut wrong = Vec::new();
+    for (name, setup, after) in cases {
+        // Setup ends with CLIENT ID, which MULTI would queue: add the EXEC-less variants'
+        // CLIENT ID outside of it by reading it from CLIENT LIST instead.
+        let server = bench.proxy_side().server;
+        let mut c = Wire::connect(bench.proxy.addr).await;
+        c.send(&cmds(&[&["CLIENT", "SETNAME", "pinned"], ECHO_END]))
+            .await;
+        c.until(END, WAIT).await;
+        c.send(&cmds(setup)).await;
+        // Let the setup reach Redis; then find the link by name.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let id = loop {
+            let list = admin(server, &["CLIENT", "LIST"]).await;
+            let text = String::from_utf8_lossy(&list).into_owned();
+            let last = setup.last().expect("a setup")[0].to_ascii_lowercase();
+            let line = text.lines().find(|l| {
+                l.contains(" name=pinned ")
+                    && (l.contains(&format!("cmd={last}")) || l.contains("cmd=client|tracking"))
+            });
+            if let Some(line) = line {
+                let id = line
+                    .split_whitespace()
+                    .find_map(|kv| kv.strip_prefix("id="))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .expect("id=");
+                break id;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name}: no link named pinned ran {last}: {text}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let killed = admin(server, &["CLIENT", "KILL", "ID", &id.to_string()]).await;
+        assert_eq!(killed, b":1\r\n", "{name}: CLIENT KILL ID {id}");
+        // Whatever the setup's replies were, then the close (as Redis would).
+        let mut seen = c.until_close(WAIT).await;
+        if !seen.closed {
+            c.send(&cmds(&[after, ECHO_END])).await;
+            let more = c.until(END, WAIT).await;
+            seen.bytes.extend(b"[then ");
+            seen.bytes.extend(more.bytes);
+            seen.bytes.extend(b"]");
+            wrong.push(format!("{name}: the client stays open: {seen:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    bench.finish();
+}
