@@ -2138,7 +2138,8 @@ async fn pinned_state_closes_the_client_when_its_link_is_lost() {
     // only on their backend connection: when it is lost, Redis would have closed the
     // client, and so must the proxy (no reply to what follows).
     let bench = Bench::with(&[], |c| c.protection.allow = vec!["monitor".into()]).await;
-    let cases: &[(&str, &[&[&str]], &[&str])] = &[
+    type Case<'a> = (&'a str, &'a [&'a [&'a str]], &'a [&'a str]);
+    let cases: &[Case<'_>] = &[
         (
             "tracking set inside MULTI",
             &[
