@@ -2284,3 +2284,86 @@ async fn pinned_state_closes_the_client_when_its_link_is_lost() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     bench.finish();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_state_changes_are_not_carried() {
+    // What Redis did not apply (an aborted or discarded transaction, a failed WATCH, a
+    // rejected SELECT/HELLO/SETNAME) must not show up on a new link either.
+    let bench = Bench::start().await;
+    type Case<'a> = (&'a str, &'a [&'a [&'a str]]);
+    let cases: &[Case<'_>] = &[
+        (
+            "MULTI, SELECT 2, CLIENT SETNAME x, DISCARD",
+            &[
+                &["MULTI"],
+                &["SELECT", "2"],
+                &["CLIENT", "SETNAME", "x"],
+                &["DISCARD"],
+            ],
+        ),
+        (
+            "MULTI, SELECT 2, bad SET, EXEC (EXECABORT)",
+            &[&["MULTI"], &["SELECT", "2"], &["SET", "x"], &["EXEC"]],
+        ),
+        (
+            "WATCH, SET, MULTI, SELECT 2, HELLO 3, EXEC (nil)",
+            &[
+                &["WATCH", "fs:w"],
+                &["SET", "fs:w", "1"],
+                &["MULTI"],
+                &["SELECT", "2"],
+                &["HELLO", "3"],
+                &["EXEC"],
+            ],
+        ),
+        (
+            "SELECT 99, HELLO 4, HELLO 3 AUTH someone wrong, CLIENT SETNAME 'a b'",
+            &[
+                &["SELECT", "99"],
+                &["HELLO", "4"],
+                &["HELLO", "3", "AUTH", "someone", "wrong"],
+                &["CLIENT", "SETNAME", "a b"],
+            ],
+        ),
+        // FAILS on main at 25be0dd: the proxy takes db 99 from the queued SELECT although
+        // it failed inside EXEC ("*1 -ERR DB index is out of range"); every new link's
+        // handshake then fails and each request gets "-ERR portcullis cannot reach backend
+        // ...: refused the handshake (SELECT): -ERR DB index is out of range".
+        (
+            "MULTI, SELECT 99 (fails inside EXEC), EXEC",
+            &[&["MULTI"], &["SELECT", "99"], &["EXEC"]],
+        ),
+        // FAILS on main at 25be0dd likewise: the failed CLIENT SETNAME 'a b' is replayed
+        // ("refused the handshake (CLIENT SETNAME): -ERR Client names cannot contain ...").
+        (
+            "MULTI, HELLO 4, CLIENT SETNAME 'a b', HELLO 3 AUTH x y (fail inside EXEC), EXEC",
+            &[
+                &["MULTI"],
+                &["HELLO", "4"],
+                &["CLIENT", "SETNAME", "a b"],
+                &["HELLO", "3", "AUTH", "x", "y"],
+                &["EXEC"],
+            ],
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (name, setup) in cases {
+        let seen = across_a_killed_link(&bench, setup, &[&["CLIENT", "INFO"]]).await;
+        let fields = client_info_fields(&seen.bytes);
+        let summary = format!(
+            "db={} name={} resp={}",
+            field(&fields, "db"),
+            field(&fields, "name"),
+            field(&fields, "resp")
+        );
+        if summary != "db=0 name= resp=2" {
+            wrong.push(format!("{name}: {summary} ({seen:?})"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "a new link got state Redis never applied (expected db=0 name= resp=2):\n{}",
+        wrong.join("\n")
+    );
+    bench.finish();
+}
