@@ -570,6 +570,12 @@ async fn half_close_neighbours() {
             &["GET", "nb:e"],
         ),
         (
+            "BLPOP 0.3 s then a protocol error (no shutdown)",
+            b"*3\r\n$5\r\nBLPOP\r\n$5\r\nnb:bp\r\n$3\r\n0.3\r\n*1\r\n$x\r\n",
+            false,
+            &["LLEN", "nb:bp"],
+        ),
+        (
             "BLPOP 1 s then QUIT in one write (no shutdown)",
             b"*3\r\n$5\r\nBLPOP\r\n$5\r\nnb:bl\r\n$1\r\n1\r\n*1\r\n$4\r\nQUIT\r\n",
             false,
@@ -2365,5 +2371,39 @@ async fn failed_state_changes_are_not_carried() {
         "a new link got state Redis never applied (expected db=0 name= resp=2):\n{}",
         wrong.join("\n")
     );
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidation_pushes_under_client_reply_off_and_skip() {
+    // RESP3 pushes are never silenced by CLIENT REPLY (Redis's CLIENT_PUSHING).
+    let bench = Bench::start().await;
+    bench
+        .compare("tracking pushes under OFF, then SKIP", |side| async move {
+            let (mut c, mut seen) = tracking_client(side.client, &["ON"], &["po:t"]).await;
+            c.send(&cmds(&[&["CLIENT", "REPLY", "OFF"], &["GET", "po:u"]]))
+                .await;
+            let w = write_keys(side.client, &[("po:t", "1"), ("po:u", "1")]).await;
+            seen.bytes
+                .extend(format!("[w {}]", w.escape_ascii()).into_bytes());
+            let pushes = c.until(&invalidate(&["po:u"]), WAIT).await;
+            seen.bytes.extend(pushes.bytes);
+            c.send(&cmds(&[&["CLIENT", "REPLY", "SKIP"], &["GET", "po:t"]]))
+                .await;
+            let w = write_keys(side.client, &[("po:t", "2")]).await;
+            seen.bytes
+                .extend(format!("[w {}]", w.escape_ascii()).into_bytes());
+            c.send(&cmds(&[
+                &["CLIENT", "REPLY", "ON"],
+                &["GET", "po:t"],
+                ECHO_END,
+            ]))
+            .await;
+            let rest = c.until(END, WAIT).await;
+            seen.bytes.extend(rest.bytes);
+            seen.closed = rest.closed;
+            seen
+        })
+        .await;
     bench.finish();
 }
