@@ -2407,3 +2407,159 @@ async fn invalidation_pushes_under_client_reply_off_and_skip() {
         .await;
     bench.finish();
 }
+
+/// `INFO replication` on a server shows its link to the master up.
+async fn replica_linked(server: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let info = query(server, &["INFO", "replication"]).await;
+        if find(&info, b"master_link_status:up").is_some() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replica link never up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_follows_a_failover_and_tracking_closes() {
+    // Master `old`, replica `new`; the proxy knows both. After a promotion (REPLICAOF
+    // straight on the servers), a session's db, name, protocol, no-evict and CLIENT REPLY
+    // mode are on the new master; a tracking session is closed (its invalidation table
+    // stayed on the old master) or still gets the invalidation: never silently stale.
+    let old = RedisServer::start(&[]);
+    let new = RedisServer::start(&["--replicaof", "127.0.0.1", &old.port.to_string()]);
+    let (old_addr, new_addr): (SocketAddr, SocketAddr) = (
+        old.addr().parse().expect("addr"),
+        new.addr().parse().expect("addr"),
+    );
+    replica_linked(new_addr).await;
+    let mut config = Config {
+        backends: vec![
+            BackendConfig::from_address(old.addr()),
+            BackendConfig::from_address(new.addr()),
+        ],
+        ..Config::default()
+    };
+    config.probe.interval = Duration::from_millis(100);
+    config.routing.failover_wait = Duration::from_secs(3);
+    config.protection.allow = vec!["client|no-evict".into()];
+    let proxy = Proxy::start_with(config).await;
+
+    let mut s = Wire::connect(proxy.addr).await;
+    s.send(&cmds(&[
+        &["SELECT", "3"],
+        &["CLIENT", "SETNAME", "fo"],
+        &["HELLO", "3"],
+        &["CLIENT", "NO-EVICT", "on"],
+        &["SET", "fo:k", "1"],
+        ECHO_END,
+    ]))
+    .await;
+    let setup = s.until(END, WAIT).await;
+    assert!(setup.bytes.ends_with(END), "setup: {setup:?}");
+    let (mut t, tsetup) = tracking_client(proxy.addr, &["ON"], &["fo:t"]).await;
+    assert!(tsetup.bytes.ends_with(END), "tracking setup: {tsetup:?}");
+
+    // The replica has the key (db 3) before it is promoted.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut r = Wire::connect(new_addr).await;
+        r.send(&cmds(&[&["SELECT", "3"], &["GET", "fo:k"], ECHO_END]))
+            .await;
+        if find(&r.until(END, WAIT).await.bytes, b"$1\r\n1\r\n").is_some() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never replicated");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        query(new_addr, &["REPLICAOF", "NO", "ONE"]).await,
+        b"+OK\r\n"
+    );
+    let port = new.port.to_string();
+    assert_eq!(
+        query(old_addr, &["REPLICAOF", "127.0.0.1", &port]).await,
+        b"+OK\r\n"
+    );
+    // Wait until writes through the proxy land on the new master.
+    let deadline = tokio::time::Instant::now() + WAIT * 2;
+    loop {
+        let mut p = Wire::connect(proxy.addr).await;
+        p.send(&cmds(&[&["SET", "fo:probe", "x"]])).await;
+        let r = p.until(b"\r\n", WAIT).await;
+        if r.bytes == b"+OK\r\n" && query(new_addr, &["GET", "fo:probe"]).await == b"$1\r\nx\r\n" {
+            let _ = query(new_addr, &["DEL", "fo:probe"]).await;
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "writes never moved to the new master"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    s.send(&cmds(&[&["CLIENT", "INFO"], &["GET", "fo:k"], ECHO_END]))
+        .await;
+    let after = s.until(END, WAIT).await;
+    let fields = client_info_fields(&after.bytes);
+    let laddr = field(&fields, "laddr").to_string();
+    assert!(
+        field(&fields, "db") == "3"
+            && field(&fields, "name") == "fo"
+            && field(&fields, "resp") == "3"
+            && field(&fields, "flags").contains('e')
+            && laddr.ends_with(&format!(":{port}"))
+            && find(&after.bytes, b"$1\r\n1\r\n").is_some(),
+        "after the failover: expected db=3 name=fo resp=3, flags with e, on the new master \
+         (laddr :{port}) and GET fo:k = 1; got {after:?}"
+    );
+
+    // The tracking session: closed, or it gets the invalidation of a write made now.
+    let w = write_keys(proxy.addr, &[("fo:t", "new")]).await;
+    assert!(
+        w.ends_with(END),
+        "write through the proxy: {}",
+        w.escape_ascii()
+    );
+    let seen = t.until(&invalidate(&["fo:t"]), WAIT).await;
+    if !seen.closed && !seen.bytes.ends_with(&invalidate(&["fo:t"])) {
+        t.send(&cmds(&[&["CLIENT", "TRACKINGINFO"], ECHO_END]))
+            .await;
+        let info = t.until(END, WAIT).await;
+        panic!(
+            "a tracking session stays open across the failover but misses the invalidation \
+             of fo:t (silently stale cache); it saw {seen:?}; CLIENT TRACKINGINFO: {info:?}"
+        );
+    }
+    if seen.closed {
+        return;
+    }
+    // Still open: a key read after the failover must be tracked too.
+    t.send(&cmds(&[&["GET", "fo:u"], ECHO_END])).await;
+    let read = t.until(END, WAIT).await;
+    assert!(
+        read.bytes.ends_with(END),
+        "GET after the failover: {read:?}"
+    );
+    let w = write_keys(proxy.addr, &[("fo:u", "new")]).await;
+    assert!(
+        w.ends_with(END),
+        "write through the proxy: {}",
+        w.escape_ascii()
+    );
+    let seen = t.until(&invalidate(&["fo:u"]), WAIT).await;
+    if !seen.closed && !seen.bytes.ends_with(&invalidate(&["fo:u"])) {
+        t.send(&cmds(&[&["CLIENT", "TRACKINGINFO"], ECHO_END]))
+            .await;
+        let info = t.until(END, WAIT).await;
+        panic!(
+            "a tracking session stays open across the failover, reads fo:u on the new \
+             master and misses its invalidation (silently stale cache); it saw {seen:?}; \
+             CLIENT TRACKINGINFO: {info:?}"
+        );
+    }
+}
