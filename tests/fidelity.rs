@@ -963,6 +963,17 @@ async fn client_reply_skip_and_off_in_combinations() {
             ],
         ),
         (
+            "OFF, MULTI, refused command, EXEC, ON, PING",
+            &[
+                &["CLIENT", "REPLY", "OFF"],
+                &["MULTI"],
+                &["CONFIG", "SET", "slowlog-max-len", "128"],
+                &["EXEC"],
+                &["CLIENT", "REPLY", "ON"],
+                &["PING"],
+            ],
+        ),
+        (
             "OFF, MULTI with an argument, ON, PING",
             &[
                 &["CLIENT", "REPLY", "OFF"],

@@ -491,3 +491,46 @@ async fn rolling_restart_with_four_busy_clients() {
     );
     assert_eq!(total.partial_batches, 0, "batches cut short: {total:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_waits_for_a_request_half_received() {
+    // SIGTERM arrives while a request frame is half received: the connection is not
+    // "between two requests" yet, so the rest is read and answered, then the close.
+    let redis = RedisServer::start(&[]);
+    let proxy = ProxyProcess::start(&redis, "").await;
+    let mut c = TcpStream::connect(proxy.addr).await.expect("connect");
+    c.set_nodelay(true).ok();
+    let frame = resp(&[b"INCR", b"half"]);
+    let (head, tail) = frame.split_at(frame.len() / 2);
+    c.write_all(&resp(&[b"INCR", b"half"]))
+        .await
+        .expect("write");
+    let mut first = [0u8; 4];
+    tokio::time::timeout(WAIT, c.read_exact(&mut first))
+        .await
+        .expect("first reply in time")
+        .expect("read");
+    assert_eq!(&first, b":1\r\n");
+    c.write_all(head).await.expect("write half a frame");
+    signal(proxy.pid(), "-TERM");
+    // The admin port stops answering /readyz 200 once draining: then send the rest.
+    let deadline = Instant::now() + WAIT;
+    while let Some((200, _)) = support::http_get(proxy.admin_port, "/readyz").await {
+        assert!(Instant::now() < deadline, "/readyz still 200 after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    c.write_all(tail).await.expect("write the rest");
+    let replies = read_replies_to_close(&mut c, WAIT).await;
+    assert_eq!(
+        (
+            replies.integers.clone(),
+            replies.others.clone(),
+            replies.reset
+        ),
+        (vec![2], Vec::<String>::new(), false),
+        "a request half received at SIGTERM: its answer, then the close"
+    );
+    wait_exited(proxy.pid(), WAIT).await;
+    only_me_connected(&redis).await;
+    assert_eq!(counter(&redis, "half").await, 2);
+}
