@@ -105,7 +105,9 @@ impl Reason {
             Reason::Users => "it changes users or permissions",
             Reason::OtherClients => "it reaches other clients' connections or commands",
             Reason::Destructive => "it destroys or moves whole datasets (allow it explicitly)",
-            Reason::Cluster => "it changes cluster topology",
+            Reason::Cluster => {
+                "it changes cluster membership, slots, epochs, failover or node configuration"
+            }
             Reason::Scripting => "scripting is restricted by protection.scripts",
             Reason::Sentinel => "it is a Sentinel command",
             Reason::Operator => "the operator's protection.deny list refuses it",
@@ -161,6 +163,10 @@ const DEFAULT_DENY: &[(&str, Reason)] = &[
     ("migrate", Reason::Destructive),
     ("restore", Reason::Destructive),
     ("restore-asking", Reason::Destructive),
+    // Cluster control: membership, slots, epochs, failover, the node's config, slot
+    // migration. Every CLUSTER subcommand is refused except the read-only ones in
+    // DEFAULT_ALLOW_SUB, so one added by a newer server is refused too.
+    ("cluster|*", Reason::Cluster),
 ];
 
 /// Exceptions inside denied containers: read-only helpers real clients use.
@@ -172,6 +178,23 @@ const DEFAULT_ALLOW_SUB: &[&str] = &[
     "latency|help",
     "slowlog|help",
     "module|help",
+    // Read-only CLUSTER introspection (cluster-aware clients read the topology on start).
+    "cluster|help",
+    "cluster|info",
+    "cluster|nodes",
+    "cluster|slots",
+    "cluster|shards",
+    "cluster|myid",
+    "cluster|myshardid",
+    "cluster|keyslot",
+    "cluster|countkeysinslot",
+    "cluster|getkeysinslot",
+    "cluster|replicas",
+    "cluster|slaves",
+    "cluster|links",
+    "cluster|count-failure-reports",
+    "cluster|slot-stats",
+    "cluster|getslotmigrations",
 ];
 
 /// Script commands by policy level.
@@ -338,6 +361,16 @@ impl Policy {
             _ => {}
         }
         match self.denied.get(&key(spec)) {
+            None if matches!(spec.name, "eval" | "eval_ro" | "script|load")
+                && req
+                    .arg(if spec.name == "script|load" { 2 } else { 1 })
+                    .is_some_and(script_calls_cluster) =>
+            {
+                Verdict::Deny {
+                    command: spec.name,
+                    reason: Reason::Cluster,
+                }
+            }
             None => Verdict::Allow,
             Some(reason) => Verdict::Deny {
                 command: spec.name,
@@ -386,6 +419,52 @@ impl Policy {
             }
         }
     }
+}
+
+/// True when a Lua script's text calls `CLUSTER` with a literal command name
+/// (`redis.call('cluster', ...)`, `server.pcall("CLUSTER", ...)`, `[[cluster]]`): Redis
+/// runs CLUSTER MEET/ADDSLOTS/... from scripts (they are not `noscript`). A name built at
+/// run time is not visible here; README: `protection.scripts = "deny"` or a backend ACL
+/// without `+cluster` close that.
+fn script_calls_cluster(body: &[u8]) -> bool {
+    let mut rest = body;
+    while let Some(at) = find_ci(rest, b"call") {
+        rest = &rest[at + 4..];
+        let mut s = skip_ws(rest);
+        if let Some(after) = s.strip_prefix(b"(") {
+            s = skip_ws(after);
+        }
+        let s = match s.first() {
+            Some(b'\'' | b'"') => &s[1..],
+            Some(b'[') => {
+                let t = &s[1..];
+                let eqs = t.iter().take_while(|&&b| b == b'=').count();
+                match t.get(eqs) {
+                    Some(b'[') => &t[eqs + 1..],
+                    _ => continue,
+                }
+            }
+            _ => continue,
+        };
+        let word_ends = s
+            .get(7)
+            .map_or(true, |b| !b.is_ascii_alphanumeric() && *b != b'_');
+        if s.len() >= 7 && s[..7].eq_ignore_ascii_case(b"cluster") && word_ends {
+            return true;
+        }
+    }
+    false
+}
+
+fn skip_ws(s: &[u8]) -> &[u8] {
+    let n = s.iter().take_while(|b| b.is_ascii_whitespace()).count();
+    &s[n..]
+}
+
+/// Position of `needle` (lowercase ASCII) in `hay`, ASCII case-insensitively.
+fn find_ci(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len())
+        .position(|w| w.eq_ignore_ascii_case(needle))
 }
 
 /// Look up and decide in one step; `None` for unknown commands/subcommands (the caller
@@ -475,6 +554,85 @@ mod tests {
             &["ROLE"],
         ] {
             assert_eq!(verdict(&p, args), Some(Verdict::Allow), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn cluster_control_is_refused_and_cannot_be_allowed() {
+        let p = Policy::new(&ProtectionConfig::default()).unwrap();
+        for args in [
+            &["CLUSTER", "MEET", "127.0.0.1", "7000"][..],
+            &["cluster", "forget", "abc"],
+            &["CLUSTER", "REPLICATE", "abc"],
+            &["CLUSTER", "RESET", "HARD"],
+            &["CLUSTER", "FAILOVER", "TAKEOVER"],
+            &["CLUSTER", "SETSLOT", "1", "NODE", "abc"],
+            &["CLUSTER", "ADDSLOTS", "1"],
+            &["CLUSTER", "ADDSLOTSRANGE", "0", "100"],
+            &["CLUSTER", "DELSLOTS", "1"],
+            &["CLUSTER", "DELSLOTSRANGE", "0", "100"],
+            &["CLUSTER", "FLUSHSLOTS"],
+            &["CLUSTER", "FLUSHSLOT", "1"],
+            &["CLUSTER", "BUMPEPOCH"],
+            &["CLUSTER", "SET-CONFIG-EPOCH", "5"],
+            &["CLUSTER", "SAVECONFIG"],
+            &["CLUSTER", "MIGRATION", "IMPORT", "0", "100"],
+            &[
+                "CLUSTER",
+                "MIGRATESLOTS",
+                "SLOTSRANGE",
+                "0",
+                "1",
+                "NODE",
+                "x",
+            ],
+            &["CLUSTER", "CANCELSLOTMIGRATIONS"],
+            &["CLUSTER", "SYNCSLOTS", "x"],
+            &[
+                "EVAL",
+                "return redis.call('cluster','meet','1.2.3.4','1')",
+                "0",
+            ],
+            &[
+                "EVAL_RO",
+                "return server.pcall ( \"CLUSTER\", 'addslots', 1)",
+                "0",
+            ],
+            &["SCRIPT", "LOAD", "redis.call([[Cluster]], 'reset')"],
+        ] {
+            let v = verdict(&p, args);
+            assert!(
+                matches!(
+                    v,
+                    Some(Verdict::Deny {
+                        reason: Reason::Cluster,
+                        ..
+                    })
+                ),
+                "{args:?}: {v:?}"
+            );
+        }
+        for args in [
+            &["CLUSTER", "INFO"][..],
+            &["CLUSTER", "NODES"],
+            &["cluster", "slots"],
+            &["CLUSTER", "SHARDS"],
+            &["CLUSTER", "MYID"],
+            &["CLUSTER", "KEYSLOT", "k"],
+            &["CLUSTER", "COUNTKEYSINSLOT", "1"],
+            &["CLUSTER", "GETKEYSINSLOT", "1", "10"],
+            &["CLUSTER", "SLOT-STATS", "SLOTSRANGE", "0", "1"],
+            &["EVAL", "return redis.call('get', 'cluster:1')", "0"],
+            &["EVAL", "return redis.call('clusters')", "0"],
+        ] {
+            assert_eq!(verdict(&p, args), Some(Verdict::Allow), "{args:?}");
+        }
+        for entry in ["cluster|meet", "cluster", "cluster|*"] {
+            let cfg = ProtectionConfig {
+                allow: vec![entry.into()],
+                ..ProtectionConfig::default()
+            };
+            assert!(Policy::new(&cfg).is_err(), "{entry}");
         }
     }
 

@@ -141,6 +141,18 @@ SUPPLEMENT = [
     ("hgetdel", -5, ["write", "fast"], ["hash"], 1, 1, 1),
     ("hgetex", -5, ["write", "fast"], ["hash"], 1, 1, 1),
     ("hsetex", -6, ["write", "denyoom", "fast"], ["hash"], 1, 1, 1),
+    # Cluster subcommands newer than 7.0 (8.2 slot-stats, 8.4 atomic slot migration;
+    # Valkey 8/9 slot statistics, atomic slot migration and per-slot flush), from the
+    # servers' own metadata (`COMMAND` of valkey-server 9.1.2, redis/redis
+    # src/commands/cluster-*.json). Listed so that they are refused as cluster control
+    # (or allowed as read-only) by name, not answered "unknown subcommand".
+    ("cluster|slot-stats", -4, ["loading", "stale"], [], 0, 0, 0),
+    ("cluster|migration", -4, ["no_async_loading", "admin", "stale"], [], 0, 0, 0),
+    ("cluster|migrateslots", -4, ["admin", "stale", "no_async_loading"], [], 0, 0, 0),
+    ("cluster|cancelslotmigrations", 2, ["admin", "stale", "no_async_loading"], [], 0, 0, 0),
+    ("cluster|getslotmigrations", 2, ["admin", "stale", "no_async_loading"], [], 0, 0, 0),
+    ("cluster|syncslots", -3, ["admin", "stale", "no_async_loading"], [], 0, 0, 0),
+    ("cluster|flushslot", -3, ["write", "admin", "no_async_loading"], ["keyspace"], 0, 0, 0),
 ]
 
 # Flags present in Redis's JSON files but not reported by COMMAND (7.0 omits "protected",
