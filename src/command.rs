@@ -275,6 +275,20 @@ pub struct CommandSpec {
     pub subcommands: &'static [CommandSpec],
 }
 
+/// What the proxy assumes about a command it cannot look up when shadow mode forwards it
+/// anyway: a write (master only, never a replica), one reply, nothing special.
+pub static UNKNOWN: CommandSpec = CommandSpec {
+    name: "unknown",
+    arity: -1,
+    flags: Flags::WRITE,
+    acl: AclCategories::of(&[AclCategories::WRITE, AclCategories::SLOW]),
+    first_key: 0,
+    last_key: 0,
+    step: 0,
+    special: Special::None,
+    subcommands: &[],
+};
+
 /// The outcome of looking up a request's command name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lookup {

@@ -26,10 +26,35 @@ pub enum ScriptPolicy {
     Deny,
 }
 
+/// Whether refusals are enforced or only reported.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProtectionMode {
+    /// Refused commands get `-NOPERM` and never reach Redis.
+    #[default]
+    Enforce,
+    /// Refused commands are forwarded anyway, logged at WARN as "would be refused" and
+    /// counted with `mode="shadow"`: for reading what enforcement would block before
+    /// turning it on. Protection is NOT enforced.
+    Shadow,
+}
+
+impl ProtectionMode {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProtectionMode::Enforce => "enforce",
+            ProtectionMode::Shadow => "shadow",
+        }
+    }
+}
+
 /// `[protection]` section of the config.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProtectionConfig {
+    /// `enforce` (default) or `shadow` (forward what would be refused, log and count it).
+    pub mode: ProtectionMode,
     /// Extra refusals: `name`, `container|sub`, or `@category`.
     pub deny: Vec<String>,
     /// Exceptions to the default refusals (same syntax). Cannot re-enable the takeover set.
@@ -51,6 +76,7 @@ pub struct ProtectionConfig {
 impl Default for ProtectionConfig {
     fn default() -> Self {
         ProtectionConfig {
+            mode: ProtectionMode::Enforce,
             deny: Vec::new(),
             allow: Vec::new(),
             config_get_allow: DEFAULT_CONFIG_GET_ALLOW

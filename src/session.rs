@@ -33,11 +33,11 @@ use arc_swap::ArcSwap;
 
 use crate::auth::User;
 use crate::backend::{BackendLink, Handshake, TopologyStore};
-use crate::command::{AclCategories, CommandSpec, Flags, Lookup, PubSubKind, Special};
+use crate::command::{self, AclCategories, CommandSpec, Flags, Lookup, PubSubKind, Special};
 use crate::config::ReadPolicy;
 use crate::metrics::{self, Hot};
 use crate::net::Stream;
-use crate::policy::{self, Verdict};
+use crate::policy::{self, ProtectionMode, Verdict};
 use crate::protocol::{
     Item, ProtocolError, Reply, ReplyKind, ReplyScanner, Request, RequestParser,
 };
@@ -845,6 +845,9 @@ impl Session {
         let (lookup, verdict) = policy::decide(policy, &req);
         let spec = match lookup {
             Lookup::Known(spec) => spec,
+            Lookup::UnknownCommand | Lookup::UnknownSubcommand(_) if self.shadow_unknown(&req) => {
+                &command::UNKNOWN
+            }
             Lookup::UnknownCommand => {
                 self.shared.hot.unknown.increment(1);
                 metrics::refused_command("unknown");
@@ -868,6 +871,7 @@ impl Session {
             self.refuse(Bytes::from_static(replies::NOAUTH));
             return None;
         }
+        let verdict = self.shadow_verdict(verdict);
         if let Some(Verdict::Deny { command, reason }) = verdict {
             self.shared.hot.refused[metrics::class_of(spec)].increment(1);
             metrics::refused_command(command);
@@ -1653,6 +1657,42 @@ impl Session {
 }
 
 /// `(confirmation name, channel)` of a pub/sub confirmation array or push.
+/// Shadow mode (`protection.mode = "shadow"`): what enforcement would refuse is
+/// forwarded, logged at WARN and counted with `mode="shadow"`.
+impl Session {
+    fn shadow_mode(&self) -> bool {
+        self.rt.config.protection.mode == ProtectionMode::Shadow
+    }
+
+    /// A refusal becomes `Allow` in shadow mode, after its WARN line and count.
+    fn shadow_verdict(&self, verdict: Option<Verdict>) -> Option<Verdict> {
+        match verdict {
+            Some(Verdict::Deny { command, reason }) if self.shadow_mode() => {
+                metrics::shadow_refusal(command);
+                let user = self.user.as_ref().map_or("default", |u| u.name.as_str());
+                warn!(peer = %self.peer, user, command, reason = reason.text(), mode = "shadow",
+                    "would refuse command (shadow mode: forwarded, protection NOT enforced)");
+                Some(Verdict::Allow)
+            }
+            other => other,
+        }
+    }
+
+    /// In shadow mode an unknown command or subcommand is forwarded (as a write, to the
+    /// master) after its WARN line and count; true when it is.
+    fn shadow_unknown(&self, req: &Request) -> bool {
+        if !self.shadow_mode() {
+            return false;
+        }
+        self.shared.hot.unknown.increment(1);
+        metrics::shadow_refusal("unknown");
+        let name = req.arg(0).unwrap_or_default();
+        warn!(peer = %self.peer, command = %String::from_utf8_lossy(shown(name, 64)), mode = "shadow",
+            "would refuse unknown command (shadow mode: forwarded, protection NOT enforced)");
+        true
+    }
+}
+
 fn pubsub_confirmation(reply: &Reply) -> Option<(&'static [u8], Option<Bytes>)> {
     let items = reply.items()?;
     let Item::Str(name) = items.first()? else {
