@@ -119,6 +119,9 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                         "probe_error": b.error,
                         "readonly_seen": b.readonly_seen,
                         "hijacked": b.hijacked,
+                        "server": b.commands.as_ref().and_then(|c| c.server.clone()),
+                        "commands_reported": b.commands.as_ref().map(|c| c.reported),
+                        "commands_learned": b.commands.as_ref().map(|c| c.names()),
                     })
                 })
                 .collect();

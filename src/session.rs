@@ -842,7 +842,8 @@ impl Session {
             Some(u) => &u.policy,
             None => &self.rt.policy,
         };
-        let (lookup, verdict) = policy::decide(policy, &req);
+        let (lookup, verdict) =
+            policy::decide_with(policy, &req, || self.shared.topology.catalog());
         let spec = match lookup {
             Lookup::Known(spec) => spec,
             Lookup::UnknownCommand | Lookup::UnknownSubcommand(_) if self.shadow_unknown(&req) => {

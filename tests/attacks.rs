@@ -587,13 +587,17 @@ async fn rogue_master_module_load_chain_is_refused_byte_for_byte() {
         b"*4\r\n$6\r\nconfig\r\n$3\r\nset\r\n$10\r\ndbfilename\r\n$10\r\nexp_lin.so\r\n",
         b"*3\r\n$6\r\nMODULE\r\n$4\r\nLOAD\r\n$15\r\n/tmp/exp_lin.so\r\n",
         b"*5\r\n$6\r\nMODULE\r\n$6\r\nLOADEX\r\n$8\r\n./exp.so\r\n$4\r\nARGS\r\n$1\r\nx\r\n",
-        b"*2\r\n$6\r\nMODULE\r\n$4\r\nLIST\r\n",
+        b"*3\r\n$6\r\nMODULE\r\n$6\r\nUNLOAD\r\n$6\r\nsystem\r\n",
     ];
     for bytes in variants {
         let mut f = Vec::new();
         expect_refused(&mut c, bytes, "variant", &mut f).await;
         assert!(f.is_empty(), "{}", f.join("\n"));
     }
+    // MODULE LIST is read-only introspection clients send at start (issue 12): it
+    // answers as Redis does, and shows nothing was loaded.
+    c.send(b"*2\r\n$6\r\nMODULE\r\n$4\r\nLIST\r\n").await;
+    assert_eq!(show(&c.read_to_line().await), "*0\\r\\n", "MODULE LIST");
     c.send(&resp(&[b"shell.exec", b"id"])).await;
     let line = c.read_to_line().await;
     assert!(

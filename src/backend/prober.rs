@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 
 use crate::backend::topology::{Role, TopologyStore};
 use crate::backend::{read_reply, BackendError, BackendLink, Handshake, ReadReplyError};
+use crate::catalog::{Catalog, CatalogError};
 use crate::config::BackendConfig;
 use crate::net::Stream;
 use crate::protocol::{Item, Reply, ReplyLimits, ReplyScanner, Request};
@@ -46,7 +47,13 @@ enum ProbeError {
     Unexpected(String),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
 }
+
+/// How long reading a backend's `COMMAND` metadata may take (a few hundred KB with
+/// modules), at least.
+const LEARN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The prober's own connection.
 struct Conn {
@@ -94,6 +101,7 @@ pub async fn run(
             _ => {}
         }
         let started = Instant::now();
+        let fresh = conn.is_none();
         let result =
             match tokio::time::timeout(settings.timeout, probe(&mut conn, &backend, &settings))
                 .await
@@ -101,6 +109,9 @@ pub async fn run(
                 Ok(r) => r,
                 Err(_) => Err(ProbeError::Timeout(settings.timeout)),
             };
+        if fresh && result.is_ok() {
+            learn(index, &label, &mut conn, &store, settings.timeout).await;
+        }
         histogram!("portcullis_probe_duration_seconds", "backend" => label.clone())
             .record(started.elapsed().as_secs_f64());
         match result {
@@ -230,6 +241,63 @@ async fn probe(
     };
     let reply = c.call(&Request::from_args(&[b"ROLE"])).await?;
     parse_role(&reply)
+}
+
+/// Read the backend's command metadata (`INFO server` for its version, `COMMAND`) on
+/// the prober's connection and publish what the built-in table lacks. A failure keeps
+/// the previous metadata and is logged; the connection is dropped if it timed out.
+async fn learn(
+    index: usize,
+    label: &str,
+    conn: &mut Option<Conn>,
+    store: &TopologyStore,
+    probe_timeout: Duration,
+) {
+    let Some(c) = conn.as_mut() else { return };
+    let timeout = probe_timeout.max(LEARN_TIMEOUT);
+    let result = match tokio::time::timeout(timeout, read_catalog(c)).await {
+        Ok(r) => r,
+        Err(_) => {
+            *conn = None;
+            Err(ProbeError::Timeout(timeout))
+        }
+    };
+    match result {
+        Ok(catalog) => {
+            let learned = catalog.names();
+            info!(
+                backend = %label,
+                server = catalog.server.as_deref().unwrap_or("?"),
+                reported = catalog.reported,
+                learned = learned.len(),
+                names = %learned.join(" "),
+                "command metadata read from the backend (learned: commands the built-in table lacks)"
+            );
+            let catalog = Arc::new(catalog);
+            store.update(index, |b| b.commands = Some(catalog.clone()));
+        }
+        Err(e) => {
+            warn!(backend = %label, error = %e, "could not read the backend's COMMAND metadata; commands the built-in table lacks stay unknown")
+        }
+    }
+}
+
+async fn read_catalog(c: &mut Conn) -> Result<Catalog, ProbeError> {
+    let info = c
+        .call(&Request::from_args(&[b"INFO".as_slice(), b"server"]))
+        .await?;
+    let server = info.text().and_then(|t| {
+        let t = String::from_utf8_lossy(t);
+        let field = |key: &str| {
+            t.lines()
+                .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+        };
+        field("valkey_version:")
+            .map(|v| format!("valkey {v}"))
+            .or_else(|| field("redis_version:").map(|v| format!("redis {v}")))
+    });
+    let reply = c.call(&Request::from_args(&[b"COMMAND"])).await?;
+    Ok(Catalog::from_reply(&reply, server)?)
 }
 
 /// Parse a `ROLE` reply.
