@@ -48,7 +48,7 @@ pub enum Found {
 /// What one backend reported beyond the built-in table.
 #[derive(Debug, Default)]
 pub struct Catalog {
-    /// By lowercase name (`xdelex`, `client|capa`, `testmod.config|set`).
+    /// By lowercase name (`delifeq`, `client|capa`, `testmod.config|set`).
     entries: HashMap<Box<str>, &'static Learned>,
     /// Number of commands (top-level) the server reported in all.
     pub reported: usize,
@@ -342,7 +342,7 @@ mod tests {
                 &[],
             ),
             entry(
-                "xdelex",
+                "delifeq",
                 -5,
                 &["write", "fast"],
                 [1, 1, 1],
@@ -397,12 +397,12 @@ mod tests {
             c.names(),
             [
                 "client|capa",
+                "delifeq",
                 "testmod.config",
-                "testmod.config|set",
-                "xdelex"
+                "testmod.config|set"
             ]
         );
-        let Found::Command(x) = c.find(b"XDELEX", None) else {
+        let Found::Command(x) = c.find(b"DELIFEQ", None) else {
             panic!()
         };
         assert!(x.spec.is_write() && !x.module);
@@ -426,7 +426,7 @@ mod tests {
         ));
         // The same reply again reuses the same allocations.
         let again = Catalog::from_reply(&reply(body.as_bytes()), None).unwrap();
-        assert!(std::ptr::eq(again.get("xdelex").unwrap(), x));
+        assert!(std::ptr::eq(again.get("delifeq").unwrap(), x));
         assert!(Catalog::from_reply(&reply(b"-ERR no\r\n"), None).is_err());
         assert!(Catalog::from_reply(&reply(b":1\r\n"), None).is_err());
     }

@@ -488,12 +488,18 @@ impl Policy {
         }
         let mut learned_allow = Vec::new();
         for entry in &cfg.allow {
+            // A category also names module commands learned from backends (`@json`).
+            if entry.starts_with('@') && valid_learned_entry(entry) {
+                learned_allow.push(entry.to_ascii_lowercase());
+            }
             let specs = match expand(entry, "allow") {
                 Ok(specs) => specs,
                 // Not a built-in name or category: a module's command or category, to
                 // match against what backends report.
                 Err(_) if valid_learned_entry(entry) => {
-                    learned_allow.push(entry.to_ascii_lowercase());
+                    if !entry.starts_with('@') {
+                        learned_allow.push(entry.to_ascii_lowercase());
+                    }
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -967,7 +973,7 @@ mod tests {
             ("vsim", r, &["@read"], &[]),
             ("system.exec", r, &["@read"], &[]),
             ("other.cmd", m, &["@other"], &[("config", m)]),
-            ("xdelex", &["write", "fast"], &["@write", "@stream"], &[]),
+            ("delifeq", &["write", "fast"], &["@write", "@string"], &[]),
             ("newadmin", &["admin"], &["@admin", "@dangerous"], &[]),
             ("newsub", &["pubsub"], &["@pubsub"], &[]),
             ("cluster", &[], &[], &[("brandnew", &["stale"])]),
@@ -994,7 +1000,7 @@ mod tests {
             &["TDIGEST.ADD", "t", "1"],
             &["VADD", "v", "VALUES", "1", "1", "e"],
             &["vsim", "v", "ELE", "e"],
-            &["XDELEX", "s", "IDS", "1", "0-1"],
+            &["DELIFEQ", "k", "v"],
             &["CLIENT", "MAINT_NOTIFICATIONS", "on"],
         ] {
             assert!(
@@ -1041,6 +1047,13 @@ mod tests {
             &["other.cmd", "config", "x"],
             Reason::ModuleControl
         ));
+        let json = Policy::new(&cfg(&[], &["@json"])).unwrap();
+        assert!(refused(
+            &json,
+            &["JSON.SET", "k", "$", "1"],
+            Reason::Operator
+        ));
+        assert!(allowed(&json, &["FT.SEARCH", "i", "*"]));
         let by_cat = Policy::new(&cfg(&["@other", "@json"], &[])).unwrap();
         assert!(refused(
             &by_cat,
@@ -1068,7 +1081,7 @@ mod tests {
         let deny_write = Policy::new(&cfg(&[], &["@write"])).unwrap();
         assert!(refused(
             &deny_write,
-            &["XDELEX", "s", "IDS", "1", "0-1"],
+            &["DELIFEQ", "k", "v"],
             Reason::Operator
         ));
         assert!(refused(
