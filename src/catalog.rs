@@ -14,6 +14,13 @@ use std::sync::{Mutex, OnceLock};
 use crate::command::{self, AclCategories, CommandSpec, Flags, Special};
 use crate::protocol::{Node, Reply};
 
+/// Most commands (top-level) read from one `COMMAND` reply: Redis 8 with every shipped
+/// module reports about 600; a hostile backend must not make the proxy keep millions.
+pub const MAX_REPORTED: usize = 8192;
+
+/// Most distinct learned shapes kept per process (each is allocated once, for good).
+const MAX_INTERNED: usize = 32768;
+
 /// One command or subcommand the backend reported and the built-in table lacks.
 #[derive(Debug)]
 pub struct Learned {
@@ -175,6 +182,9 @@ fn intern(r: &Raw) -> &'static [(&'static str, &'static Learned)] {
     if let Some(found) = map.get(r) {
         return found;
     }
+    if map.len() >= MAX_INTERNED {
+        return &[];
+    }
     let mut out: Vec<(&'static str, &'static Learned)> = Vec::new();
     match command::lookup_name(&r.name) {
         // A built-in command: learn only the subcommands the table lacks.
@@ -218,7 +228,7 @@ impl Catalog {
             server,
             ..Catalog::default()
         };
-        for node in &commands {
+        for node in commands.iter().take(MAX_REPORTED) {
             let Some(r) = raw(node) else { continue };
             catalog.reported += 1;
             for (name, l) in intern(&r) {

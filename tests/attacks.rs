@@ -39,6 +39,9 @@ struct Env {
     bystander_ops: u32,
     config: BTreeMap<String, String>,
     acl: Vec<String>,
+    /// `MODULE LIST` before any attack: empty for redis-server; Valkey lists its
+    /// built-in `lua` engine.
+    modules: Vec<redis::Value>,
     dir: PathBuf,
     files: BTreeSet<String>,
 }
@@ -73,7 +76,9 @@ impl Env {
     async fn start() -> Env {
         let redis = RedisServer::start(&[]);
         let rogue = RedisServer::start(&[]);
-        Env::start_with(redis, rogue, None).await
+        let env = Env::start_with(redis, rogue, None).await;
+        assert!(env.modules.is_empty(), "redis-server starts with no module");
+        env
     }
 
     async fn start_with(redis: RedisServer, rogue: RedisServer, config: Option<Config>) -> Env {
@@ -89,6 +94,7 @@ impl Env {
         let bystander = proxy.client().await;
         let config: BTreeMap<String, String> = query(&mut direct, &["CONFIG", "GET", "*"]).await;
         let acl: Vec<String> = query(&mut direct, &["ACL", "LIST"]).await;
+        let modules: Vec<redis::Value> = query(&mut direct, &["MODULE", "LIST"]).await;
         let dir = PathBuf::from(config.get("dir").expect("CONFIG GET dir"));
         let files = list_dir(&dir);
         let mut env = Env {
@@ -99,6 +105,7 @@ impl Env {
             bystander_ops: 0,
             config,
             acl,
+            modules,
             dir,
             files,
         };
@@ -149,7 +156,7 @@ impl Env {
         }
 
         let modules: Vec<redis::Value> = query(&mut d, &["MODULE", "LIST"]).await;
-        assert!(modules.is_empty(), "[{case}] modules loaded: {modules:?}");
+        assert_eq!(modules, self.modules, "[{case}] modules loaded");
         let acl: Vec<String> = query(&mut d, &["ACL", "LIST"]).await;
         assert_eq!(acl, self.acl, "[{case}] ACL users changed");
         let rogue_data: i64 = query(&mut d, &["EXISTS", ROGUE_KEY]).await;
@@ -1092,7 +1099,11 @@ const CLUSTER_READ_ONLY: &[&str] = &[
 /// A single-node cluster owning every slot, so that data commands (the bystander's SET)
 /// work; its nodes.conf lives in the server's own temp dir.
 async fn cluster_node() -> RedisServer {
-    let redis = RedisServer::start(&["--cluster-enabled", "yes"]);
+    cluster_node_of("redis-server").await
+}
+
+async fn cluster_node_of(bin: &str) -> RedisServer {
+    let redis = RedisServer::start_bin(bin, &["--cluster-enabled", "yes"]);
     let mut d = redis.direct().await;
     let _: () = query(&mut d, &["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]).await;
     support::wait_until("cluster_state:ok", || {
@@ -1142,7 +1153,21 @@ fn cluster_control_args(sub: &str, myid: &str, rogue_port: &str) -> Vec<Vec<Stri
 /// refused; the node's `CLUSTER NODES` and `CLUSTER INFO` are unchanged after each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_control_is_refused_in_every_encoding() {
-    let redis = cluster_node().await;
+    cluster_control_refused_on(cluster_node().await).await;
+}
+
+/// The same against Valkey 9.1, which has the slot-migration subcommands
+/// (MIGRATESLOTS, CANCELSLOTMIGRATIONS, SYNCSLOTS) and FLUSHSLOT in its own metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_control_is_refused_in_front_of_valkey() {
+    let Some(valkey) = support::valkey_server() else {
+        eprintln!("skipped: no valkey-server (scripts/test.sh installs one; or set PORTCULLIS_TEST_VALKEY)");
+        return;
+    };
+    cluster_control_refused_on(cluster_node_of(&valkey).await).await;
+}
+
+async fn cluster_control_refused_on(redis: RedisServer) {
     let rogue = RedisServer::start(&[]);
     let mut env = Env::start_with(redis, rogue, None).await;
     let mut d = env.redis.direct().await;

@@ -310,3 +310,37 @@ async fn core_commands_only_the_server_knows_are_learned() {
     let got = call(&mut c, &["COMMANDLOG", "GET", "10", "slow"]).await;
     assert!(noperm(&got), "{got}");
 }
+
+/// After a restart (here: a different server at the same address, now with the module
+/// loaded), the proxy reads the metadata again: the module's commands go from unknown to
+/// known (refused by policy, or allowed and answered by Redis).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_is_read_again_after_a_restart() {
+    let module = test_module();
+    let mut plain = RedisServer::start(&[]);
+    let port = plain.port;
+    let proxy = Proxy::start_with(config(&[&plain], &["testmod.read"], ReadPolicy::Master)).await;
+    let mut c = proxy.raw().await;
+    // Before: the server has no such commands, neither has the proxy.
+    wait_until("proxy serves", || async {
+        let mut c = Raw::connect(proxy.addr).await;
+        call(&mut c, &["SET", "k", "v"]).await == "+OK\r\n"
+    })
+    .await;
+    let got = call(&mut c, &["testmod.read", "k"]).await;
+    assert!(
+        got.starts_with("-ERR unknown command 'testmod.read'"),
+        "{got}"
+    );
+    drop(c);
+
+    plain.kill();
+    let with_module = RedisServer::start_on(port, &["--loadmodule", &module]);
+    let mut d = raw(&with_module).await;
+    assert_eq!(call(&mut d, &["SET", "k", "v2"]).await, "+OK\r\n");
+    learned(&proxy, &["testmod.read", "k"]).await;
+    let mut c = proxy.raw().await;
+    assert_eq!(call(&mut c, &["testmod.read", "k"]).await, "$2\r\nv2\r\n");
+    let got = call(&mut c, &["testmod.write", "k", "x"]).await;
+    assert!(noperm(&got), "{got}");
+}
