@@ -1657,7 +1657,6 @@ impl Session {
     }
 }
 
-/// `(confirmation name, channel)` of a pub/sub confirmation array or push.
 /// Shadow mode (`protection.mode = "shadow"`): what enforcement would refuse is
 /// forwarded, logged at WARN and counted with `mode="shadow"`.
 impl Session {
@@ -1694,6 +1693,7 @@ impl Session {
     }
 }
 
+/// `(confirmation name, channel)` of a pub/sub confirmation array or push.
 fn pubsub_confirmation(reply: &Reply) -> Option<(&'static [u8], Option<Bytes>)> {
     let items = reply.items()?;
     let Item::Str(name) = items.first()? else {
