@@ -64,7 +64,6 @@ async fn state(r: &RedisServer) -> Vec<String> {
         &["SELECT", "1"],
         &["DBSIZE"],
         &["KEYS", "*"],
-        &["SLOWLOG", "LEN"],
     ] {
         let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
         c.send(&resp(&args)).await;
