@@ -42,16 +42,6 @@ pub enum ProtectionMode {
     Shadow,
 }
 
-impl ProtectionMode {
-    /// The config spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProtectionMode::Enforce => "enforce",
-            ProtectionMode::Shadow => "shadow",
-        }
-    }
-}
-
 /// `[protection]` section of the config.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

@@ -710,6 +710,29 @@ mod tests {
     use super::*;
     use ReplyKind::*;
 
+    #[test]
+    fn tree_decodes_nested_replies() {
+        let mut buf = BytesMut::from(
+            &b"*4\r\n$3\r\nget\r\n:2\r\n*2\r\n+readonly\r\n%1\r\n+k\r\n_\r\n|1\r\n+a\r\n+b\r\n,1.5\r\n"[..],
+        );
+        let reply = ReplyScanner::new(ReplyLimits::default())
+            .next(&mut buf)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            reply.tree(),
+            Some(Node::List(vec![
+                Node::Str(b"get"),
+                Node::Int(2),
+                Node::List(vec![
+                    Node::Str(b"readonly"),
+                    Node::List(vec![Node::Str(b"k"), Node::Null]),
+                ]),
+                Node::Other,
+            ]))
+        );
+    }
+
     /// Scans `input` fed in pieces of `chunk` bytes; returns the frames and their kinds.
     fn scan_chunked(
         input: &[u8],
