@@ -344,3 +344,122 @@ async fn metadata_is_read_again_after_a_restart() {
     let got = call(&mut c, &["testmod.write", "k", "x"]).await;
     assert!(noperm(&got), "{got}");
 }
+
+/// Redis's own data modules (RedisJSON, RediSearch, RedisBloom from Redis Stack 7.4,
+/// loaded into Valkey): their data commands pass by default and answer as the server
+/// does; their control, debug and internal commands (`FT.CONFIG`, `FT.DEBUG`,
+/// `JSON.DEBUG`, `BF.DEBUG`, `FT._DROPIFX`, ...) are refused; `FT._LIST` passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipped_module_data_commands_pass_and_their_control_is_refused() {
+    let (Some(valkey), Some(dir)) = (
+        valkey_server(),
+        std::env::var("PORTCULLIS_TEST_STACK_MODULES").ok(),
+    ) else {
+        eprintln!("skipped: needs valkey-server and PORTCULLIS_TEST_STACK_MODULES (scripts/test.sh installs both)");
+        return;
+    };
+    let module = |name: &str| format!("{dir}/{name}");
+    let (json, search, bloom) = (
+        module("rejson.so"),
+        module("redisearch.so"),
+        module("redisbloom.so"),
+    );
+    let server = RedisServer::start_bin(
+        &valkey,
+        &[
+            "--loadmodule",
+            &json,
+            "--loadmodule",
+            &search,
+            "--loadmodule",
+            &bloom,
+        ],
+    );
+    let proxy = Proxy::start_with(config(&[&server], &[], ReadPolicy::Master)).await;
+    learned(&proxy, &["JSON.GET", "nokey"]).await;
+    let mut c = proxy.raw().await;
+    let mut d = raw(&server).await;
+
+    // Data commands: through the proxy (first) and directly (then, on other keys or the
+    // same reads) the replies are the server's own.
+    let same = [
+        &["JSON.SET", "doc", "$", r#"{"a":1,"b":[1,2]}"#][..],
+        &["JSON.GET", "doc", "$.b"],
+        &["json.arrappend", "doc", "$.b", "3"],
+        &["JSON.TYPE", "doc", "$.a"],
+        &["BF.ADD", "bf", "x"],
+        &["BF.EXISTS", "bf", "x"],
+        &["CF.ADD", "cf", "x"],
+        &["CMS.INITBYDIM", "cms", "10", "2"],
+        &["CMS.INCRBY", "cms", "a", "3"],
+        &["TOPK.RESERVE", "tk", "2"],
+        &["TDIGEST.CREATE", "td"],
+        &["TDIGEST.ADD", "td", "1", "2", "3"],
+        &["HSET", "d:1", "t", "hello world"],
+        &[
+            "FT.CREATE",
+            "idx",
+            "ON",
+            "HASH",
+            "PREFIX",
+            "1",
+            "d:",
+            "SCHEMA",
+            "t",
+            "TEXT",
+        ],
+    ];
+    for args in same {
+        let got = call(&mut c, args).await;
+        assert!(!got.starts_with('-'), "{args:?}: {got}");
+    }
+    for args in [
+        &["JSON.GET", "doc", "$"][..],
+        &["BF.EXISTS", "bf", "x"],
+        &["BF.EXISTS", "bf", "y"],
+        &["CMS.QUERY", "cms", "a"],
+        &["TDIGEST.MAX", "td"],
+        &["FT._LIST"],
+        &["FT.TAGVALS", "idx", "nope"],
+    ] {
+        assert_eq!(
+            call(&mut c, args).await,
+            call(&mut d, args).await,
+            "{args:?}"
+        );
+    }
+    wait_until("index built", || async {
+        let mut d = raw(&server).await;
+        call(&mut d, &["FT.SEARCH", "idx", "hello"])
+            .await
+            .starts_with("*3\r\n:1\r\n")
+    })
+    .await;
+    assert_eq!(
+        call(&mut c, &["FT.SEARCH", "idx", "hello"]).await,
+        call(&mut d, &["FT.SEARCH", "idx", "hello"]).await
+    );
+
+    // Control, debug, internal: refused, and nothing changed.
+    let timeout_before = call(&mut d, &["FT.CONFIG", "GET", "TIMEOUT"]).await;
+    let indexes_before = call(&mut d, &["FT._LIST"]).await;
+    assert!(indexes_before.contains("idx"), "{indexes_before}");
+    for args in [
+        &["FT.CONFIG", "SET", "TIMEOUT", "1"][..],
+        &["FT.CONFIG", "GET", "TIMEOUT"],
+        &["FT.DEBUG", "DOCINFO", "idx", "d:1"],
+        &["FT._DROPIFX", "idx"],
+        &["FT._DROPINDEXIFX", "idx"],
+        &["JSON.DEBUG", "MEMORY", "doc"],
+        &["BF.DEBUG", "bf"],
+        &["CF.DEBUG", "cf"],
+    ] {
+        let got = call(&mut c, args).await;
+        assert!(noperm(&got), "{args:?}: {got}");
+    }
+    assert_eq!(
+        call(&mut d, &["FT.CONFIG", "GET", "TIMEOUT"]).await,
+        timeout_before
+    );
+    assert_eq!(call(&mut d, &["FT._LIST"]).await, indexes_before);
+}
