@@ -45,11 +45,11 @@ use arc_swap::ArcSwap;
 
 use crate::auth::{Credentials, ProxyAuthAnswer, User};
 use crate::backend::{LinkAuth, TopologyStore};
-use crate::command::{AclCategories, CommandSpec, Flags, Lookup, Special};
+use crate::command::{self, AclCategories, CommandSpec, Flags, Lookup, Special};
 use crate::config::ReadPolicy;
 use crate::metrics::{self, Hot};
 use crate::net::Stream;
-use crate::policy::{self, Verdict};
+use crate::policy::{self, ProtectionMode, Verdict};
 use crate::protocol::{texts, ProtocolError, Reply, ReplyKind, Request, RequestParser};
 use crate::runtime::Runtime;
 
@@ -583,9 +583,13 @@ impl Session {
             Some(u) => &u.policy,
             None => &self.rt.policy,
         };
-        let (lookup, verdict) = policy::decide(policy, &req);
+        let (lookup, verdict) =
+            policy::decide_with(policy, &req, || self.shared.topology.catalog());
         let spec = match lookup {
             Lookup::Known(spec) => spec,
+            Lookup::UnknownCommand | Lookup::UnknownSubcommand(_) if self.shadow_unknown(&req) => {
+                &command::UNKNOWN
+            }
             Lookup::UnknownCommand => {
                 self.shared.hot.unknown.increment(1);
                 metrics::refused_command("unknown");
@@ -609,6 +613,7 @@ impl Session {
             self.refuse(Bytes::from_static(texts::NOAUTH));
             return Ok(());
         }
+        let verdict = self.shadow_verdict(verdict);
         if let Some(Verdict::Deny { command, reason }) = verdict {
             self.shared.hot.refused[class].increment(1);
             metrics::refused_command(command);
@@ -1504,6 +1509,42 @@ impl Session {
             // Its state cannot be given to a new connection: close, as Redis would.
             self.end_after_replies(SessionEnd::BackendLost);
         }
+    }
+}
+
+/// Shadow mode (`protection.mode = "shadow"`): what enforcement would refuse is
+/// forwarded, logged at WARN and counted with `mode="shadow"`.
+impl Session {
+    fn shadow_mode(&self) -> bool {
+        self.rt.config.protection.mode == ProtectionMode::Shadow
+    }
+
+    /// A refusal becomes `Allow` in shadow mode, after its WARN line and count.
+    fn shadow_verdict(&self, verdict: Option<Verdict>) -> Option<Verdict> {
+        match verdict {
+            Some(Verdict::Deny { command, reason }) if self.shadow_mode() => {
+                metrics::shadow_refusal(command);
+                let user = self.user.as_ref().map_or("default", |u| u.name.as_str());
+                warn!(peer = %self.peer, user, command, reason = reason.text(), mode = "shadow",
+                    "would refuse command (shadow mode: forwarded, protection NOT enforced)");
+                Some(Verdict::Allow)
+            }
+            other => other,
+        }
+    }
+
+    /// In shadow mode an unknown command or subcommand is forwarded (as a write, to the
+    /// master) after its WARN line and count; true when it is.
+    fn shadow_unknown(&self, req: &Request) -> bool {
+        if !self.shadow_mode() {
+            return false;
+        }
+        self.shared.hot.unknown.increment(1);
+        metrics::shadow_refusal("unknown");
+        let name = req.arg(0).unwrap_or_default();
+        warn!(peer = %self.peer, command = %String::from_utf8_lossy(texts::shown(name, 64)), mode = "shadow",
+            "would refuse unknown command (shadow mode: forwarded, protection NOT enforced)");
+        true
     }
 }
 
