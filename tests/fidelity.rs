@@ -2633,3 +2633,41 @@ async fn a_rejected_reset_keeps_the_state() {
     );
     bench.finish();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_under_client_reply_off() {
+    let bench = Bench::with(&[], |c| c.protection.allow = vec!["monitor".into()]).await;
+    bench
+        .compare(
+            "OFF, MONITOR, a SET by another client, ON, PING",
+            |side| async move {
+                let mut m = Wire::connect(side.client).await;
+                m.send(&cmds(&[&["CLIENT", "REPLY", "OFF"], &["MONITOR"]]))
+                    .await;
+                // Under OFF nothing answers MONITOR: wait until the server lists a monitor.
+                let deadline = tokio::time::Instant::now() + WAIT;
+                while find(&admin(side.server, &["CLIENT", "LIST"]).await, b"flags=O").is_none() {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "no monitor at the server"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let w = write_keys(side.client, &[("monoff:k", "v")]).await;
+                let mut seen = m
+                    .until(b"\"monoff:k\" \"v\"\r\n", Duration::from_secs(2))
+                    .await;
+                seen.bytes = monitor_view(&seen.bytes, "monoff:");
+                seen.bytes
+                    .extend(format!("[w {}]", w.escape_ascii()).into_bytes());
+                m.send(&cmds(&[&["CLIENT", "REPLY", "ON"], &["PING"]]))
+                    .await;
+                let rest = m.until(b"+PONG\r\n", WAIT).await;
+                seen.bytes.extend(monitor_view(&rest.bytes, "monoff:"));
+                seen.closed = rest.closed;
+                seen
+            },
+        )
+        .await;
+    bench.finish();
+}
