@@ -601,7 +601,28 @@ async fn half_close_neighbours() {
             &["GET", "nb:in"],
         ),
     ];
-    for (name, send, shutdown, check) in cases {
+    let tracking = cmds(&[
+        &["HELLO", "3"],
+        &["CLIENT", "TRACKING", "ON"],
+        &["GET", "nb:t"],
+        &["SET", "nb:t", "1"],
+    ]);
+    let resp3_sub = cmds(&[&["HELLO", "3"], &["SUBSCRIBE", "a"], &["GET", "nb:s"]]);
+    let more: &[(&str, &[u8], bool, &[&str])] = &[
+        (
+            "HELLO 3, TRACKING ON, GET, SET, shutdown",
+            &tracking,
+            true,
+            &["GET", "nb:t"],
+        ),
+        (
+            "HELLO 3, SUBSCRIBE, GET, shutdown",
+            &resp3_sub,
+            true,
+            &["PUBSUB", "NUMSUB", "a"],
+        ),
+    ];
+    for (name, send, shutdown, check) in cases.iter().chain(more) {
         let (send, shutdown, check) = (*send, *shutdown, *check);
         bench
             .compare(name, |side| async move {
