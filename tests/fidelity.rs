@@ -868,7 +868,7 @@ const LOCAL_ANSWERS: &[&[&str]] = &[
     &["UNSUBSCRIBE"],
     &["PUNSUBSCRIBE"],
     &["SUNSUBSCRIBE"],
-    // FAILS on main at 25be0dd under OFF: after `MULTI extra` (Redis: wrong number of
+    // FAILS on main at f4fb155 under OFF: after `MULTI extra` (Redis: wrong number of
     // arguments, silenced) the proxy acts as if a transaction were open, and `CLIENT REPLY
     // ON`, `GET`, ... then get no answer at all (Redis: +OK, $1 2, ...). See also
     // "OFF, MULTI with an argument, ON, PING" below.
@@ -980,7 +980,7 @@ async fn client_reply_skip_and_off_in_combinations() {
             "OFF, RESET, PING",
             &[&["CLIENT", "REPLY", "OFF"], &["RESET"], &["PING"]],
         ),
-        // FAILS on main at 25be0dd: RESET does not clear the SKIP of its own reply in Redis
+        // FAILS on main at f4fb155: RESET does not clear the SKIP of its own reply in Redis
         // (clearClientConnectionState drops OFF and SKIP_NEXT, not SKIP): Redis sends
         // "+PONG", the proxy "+RESET\r\n+PONG".
         (
@@ -1028,7 +1028,7 @@ async fn client_reply_skip_and_off_in_combinations() {
                 &["PING"],
             ],
         ),
-        // FAILS on main at 25be0dd: Redis queues AUTH inside MULTI (+QUEUED) and EXEC runs
+        // FAILS on main at f4fb155: Redis queues AUTH inside MULTI (+QUEUED) and EXEC runs
         // it (*2: AUTH's error, +PONG); the proxy answers AUTH at once with the error and
         // EXEC's array has one element (*1 +PONG).
         (
@@ -1666,7 +1666,7 @@ fn signal(pid: u32, sig: &str) {
     assert!(status.success(), "kill {sig} {pid}");
 }
 
-// FAILS on main at c6c3d75: every round answers
+// FAILS on main at f4fb155: every round answers
 // "-ERR portcullis lost the connection to backend ...; the command may or may not have been
 // applied" (for the SET and the ECHO), though Redis had closed the idle link before the
 // client sent them. Redis's `timeout` closing idle pooled connections meets this in
@@ -2388,7 +2388,7 @@ async fn failed_state_changes_are_not_carried() {
                 &["CLIENT", "SETNAME", "a b"],
             ],
         ),
-        // FAILS on main at 25be0dd: the proxy takes db 99 from the queued SELECT although
+        // FAILS on main at f4fb155: the proxy takes db 99 from the queued SELECT although
         // it failed inside EXEC ("*1 -ERR DB index is out of range"); every new link's
         // handshake then fails and each request gets "-ERR portcullis cannot reach backend
         // ...: refused the handshake (SELECT): -ERR DB index is out of range".
@@ -2396,7 +2396,7 @@ async fn failed_state_changes_are_not_carried() {
             "MULTI, SELECT 99 (fails inside EXEC), EXEC",
             &[&["MULTI"], &["SELECT", "99"], &["EXEC"]],
         ),
-        // FAILS on main at 25be0dd likewise: the failed CLIENT SETNAME 'a b' is replayed
+        // FAILS on main at f4fb155 likewise: the failed CLIENT SETNAME 'a b' is replayed
         // ("refused the handshake (CLIENT SETNAME): -ERR Client names cannot contain ...").
         (
             "MULTI, HELLO 4, CLIENT SETNAME 'a b', HELLO 3 AUTH x y (fail inside EXEC), EXEC",
