@@ -357,6 +357,14 @@ impl CommandSpec {
         }
     }
 
+    /// Whether the command can wait for an event indefinitely (BLPOP, XREAD BLOCK, WAIT):
+    /// a client that went away must not leave it waiting on the backend.
+    pub fn may_block(&self) -> bool {
+        self.flags.intersects(Flags::BLOCKING)
+            || self.acl.intersects(AclCategories::BLOCKING)
+            || matches!(self.name, "wait" | "waitaof")
+    }
+
     /// Key positions from the legacy first/last/step triple for a request of `argc`
     /// arguments; for `MOVABLE_KEYS` commands only the fixed part (often none).
     pub fn key_positions(&self, argc: usize) -> impl Iterator<Item = usize> {

@@ -849,16 +849,15 @@ const LOCAL_ANSWERS: &[&[&str]] = &[
     &["AUTH"],
     &["AUTH", "a", "b", "c"],
     &["SELECT"],
-    // FAILS on main at f4fb155: `RESET extra` (wrong number of arguments) is treated by the
-    // proxy as a RESET of CLIENT REPLY: its error is sent under SKIP/OFF, and OFF is
-    // turned off (the following SET's +OK is sent). Redis: silenced, OFF stays.
+    // `RESET extra` (wrong number of arguments) is no RESET: its error is silenced under
+    // SKIP/OFF and OFF stays (the proxy checks arity first, as Redis does).
     &["RESET", "extra"],
     &["SUBSCRIBE"],
     &["CLIENT", "NO-EVICT", "on"],
     &["CLIENT", "KILL", "ID", "999999"],
     &["CLIENT", "LIST"],
-    // FAILS (minor) on main at f4fb155: Redis checks arity before permissions: `MONITOR
-    // extra` gets "wrong number of arguments", the proxy "-NOPERM".
+    // Redis checks arity before permissions: `MONITOR extra` gets "wrong number of
+    // arguments", not "-NOPERM".
     &["MONITOR", "extra"],
     &["SELECT", "99"],
     &["SELECT", "abc"],
@@ -868,10 +867,9 @@ const LOCAL_ANSWERS: &[&[&str]] = &[
     &["UNSUBSCRIBE"],
     &["PUNSUBSCRIBE"],
     &["SUNSUBSCRIBE"],
-    // FAILS on main at f4fb155 under OFF: after `MULTI extra` (Redis: wrong number of
-    // arguments, silenced) the proxy acts as if a transaction were open, and `CLIENT REPLY
-    // ON`, `GET`, ... then get no answer at all (Redis: +OK, $1 2, ...). See also
-    // "OFF, MULTI with an argument, ON, PING" below.
+    // `MULTI extra` under OFF (Redis: wrong number of arguments, silenced) opens no
+    // transaction: `CLIENT REPLY ON`, `GET`, ... are answered. See also "OFF, MULTI with
+    // an argument, ON, PING" below.
     &["MULTI", "extra"],
     // Not `QUIT extra`: under SKIP/OFF Redis 7.0 never closes (see half_close_neighbours).
 ];
@@ -980,9 +978,8 @@ async fn client_reply_skip_and_off_in_combinations() {
             "OFF, RESET, PING",
             &[&["CLIENT", "REPLY", "OFF"], &["RESET"], &["PING"]],
         ),
-        // FAILS on main at f4fb155: RESET does not clear the SKIP of its own reply in Redis
-        // (clearClientConnectionState drops OFF and SKIP_NEXT, not SKIP): Redis sends
-        // "+PONG", the proxy "+RESET\r\n+PONG".
+        // RESET does not clear the SKIP of its own reply in Redis (clearClientConnectionState
+        // drops OFF and SKIP_NEXT, not SKIP): "+PONG" only.
         (
             "SKIP, RESET, PING",
             &[&["CLIENT", "REPLY", "SKIP"], &["RESET"], &["PING"]],
@@ -1028,9 +1025,8 @@ async fn client_reply_skip_and_off_in_combinations() {
                 &["PING"],
             ],
         ),
-        // FAILS on main at f4fb155: Redis queues AUTH inside MULTI (+QUEUED) and EXEC runs
-        // it (*2: AUTH's error, +PONG); the proxy answers AUTH at once with the error and
-        // EXEC's array has one element (*1 +PONG).
+        // Redis queues AUTH inside MULTI (+QUEUED) and EXEC runs it (*2: AUTH's error,
+        // +PONG); the proxy queues a stand-in and puts its own AUTH answer in EXEC's array.
         (
             "AUTH inside MULTI",
             &[
@@ -1666,11 +1662,12 @@ fn signal(pid: u32, sig: &str) {
     assert!(status.success(), "kill {sig} {pid}");
 }
 
-// FAILS on main at f4fb155: every round answers
-// "-ERR portcullis lost the connection to backend ...; the command may or may not have been
-// applied" (for the SET and the ECHO), though Redis had closed the idle link before the
-// client sent them. Redis's `timeout` closing idle pooled connections meets this in
-// production whenever the proxy is slow to see the FIN (loaded machine).
+// Once failed every round with "-ERR portcullis lost the connection to backend ...; the
+// command may or may not have been applied" (for the SET and the ECHO), though Redis had
+// closed the idle link before the client sent them: the session now reads its backends
+// before its client, so a FIN that arrived with the request is seen first. Redis's
+// `timeout` closing idle pooled connections meets this in production whenever the proxy is
+// slow to see the FIN (loaded machine).
 /// A request that reaches the proxy after Redis closed the idle link it would use. The
 /// proxy process is paused (SIGSTOP) while Redis closes the link and the client sends, so
 /// on SIGCONT both are ready at once, as on a busy machine: the end of the link came first,
@@ -2388,16 +2385,13 @@ async fn failed_state_changes_are_not_carried() {
                 &["CLIENT", "SETNAME", "a b"],
             ],
         ),
-        // FAILS on main at f4fb155: the proxy takes db 99 from the queued SELECT although
-        // it failed inside EXEC ("*1 -ERR DB index is out of range"); every new link's
-        // handshake then fails and each request gets "-ERR portcullis cannot reach backend
-        // ...: refused the handshake (SELECT): -ERR DB index is out of range".
+        // A SELECT that failed inside EXEC ("*1 -ERR DB index is out of range") changes
+        // nothing: a new link's handshake must not replay db 99.
         (
             "MULTI, SELECT 99 (fails inside EXEC), EXEC",
             &[&["MULTI"], &["SELECT", "99"], &["EXEC"]],
         ),
-        // FAILS on main at f4fb155 likewise: the failed CLIENT SETNAME 'a b' is replayed
-        // ("refused the handshake (CLIENT SETNAME): -ERR Client names cannot contain ...").
+        // Likewise a CLIENT SETNAME 'a b' that failed inside EXEC is not replayed.
         (
             "MULTI, HELLO 4, CLIENT SETNAME 'a b', HELLO 3 AUTH x y (fail inside EXEC), EXEC",
             &[
@@ -2693,12 +2687,10 @@ async fn monitor_under_client_reply_off() {
     bench.finish();
 }
 
-// FAILS on main at f4fb155. Beyond Redis: Redis itself, half-closed with big replies
-// pending, frees the client at the end of input and cuts its output (two 4 MiB GETs:
-// about 4.2 of 8 MiB arrive, and a following INCR runs unacknowledged). The proxy passes
-// the half-close on to Redis, so Redis cuts the proxy's link the same way, and the client
-// gets, with no error: the first reply only (4,194,316 bytes), sometimes nothing at all
-// (0 bytes, seen by hand); with a trailing INCR, the INCR ran unacknowledged. Issue item 1: every request read
+// Beyond Redis: Redis itself, half-closed with big replies pending, frees the client at
+// the end of input and cuts its output (two 4 MiB GETs: about 4.2 of 8 MiB arrive, and a
+// following INCR runs unacknowledged). The proxy passes a half-close on to Redis only when
+// a command that can wait indefinitely is in flight, so here every reply arrives. Issue item 1: every request read
 // gets its reply unless the client is gone; this client is still reading.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_after_big_replies_delivers_them_all() {
