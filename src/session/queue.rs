@@ -267,8 +267,8 @@ impl ReplyQueue {
         true
     }
 
-    /// Take every READONLY retry, in order, leaving a placeholder that `settle_retry`
-    /// fills with the re-sent request or its answer.
+    /// Every READONLY retry, in order, for the caller to replace with the re-sent
+    /// request or its answer (the retry count starts again from zero).
     pub(super) fn retries_mut(&mut self) -> impl Iterator<Item = &mut Entry> {
         self.retries = 0;
         self.entries
