@@ -15,7 +15,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:6380";
 /// Admin HTTP port (metrics, health).
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9190";
 /// Redis's `proto-max-bulk-len`.
-pub const DEFAULT_MAX_BULK_LEN: usize = 512 * 1024 * 1024;
+pub const DEFAULT_MAX_BULK_LEN: usize = crate::protocol::PROTO_MAX_BULK_LEN;
 /// Redis 7's multibulk count bound (INT_MAX).
 pub const DEFAULT_MAX_MULTIBULK_LEN: usize = i32::MAX as usize;
 /// Redis's `PROTO_INLINE_MAX_SIZE`.

@@ -13,7 +13,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 /// Redis `PROTO_INLINE_MAX_SIZE`: longest inline line / count line without terminator.
 pub const DEFAULT_MAX_INLINE_LEN: usize = 64 * 1024;
 /// Redis `proto-max-bulk-len` default.
-pub const DEFAULT_MAX_BULK_LEN: usize = 512 * 1024 * 1024;
+pub const DEFAULT_MAX_BULK_LEN: usize = super::PROTO_MAX_BULK_LEN;
 /// Redis 7 multibulk count bound (`INT_MAX`).
 pub const DEFAULT_MAX_MULTIBULK_LEN: usize = i32::MAX as usize;
 /// Pre-authentication multibulk count bound (CVE-2021-32675 fix).

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::backend::{BackendLink, Handshake};
-use crate::command::{AclCategories, CommandSpec, Flags, Special};
+use crate::command::{AclCategories, CommandSpec, Special};
 use crate::metrics;
 use crate::net::Stream;
 use crate::protocol::{texts, Reply, ReplyScanner};
@@ -54,7 +54,9 @@ pub(super) enum Route {
 /// nor blocks the connection.
 pub(super) fn shareable_command(spec: &CommandSpec) -> bool {
     matches!(spec.special, Special::None | Special::Ping)
-        && !spec.flags.intersects(Flags::BLOCKING)
+        // Shadow mode forwards unknown commands: what they do is not known.
+        && !std::ptr::eq(spec, &crate::command::UNKNOWN)
+        && !spec.may_block()
         && !spec.acl.intersects(AclCategories::TRANSACTION)
         && (!spec.acl.intersects(AclCategories::CONNECTION) || matches!(spec.name, "ping" | "echo"))
 }
@@ -135,10 +137,13 @@ impl PoolConn {
     }
 }
 
+/// One backend's shared connections.
+type BackendPool = Arc<[Arc<PoolConn>]>;
+
 /// Every backend's shared connections, opened when first needed.
 #[derive(Debug, Default)]
 pub struct Pools {
-    by_backend: Mutex<Vec<Option<Arc<[Arc<PoolConn>]>>>>,
+    by_backend: Mutex<Vec<Option<BackendPool>>>,
     stop: CancellationToken,
 }
 
@@ -181,7 +186,7 @@ impl Pools {
                         .config
                         .label()
                         .to_string();
-                    let conns: Arc<[Arc<PoolConn>]> = (0..size.max(1))
+                    let conns: BackendPool = (0..size.max(1))
                         .map(|_| spawn_conn(shared.clone(), index, label.clone(), &self.stop))
                         .collect();
                     by_backend[index] = Some(conns.clone());
@@ -422,7 +427,11 @@ async fn run_conn(
             .get(index)
             .map(|b| b.config.clone())
         else {
-            fail_all(waiting.take(), &mut rx, &Bytes::from_static(texts::NO_BACKEND));
+            fail_all(
+                waiting.take(),
+                &mut rx,
+                &Bytes::from_static(texts::NO_BACKEND),
+            );
             return;
         };
         let opened = BackendLink::open(
