@@ -1292,6 +1292,7 @@ impl Session {
                 _ => Entry::Ready(deliver.then(|| masterdown.clone())),
             };
         }
+        self.queue.recount();
         self.queue.drain(&mut self.to_client);
     }
 
@@ -1698,10 +1699,11 @@ impl Session {
                 self.upstream.shared = Some(SharedLink::new(index, conn));
             }
         }
-        if on_shared && self.queue.waiting_on(LinkId::Master) {
+        let on_master = self.queue.waiting_on(LinkId::Master);
+        if on_shared && on_master {
             return Route::Wait;
         }
-        if self.queue.waiting_on(LinkId::Master) {
+        if on_master {
             // Stay on the dedicated link until it has answered everything (a pipeline
             // behind a blocking command goes on reaching Redis, as it always did).
             return Route::Dedicated;

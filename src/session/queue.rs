@@ -178,6 +178,17 @@ pub(super) struct ReplyQueue {
     entries: VecDeque<Entry>,
     /// `Entry::Retry` entries in the queue.
     retries: usize,
+    /// `Entry::Upstream` entries per link (`slot`): `waiting_on` without a scan.
+    on: [usize; 3],
+}
+
+/// Index of `link` in `ReplyQueue::on`.
+fn slot(link: LinkId) -> usize {
+    match link {
+        LinkId::Master => 0,
+        LinkId::Replica => 1,
+        LinkId::Shared => 2,
+    }
 }
 
 impl ReplyQueue {
@@ -209,7 +220,23 @@ impl ReplyQueue {
 
     /// A forwarded request's answer, to come from `awaiting.link`.
     pub(super) fn push_upstream(&mut self, awaiting: Awaiting) {
+        self.on[slot(awaiting.link)] += 1;
         self.entries.push_back(Entry::Upstream(awaiting));
+    }
+
+    /// Count the entries per link again (after entries were replaced in place).
+    pub(super) fn recount(&mut self) {
+        self.on = [0; 3];
+        for e in &self.entries {
+            if let Entry::Upstream(a) = e {
+                self.on[slot(a.link)] += 1;
+            }
+        }
+        self.retries = self
+            .entries
+            .iter()
+            .filter(|e| matches!(e, Entry::Retry { .. }))
+            .count();
     }
 
     /// Index of the first entry waiting on `link`: the one its next frame answers.
@@ -228,7 +255,7 @@ impl ReplyQueue {
 
     /// Whether any answer is still coming from `link`.
     pub(super) fn waiting_on(&self, link: LinkId) -> bool {
-        self.first_on(link).is_some()
+        self.on[slot(link)] > 0
     }
 
     /// The entry at `index`, when it waits on a backend.
@@ -249,8 +276,12 @@ impl ReplyQueue {
 
     /// Replace the entry at `index` (an answer arrived); returns the old entry.
     pub(super) fn complete(&mut self, index: usize, answer: Option<Bytes>) -> Option<Entry> {
-        let slot = self.entries.get_mut(index)?;
-        Some(std::mem::replace(slot, Entry::Ready(answer)))
+        let entry = self.entries.get_mut(index)?;
+        let old = std::mem::replace(entry, Entry::Ready(answer));
+        if let Entry::Upstream(a) = &old {
+            self.on[slot(a.link)] = self.on[slot(a.link)].saturating_sub(1);
+        }
+        Some(old)
     }
 
     /// Turn the awaiting entry at `index` into a READONLY retry of its frame.
@@ -262,6 +293,7 @@ impl ReplyQueue {
             return false;
         };
         let deliver = a.deliver;
+        self.on[slot(a.link)] = self.on[slot(a.link)].saturating_sub(1);
         self.entries[index] = Entry::Retry { retained, deliver };
         self.retries += 1;
         true
@@ -290,6 +322,7 @@ impl ReplyQueue {
                     }
                     *entry = Entry::Ready((!out.is_empty()).then(|| out.freeze()));
                     n += 1;
+                    self.on[slot(link)] = self.on[slot(link)].saturating_sub(1);
                 }
             }
         }
@@ -313,6 +346,7 @@ impl ReplyQueue {
                     }
                     *entry = Entry::Ready((!out.is_empty()).then(|| out.freeze()));
                     left -= 1;
+                    self.on[slot(link)] = self.on[slot(link)].saturating_sub(1);
                 }
             }
         }
@@ -325,17 +359,14 @@ impl ReplyQueue {
         if let Some(i) = self.first_on(link) {
             self.entries.truncate(i);
         }
-        self.retries = self
-            .entries
-            .iter()
-            .filter(|e| matches!(e, Entry::Retry { .. }))
-            .count();
+        self.recount();
     }
 
     /// Forget everything (a desynchronized backend ends the session).
     pub(super) fn clear(&mut self) {
         self.entries.clear();
         self.retries = 0;
+        self.on = [0; 3];
     }
 
     /// Write the answers that reached the head, in order.
