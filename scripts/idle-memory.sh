@@ -98,10 +98,12 @@ PROXY_PID=$!; PIDS+=("$PROXY_PID")
 wait_pong "$PROXY_PORT" "$PROXY_PID" proxy
 log "redis pid $REDIS_PID :$REDIS_PORT, portcullis pid $PROXY_PID :$PROXY_PORT, $CONNS connections"
 
-python3 - "$PROXY_PID" "$PROXY_PORT" "$CONNS" "$CA" <<'PY'
+python3 - "$PROXY_PID" "$PROXY_PORT" "$CONNS" "$CA" "$MODE" <<'PY'
 import os, socket, ssl, sys, time
 
 pid, port, total = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+# shared mode: pinged clients share the proxy's few backend connections
+backend_fd_each = 0 if sys.argv[5] == "shared" else 1
 tls = ssl.create_default_context(cafile=sys.argv[4]) if sys.argv[4] else None
 half = total // 2
 
@@ -161,7 +163,7 @@ for _ in range(total - half):
     s.sendall(b"*1\r\n$4\r\nPING\r\n")
     read_exact(s, b"+PONG\r\n")
     pinged.append(s)
-rss2 = settle(fd0 + half + 2 * (total - half))   # client + backend fd each
+rss2 = settle(fd0 + half + (1 + backend_fd_each) * (total - half))   # client (+ backend) fd each
 fd2 = nfds()
 
 n_p = total - half

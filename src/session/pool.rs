@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -84,7 +84,12 @@ const FIRST_WINDOW: usize = 32;
 /// A session's address at its shared connection.
 #[derive(Debug)]
 struct Mailbox {
-    inbox: UnboundedSender<Delivery>,
+    /// Deliveries not taken by the session yet (a plain queue and a `Notify`: far smaller
+    /// per session than a channel, which allocates a block of slots up front).
+    inbox: Mutex<VecDeque<Delivery>>,
+    ready: Notify,
+    /// The session ended: deliveries are dropped.
+    closed: AtomicBool,
     /// Request bytes handed to the connection and not written to the backend yet: the
     /// session stops reading its client past `limits.max_reply_buffer`, as it does for
     /// its own link's unwritten bytes.
@@ -95,11 +100,28 @@ struct Mailbox {
 
 impl Mailbox {
     fn send(&self, d: Delivery, bytes: usize) {
-        self.undelivered.fetch_add(bytes, Ordering::Relaxed);
-        // A session that ended drops its inbox: its replies are discarded.
-        if self.inbox.send(d).is_err() {
-            self.undelivered.fetch_sub(bytes, Ordering::Relaxed);
+        // A session that ended takes nothing more: its replies are discarded.
+        if self.closed.load(Ordering::Acquire) {
+            return;
         }
+        let Ok(mut inbox) = self.inbox.lock() else {
+            return;
+        };
+        self.undelivered.fetch_add(bytes, Ordering::Relaxed);
+        inbox.push_back(d);
+        drop(inbox);
+        self.ready.notify_one();
+    }
+
+    /// The next delivery, when one is there.
+    fn take(&self) -> Option<Delivery> {
+        let mut inbox = self.inbox.lock().ok()?;
+        let d = inbox.pop_front();
+        if inbox.is_empty() && inbox.capacity() > 8 {
+            // Give back what a burst grew.
+            *inbox = VecDeque::new();
+        }
+        d
     }
 }
 
@@ -112,14 +134,22 @@ struct Batch {
     mailbox: Arc<Mailbox>,
 }
 
+/// `PoolConn::state`: opening for the first time.
+const NEW: u8 = 0;
+/// `PoolConn::state`: open and serving.
+const UP: u8 = 1;
+/// `PoolConn::state`: lost, or a connect failed.
+const DOWN: u8 = 2;
+
 /// The handle of one shared connection.
 #[derive(Debug)]
 pub(super) struct PoolConn {
     tx: UnboundedSender<Batch>,
-    /// Connected and serving. Sessions send only then: a request is never handed to a
-    /// connection that is not open (the dedicated path connects, and waits for a master,
-    /// as it always did).
-    up: AtomicBool,
+    /// `NEW`, `UP` or `DOWN`. Sessions send while it is up, or opening for the first
+    /// time (their batches wait for it). After a loss or a failed connect they take their
+    /// dedicated path until it is up again: that path connects, and waits for a master,
+    /// as it always did, so a dead master is not reported as unreachable in between.
+    state: AtomicU8,
     /// Asks the task to connect.
     kick: Notify,
     /// Backend label, for error texts and logs.
@@ -129,11 +159,18 @@ pub(super) struct PoolConn {
 impl PoolConn {
     /// Whether sessions may send to it now; when not, asks it to (re)connect.
     pub(super) fn usable(&self) -> bool {
-        let up = self.up.load(Ordering::Acquire);
-        if !up {
-            self.kick.notify_one();
+        match self.state.load(Ordering::Acquire) {
+            UP => true,
+            NEW => true,
+            _ => {
+                self.kick.notify_one();
+                false
+            }
         }
-        up
+    }
+
+    fn set(&self, state: u8) {
+        self.state.store(state, Ordering::Release);
     }
 }
 
@@ -207,7 +244,7 @@ fn spawn_conn(
     let (tx, rx) = mpsc::unbounded_channel();
     let conn = Arc::new(PoolConn {
         tx,
-        up: AtomicBool::new(false),
+        state: AtomicU8::new(NEW),
         kick: Notify::new(),
         label,
     });
@@ -231,7 +268,6 @@ pub(super) struct SharedLink {
     len: usize,
     count: u32,
     mailbox: Arc<Mailbox>,
-    inbox: UnboundedReceiver<Delivery>,
     /// Requests sent and not answered yet.
     in_flight: usize,
     /// Running mean of this session's reply sizes (0: none seen yet).
@@ -240,7 +276,6 @@ pub(super) struct SharedLink {
 
 impl SharedLink {
     pub(super) fn new(index: usize, conn: Arc<PoolConn>) -> SharedLink {
-        let (inbox_tx, inbox) = mpsc::unbounded_channel();
         SharedLink {
             index,
             conn,
@@ -249,11 +284,12 @@ impl SharedLink {
             len: 0,
             count: 0,
             mailbox: Arc::new(Mailbox {
-                inbox: inbox_tx,
+                inbox: Mutex::new(VecDeque::new()),
+                ready: Notify::new(),
+                closed: AtomicBool::new(false),
                 unwritten: AtomicUsize::new(0),
                 undelivered: AtomicUsize::new(0),
             }),
-            inbox,
             in_flight: 0,
             mean_reply: 0,
         }
@@ -337,14 +373,19 @@ impl SharedLink {
 
     /// Wait for the next delivery.
     pub(super) async fn recv(&mut self) -> Option<Delivery> {
-        let d = self.inbox.recv().await;
-        self.taken(d.as_ref());
-        d
+        loop {
+            // `notify_one` keeps a permit when nobody waits: a delivery pushed between
+            // the check and the wait is not missed.
+            if let Some(d) = self.try_recv() {
+                return Some(d);
+            }
+            self.mailbox.ready.notified().await;
+        }
     }
 
     /// The next delivery, when one is there.
     pub(super) fn try_recv(&mut self) -> Option<Delivery> {
-        let d = self.inbox.try_recv().ok();
+        let d = self.mailbox.take();
         self.taken(d.as_ref());
         d
     }
@@ -353,6 +394,15 @@ impl SharedLink {
         let bytes = d.map_or(0, Delivery::bytes);
         if bytes > 0 {
             self.mailbox.undelivered.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for SharedLink {
+    fn drop(&mut self) {
+        self.mailbox.closed.store(true, Ordering::Release);
+        if let Ok(mut inbox) = self.mailbox.inbox.lock() {
+            inbox.clear();
         }
     }
 }
@@ -448,6 +498,7 @@ async fn run_conn(
                 metrics::backend_connect_error(cfg.label());
                 warn!(backend = cfg.label(), error = %e, "shared backend connection failed");
                 let reply = texts::unreachable(cfg.label(), &e);
+                conn.set(DOWN);
                 shared.topology.report_unreachable(index, &reply);
                 fail_all(waiting.take(), &mut rx, &reply);
                 tokio::select! {
@@ -470,10 +521,10 @@ async fn run_conn(
         if let Some(b) = waiting.take() {
             io.take(b);
         }
-        conn.up.store(true, Ordering::Release);
+        conn.set(UP);
         let stopped = io.serve(&mut rx, &stop).await;
         // From now on sessions take their dedicated path until it is up again.
-        conn.up.store(false, Ordering::Release);
+        conn.set(DOWN);
         match stopped {
             Stop::Closed => return,
             Stop::Lost(why) => {
