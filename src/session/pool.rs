@@ -248,7 +248,7 @@ fn spawn_conn(
         kick: Notify::new(),
         label,
     });
-    // Connect at once: the first sessions take their dedicated path until it is up.
+    // Connect at once: the first sessions' requests wait for it.
     conn.kick.notify_one();
     tokio::spawn(run_conn(shared, index, conn.clone(), rx, stop.clone()));
     conn
