@@ -297,6 +297,13 @@ impl CommandSpec {
         self.flags.contains(Flags::READONLY) && !self.flags.contains(Flags::WRITE)
     }
 
+    /// True for the commands Redis accepts from a busy server to act on the script or
+    /// function it runs (`SCRIPT KILL`, `FUNCTION KILL`, `FUNCTION STATS`): they go to
+    /// the backend that script runs on, whatever its confirmation state.
+    pub fn acts_on_running_script(&self) -> bool {
+        self.flags.contains(Flags::ALLOW_BUSY) && self.acl.intersects(AclCategories::SCRIPTING)
+    }
+
     /// True for a container command (one with subcommands, like CONFIG).
     pub fn is_container(&self) -> bool {
         !self.subcommands.is_empty()

@@ -122,3 +122,19 @@ pub fn auth_failure() {
 pub fn tls_handshake_failure(side: &'static str) {
     counter!("portcullis_tls_handshake_failures_total", "side" => side).increment(1);
 }
+
+/// A backend's standing changed: `portcullis_backend_state{state}` is 1 for the new one,
+/// 0 for the others, and the change is counted.
+pub fn backend_standing(backend: &str, from: &'static str, to: &'static str) {
+    for s in crate::backend::Standing::ALL {
+        gauge!("portcullis_backend_state", "backend" => backend.to_string(), "state" => s.name())
+            .set(if s.name() == to { 1.0 } else { 0.0 });
+    }
+    counter!("portcullis_backend_state_changes_total", "backend" => backend.to_string(), "from" => from, "to" => to)
+        .increment(1);
+}
+
+/// Seconds since the backend last gave a sign of life (a probe answer, a session reply).
+pub fn backend_silence(backend: &str, seconds: f64) {
+    gauge!("portcullis_backend_silence_seconds", "backend" => backend.to_string()).set(seconds);
+}

@@ -32,7 +32,7 @@ use tracing::{debug, warn};
 use arc_swap::ArcSwap;
 
 use crate::auth::User;
-use crate::backend::{BackendLink, Handshake, TopologyStore};
+use crate::backend::{BackendLink, Handshake, Liveness, TopologyStore};
 use crate::command::{AclCategories, CommandSpec, Flags, Lookup, PubSubKind, Special};
 use crate::config::ReadPolicy;
 use crate::metrics::{self, Hot};
@@ -282,6 +282,8 @@ struct Backend {
     out: OutQueue,
     /// Label for logs and metrics.
     label: String,
+    /// Where replies read here count as the backend's proof of life (`probe.down_after`).
+    liveness: Arc<Liveness>,
 }
 
 impl Backend {
@@ -1029,6 +1031,11 @@ impl Session {
             Special::Monitor | Special::Ping | Special::None => {}
         }
         let delivered = self.take_reply_slot();
+        if let Some(index) = self.running_script_backend(spec) {
+            return self
+                .forward_to_script(index, forward, u32::from(delivered))
+                .await;
+        }
         if matches!(on_reply, OnReply::Apply(_)) {
             // The replica link's replayed state no longer matches.
             self.replica_stale = true;
@@ -1041,6 +1048,37 @@ impl Session {
         let retryable = plain && spec.is_write();
         self.forward(forward, u32::from(delivered), on_reply, retryable)
             .await
+    }
+
+    /// `SCRIPT KILL`, `FUNCTION KILL`, `FUNCTION STATS` while a backend other than the
+    /// session's link is busy running a script: that backend, whatever its confirmation
+    /// state (the command cannot change its role). `None`: route as usual.
+    fn running_script_backend(&self, spec: &CommandSpec) -> Option<usize> {
+        if !spec.acts_on_running_script() || !self.at_safe_point() {
+            return None;
+        }
+        let busy = self.shared.topology.load().busy_backend()?;
+        (self.backend.as_ref().map(|b| b.index) != Some(busy)).then_some(busy)
+    }
+
+    /// Send a script-control command to the busy backend on a link of its own (the
+    /// session's next command moves back to the confirmed master at this safe point).
+    async fn forward_to_script(
+        &mut self,
+        index: usize,
+        req: Request,
+        replies: u32,
+    ) -> Option<SessionEnd> {
+        self.backend = None;
+        match self.connect(index).await {
+            Ok(()) => self.push_request(req, replies, OnReply::Forward, false),
+            Err(reply) => {
+                if replies > 0 {
+                    self.push_local(reply);
+                }
+                None
+            }
+        }
     }
 
     /// Whether a command may go to a replica: read-only, not blocking, not a script or
@@ -1345,7 +1383,9 @@ impl Session {
 
     /// Connect to the confirmed master, waiting up to the failover wait for one. A master
     /// that refuses the connection is reported to the topology (and re-probed at once),
-    /// so the wait can end on its successor.
+    /// so the wait can end on its successor; one that only does not answer in time stays
+    /// the master until `probe.down_after`, and the session keeps trying it meanwhile, as
+    /// a client of Redis alone would wait.
     async fn connect_to_master(&mut self) -> Result<(), Bytes> {
         let deadline = tokio::time::Instant::now() + self.rt.config.routing.failover_wait;
         loop {
@@ -1356,8 +1396,8 @@ impl Session {
             match self.connect(index).await {
                 Ok(()) => return Ok(()),
                 Err(reply) => {
-                    self.shared.topology.report_unreachable(index, &reply);
-                    if tokio::time::Instant::now() >= deadline {
+                    let silent = self.shared.topology.load().master_now() == Some(index);
+                    if tokio::time::Instant::now() >= deadline && !silent {
                         return Err(reply);
                     }
                 }
@@ -1372,13 +1412,13 @@ impl Session {
 
     /// Open a backend connection with this session's state replayed.
     async fn open_link(&self, index: usize) -> Result<Backend, Bytes> {
-        let Some(cfg) = self
+        let Some((cfg, liveness)) = self
             .shared
             .topology
             .load()
             .backends
             .get(index)
-            .map(|b| b.config.clone())
+            .map(|b| (b.config.clone(), b.liveness.clone()))
         else {
             return Err(local_error("ERR portcullis has no backend configured"));
         };
@@ -1398,8 +1438,13 @@ impl Session {
                 scanner: ReplyScanner::new(self.rt.reply_limits()),
                 out: OutQueue::default(),
                 label: cfg.label().to_string(),
+                liveness,
             }),
             Err(e) => {
+                // Refused: down at once; timed out: silence, the prober decides.
+                self.shared
+                    .topology
+                    .report_connect_error(index, e.evidence());
                 metrics::backend_connect_error(cfg.label());
                 warn!(backend = cfg.label(), error = %e, "backend connection failed");
                 Err(local_error(&format!(
@@ -1418,6 +1463,7 @@ impl Session {
     }
 
     fn read_backend(&mut self, link: Link) {
+        let now = self.now;
         let Some(backend) = self.link_mut(link) else {
             return;
         };
@@ -1426,7 +1472,10 @@ impl Session {
             .read_batch(&mut backend.buf, &mut backend.batch)
         {
             Ok(0) => return self.link_lost(link),
-            Ok(_) => self.replies_at = self.now,
+            Ok(_) => {
+                backend.liveness.record(tokio::time::Instant::from_std(now));
+                self.replies_at = self.now;
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             Err(e) => {
                 debug!(peer = %self.peer, error = %e, "backend read failed");
@@ -1504,6 +1553,15 @@ impl Session {
         }
 
         let readonly = reply.is_error() && reply.error_code() == Some(b"READONLY".as_slice());
+        if link == Link::Master
+            && reply.is_error()
+            && reply.error_code() == Some(b"MASTERDOWN".as_slice())
+        {
+            // Only a replica says MASTERDOWN: evidence this is no longer the master.
+            if let Some(b) = self.backend.as_ref().map(|b| b.index) {
+                self.shared.topology.report_not_master(b, "-MASTERDOWN");
+            }
+        }
         let is_error = reply.is_error() || reply.kind() == ReplyKind::Null;
         let backend_index = match link {
             Link::Master => self.backend.as_ref().map(|b| b.index),

@@ -44,6 +44,22 @@ pub enum BackendError {
     },
 }
 
+impl BackendError {
+    /// What this failure says about the backend: a timeout is silence, a handshake
+    /// answered `-BUSY`/`-LOADING` proves life, the rest (refused, reset, ...) is down.
+    pub fn evidence(&self) -> crate::backend::Evidence {
+        use crate::backend::Evidence;
+        match self {
+            BackendError::Timeout { .. } => Evidence::Silence(self.to_string()),
+            BackendError::Refused { reply, .. } => match Evidence::of_error_reply(reply) {
+                Evidence::Alive(_) => Evidence::Alive(self.to_string()),
+                _ => Evidence::Down(self.to_string()),
+            },
+            _ => Evidence::Down(self.to_string()),
+        }
+    }
+}
+
 /// Why reading one reply on one of the proxy's own backend connections failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadReplyError {

@@ -8,4 +8,6 @@ pub mod sentinel;
 pub mod topology;
 
 pub use link::{read_reply, BackendError, BackendLink, Handshake, ReadReplyError};
-pub use topology::{BackendState, Role, Topology, TopologyStore};
+pub use topology::{
+    BackendState, Bounds, Evidence, Liveness, Role, Standing, Topology, TopologyStore,
+};

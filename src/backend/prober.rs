@@ -2,6 +2,11 @@
 //! session saw `-READONLY`), results published to the topology store. Detects hijacks (a
 //! replica of a master outside the configured set) and, when enabled, heals them with
 //! `REPLICAOF` on its own connection. Never touches client traffic.
+//!
+//! A failed probe is classified (`Evidence`): a timeout is silence (the last known role
+//! holds, the connection is dropped and the next probe opens a fresh one, so a stuck
+//! connection never stops probing), `-BUSY`/`-LOADING` prove life (the connection is
+//! kept), anything else (refused, reset, a refused handshake) is evidence: down at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::backend::topology::{Role, TopologyStore};
+use crate::backend::topology::{Evidence, Role, Stall, TopologyStore};
 use crate::backend::{read_reply, BackendError, BackendLink, Handshake, ReadReplyError};
 use crate::config::BackendConfig;
 use crate::net::Stream;
@@ -44,8 +49,22 @@ enum ProbeError {
     Read(#[from] ReadReplyError),
     #[error("unexpected ROLE reply: {0}")]
     Unexpected(String),
+    #[error("ROLE answered {0}")]
+    Busy(String),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+}
+
+impl ProbeError {
+    /// What this failure says about the backend.
+    fn evidence(&self) -> Evidence {
+        match self {
+            ProbeError::Timeout(_) => Evidence::Silence(self.to_string()),
+            ProbeError::Busy(_) => Evidence::Alive(self.to_string()),
+            ProbeError::Backend(e) => e.evidence(),
+            _ => Evidence::Down(self.to_string()),
+        }
+    }
 }
 
 /// The prober's own connection.
@@ -155,8 +174,11 @@ pub async fn run(
                 store.update(index, |b| {
                     b.role = Some(role.clone());
                     b.probed_at = Some(now);
+                    b.alive_at = Some(now);
                     b.error = None;
+                    b.stall = None;
                     b.readonly_seen = false;
+                    b.contradiction = None;
                     b.hijacked = foreign;
                 });
                 if foreign && settings.auto_heal {
@@ -168,23 +190,54 @@ pub async fn run(
                 }
             }
             Err(e) => {
-                conn = None;
                 counter!("portcullis_probe_failures_total", "backend" => label.clone())
                     .increment(1);
-                let first = store
-                    .load()
-                    .backends
-                    .get(index)
-                    .is_some_and(|b| b.error.is_none());
-                if first {
-                    warn!(backend = %label, error = %e, "backend probe failed; not confirmable until a probe succeeds");
+                let now = Instant::now();
+                match e.evidence() {
+                    Evidence::Down(why) => {
+                        conn = None;
+                        store.update(index, |b| {
+                            b.error = Some(why.clone());
+                            b.evidence_at = Some(now);
+                            b.stall = None;
+                        });
+                        // An unreachable backend has no role anyone should alert on as current.
+                        set_role_gauges(&label, None);
+                        gauges_unknown = true;
+                    }
+                    evidence => {
+                        let (busy, why) = match evidence {
+                            Evidence::Alive(why) => (true, why),
+                            Evidence::Silence(why) | Evidence::Down(why) => (false, why),
+                        };
+                        if !busy {
+                            // A timed-out connection may still deliver the late reply: a
+                            // fresh one next time keeps replies and probes paired.
+                            conn = None;
+                        }
+                        store.update(index, |b| {
+                            let since = match &b.stall {
+                                Some(s) if s.busy == busy => s.since,
+                                _ => now,
+                            };
+                            b.stall = Some(Stall {
+                                busy,
+                                evidence: why.clone(),
+                                since,
+                            });
+                            if busy {
+                                b.alive_at = Some(now);
+                            }
+                        });
+                    }
                 }
-                let msg = e.to_string();
-                store.update(index, |b| b.error = Some(msg.clone()));
-                // An unreachable backend has no role anyone should alert on as current.
-                set_role_gauges(&label, None);
-                gauges_unknown = true;
             }
+        }
+        if let Some(b) = store.load().backends.get(index) {
+            let silent = b.last_alive().map_or(0.0, |t| {
+                Instant::now().saturating_duration_since(t).as_secs_f64()
+            });
+            crate::metrics::backend_silence(&label, silent);
         }
         tokio::select! {
             _ = tokio::time::sleep(settings.interval) => {}
@@ -240,7 +293,13 @@ fn parse_role(reply: &Reply) -> Result<Role, ProbeError> {
         )
     };
     if reply.is_error() {
-        return Err(unexpected());
+        let text = String::from_utf8_lossy(&reply.frame()[..reply.frame().len().min(120)])
+            .trim_end()
+            .to_string();
+        return match Evidence::of_error_reply(&text) {
+            Evidence::Alive(_) => Err(ProbeError::Busy(text)),
+            _ => Err(unexpected()),
+        };
     }
     let items = reply.items().ok_or_else(unexpected)?;
     match items.as_slice() {
@@ -342,7 +401,25 @@ mod tests {
             parse_role(&reply(b"*2\r\n$8\r\nsentinel\r\n*0\r\n")).unwrap(),
             Role::Sentinel
         );
-        assert!(parse_role(&reply(b"-NOPERM no\r\n")).is_err());
+        assert!(matches!(
+            parse_role(&reply(b"-NOPERM no\r\n"))
+                .unwrap_err()
+                .evidence(),
+            Evidence::Down(_)
+        ));
+        for busy in [
+            b"-BUSY Redis is busy running a script.\r\n".as_slice(),
+            b"-LOADING Redis is loading the dataset in memory\r\n",
+        ] {
+            assert!(matches!(
+                parse_role(&reply(busy)).unwrap_err().evidence(),
+                Evidence::Alive(_)
+            ));
+        }
+        assert!(matches!(
+            ProbeError::Timeout(Duration::from_millis(500)).evidence(),
+            Evidence::Silence(_)
+        ));
         assert!(parse_role(&reply(b"*1\r\n$5\r\nother\r\n")).is_err());
         assert!(parse_role(&reply(
             b"*5\r\n$5\r\nslave\r\n$1\r\nh\r\n:70000\r\n$1\r\nx\r\n:0\r\n"
