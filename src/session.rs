@@ -52,6 +52,8 @@ fn release_if_big(buf: &mut BytesMut) {
         *buf = BytesMut::new();
     }
 }
+/// Shortest time between two connect attempts to a master that is silent or busy.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 /// Most chunks handed to one `writev`.
 const MAX_IOVECS: usize = 64;
 
@@ -1393,12 +1395,20 @@ impl Session {
             let Some(index) = self.shared.topology.wait_for_master(left).await else {
                 return Err(self.shared.masterdown());
             };
+            let attempt = tokio::time::Instant::now();
             match self.connect(index).await {
                 Ok(()) => return Ok(()),
                 Err(reply) => {
-                    let silent = self.shared.topology.load().master_now() == Some(index);
-                    if tokio::time::Instant::now() >= deadline && !silent {
+                    let topo = self.shared.topology.load();
+                    let silent = topo.master_now() == Some(index);
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline && (!silent || now >= deadline + topo.down_after) {
                         return Err(reply);
+                    }
+                    if silent {
+                        // Still the master yet not connectable (a handshake refused -BUSY):
+                        // try again shortly, not in a tight loop.
+                        tokio::time::sleep_until(attempt + RECONNECT_PAUSE).await;
                     }
                 }
             }

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::backend::topology::{Evidence, Role, Stall, TopologyStore};
+use crate::backend::topology::{Evidence, Role, Stall, Standing, TopologyStore};
 use crate::backend::{read_reply, BackendError, BackendLink, Handshake, ReadReplyError};
 use crate::config::BackendConfig;
 use crate::net::Stream;
@@ -215,6 +215,7 @@ pub async fn run(
                             // fresh one next time keeps replies and probes paired.
                             conn = None;
                         }
+                        let bounds = store.load().bounds();
                         store.update(index, |b| {
                             let since = match &b.stall {
                                 Some(s) if s.busy == busy => s.since,
@@ -227,6 +228,13 @@ pub async fn run(
                             });
                             if busy {
                                 b.alive_at = Some(now);
+                            }
+                            // Silent past the bound: down until a probe succeeds again (a
+                            // late reply to a session does not bring it back unprobed).
+                            if b.error.is_none() && b.standing(now, bounds) == Standing::Down {
+                                let (silence, at) = b.evidence(now, bounds);
+                                b.error = Some(silence);
+                                b.evidence_at = at;
                             }
                         });
                     }
