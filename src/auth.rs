@@ -1,14 +1,200 @@
-//! Users at the proxy: `AUTH` / `HELLO ... AUTH` are answered here against `[[users]]`
-//! (SHA-256 password hashes), each user with its own compiled policy on top of the global
-//! one. Backend credentials are a separate thing (`[[backends]]`) and never reach clients.
-//! Pure: no I/O.
+//! Who a client is, in the two `[auth]` modes. Pure: no I/O.
+//!
+//! - `proxy` (default): `AUTH` / `HELLO ... AUTH` are answered here, against `[[users]]`
+//!   (SHA-256 password hashes, each user with its own compiled policy on top of the global
+//!   one) or, with no users, against the proxy's own backend credentials
+//!   (`BackendPasswords`), so an app that still sends its Redis password keeps working.
+//!   Backend credentials never reach clients.
+//! - `passthrough`: the client's `AUTH` goes to Redis, whose ACL decides; the session keeps
+//!   the accepted `Credentials` and replays them on each new backend link.
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::config::Config;
 use crate::policy::{Policy, PolicyError, ProtectionConfig};
+use crate::protocol::Request;
+
+/// `[auth] mode`: who checks a client's `AUTH`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// The proxy answers AUTH (`[[users]]`, or the backend credentials it holds); backend
+    /// links use the proxy's own credentials.
+    #[default]
+    Proxy,
+    /// Redis answers AUTH; backend links carry the client's own credentials.
+    Passthrough,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+}
+
+/// Credentials a client sent (`AUTH [user] pass`, `HELLO p AUTH user pass`) and Redis
+/// accepted: replayed as `AUTH` on every new backend link of that session. The password is
+/// never shown (`Debug` redacts it).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// `None`: one-argument `AUTH pass` (Redis's `default` user), replayed the same way.
+    username: Option<Bytes>,
+    password: Bytes,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field(
+                "username",
+                &self.username.as_ref().map(|u| String::from_utf8_lossy(u)),
+            )
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// Credentials from their parts.
+    pub fn new(username: Option<&[u8]>, password: &[u8]) -> Credentials {
+        Credentials {
+            username: username.map(Bytes::copy_from_slice),
+            password: Bytes::copy_from_slice(password),
+        }
+    }
+
+    /// The credentials of an `AUTH pass` / `AUTH user pass` request; `None` for any other
+    /// arity (Redis answers those with its own error).
+    pub fn from_auth(req: &Request) -> Option<Credentials> {
+        match req.argc() {
+            2 => Some(Credentials::new(None, req.arg(1)?)),
+            3 => Some(Credentials::new(req.arg(1), req.arg(2)?)),
+            _ => None,
+        }
+    }
+
+    /// The credentials of `HELLO <proto> ... AUTH user pass ...`, parsed as Redis does
+    /// (options after the protocol version; the last AUTH wins). `None` without AUTH.
+    pub fn from_hello(req: &Request) -> Option<Credentials> {
+        let mut found = None;
+        let mut i = 2;
+        while i < req.argc() {
+            let opt = req.arg(i).unwrap_or_default();
+            let more = req.argc() - 1 - i;
+            if opt.eq_ignore_ascii_case(b"auth") && more >= 2 {
+                found = Some(Credentials::new(req.arg(i + 1), req.arg(i + 2)?));
+                i += 3;
+            } else if opt.eq_ignore_ascii_case(b"setname") && more >= 1 {
+                i += 2;
+            } else {
+                // Redis answers a syntax error; nothing is applied.
+                return None;
+            }
+        }
+        found
+    }
+
+    /// The username, `None` for one-argument AUTH.
+    pub fn username(&self) -> Option<&[u8]> {
+        self.username.as_deref()
+    }
+
+    /// The `AUTH` request that replays these credentials on a new link.
+    pub fn auth_request(&self) -> Request {
+        match &self.username {
+            Some(user) => Request::from_args(&[b"AUTH".as_slice(), user, &self.password]),
+            None => Request::from_args(&[b"AUTH".as_slice(), &self.password]),
+        }
+    }
+}
+
+/// How the proxy answers `AUTH` in proxy mode with no `[[users]]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyAuthAnswer {
+    /// `+OK`: the credentials are the ones the proxy itself uses for a backend.
+    Ok,
+    /// `-WRONGPASS ...`: they are not.
+    WrongPass,
+    /// One-argument AUTH and no backend password configured: Redis's answer for a
+    /// password-less server (`-ERR AUTH <password> called without any password ...`).
+    NoPasswordConfigured,
+}
+
+/// The backend credentials the proxy holds (`[[backends]]`, `sentinel.backend_*`), as
+/// (user, SHA-256 of the password), for proxy mode without `[[users]]`: an app built for a
+/// password-protected Redis keeps sending that password, and it is accepted exactly when
+/// it is the one the proxy holds.
+#[derive(Default)]
+pub struct BackendPasswords {
+    known: Vec<(String, [u8; 32])>,
+}
+
+impl std::fmt::Debug for BackendPasswords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let users: Vec<&str> = self.known.iter().map(|(u, _)| u.as_str()).collect();
+        f.debug_struct("BackendPasswords")
+            .field("users", &users)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BackendPasswords {
+    /// Collect the configured backend credentials (no username = `default`).
+    pub fn from_config(config: &Config) -> BackendPasswords {
+        let mut known = Vec::new();
+        let mut add = |user: &Option<String>, password: &Option<String>| {
+            if let Some(p) = password {
+                let user = user.clone().unwrap_or_else(|| "default".to_string());
+                let digest: [u8; 32] = Sha256::digest(p.as_bytes()).into();
+                if !known.contains(&(user.clone(), digest)) {
+                    known.push((user, digest));
+                }
+            }
+        };
+        for b in &config.backends {
+            add(&b.username, &b.password);
+        }
+        if let Some(s) = &config.sentinel {
+            add(&s.backend_username, &s.backend_password);
+        }
+        BackendPasswords { known }
+    }
+
+    /// Answer `AUTH [user] password` (`user` = `None` for one-argument AUTH) as Redis
+    /// configured with these credentials would.
+    pub fn answer(&self, user: Option<&[u8]>, password: &[u8]) -> ProxyAuthAnswer {
+        if self.known.is_empty() {
+            // A password-less Redis: its `default` user takes any password.
+            return match user {
+                None => ProxyAuthAnswer::NoPasswordConfigured,
+                Some(b"default") => ProxyAuthAnswer::Ok,
+                Some(_) => ProxyAuthAnswer::WrongPass,
+            };
+        }
+        let name = user.unwrap_or(b"default");
+        let digest: [u8; 32] = Sha256::digest(password).into();
+        let mut ok = false;
+        for (u, hash) in &self.known {
+            // Compare every byte: no early exit on the secret.
+            let same = hash
+                .iter()
+                .zip(digest.iter())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+            ok |= same && u.as_bytes() == name;
+        }
+        if ok {
+            ProxyAuthAnswer::Ok
+        } else {
+            ProxyAuthAnswer::WrongPass
+        }
+    }
+}
 
 /// One `[[users]]` entry.
 #[derive(Clone, Deserialize, PartialEq)]
@@ -178,6 +364,79 @@ mod tests {
         assert_ne!(
             crate::policy::decide(&app.policy, &keys).1,
             Some(crate::policy::Verdict::Allow)
+        );
+    }
+
+    #[test]
+    fn credentials_come_from_auth_and_hello_and_never_show() {
+        let auth1 = Request::from_args(&["AUTH", "pw"]);
+        let auth2 = Request::from_args(&["AUTH", "app", "pw"]);
+        assert_eq!(
+            Credentials::from_auth(&auth1),
+            Some(Credentials::new(None, b"pw"))
+        );
+        let c = Credentials::from_auth(&auth2).unwrap();
+        assert_eq!(c.username(), Some(b"app".as_slice()));
+        assert_eq!(c.auth_request(), auth2);
+        assert_eq!(Credentials::new(None, b"pw").auth_request(), auth1);
+        assert!(Credentials::from_auth(&Request::from_args(&["AUTH"])).is_none());
+        assert!(Credentials::from_auth(&Request::from_args(&["AUTH", "a", "b", "c"])).is_none());
+        assert!(!format!("{c:?}").contains("pw\""), "{c:?}");
+        assert!(format!("{c:?}").contains("redacted"));
+
+        let hello = |args: &[&str]| Credentials::from_hello(&Request::from_args(args));
+        assert_eq!(hello(&["HELLO", "3"]), None);
+        assert_eq!(
+            hello(&["HELLO", "3", "AUTH", "u", "p", "SETNAME", "n"]),
+            Some(Credentials::new(Some(b"u"), b"p"))
+        );
+        assert_eq!(
+            hello(&["HELLO", "2", "SETNAME", "n", "auth", "a", "1", "AUTH", "b", "2"]),
+            Some(Credentials::new(Some(b"b"), b"2")),
+            "the last AUTH wins"
+        );
+        assert_eq!(hello(&["HELLO", "3", "AUTH", "u"]), None, "syntax error");
+        assert_eq!(hello(&["HELLO", "3", "AUTH", "u", "p", "junk"]), None);
+    }
+
+    #[test]
+    fn proxy_mode_answers_with_the_backend_credentials_it_holds() {
+        use crate::config::BackendConfig;
+        let none = BackendPasswords::from_config(&Config::default());
+        assert_eq!(
+            none.answer(None, b"x"),
+            ProxyAuthAnswer::NoPasswordConfigured
+        );
+        assert_eq!(none.answer(Some(b"default"), b"x"), ProxyAuthAnswer::Ok);
+        assert_eq!(none.answer(Some(b"app"), b"x"), ProxyAuthAnswer::WrongPass);
+
+        let config = Config {
+            backends: vec![
+                BackendConfig {
+                    password: Some("s3cret".into()),
+                    ..BackendConfig::from_address("127.0.0.1:6379")
+                },
+                BackendConfig {
+                    username: Some("svc".into()),
+                    password: Some("svc-pw".into()),
+                    ..BackendConfig::from_address("127.0.0.1:6389")
+                },
+            ],
+            ..Config::default()
+        };
+        let held = BackendPasswords::from_config(&config);
+        assert!(!format!("{held:?}").contains("s3cret"));
+        assert_eq!(held.answer(None, b"s3cret"), ProxyAuthAnswer::Ok);
+        assert_eq!(
+            held.answer(Some(b"default"), b"s3cret"),
+            ProxyAuthAnswer::Ok
+        );
+        assert_eq!(held.answer(None, b"wrong"), ProxyAuthAnswer::WrongPass);
+        assert_eq!(held.answer(Some(b"svc"), b"svc-pw"), ProxyAuthAnswer::Ok);
+        assert_eq!(held.answer(None, b"svc-pw"), ProxyAuthAnswer::WrongPass);
+        assert_eq!(
+            held.answer(Some(b"svc"), b"s3cret"),
+            ProxyAuthAnswer::WrongPass
         );
     }
 

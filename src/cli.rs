@@ -40,6 +40,11 @@ pub struct Cli {
     #[arg(long, env = "PORTCULLIS_PROTECTED_MODE", value_parser = clap::builder::BoolishValueParser::new())]
     pub protected_mode: Option<bool>,
 
+    /// Who checks a client's AUTH: `proxy` ([[users]] or the backend credentials the
+    /// proxy holds) or `passthrough` (Redis's own ACL) [default: proxy].
+    #[arg(long, env = "PORTCULLIS_AUTH_MODE", value_enum)]
+    pub auth_mode: Option<crate::auth::AuthMode>,
+
     /// Validate the configuration, print it (secrets redacted) and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -73,6 +78,9 @@ impl Cli {
         }
         if let Some(format) = self.log_format {
             config.log.format = format;
+        }
+        if let Some(mode) = self.auth_mode {
+            config.auth.mode = mode;
         }
         config.validate()?;
         Ok(config)
@@ -108,6 +116,16 @@ mod tests {
         assert_eq!(c.backends.len(), 2);
         assert_eq!(c.admin.listen, "");
         assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn auth_mode_flag() {
+        use crate::auth::AuthMode;
+        let c = load(&["--backend", "127.0.0.1:6379"]).unwrap();
+        assert_eq!(c.auth.mode, AuthMode::Proxy);
+        let c = load(&["--backend", "127.0.0.1:6379", "--auth-mode", "passthrough"]).unwrap();
+        assert_eq!(c.auth.mode, AuthMode::Passthrough);
+        assert!(Cli::try_parse_from(["portcullis", "--auth-mode", "redis"]).is_err());
     }
 
     #[test]

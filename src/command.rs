@@ -30,6 +30,17 @@ pub enum Special {
     Quit,
     ClientReply,
     ClientSetName,
+    /// `CLIENT SETINFO`: library name/version, replayed on new links.
+    ClientSetInfo,
+    /// `CLIENT NO-EVICT`: replayed on new links.
+    ClientNoEvict,
+    /// `CLIENT NO-TOUCH`: replayed on new links.
+    ClientNoTouch,
+    /// `CLIENT TRACKING`: its invalidation table cannot move to a new link.
+    ClientTracking,
+    /// `READONLY` / `READWRITE`: the cluster read mode, replayed on new links.
+    ReadOnly,
+    ReadWrite,
     Monitor,
     Ping,
 }

@@ -605,7 +605,7 @@ pub(super) static COMMANDS: &[CommandSpec] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
-                special: Special::None,
+                special: Special::ClientNoEvict,
                 subcommands: &[],
             },
             CommandSpec {
@@ -616,7 +616,7 @@ pub(super) static COMMANDS: &[CommandSpec] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
-                special: Special::None,
+                special: Special::ClientNoTouch,
                 subcommands: &[],
             },
             CommandSpec {
@@ -654,7 +654,7 @@ pub(super) static COMMANDS: &[CommandSpec] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
-                special: Special::None,
+                special: Special::ClientSetInfo,
                 subcommands: &[],
             },
             CommandSpec {
@@ -676,7 +676,7 @@ pub(super) static COMMANDS: &[CommandSpec] = &[
                 first_key: 0,
                 last_key: 0,
                 step: 0,
-                special: Special::None,
+                special: Special::ClientTracking,
                 subcommands: &[],
             },
             CommandSpec {
@@ -3571,7 +3571,7 @@ pub(super) static COMMANDS: &[CommandSpec] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
-        special: Special::None,
+        special: Special::ReadOnly,
         subcommands: &[],
     },
     CommandSpec {
@@ -3582,7 +3582,7 @@ pub(super) static COMMANDS: &[CommandSpec] = &[
         first_key: 0,
         last_key: 0,
         step: 0,
-        special: Special::None,
+        special: Special::ReadWrite,
         subcommands: &[],
     },
     CommandSpec {

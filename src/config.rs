@@ -15,7 +15,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:6380";
 /// Admin HTTP port (metrics, health).
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9190";
 /// Redis's `proto-max-bulk-len`.
-pub const DEFAULT_MAX_BULK_LEN: usize = 512 * 1024 * 1024;
+pub const DEFAULT_MAX_BULK_LEN: usize = crate::protocol::PROTO_MAX_BULK_LEN;
 /// Redis 7's multibulk count bound (INT_MAX).
 pub const DEFAULT_MAX_MULTIBULK_LEN: usize = i32::MAX as usize;
 /// Redis's `PROTO_INLINE_MAX_SIZE`.
@@ -29,8 +29,9 @@ pub const DEFAULT_MAX_PENDING: usize = 4096;
 pub const DEFAULT_MAX_REPLY_BUFFER: usize = 8 * 1024 * 1024;
 /// How long a backend connect (TCP + AUTH) may take.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Deepest reply nesting accepted from a backend.
-pub const DEFAULT_MAX_REPLY_DEPTH: usize = 128;
+/// Deepest reply nesting accepted from a backend: above everything Redis produces
+/// (`protocol::reply::DEFAULT_MAX_DEPTH`).
+pub const DEFAULT_MAX_REPLY_DEPTH: usize = crate::protocol::reply::DEFAULT_MAX_DEPTH;
 /// How long a client may take to complete a request frame it has started (slowloris).
 pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 /// Smallest non-zero `limits.frame_timeout`: a frame split across TCP segments needs a
@@ -74,6 +75,8 @@ pub struct Config {
     /// Users clients authenticate as; none = no AUTH needed (loopback only unless
     /// `protection.protected_mode = false`).
     pub users: Vec<crate::auth::UserConfig>,
+    /// `[auth]`: who checks a client's AUTH (the proxy, or Redis in pass-through).
+    pub auth: crate::auth::AuthConfig,
     pub shutdown: ShutdownConfig,
     /// Sentinel mode: the master (and replicas) come from Sentinel, still confirmed by ROLE.
     pub sentinel: Option<SentinelConfig>,
@@ -95,6 +98,7 @@ impl Default for Config {
             routing: RoutingConfig::default(),
             protection: ProtectionConfig::default(),
             users: Vec::new(),
+            auth: crate::auth::AuthConfig::default(),
             shutdown: ShutdownConfig::default(),
             sentinel: None,
             tls: None,
@@ -552,6 +556,12 @@ impl Config {
             let (field, reason) = text.split_once(": ").unwrap_or(("users", &text));
             invalid(field, reason)
         })?;
+        if self.auth.mode == crate::auth::AuthMode::Passthrough && !self.users.is_empty() {
+            return Err(invalid(
+                "auth.mode",
+                "\"passthrough\" sends AUTH to Redis, whose ACL decides; [[users]] at the proxy would never be asked. Remove [[users]] (create them as Redis ACL users) or use mode = \"proxy\"",
+            ));
+        }
         if l.connect_timeout.is_zero() {
             return Err(invalid("limits.connect_timeout", "must be greater than 0"));
         }
@@ -660,6 +670,18 @@ mod tests {
                 "probe.down_after",
                 Box::new(|c| c.probe.down_after = Some(Duration::from_millis(100))),
             ),
+            (
+                "auth.mode",
+                Box::new(|c| {
+                    c.auth.mode = crate::auth::AuthMode::Passthrough;
+                    c.users = vec![crate::auth::UserConfig {
+                        name: "app".into(),
+                        password_sha256: "0".repeat(64),
+                        allow: vec![],
+                        deny: vec![],
+                    }];
+                }),
+            ),
         ];
         for (field, mutate) in cases {
             let mut c = valid();
@@ -724,6 +746,8 @@ mod tests {
             name = "primary"
             username = "portcullis"
             password = "s3cret"
+            [auth]
+            mode = "passthrough"
             [limits]
             idle_timeout = "5m"
             frame_timeout = "10s"
@@ -737,6 +761,9 @@ mod tests {
         assert_eq!(c.limits.frame_timeout, Duration::from_secs(10));
         assert_eq!(c.log.format, LogFormat::Json);
         assert_eq!(c.backends[0].label(), "primary");
+        assert_eq!(c.auth.mode, crate::auth::AuthMode::Passthrough);
+        assert_eq!(Config::default().auth.mode, crate::auth::AuthMode::Proxy);
+        assert!(Config::from_toml("[auth]\nmode = \"redis\"\n", "t.toml").is_err());
         assert!(!format!("{:?}", c.backends[0]).contains("s3cret"));
     }
 }

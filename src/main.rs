@@ -111,8 +111,7 @@ async fn async_main(cli: Cli, config: portcullis::Config) -> ExitCode {
                     }
                 }
                 Err(e) => {
-                    metrics::counter!("portcullis_config_reloads_total", "result" => "rejected")
-                        .increment(1);
+                    portcullis::metrics::config_reload(false);
                     error!(error = %e, "config reload rejected; the running config stays");
                 }
             }

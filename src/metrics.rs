@@ -26,6 +26,17 @@ pub const REQUEST_DURATION_SECONDS: &str = "portcullis_request_duration_seconds"
 /// Bytes written to clients.
 pub const CLIENT_BYTES_OUT_TOTAL: &str = "portcullis_client_sent_bytes_total";
 
+/// Writes answered `-MASTERDOWN` (no confirmed master).
+pub const NO_MASTER_ERRORS_TOTAL: &str = "portcullis_no_master_errors_total";
+/// Writes retried on the confirmed master after `-READONLY`.
+pub const READONLY_RETRIES_TOTAL: &str = "portcullis_readonly_retries_total";
+/// Failed AUTH at the proxy.
+pub const AUTH_FAILURES_TOTAL: &str = "portcullis_auth_failures_total";
+/// Failed TLS handshakes (label `side`: client, backend).
+pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "portcullis_tls_handshake_failures_total";
+/// Config reloads (label `result`: ok, rejected).
+pub const CONFIG_RELOADS_TOTAL: &str = "portcullis_config_reloads_total";
+
 /// Command classes for `commands_total{class}`, from Redis's own flags.
 pub const CLASSES: [&str; 3] = ["write", "read", "other"];
 
@@ -105,22 +116,28 @@ pub fn backend_lost(backend: &str) {
 
 /// Count a write answered `-MASTERDOWN` (no confirmed master).
 pub fn no_master() {
-    counter!("portcullis_no_master_errors_total").increment(1);
+    counter!(NO_MASTER_ERRORS_TOTAL).increment(1);
 }
 
 /// Count a write retried on the confirmed master after `-READONLY`.
 pub fn readonly_retry() {
-    counter!("portcullis_readonly_retries_total").increment(1);
+    counter!(READONLY_RETRIES_TOTAL).increment(1);
 }
 
 /// Count a failed AUTH at the proxy.
 pub fn auth_failure() {
-    counter!("portcullis_auth_failures_total").increment(1);
+    counter!(AUTH_FAILURES_TOTAL).increment(1);
 }
 
 /// A TLS handshake failed (`side`: client or backend).
 pub fn tls_handshake_failure(side: &'static str) {
-    counter!("portcullis_tls_handshake_failures_total", "side" => side).increment(1);
+    counter!(TLS_HANDSHAKE_FAILURES_TOTAL, "side" => side).increment(1);
+}
+
+/// Count a config reload (`ok`: applied; else rejected).
+pub fn config_reload(ok: bool) {
+    let result = if ok { "ok" } else { "rejected" };
+    counter!(CONFIG_RELOADS_TOTAL, "result" => result).increment(1);
 }
 
 /// A backend's standing changed: `portcullis_backend_state{state}` is 1 for the new one,

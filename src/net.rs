@@ -323,6 +323,19 @@ impl Stream {
         Ok(())
     }
 
+    /// Close the sending side (TCP FIN; for TLS, close_notify first): the peer reads end
+    /// of input and may still answer. Call once everything queued is written.
+    pub fn shutdown_write(&mut self) -> io::Result<()> {
+        if let Stream::Tls(t) = self {
+            t.conn.send_close_notify();
+            match t.flush() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                other => other?,
+            }
+        }
+        socket2::SockRef::from(self.tcp()).shutdown(std::net::Shutdown::Write)
+    }
+
     /// End a TLS connection politely (close_notify), without waiting: the socket is
     /// closed right after anyway.
     pub fn close(&mut self) {

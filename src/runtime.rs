@@ -7,7 +7,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tracing::{info, warn};
 
-use crate::auth::{UserError, Users};
+use crate::auth::{AuthMode, BackendPasswords, UserError, Users};
 use crate::config::{Config, ConfigError};
 use crate::policy::{Policy, PolicyError};
 use crate::protocol::{ReplyLimits, RequestLimits};
@@ -32,6 +32,9 @@ pub struct Runtime {
     pub config: Config,
     pub policy: Policy,
     pub users: Users,
+    /// Proxy mode without users: the backend credentials a client's AUTH is checked
+    /// against.
+    pub backend_passwords: BackendPasswords,
     /// `[tls]` loaded: new client connections handshake with this.
     pub client_tls: Option<ClientTls>,
     /// `[backend_tls]` loaded: new backend connections use this.
@@ -46,6 +49,7 @@ impl Runtime {
         config.validate()?;
         let policy = Policy::new(&config.protection)?;
         let users = Users::new(&config.users, &config.protection)?;
+        let backend_passwords = BackendPasswords::from_config(&config);
         let client_tls = config.tls.as_ref().map(ClientTls::new).transpose()?;
         let backend_tls = config
             .backend_tls
@@ -56,6 +60,7 @@ impl Runtime {
             config,
             policy,
             users,
+            backend_passwords,
             client_tls,
             backend_tls,
             generation,
@@ -71,6 +76,18 @@ impl Runtime {
                 .client_tls
                 .as_ref()
                 .is_some_and(ClientTls::verifies_clients)
+    }
+
+    /// `[auth] mode = "passthrough"`: Redis checks AUTH, links carry the client's own
+    /// credentials.
+    pub fn passthrough(&self) -> bool {
+        self.config.auth.mode == AuthMode::Passthrough
+    }
+
+    /// Protected mode for a new connection: `protected()`, lifted in pass-through mode
+    /// when every backend is known to require a password (Redis authenticates clients).
+    pub fn protected_now(&self, backends_require_auth: bool) -> bool {
+        self.protected() && !(self.passthrough() && backends_require_auth)
     }
 
     /// Parser limits; before authentication, Redis's pre-auth bounds (CVE-2021-32675).
@@ -121,6 +138,11 @@ fn restart_needed(old: &Config, new: &mut Config) -> Vec<&'static str> {
         fields.push("backend_tls");
         new.backend_tls = old.backend_tls.clone();
     }
+    // Sessions and their links were set up for one mode; switching needs new connections.
+    if old.auth != new.auth {
+        fields.push("auth.mode");
+        new.auth = old.auth.clone();
+    }
     if old.protection.auto_heal != new.protection.auto_heal {
         fields.push("protection.auto_heal");
         new.protection.auto_heal = old.protection.auto_heal;
@@ -137,7 +159,7 @@ pub fn reload(current: &ArcSwap<Runtime>, mut new: Config) -> Result<u64, Runtim
         Ok(rt) => {
             let generation = rt.generation;
             current.store(Arc::new(rt));
-            metrics::counter!("portcullis_config_reloads_total", "result" => "ok").increment(1);
+            crate::metrics::config_reload(true);
             if !kept.is_empty() {
                 warn!(fields = ?kept, "config reloaded, but these settings need a restart; the running values stay");
             }
@@ -148,8 +170,7 @@ pub fn reload(current: &ArcSwap<Runtime>, mut new: Config) -> Result<u64, Runtim
             Ok(generation)
         }
         Err(e) => {
-            metrics::counter!("portcullis_config_reloads_total", "result" => "rejected")
-                .increment(1);
+            crate::metrics::config_reload(false);
             warn!(error = %e, "config reload rejected; the running config stays");
             Err(e)
         }
@@ -213,5 +234,22 @@ mod tests {
         let mut mutual = config();
         mutual.tls = Some(tls(Some(cert.clone())));
         assert!(!protected(mutual), "required client certificates");
+
+        let rt = |mode| {
+            let mut c = config();
+            c.auth.mode = mode;
+            Runtime::build(c, 0).expect("valid")
+        };
+        let proxy = rt(crate::auth::AuthMode::Proxy);
+        assert!(
+            proxy.protected_now(true),
+            "proxy mode: Redis never sees AUTH"
+        );
+        let passthrough = rt(crate::auth::AuthMode::Passthrough);
+        assert!(passthrough.protected_now(false), "unknown or open backend");
+        assert!(
+            !passthrough.protected_now(true),
+            "Redis requires a password"
+        );
     }
 }

@@ -25,7 +25,7 @@ use crate::session::{self, Shared};
 /// Redis's answer when `maxclients` is reached.
 const MAX_CLIENTS_REPLY: &[u8] = b"-ERR max number of clients reached\r\n";
 /// Answer to a non-loopback client in protected mode, then close (as Redis does).
-const PROTECTED_REPLY: &[u8] = b"-DENIED portcullis is running in protected mode because no [[users]] are configured: only loopback clients are accepted. Configure [[users]] (AUTH at the proxy), require client certificates (tls.client_ca), or set protection.protected_mode = false (--protected-mode false) if the network already restricts who can connect.\r\n";
+const PROTECTED_REPLY: &[u8] = b"-DENIED portcullis is running in protected mode because no [[users]] are configured: only loopback clients are accepted. Configure [[users]] (AUTH at the proxy), require client certificates (tls.client_ca), use auth.mode = passthrough with a Redis that requires a password, or set protection.protected_mode = false (--protected-mode false) if the network already restricts who can connect.\r\n";
 
 /// Why the proxy could not run.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +109,7 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
+    // Stopped after the drain, not at shutdown: the drain stays observable.
     let admin_stop = CancellationToken::new();
     if let Some(admin_listener) = admin {
         let state = Arc::new(AdminState {
@@ -176,9 +177,14 @@ pub async fn run(
         };
         let _ = stream.set_nodelay(true);
         // Read per connection: a reload that adds users (or client certificates) lifts it.
-        if !admitted(shared.runtime.load().protected(), peer.ip()) {
+        // Pass-through: a Redis that requires a password authenticates clients itself.
+        let protected = shared
+            .runtime
+            .load()
+            .protected_now(shared.topology.load().backends_require_auth());
+        if !admitted(protected, peer.ip()) {
             metrics::rejected_connection("protected_mode");
-            warn!(%peer, "protected mode: refused a non-loopback client (configure [[users]], tls.client_ca, or protection.protected_mode = false)");
+            warn!(%peer, "protected mode: refused a non-loopback client (configure [[users]], tls.client_ca, auth.mode = passthrough with a password-protected Redis, or protection.protected_mode = false)");
             refuse(&tracker, &refusals, stream, PROTECTED_REPLY, &shared);
             continue;
         }
@@ -207,6 +213,8 @@ pub async fn run(
             "shutdown grace expired; closing remaining sessions"
         );
     }
+    // The admin endpoints answered through the drain (`/readyz` 503, `/metrics`).
+    admin_stop.cancel();
     Ok(())
 }
 
@@ -215,6 +223,7 @@ fn probe_settings(runtime: &Runtime) -> ProbeSettings {
     let config = &runtime.config;
     ProbeSettings {
         tls: runtime.backend_tls.clone(),
+        check_auth: runtime.passthrough(),
         interval: config.probe.interval,
         timeout: config.probe.timeout,
         auto_heal: config.protection.auto_heal,

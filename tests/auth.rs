@@ -1,5 +1,6 @@
 //! Users at the proxy (AUTH / HELLO AUTH with Redis's texts, per-user policy, pre-auth
-//! bounds) and backend credentials that stay inside the proxy.
+//! bounds), backend credentials that stay inside the proxy, and proxy mode without users
+//! accepting the backend password an app kept. Pass-through mode: `tests/passthrough.rs`.
 
 mod support;
 
@@ -7,7 +8,7 @@ use portcullis::auth::UserConfig;
 use portcullis::config::{BackendConfig, Config};
 use redis::AsyncCommands;
 use sha2::{Digest, Sha256};
-use support::{resp, Proxy, RedisServer};
+use support::{resp, Conn, Proxy, RedisServer};
 
 fn sha(p: &str) -> String {
     Sha256::digest(p.as_bytes())
@@ -149,4 +150,96 @@ async fn backend_credentials_stay_in_the_proxy() {
     assert_eq!(r.unwrap_err().code(), Some("NOPERM"));
     let r: redis::RedisResult<String> = redis::cmd("ACL").arg("LIST").query_async(&mut c).await;
     assert_eq!(r.unwrap_err().code(), Some("NOPERM"));
+}
+
+/// Proxy mode, no `[[users]]`, Redis with `requirepass` held by the proxy: an app that still
+/// sends that password gets what Redis would answer (`+OK`), a wrong one Redis's
+/// `-WRONGPASS`, byte for byte against a direct connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_mode_accepts_the_backend_password_the_app_kept() {
+    let redis = RedisServer::start(&["--requirepass", "backend-secret"]);
+    let config = Config {
+        backends: vec![BackendConfig {
+            password: Some("backend-secret".into()),
+            ..BackendConfig::from_address(redis.addr())
+        }],
+        ..Config::default()
+    };
+    let proxy = Proxy::start_with(config).await;
+    let script: &[&[&str]] = &[
+        &["AUTH", "wrong"],
+        &["AUTH", "default", "wrong"],
+        &["AUTH", "nobody", "backend-secret"],
+        &["HELLO", "2", "AUTH", "default", "wrong"],
+        &["AUTH", "backend-secret"],
+        &["AUTH", "default", "backend-secret"],
+        &["HELLO", "3", "AUTH", "default", "backend-secret"],
+        &[
+            "HELLO",
+            "2",
+            "AUTH",
+            "default",
+            "backend-secret",
+            "SETNAME",
+            "app",
+        ],
+        &["CLIENT", "GETNAME"],
+        &["SET", "k", "v"],
+        &["ACL", "WHOAMI"],
+    ];
+    let mut via = Conn::open(&proxy.addr.to_string()).await;
+    let mut direct = Conn::open(&redis.addr()).await;
+    for cmd in script {
+        let got = via.call(cmd).await;
+        let want = direct.call(cmd).await;
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want),
+            "{cmd:?}"
+        );
+    }
+    // redis-rs with the password in the URL (AUTH <password>, RESP2), and a wrong one.
+    let mut app = support::client(&format!(":backend-secret@{}", proxy.addr)).await;
+    let _: () = app.set("x", 1).await.unwrap();
+    let wrong = redis::Client::open(format!("redis://:nope@{}/", proxy.addr)).unwrap();
+    let err = wrong.get_multiplexed_async_connection().await.err();
+    assert!(
+        err.as_ref()
+            .is_some_and(|e| e.kind() == redis::ErrorKind::AuthenticationFailed),
+        "{err:?}"
+    );
+}
+
+/// `[auth] mode = "passthrough"` with `[[users]]` is a configuration error, and a reload
+/// cannot switch the mode (it needs new connections): the running mode stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_mode_with_users_is_rejected_and_kept_across_reload() {
+    let secured = RedisServer::start(&["--requirepass", "pw"]);
+    let mut both = with_users(&secured);
+    both.auth.mode = portcullis::auth::AuthMode::Passthrough;
+    let err = both.validate().unwrap_err().to_string();
+    assert!(err.contains("auth.mode"), "{err}");
+
+    let held = |mode| {
+        let mut c = Config {
+            backends: vec![BackendConfig {
+                password: Some("pw".into()),
+                ..BackendConfig::from_address(secured.addr())
+            }],
+            ..Config::default()
+        };
+        c.auth.mode = mode;
+        c
+    };
+    let proxy = Proxy::start_with(held(portcullis::auth::AuthMode::Proxy)).await;
+    let generation = proxy
+        .reload(held(portcullis::auth::AuthMode::Passthrough))
+        .await
+        .unwrap();
+    assert_eq!(generation, 1);
+    // Still proxy mode: a client that never sends AUTH is served on the proxy's
+    // credentials (pass-through would get Redis's -NOAUTH).
+    let mut c = proxy.raw().await;
+    c.send(&resp(&[b"SET", b"k", b"v"])).await;
+    c.expect(b"+OK\r\n").await;
 }

@@ -174,6 +174,12 @@ SPECIAL = {
     "quit": "Special::Quit",
     "client|reply": "Special::ClientReply",
     "client|setname": "Special::ClientSetName",
+    "client|setinfo": "Special::ClientSetInfo",
+    "client|no-evict": "Special::ClientNoEvict",
+    "client|no-touch": "Special::ClientNoTouch",
+    "client|tracking": "Special::ClientTracking",
+    "readonly": "Special::ReadOnly",
+    "readwrite": "Special::ReadWrite",
     "monitor": "Special::Monitor",
     "ping": "Special::Ping",
 }

@@ -1,5 +1,7 @@
-//! One connection to one Redis backend, opened with the proxy's own credentials and the
-//! session's replayed state (db, protocol, client name). Owns connect + handshake only;
+//! One connection to one Redis backend, opened with the proxy's own credentials (or, in
+//! pass-through mode, the client's) and the session's replayed state (db, protocol, client
+//! name, library info, eviction and touch flags, cluster read mode). Owns connect +
+//! handshake only;
 //! the session drives the connection afterwards.
 
 use std::time::Duration;
@@ -7,6 +9,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
 
+use crate::auth::Credentials;
 use crate::config::BackendConfig;
 use crate::net::Stream;
 use crate::protocol::{Reply, ReplyError, ReplyLimits, ReplyScanner, Request};
@@ -58,6 +61,17 @@ impl BackendError {
             _ => Evidence::Down(self.to_string()),
         }
     }
+
+    /// The backend refused the handshake's `AUTH` (wrong credentials, user disabled).
+    pub fn refused_auth(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Refused {
+                command: "AUTH",
+                ..
+            }
+        )
+    }
 }
 
 /// Why reading one reply on one of the proxy's own backend connections failed.
@@ -88,15 +102,38 @@ pub async fn read_reply(
     }
 }
 
+/// Which credentials a new link authenticates with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum LinkAuth {
+    /// The backend's configured `username`/`password` (proxy mode; probes).
+    #[default]
+    Proxy,
+    /// None: pass-through before the client authenticated, so Redis's own `requirepass`
+    /// or ACL applies to it exactly as on a direct connection.
+    Unauthenticated,
+    /// The client's own credentials, accepted earlier by Redis (pass-through).
+    Client(Credentials),
+}
+
 /// Session state replayed on a fresh backend connection.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Handshake {
+    /// Whose credentials `AUTH` sends first.
+    pub auth: LinkAuth,
     /// `SELECT` this database when not 0.
     pub db: u64,
     /// `HELLO 3` when the client switched to RESP3.
     pub resp3: bool,
     /// `CLIENT SETNAME` when the client named its connection.
     pub client_name: Option<Bytes>,
+    /// `CLIENT SETINFO <attr> <value>` pairs the client set (library name and version).
+    pub setinfo: Vec<(Bytes, Bytes)>,
+    /// `CLIENT NO-EVICT ON`.
+    pub no_evict: bool,
+    /// `CLIENT NO-TOUCH ON`.
+    pub no_touch: bool,
+    /// `READONLY` (cluster replica reads).
+    pub readonly: bool,
 }
 
 /// An open, authenticated backend connection.
@@ -152,14 +189,20 @@ impl BackendLink {
         };
 
         let mut steps: Vec<(&'static str, Request)> = Vec::new();
-        if let Some(password) = &backend.password {
-            let req = match &backend.username {
-                Some(user) => {
-                    Request::from_args(&[b"AUTH".as_slice(), user.as_bytes(), password.as_bytes()])
-                }
-                None => Request::from_args(&[b"AUTH".as_slice(), password.as_bytes()]),
-            };
-            steps.push(("AUTH", req));
+        match (&state.auth, &backend.password) {
+            (LinkAuth::Proxy, Some(password)) => {
+                let req = match &backend.username {
+                    Some(user) => Request::from_args(&[
+                        b"AUTH".as_slice(),
+                        user.as_bytes(),
+                        password.as_bytes(),
+                    ]),
+                    None => Request::from_args(&[b"AUTH".as_slice(), password.as_bytes()]),
+                };
+                steps.push(("AUTH", req));
+            }
+            (LinkAuth::Client(creds), _) => steps.push(("AUTH", creds.auth_request())),
+            (LinkAuth::Proxy, None) | (LinkAuth::Unauthenticated, _) => {}
         }
         if state.resp3 {
             steps.push(("HELLO 3", Request::from_args(&[b"HELLO".as_slice(), b"3"])));
@@ -176,6 +219,27 @@ impl BackendLink {
                 "CLIENT SETNAME",
                 Request::from_args(&[b"CLIENT".as_slice(), b"SETNAME", name]),
             ));
+        }
+        for (attr, value) in &state.setinfo {
+            steps.push((
+                "CLIENT SETINFO",
+                Request::from_args(&[b"CLIENT".as_slice(), b"SETINFO", attr, value]),
+            ));
+        }
+        if state.no_evict {
+            steps.push((
+                "CLIENT NO-EVICT",
+                Request::from_args(&[b"CLIENT".as_slice(), b"NO-EVICT", b"ON"]),
+            ));
+        }
+        if state.no_touch {
+            steps.push((
+                "CLIENT NO-TOUCH",
+                Request::from_args(&[b"CLIENT".as_slice(), b"NO-TOUCH", b"ON"]),
+            ));
+        }
+        if state.readonly {
+            steps.push(("READONLY", Request::from_args(&[b"READONLY".as_slice()])));
         }
         let mut leftover = BytesMut::new();
         if steps.is_empty() {

@@ -1,7 +1,9 @@
 //! One prober per backend: its own connection, `ROLE` every interval (or at once when a
 //! session saw `-READONLY`), results published to the topology store. Detects hijacks (a
 //! replica of a master outside the configured set) and, when enabled, heals them with
-//! `REPLICAOF` on its own connection. Never touches client traffic.
+//! `REPLICAOF` on its own connection. In pass-through mode it also checks, on a second
+//! connection that never authenticates, whether the backend requires a password (protected
+//! mode counts that as authentication). Never touches client traffic.
 //!
 //! A failed probe is classified (`Evidence`): a timeout is silence (the last known role
 //! holds, the connection is dropped and the next probe opens a fresh one, so a stuck
@@ -19,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::backend::topology::{Evidence, Role, Stall, Standing, TopologyStore};
-use crate::backend::{read_reply, BackendError, BackendLink, Handshake, ReadReplyError};
+use crate::backend::{read_reply, BackendError, BackendLink, Handshake, LinkAuth, ReadReplyError};
 use crate::config::BackendConfig;
 use crate::net::Stream;
 use crate::protocol::{Item, Reply, ReplyLimits, ReplyScanner, Request};
@@ -34,6 +36,8 @@ pub struct ProbeSettings {
     pub reply_limits: ReplyLimits,
     /// `[backend_tls]`: probes connect the way sessions do.
     pub tls: Option<Arc<BackendTls>>,
+    /// Pass-through mode: also check whether the backend requires a password.
+    pub check_auth: bool,
 }
 
 /// Why one probe failed.
@@ -93,6 +97,8 @@ pub async fn run(
     let mut backend = backend;
     resolve_aliases(index, &backend, &store).await;
     let mut conn: Option<Conn> = None;
+    // Pass-through: the never-authenticated connection for `requires_auth`.
+    let mut anon: Option<Conn> = None;
     let mut last_role: Option<&'static str> = None;
     // The role gauges were zeroed by a failed probe and must be set again.
     let mut gauges_unknown = true;
@@ -109,6 +115,7 @@ pub async fn run(
             Some(b) if b.config != backend => {
                 backend = b.config.clone();
                 conn = None;
+                anon = None;
             }
             _ => {}
         }
@@ -124,6 +131,19 @@ pub async fn run(
             .record(started.elapsed().as_secs_f64());
         match result {
             Ok(role) => {
+                let requires_auth = if settings.check_auth {
+                    check_requires_auth(&mut anon, &backend, &settings).await
+                } else {
+                    None
+                };
+                let known = store
+                    .load()
+                    .backends
+                    .get(index)
+                    .and_then(|b| b.requires_auth);
+                if requires_auth.is_some() && requires_auth != known {
+                    info!(backend = %label, requires_password = requires_auth, "pass-through: backend password requirement");
+                }
                 let now = Instant::now();
                 let foreign = match &role {
                     Role::Replica {
@@ -180,6 +200,9 @@ pub async fn run(
                     b.readonly_seen = false;
                     b.contradiction = None;
                     b.hijacked = foreign;
+                    if requires_auth.is_some() {
+                        b.requires_auth = requires_auth;
+                    }
                 });
                 if foreign && settings.auto_heal {
                     if let Some(c) = conn.as_mut() {
@@ -293,6 +316,60 @@ async fn probe(
     parse_role(&reply)
 }
 
+/// Whether the backend refuses an unauthenticated client: `PING` on a connection that
+/// never authenticates answers `-NOAUTH` (`Some(true)`) or `+PONG` (`Some(false)`). `None`
+/// when there is no clear answer (the connection is then dropped and reopened next time);
+/// the caller keeps the last known value.
+async fn check_requires_auth(
+    anon: &mut Option<Conn>,
+    backend: &BackendConfig,
+    settings: &ProbeSettings,
+) -> Option<bool> {
+    let check = async {
+        if anon.is_none() {
+            let state = Handshake {
+                auth: LinkAuth::Unauthenticated,
+                ..Handshake::default()
+            };
+            let limits = settings.reply_limits;
+            let link = BackendLink::open(
+                backend,
+                &state,
+                settings.timeout,
+                limits,
+                settings.tls.as_deref(),
+            )
+            .await?;
+            *anon = Some(Conn {
+                stream: link.stream,
+                buf: link.leftover,
+                scanner: ReplyScanner::new(limits),
+            });
+        }
+        let Some(c) = anon.as_mut() else {
+            return Err(ProbeError::Closed);
+        };
+        c.call(&Request::from_args(&[b"PING"])).await
+    };
+    let answer = match tokio::time::timeout(settings.timeout, check).await {
+        Ok(Ok(reply)) => requires_auth_from(&reply),
+        _ => None,
+    };
+    if answer.is_none() {
+        *anon = None;
+    }
+    answer
+}
+
+/// `-NOAUTH` → requires a password; any non-error → does not; other errors → unknown.
+fn requires_auth_from(reply: &Reply) -> Option<bool> {
+    match reply.error_code() {
+        Some(b"NOAUTH") => Some(true),
+        Some(_) => None,
+        None => Some(false),
+    }
+}
+
 /// Parse a `ROLE` reply.
 fn parse_role(reply: &Reply) -> Result<Role, ProbeError> {
     let unexpected = || {
@@ -386,6 +463,16 @@ mod tests {
             .next(&mut buf)
             .unwrap()
             .unwrap()
+    }
+
+    #[test]
+    fn password_requirement_from_an_anonymous_ping() {
+        assert_eq!(
+            requires_auth_from(&reply(b"-NOAUTH Authentication required.\r\n")),
+            Some(true)
+        );
+        assert_eq!(requires_auth_from(&reply(b"+PONG\r\n")), Some(false));
+        assert_eq!(requires_auth_from(&reply(b"-LOADING x\r\n")), None);
     }
 
     #[test]

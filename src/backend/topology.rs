@@ -221,6 +221,10 @@ pub struct BackendState {
     pub hijacked: bool,
     /// Removed from the configuration by a reload: never routed to again.
     pub retired: bool,
+    /// Pass-through mode: whether the backend refuses an unauthenticated client
+    /// (`-NOAUTH` to PING), as last checked by the prober; `None` until known. Kept
+    /// across failed probes: only a new answer changes it.
+    pub requires_auth: Option<bool>,
 }
 
 impl BackendState {
@@ -253,6 +257,7 @@ impl BackendState {
             last_standing: Standing::Unprobed,
             hijacked: false,
             retired: false,
+            requires_auth: None,
         }
     }
 
@@ -514,6 +519,13 @@ impl Topology {
             Ok(i) if now <= self.valid_until => Some(i),
             _ => None,
         }
+    }
+
+    /// Every backend still configured is known to refuse unauthenticated clients (so in
+    /// pass-through mode Redis authenticates every client). Unknown counts as no.
+    pub fn backends_require_auth(&self) -> bool {
+        let mut live = self.backends.iter().filter(|b| !b.retired).peekable();
+        live.peek().is_some() && live.all(|b| b.requires_auth == Some(true))
     }
 
     /// A replica for reads: fresh, following the confirmed master with its link up, not
@@ -805,6 +817,33 @@ mod tests {
         s.probed_at = role.as_ref().map(|_| Instant::now());
         s.role = role;
         s
+    }
+
+    #[test]
+    fn backends_require_auth_only_when_all_live_ones_are_known_to() {
+        let topo = |states: Vec<(Option<bool>, bool)>| Topology {
+            backends: states
+                .into_iter()
+                .enumerate()
+                .map(|(i, (requires_auth, retired))| BackendState {
+                    requires_auth,
+                    retired,
+                    ..b("x", 7000 + i as u16, None)
+                })
+                .collect(),
+            master: Err(NoMaster::None),
+            valid_until: Instant::now(),
+            generation: 0,
+            staleness: STALE,
+            down_after: BOUNDS.down_after,
+            sentinel_master: None,
+        };
+        assert!(!topo(vec![]).backends_require_auth());
+        assert!(topo(vec![(Some(true), false)]).backends_require_auth());
+        assert!(!topo(vec![(Some(true), false), (None, false)]).backends_require_auth());
+        assert!(!topo(vec![(Some(true), false), (Some(false), false)]).backends_require_auth());
+        assert!(topo(vec![(Some(true), false), (Some(false), true)]).backends_require_auth());
+        assert!(!topo(vec![(Some(true), true)]).backends_require_auth());
     }
 
     fn replica_of(port: u16) -> Option<Role> {

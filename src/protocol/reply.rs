@@ -14,9 +14,15 @@ use bytes::{Bytes, BytesMut};
 use super::request::string2ll;
 
 /// Largest bulk length Redis accepts by default (`proto-max-bulk-len`, 512 MiB).
-pub const DEFAULT_MAX_BULK_LEN: usize = 512 * 1024 * 1024;
-/// Default bound on aggregate nesting; Redis itself never nests replies this deep.
-pub const DEFAULT_MAX_DEPTH: usize = 128;
+pub const DEFAULT_MAX_BULK_LEN: usize = super::PROTO_MAX_BULK_LEN;
+/// Default bound on aggregate nesting. Redis 7's Lua replies nest up to 7,995 levels
+/// (`EVAL` of a table nested N deep: N = 7,995 is returned, deeper ones end in
+/// `-ERR reached lua stack limit` at that depth; measured on 7.0.15), so this admits
+/// everything Redis produces; the scanner's stack is explicit, so depth costs 16 bytes a
+/// level of heap, never call stack.
+pub const DEFAULT_MAX_DEPTH: usize = 10_000;
+/// A stack that grew past this many levels (a deep reply) is released afterwards.
+const STACK_KEEP: usize = 256;
 /// Longest length/count header line (`-9223372036854775808` is 20 bytes) before we give up.
 const MAX_HEADER_LINE: usize = 32;
 
@@ -430,6 +436,9 @@ impl ReplyScanner {
         self.scan_from = 0;
         self.has_attribute = false;
         self.value_start = 0;
+        if self.stack.capacity() > STACK_KEEP {
+            self.stack = Vec::new();
+        }
         reply
     }
 }
@@ -542,15 +551,6 @@ impl Reply {
             Value::Line(b'+' | b'-', line) => Some(line),
             Value::Bulk(b'$' | b'!', body) => Some(body),
             Value::Bulk(b'=', body) => body.get(4..),
-            _ => None,
-        }
-    }
-
-    /// Value of an `:` integer reply.
-    pub fn integer(&self) -> Option<i64> {
-        let mut pos = self.value_start;
-        match read_value(&self.frame, &mut pos)? {
-            Value::Line(b':', line) => string2ll(line),
             _ => None,
         }
     }
@@ -861,7 +861,10 @@ mod tests {
             sc.next(&mut buf).unwrap().unwrap().text(),
             Some(&b"hello"[..])
         );
-        assert_eq!(sc.next(&mut buf).unwrap().unwrap().integer(), Some(1));
+        assert_eq!(
+            sc.next(&mut buf).unwrap().unwrap().frame().as_ref(),
+            b":1\r\n"
+        );
         assert_eq!(sc.next(&mut buf).unwrap(), None);
     }
 
@@ -927,28 +930,29 @@ mod tests {
     #[test]
     fn depth_limit() {
         let limits = ReplyLimits::default();
-        let ok = [b"*1\r\n".repeat(128), b":1\r\n".to_vec()].concat();
+        const D: usize = DEFAULT_MAX_DEPTH;
+        let ok = [b"*1\r\n".repeat(D), b":1\r\n".to_vec()].concat();
         assert_eq!(scan_one(&ok).kind(), Array);
-        let too_deep = [b"*1\r\n".repeat(129), b":1\r\n".to_vec()].concat();
+        let too_deep = [b"*1\r\n".repeat(D + 1), b":1\r\n".to_vec()].concat();
         assert_eq!(
             scan_all(&too_deep).unwrap_err(),
-            ReplyError::TooDeep { limit: 128 }
+            ReplyError::TooDeep { limit: D }
         );
         // Empty aggregates count too: depth is about nesting, not storage.
-        let empty_at_129 = [b"*1\r\n".repeat(128), b"*0\r\n".to_vec()].concat();
-        assert!(scan_all(&empty_at_129).is_err());
-        let attr_deep = [b"*1\r\n".repeat(128), b"|1\r\n+a\r\n+b\r\n:1\r\n".to_vec()].concat();
+        let empty_one_too_deep = [b"*1\r\n".repeat(D), b"*0\r\n".to_vec()].concat();
+        assert!(scan_all(&empty_one_too_deep).is_err());
+        let attr_deep = [b"*1\r\n".repeat(D), b"|1\r\n+a\r\n+b\r\n:1\r\n".to_vec()].concat();
         assert!(scan_all(&attr_deep).is_err());
 
         let million = b"*1\r\n".repeat(1_000_000);
         assert_eq!(
             scan_all(&million).unwrap_err(),
-            ReplyError::TooDeep { limit: 128 }
+            ReplyError::TooDeep { limit: D }
         );
         let err = scan_chunked(&million, 4096, limits).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "backend protocol error: nesting deeper than 128"
+            format!("backend protocol error: nesting deeper than {D}")
         );
         let mixed = b"%1\r\n~1\r\n>1\r\n|1\r\n".repeat(250_000);
         assert!(scan_chunked(&mixed, 1, limits).is_err());
@@ -1077,11 +1081,8 @@ mod tests {
             assert_eq!(bytewise[0].frame().as_ref(), input);
             assert_eq!(bytewise[0].kind(), kind, "{input:?}");
         }
-        assert_eq!(
-            scan_one(b":-9223372036854775808\r\n").integer(),
-            Some(i64::MIN)
-        );
-        assert_eq!(scan_one(b":10\r\n").integer(), Some(10));
+        assert_eq!(scan_one(b":-9223372036854775808\r\n").kind(), Integer);
+        assert_eq!(scan_one(b":10\r\n").kind(), Integer);
 
         let rejected: &[(&[u8], ReplyError)] = &[
             // Integers: leading zeros, negative zero, signs, spaces, overflow.
@@ -1194,7 +1195,7 @@ mod tests {
             ReplyError::TooDeep { limit: 2 }
         );
         assert_eq!(ReplyLimits::default().max_bulk_len, 512 * 1024 * 1024);
-        assert_eq!(ReplyLimits::default().max_depth, 128);
+        assert_eq!(ReplyLimits::default().max_depth, 10_000);
     }
 
     #[test]
@@ -1219,8 +1220,6 @@ mod tests {
         );
         assert_eq!(scan_one(b"$-1\r\n").text(), None);
         assert_eq!(scan_one(b":42\r\n").text(), None);
-        assert_eq!(scan_one(b":-42\r\n").integer(), Some(-42));
-        assert_eq!(scan_one(b"+42\r\n").integer(), None);
         assert_eq!(scan_one(b"+OK\r\n").items(), None);
         assert_eq!(scan_one(b"*-1\r\n").items(), None);
         assert_eq!(scan_one(b"*0\r\n").items(), Some(vec![]));

@@ -13,7 +13,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 /// Redis `PROTO_INLINE_MAX_SIZE`: longest inline line / count line without terminator.
 pub const DEFAULT_MAX_INLINE_LEN: usize = 64 * 1024;
 /// Redis `proto-max-bulk-len` default.
-pub const DEFAULT_MAX_BULK_LEN: usize = 512 * 1024 * 1024;
+pub const DEFAULT_MAX_BULK_LEN: usize = super::PROTO_MAX_BULK_LEN;
 /// Redis 7 multibulk count bound (`INT_MAX`).
 pub const DEFAULT_MAX_MULTIBULK_LEN: usize = i32::MAX as usize;
 /// Pre-authentication multibulk count bound (CVE-2021-32675 fix).
@@ -186,8 +186,6 @@ pub struct Request {
     frame: Bytes,
     /// Where each argument lies inside `frame`.
     spans: Spans,
-    /// Arrived as an inline command (re-encoded), for logging and metrics.
-    inline: bool,
 }
 
 /// Equal when the argv is equal (the frame is canonical, so it determines the argv).
@@ -216,16 +214,6 @@ impl Request {
         self.frame.get(span.start..span.end)
     }
 
-    /// Argument `i` as a zero-copy `Bytes` slice of the frame.
-    pub fn arg_bytes(&self, i: usize) -> Option<Bytes> {
-        let span = self.spans.as_slice().get(i)?;
-        if span.start <= span.end && span.end <= self.frame.len() {
-            Some(self.frame.slice(span.start..span.end))
-        } else {
-            None
-        }
-    }
-
     /// All arguments in order.
     pub fn args(&self) -> impl ExactSizeIterator<Item = &[u8]> + '_ {
         self.spans
@@ -234,20 +222,15 @@ impl Request {
             .map(|span| self.frame.get(span.start..span.end).unwrap_or(&[]))
     }
 
-    /// Whether the client sent this command in inline form.
-    pub fn is_inline(&self) -> bool {
-        self.inline
-    }
-
     /// Builds a canonical request from an argv (proxy-generated commands, tests).
     /// An empty argv gives `*0\r\n`, which Redis ignores.
     pub fn from_args<A: AsRef<[u8]>>(args: &[A]) -> Request {
-        encode(args.iter().map(AsRef::as_ref), false)
+        encode(args.iter().map(AsRef::as_ref))
     }
 }
 
 /// Encodes an argv as a canonical RESP array in one exactly sized allocation.
-fn encode<'a, I>(args: I, inline: bool) -> Request
+fn encode<'a, I>(args: I) -> Request
 where
     I: Iterator<Item = &'a [u8]> + Clone,
 {
@@ -279,7 +262,6 @@ where
     Request {
         frame: out.freeze(),
         spans,
-        inline,
     }
 }
 
@@ -576,7 +558,6 @@ impl RequestParser {
             return Request {
                 frame: buf.split_to(end).freeze(),
                 spans,
-                inline: false,
             };
         }
         let raw: &[u8] = buf;
@@ -585,7 +566,6 @@ impl RequestParser {
                 .as_slice()
                 .iter()
                 .map(|span| raw.get(span.start..span.end).unwrap_or(&[])),
-            false,
         );
         buf.advance(end);
         request
@@ -642,13 +622,9 @@ fn parse_inline(line: &[u8]) -> Result<Option<Request>, ProtocolError> {
     if spans.as_slice().is_empty() {
         return Ok(None);
     }
-    Ok(Some(encode(
-        spans
-            .as_slice()
-            .iter()
-            .map(|span| unescaped.get(span.start..span.end).unwrap_or(&[])),
-        true,
-    )))
+    Ok(Some(encode(spans.as_slice().iter().map(|span| {
+        unescaped.get(span.start..span.end).unwrap_or(&[])
+    }))))
 }
 
 /// C `isspace` in the C locale.
@@ -1221,7 +1197,6 @@ mod tests {
             assert_eq!(out.requests.len(), 1, "{input:?}");
             let name = out.requests[0].arg(0).unwrap().to_ascii_lowercase();
             assert!(name == b"slaveof" || name == b"replicaof", "{input:?}");
-            assert!(out.requests[0].is_inline());
             assert_eq!(out.requests[0].argc(), 3);
         }
     }
@@ -1321,10 +1296,8 @@ mod tests {
         let first = parser.parse(&mut buf).unwrap().unwrap();
         assert_eq!(&first.frame()[..], &input[..22]);
         assert_eq!(first.frame().as_ptr(), base);
-        assert_eq!(first.arg_bytes(1).unwrap(), Bytes::from_static(b"key"));
-        assert_eq!(first.arg_bytes(2), None);
+        assert_eq!(first.arg(1), Some(&b"key"[..]));
         assert_eq!(first.arg(2), None);
-        assert!(!first.is_inline());
         let second = parser.parse(&mut buf).unwrap().unwrap();
         assert_eq!(&second.frame()[..], &input[22..]);
         assert_eq!(second.frame().as_ptr(), base.wrapping_add(22));

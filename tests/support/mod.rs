@@ -6,7 +6,9 @@ use std::net::{SocketAddr, TcpListener as StdListener};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use portcullis::config::{BackendConfig, Config};
+use portcullis::protocol::{ReplyLimits, ReplyScanner};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -89,6 +91,17 @@ impl RedisServer {
     /// A direct (not proxied) async connection.
     pub async fn direct(&self) -> redis::aio::MultiplexedConnection {
         client(&self.addr()).await
+    }
+
+    /// Whether `key` exists on this server (false when it cannot be asked).
+    pub async fn has_key(&self, key: &str) -> bool {
+        let mut d = self.direct().await;
+        let n: i64 = redis::cmd("EXISTS")
+            .arg(key)
+            .query_async(&mut d)
+            .await
+            .unwrap_or(0);
+        n == 1
     }
 
     /// Stop it now (SIGKILL), e.g. to test a backend loss.
@@ -616,4 +629,64 @@ impl Drop for ProxyProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A connection that reads whole replies with the proxy's own reply scanner (HELLO's
+/// connection id masked), for comparing replies through the proxy and direct.
+pub struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+    scanner: ReplyScanner,
+}
+
+impl Conn {
+    pub async fn open(addr: &str) -> Conn {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).ok();
+        Conn {
+            stream,
+            buf: BytesMut::new(),
+            scanner: ReplyScanner::new(ReplyLimits::default()),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// The next reply's bytes, `None` when the peer closed first.
+    pub async fn reply(&mut self) -> Option<Vec<u8>> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(r) = self.scanner.next(&mut self.buf).expect("well-formed reply") {
+                return Some(mask_id(r.frame()));
+            }
+            let n = tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf))
+                .await
+                .expect("a reply in time")
+                .unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+        }
+    }
+
+    pub async fn call(&mut self, args: &[&str]) -> Vec<u8> {
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        self.send(&resp(&args)).await;
+        self.reply().await.expect("a reply, not a close")
+    }
+}
+
+/// HELLO replies carry the connection id, which differs: blank it.
+pub fn mask_id(frame: &[u8]) -> Vec<u8> {
+    let key = b"$2\r\nid\r\n:";
+    let mut out = frame.to_vec();
+    if let Some(pos) = out.windows(key.len()).position(|w| w == key) {
+        let start = pos + key.len();
+        if let Some(len) = out[start..].iter().position(|&b| b == b'\r') {
+            out.splice(start..start + len, b"ID".iter().copied());
+        }
+    }
+    out
 }

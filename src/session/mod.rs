@@ -1,0 +1,1571 @@
+//! One client connection: read → parse → classify → authorize → plan → forward → match
+//! replies, as small parts wired here:
+//!
+//! - `plan`: what a classified request asks of the session (pure);
+//! - `queue`: what each request is owed, in order, and Redis's `CLIENT REPLY` rules;
+//! - `state`: what the connection carries (db, protocol, name, tracking, subscriptions,
+//!   MONITOR) and the open transaction;
+//! - `upstream`: the session's backend connections, each a stream with its queues;
+//! - `out`: bytes waiting for a socket.
+//!
+//! Lifecycle (one task per client), `Phase`:
+//! 1. `Open`: reads client bytes, parses requests, answers or forwards each in order.
+//! 2. `Draining` (shutdown): still serving; ends between two requests, at the first
+//!    moment when nothing the client sent is unanswered and nothing more is arriving.
+//! 3. `InputClosed` (the client closed its sending side): handles what it had sent,
+//!    then half-closes the backend connections, so Redis answers what it read and
+//!    closes, exactly as for a client half-closing to it directly; ends once answered.
+//! 4. `Ending(why)`: reads nothing more; ends once what is owed is written.
+//!
+//! A backend connection that ends answers what was in flight on it with an error; the
+//! session keeps the client when its state can be replayed on a fresh connection, and
+//! closes it (as Redis would) when it cannot (`ConnState::pinned`, transactions).
+//!
+//! Must not block on one direction while the other could make progress: all socket I/O is
+//! readiness-driven and non-blocking.
+
+mod out;
+mod plan;
+mod queue;
+mod state;
+mod upstream;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use arc_swap::ArcSwap;
+
+use crate::auth::{Credentials, ProxyAuthAnswer, User};
+use crate::backend::{LinkAuth, TopologyStore};
+use crate::command::{AclCategories, CommandSpec, Flags, Lookup, Special};
+use crate::config::ReadPolicy;
+use crate::metrics::{self, Hot};
+use crate::net::Stream;
+use crate::policy::{self, Verdict};
+use crate::protocol::{texts, ProtocolError, Reply, ReplyKind, Request, RequestParser};
+use crate::runtime::Runtime;
+
+use out::OutQueue;
+use plan::Plan;
+use queue::{Awaiting, Entry, ReplyMode, ReplyQueue, Retained};
+use state::{ConnState, Effect, ExecPlan, OnReply, StateChange, Transaction};
+use upstream::{Link, LinkEnd, LinkId, Upstream};
+
+/// An empty read buffer larger than this is released (after a big value went through).
+const READ_KEEP: usize = 64 * 1024;
+/// Shortest time between two connect attempts to a master that is silent or busy.
+const RECONNECT_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Give back an emptied buffer that grew for a big frame.
+fn release_if_big(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > READ_KEEP {
+        *buf = BytesMut::new();
+    }
+}
+
+/// What every session shares: the reloadable runtime, the topology, metric handles.
+pub struct Shared {
+    pub runtime: ArcSwap<Runtime>,
+    pub hot: Hot,
+    pub topology: Arc<TopologyStore>,
+}
+
+impl Shared {
+    /// `-MASTERDOWN` with what the proxy knows about every backend.
+    fn masterdown(&self) -> Bytes {
+        metrics::no_master();
+        texts::masterdown(&self.topology.load().explain())
+    }
+}
+
+/// Why a session ended; logged at debug, never sent to the client beyond Redis's texts.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionEnd {
+    #[error("client closed the connection")]
+    ClientClosed,
+    #[error("client sent QUIT")]
+    Quit,
+    #[error("client protocol error: {0}")]
+    Protocol(ProtocolError),
+    #[error("cross-protocol input (POST/Host:) from client")]
+    CrossProtocol,
+    #[error("client i/o error: {0}")]
+    ClientIo(io::Error),
+    #[error("backend lost with unreplayable session state")]
+    BackendLost,
+    #[error("pass-through: the backend refused this client's credentials on a new link")]
+    CredentialsRefused,
+    #[error("backend sent a reply nobody asked for")]
+    BackendDesync,
+    #[error("client idle timeout")]
+    Idle,
+    #[error("client did not complete a request frame within limits.frame_timeout")]
+    FrameTimeout,
+    #[error("proxy shutting down")]
+    Shutdown,
+}
+
+/// Where a session is in its life (see the module header).
+#[derive(Debug)]
+enum Phase {
+    Open,
+    Draining,
+    InputClosed,
+    Ending(SessionEnd),
+}
+
+/// A request waiting for the session's in-flight answers before it moves to a new
+/// master (never sent to the old one).
+#[derive(Debug)]
+struct Parked {
+    req: Request,
+    frames: u32,
+    deliver: bool,
+    on_reply: OnReply,
+    retryable: bool,
+}
+
+/// Why a session could not open a backend link.
+#[derive(Debug)]
+struct LinkFailure {
+    /// The error reply owed to the request that needed the link.
+    reply: Bytes,
+    /// Pass-through: Redis refused the client's own credentials; the backend itself is
+    /// fine (never reported unreachable) and the session closes.
+    credentials_refused: bool,
+}
+
+impl LinkFailure {
+    fn unreachable(reply: Bytes) -> LinkFailure {
+        LinkFailure {
+            reply,
+            credentials_refused: false,
+        }
+    }
+}
+
+/// Serve one client connection until it ends.
+pub async fn run(
+    client: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let tls = shared.runtime.load().client_tls.clone();
+    let mut client = match tls {
+        None => Stream::Plain(client),
+        Some(tls) => {
+            let handshake = tokio::select! {
+                r = tls.accept(client) => r,
+                _ = shutdown.cancelled() => return,
+            };
+            match handshake {
+                Ok(stream) => stream,
+                Err(e) => {
+                    metrics::tls_handshake_failure("client");
+                    debug!(%peer, error = %e, "client TLS handshake failed");
+                    return;
+                }
+            }
+        }
+    };
+    let mut session = Session::new(peer, shared);
+    let end = match session.serve(&mut client, &shutdown).await {
+        Ok(never) => match never {},
+        Err(end) => end,
+    };
+    client.close();
+    match &end {
+        SessionEnd::Protocol(e) => debug!(%peer, error = %e, "client closed: protocol error"),
+        SessionEnd::CrossProtocol => warn!(
+            %peer,
+            "possible cross-protocol attack (POST or Host: line); connection closed"
+        ),
+        SessionEnd::FrameTimeout => warn!(
+            %peer,
+            "client did not complete a request frame within limits.frame_timeout (slow sender); connection closed"
+        ),
+        other => debug!(%peer, reason = %other, "client closed"),
+    }
+}
+
+/// The loop never ends with `Ok`.
+enum Never {}
+
+struct Session {
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    /// The runtime (config, policy, users) this session applies; refreshed at each parse.
+    rt: Arc<Runtime>,
+    phase: Phase,
+    parser: RequestParser,
+    client_buf: BytesMut,
+    /// Bytes of the client's previous read batch (sizes the next read).
+    client_batch: usize,
+    /// When the incomplete frame at the front of `client_buf` was first seen: it must be
+    /// complete within `limits.frame_timeout` (slow senders). Restarted when the session
+    /// resumes reading its client after back-pressure, which is not the client's fault.
+    partial_since: Option<Instant>,
+    to_client: OutQueue,
+    upstream: Upstream,
+    queue: ReplyQueue,
+    mode: ReplyMode,
+    state: ConnState,
+    txn: Option<Transaction>,
+    watching: bool,
+    /// Clients must AUTH first when users are configured.
+    authenticated: bool,
+    /// The user this connection authenticated as (its policy applies).
+    user: Option<Arc<User>>,
+    parked: Option<Parked>,
+    /// Parse nothing more until everything sent is answered: an EXEC whose transaction
+    /// changes `CLIENT REPLY` is in flight (whether later answers are delivered depends
+    /// on its outcome), or, in pass-through under pre-auth bounds, an AUTH (Redis runs it
+    /// before it parses the next command, and its bounds depend on the outcome).
+    barrier: bool,
+    /// An EXEC that sets `CLIENT REPLY` is in flight: the mode comes from its answer.
+    mode_pending: bool,
+    /// Bytes of forwarded writes kept for a READONLY retry (`Retained`).
+    retained: Arc<AtomicUsize>,
+    /// The clock, read once per event (after each wake-up).
+    now: Instant,
+    /// When the latest client bytes were read: the start of their requests' latency.
+    read_at: Instant,
+    /// When the latest backend bytes were read: the end of their replies' latency.
+    replies_at: Instant,
+}
+
+/// What woke the session up.
+enum Event {
+    ClientReadable,
+    BackendReadable(LinkId),
+    Writable,
+    Idle,
+    FrameTimeout,
+    Shutdown,
+}
+
+impl Session {
+    fn new(peer: SocketAddr, shared: Arc<Shared>) -> Session {
+        let rt = shared.runtime.load_full();
+        let authenticated = !rt.users.enabled();
+        let now = Instant::now();
+        Session {
+            peer,
+            parser: RequestParser::new(rt.request_limits(authenticated)),
+            rt,
+            phase: Phase::Open,
+            authenticated,
+            user: None,
+            shared,
+            client_buf: BytesMut::new(),
+            client_batch: 0,
+            partial_since: None,
+            to_client: OutQueue::default(),
+            upstream: Upstream::default(),
+            queue: ReplyQueue::default(),
+            mode: ReplyMode::default(),
+            state: ConnState::default(),
+            txn: None,
+            watching: false,
+            parked: None,
+            barrier: false,
+            mode_pending: false,
+            retained: Arc::new(AtomicUsize::new(0)),
+            now,
+            read_at: now,
+            replies_at: now,
+        }
+    }
+
+    /// Whether the session still takes requests from the client.
+    fn reading(&self) -> bool {
+        matches!(self.phase, Phase::Open | Phase::Draining)
+    }
+
+    /// End for `why` once what is owed is written (a first reason sticks).
+    fn end_after_replies(&mut self, why: SessionEnd) {
+        if !matches!(self.phase, Phase::Ending(_)) {
+            self.phase = Phase::Ending(why);
+        }
+    }
+
+    /// Whether requests may be taken from the client buffer now.
+    fn may_parse(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Open | Phase::Draining | Phase::InputClosed
+        ) && self.parked.is_none()
+            && self.queue.retries() == 0
+            && !self.barrier
+            && self.queue.len() < self.rt.config.limits.max_pending
+    }
+
+    async fn serve(
+        &mut self,
+        client: &mut Stream,
+        shutdown: &CancellationToken,
+    ) -> Result<Never, SessionEnd> {
+        loop {
+            self.flush(client).map_err(SessionEnd::ClientIo)?;
+            self.progress(client).await?;
+            self.flush(client).map_err(SessionEnd::ClientIo)?;
+            if let Some(end) = self.finished(client) {
+                return Err(end);
+            }
+            let event = self.wait(client, shutdown).await?;
+            self.now = Instant::now();
+            match event {
+                Event::ClientReadable => self.read_client(client)?,
+                Event::BackendReadable(link) => self.read_backend(link),
+                Event::Writable => {}
+                Event::Idle => {
+                    if self.queue.is_empty() {
+                        return Err(SessionEnd::Idle);
+                    }
+                }
+                Event::FrameTimeout => {
+                    metrics::protocol_error("frame_timeout");
+                    return Err(SessionEnd::FrameTimeout);
+                }
+                Event::Shutdown => {
+                    if matches!(self.phase, Phase::Open) {
+                        self.phase = Phase::Draining;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One progress step: retries and a parked request first (they come before anything
+    /// parsed after them), then the requests already buffered, then what a phase asks.
+    async fn progress(&mut self, client: &mut Stream) -> Result<(), SessionEnd> {
+        if self.barrier && self.queue.is_empty() {
+            self.barrier = false;
+        }
+        if self.queue.retries() > 0 && !self.queue.waiting_on(LinkId::Master) {
+            self.run_retries().await;
+        }
+        if self.queue.is_empty() {
+            if let Some(p) = self.parked.take() {
+                self.send(p.req, p.frames, p.deliver, p.on_reply, p.retryable)
+                    .await;
+            }
+        }
+        self.parse_buffered().await?;
+        match self.phase {
+            Phase::InputClosed if self.parked.is_none() && self.queue.retries() == 0 => {
+                // Everything the client sent is with the backends: pass the half-close on.
+                self.upstream.shutdown_when_flushed();
+            }
+            Phase::Draining if self.quiet() => {
+                // Between two requests: close unless more is arriving already.
+                match client.read_batch(&mut self.client_buf, &mut self.client_batch) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.end_after_replies(SessionEnd::Shutdown)
+                    }
+                    Ok(0) => self.end_after_replies(SessionEnd::ClientClosed),
+                    Ok(n) => {
+                        self.read_at = self.now;
+                        self.shared.hot.bytes_in.increment(n as u64);
+                        self.parse_buffered().await?;
+                    }
+                    Err(e) => return Err(SessionEnd::ClientIo(e)),
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Nothing owed to the client and nothing of it buffered or in progress.
+    fn quiet(&self) -> bool {
+        self.queue.is_empty()
+            && self.to_client.is_empty()
+            && self.parked.is_none()
+            && self.client_buf.is_empty()
+    }
+
+    /// The reason to end now, once everything owed is written.
+    fn finished(&mut self, client: &Stream) -> Option<SessionEnd> {
+        let written = self.to_client.is_empty() && !client.wants_flush();
+        if !(written && self.queue.is_empty() && self.parked.is_none()) {
+            return None;
+        }
+        match &self.phase {
+            Phase::Ending(_) => match std::mem::replace(&mut self.phase, Phase::InputClosed) {
+                Phase::Ending(end) => Some(end),
+                _ => None,
+            },
+            // Nothing more can arrive and nothing is owed (with nothing owed, parsing was
+            // not held back, so what is left in the buffer is an incomplete frame, which
+            // Redis discards too): done.
+            Phase::InputClosed => Some(SessionEnd::ClientClosed),
+            _ => None,
+        }
+    }
+
+    /// Wait for the next thing to do.
+    async fn wait(
+        &mut self,
+        client: &Stream,
+        shutdown: &CancellationToken,
+    ) -> Result<Event, SessionEnd> {
+        let limits = &self.rt.config.limits;
+        let idle = limits.idle_timeout;
+        // Requests waiting for a slow backend are held to the same bound as replies
+        // waiting for a slow client: the proxy stops reading a pipeline Redis is not
+        // taking instead of buffering all of it.
+        let read_client = self.reading()
+            && self.may_parse()
+            && self.to_client.bytes < limits.max_reply_buffer
+            && self.upstream.queued_bytes() < limits.max_reply_buffer;
+        if !read_client {
+            // The frame clock runs only while the client is read: back-pressure is not
+            // its fault. Restarted at every wake-up, so also when reading resumes.
+            if let Some(since) = &mut self.partial_since {
+                *since = self.now;
+            }
+        }
+        let frame_deadline = match self.partial_since {
+            Some(since) if read_client && !limits.frame_timeout.is_zero() => {
+                Some(tokio::time::Instant::from_std(since + limits.frame_timeout))
+            }
+            _ => None,
+        };
+        let read_replies = self.to_client.bytes < limits.max_reply_buffer;
+        let master = self.upstream.master.as_ref();
+        let replica = self.upstream.replica.as_ref();
+        let out = |l: Option<&Link>| l.is_some_and(|l| l.has_output() || l.wants_shutdown());
+        let (master_out, replica_out) = (out(master), out(replica));
+        let client_out = !self.to_client.is_empty() || client.wants_flush();
+        let draining = !matches!(self.phase, Phase::Open);
+        Ok(tokio::select! {
+            biased;
+            r = client.readable(), if read_client => match r {
+                Ok(()) => Event::ClientReadable,
+                Err(e) => return Err(SessionEnd::ClientIo(e)),
+            },
+            _ = upstream::readable(master), if read_replies && master.is_some() => Event::BackendReadable(LinkId::Master),
+            _ = upstream::readable(replica), if read_replies && replica.is_some() => Event::BackendReadable(LinkId::Replica),
+            _ = client.writable(), if client_out => Event::Writable,
+            _ = upstream::writable(master), if master_out => Event::Writable,
+            _ = upstream::writable(replica), if replica_out => Event::Writable,
+            _ = tokio::time::sleep(idle), if !idle.is_zero() => Event::Idle,
+            _ = frame_sleep(frame_deadline), if frame_deadline.is_some() => Event::FrameTimeout,
+            // Once draining, the token stays cancelled: polling it again would spin.
+            _ = shutdown.cancelled(), if !draining => Event::Shutdown,
+        })
+    }
+
+    /// Adopt a reloaded runtime: new policy, users and limits apply from the next command.
+    fn refresh_runtime(&mut self) {
+        let current = self.shared.runtime.load();
+        if current.generation == self.rt.generation {
+            return;
+        }
+        self.rt = arc_swap::Guard::into_inner(current);
+        if !self.rt.users.enabled() {
+            self.user = None;
+            self.authenticated = true;
+        } else if let Some(name) = self.user.as_ref().map(|u| u.name.clone()) {
+            // Same user, new rules; a removed user is signed out.
+            self.user = self.rt.users.get(&name);
+            self.authenticated = self.user.is_some();
+        }
+        self.parser
+            .set_limits(self.rt.request_limits(self.authenticated));
+    }
+
+    /// Write what every socket takes now. Errors on the backend side are handled as a
+    /// lost backend; only client errors are returned.
+    fn flush(&mut self, client: &mut Stream) -> io::Result<()> {
+        for id in [LinkId::Master, LinkId::Replica] {
+            if let Some(link) = self.upstream.get_mut(id) {
+                if let Err(e) = link.flush() {
+                    debug!(peer = %self.peer, error = %e, "backend write failed");
+                    self.link_lost(id, LinkEnd::Io(e));
+                }
+            }
+        }
+        if !self.to_client.is_empty() {
+            let n = self.to_client.try_write(client)?;
+            self.shared.hot.bytes_out.increment(n as u64);
+        }
+        client.flush_pending()
+    }
+
+    fn read_client(&mut self, client: &mut Stream) -> Result<(), SessionEnd> {
+        match client.read_batch(&mut self.client_buf, &mut self.client_batch) {
+            // End of input: what was sent before it is still answered.
+            Ok(0) => self.phase = Phase::InputClosed,
+            Ok(n) => {
+                self.read_at = self.now;
+                self.shared.hot.bytes_in.increment(n as u64);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            // A TLS client that closed without close_notify (common; not an attack).
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => self.phase = Phase::InputClosed,
+            Err(e) => return Err(SessionEnd::ClientIo(e)),
+        }
+        Ok(())
+    }
+
+    /// Handle the requests already buffered, as far as the session may take them.
+    async fn parse_buffered(&mut self) -> Result<(), SessionEnd> {
+        if self.client_buf.is_empty() {
+            return Ok(());
+        }
+        self.refresh_runtime();
+        self.sync_passthrough_limits();
+        while self.may_parse() {
+            match self.parser.parse(&mut self.client_buf) {
+                Ok(Some(req)) => {
+                    self.partial_since = None;
+                    self.on_request(req).await?;
+                }
+                Ok(None) => {
+                    release_if_big(&mut self.client_buf);
+                    if self.client_buf.is_empty() {
+                        self.partial_since = None;
+                    } else {
+                        self.partial_since.get_or_insert(self.now);
+                    }
+                    break;
+                }
+                Err(e) => {
+                    metrics::protocol_error("client");
+                    let deliver = self.mode.delivers();
+                    self.push_local(deliver.then(|| e.to_reply()));
+                    self.end_after_replies(SessionEnd::Protocol(e));
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Queue a proxy-produced answer in order (`None`: silenced by CLIENT REPLY).
+    fn push_local(&mut self, reply: Option<Bytes>) {
+        self.queue.push_local(&mut self.to_client, reply);
+    }
+
+    /// Answer locally (AUTH, CLIENT REPLY, QUIT), subject to CLIENT REPLY.
+    fn answer(&mut self, reply: Bytes) {
+        self.shared.hot.local.increment(1);
+        let deliver = self.mode.next_command();
+        self.push_local(deliver.then_some(reply));
+    }
+
+    /// Refuse a command, subject to CLIENT REPLY; inside MULTI it also dooms the
+    /// transaction, as Redis does for commands refused while queuing.
+    fn refuse(&mut self, reply: Bytes) {
+        if let Some(txn) = &mut self.txn {
+            txn.dirty = true;
+        }
+        let deliver = self.mode.next_command();
+        self.push_local(deliver.then_some(reply));
+    }
+
+    async fn on_request(&mut self, req: Request) -> Result<(), SessionEnd> {
+        let name = req.arg(0).unwrap_or_default();
+        if name.eq_ignore_ascii_case(b"post") || name.eq_ignore_ascii_case(b"host:") {
+            metrics::protocol_error("cross_protocol");
+            return Err(SessionEnd::CrossProtocol);
+        }
+        let policy = match &self.user {
+            Some(u) => &u.policy,
+            None => &self.rt.policy,
+        };
+        let (lookup, verdict) = policy::decide(policy, &req);
+        let spec = match lookup {
+            Lookup::Known(spec) => spec,
+            Lookup::UnknownCommand => {
+                self.shared.hot.unknown.increment(1);
+                metrics::refused_command("unknown");
+                warn!(peer = %self.peer, command = %String::from_utf8_lossy(texts::shown(name, 64)), "refused unknown command");
+                self.refuse(texts::unknown_command(&req));
+                return Ok(());
+            }
+            Lookup::UnknownSubcommand(container) => {
+                self.shared.hot.unknown.increment(1);
+                self.refuse(texts::unknown_subcommand(container.name, &req));
+                return Ok(());
+            }
+        };
+        let class = metrics::class_of(spec);
+        if !self.authenticated
+            && !matches!(
+                spec.special,
+                Special::Auth | Special::Hello | Special::Quit | Special::Reset
+            )
+        {
+            self.refuse(Bytes::from_static(texts::NOAUTH));
+            return Ok(());
+        }
+        if let Some(Verdict::Deny { command, reason }) = verdict {
+            self.shared.hot.refused[class].increment(1);
+            metrics::refused_command(command);
+            let user = self.user.as_ref().map_or("default", |u| u.name.as_str());
+            warn!(peer = %self.peer, user, command, reason = reason.text(), "refused command");
+            self.refuse(texts::refused(command, reason.text()));
+            return Ok(());
+        }
+        self.apply_plan(plan::plan(spec, &req), req, spec, class)
+            .await;
+        Ok(())
+    }
+
+    /// Carry out the plan for an authorized request.
+    async fn apply_plan(&mut self, plan: Plan, req: Request, spec: &CommandSpec, class: usize) {
+        if !self.state.resp3
+            && self.state.subscribed()
+            && matches!(plan, Plan::ClientReply(_) | Plan::Auth | Plan::Hello)
+        {
+            // RESP2 pub/sub context: Redis refuses these before running them; the proxy
+            // would have answered them itself (forwarded commands get Redis's own answer).
+            self.refuse(texts::pubsub_context(spec.name));
+            return;
+        }
+        let in_multi = self.txn.is_some();
+        let is_exec = plan == Plan::Exec;
+        let mut on_reply = OnReply::Forward;
+        let mut forward = req;
+        let mut frames = 1;
+        // What the command does at EXEC, when Redis queues it.
+        let mut effect = None;
+        match plan {
+            Plan::Quit => {
+                self.answer(Bytes::from_static(texts::OK));
+                // Redis runs nothing after QUIT; the connection closes once everything
+                // before is answered.
+                self.end_after_replies(SessionEnd::Quit);
+                return;
+            }
+            Plan::Auth if self.rt.passthrough() => {
+                // Pass-through: forwarded; Redis checks and answers, and the credentials
+                // are kept for new links once it accepts them. Inside MULTI Redis only
+                // queues it, and EXEC's answer would not say whether it worked.
+                if in_multi {
+                    self.refuse(texts::error(
+                        "ERR portcullis does not forward AUTH inside MULTI in pass-through mode",
+                    ));
+                    return;
+                }
+                if let Some(creds) = Credentials::from_auth(&forward) {
+                    on_reply = OnReply::Apply(StateChange::Auth(creds));
+                    self.auth_sent();
+                }
+            }
+            Plan::Auth => {
+                let reply = match forward.argc() {
+                    // No users: checked against the backend password the proxy holds.
+                    2 if !self.rt.users.enabled() => {
+                        self.proxy_auth(None, forward.arg(1).unwrap_or_default())
+                    }
+                    2 => self.authenticate(b"default", forward.arg(1).unwrap_or_default()),
+                    3 => self.authenticate(
+                        forward.arg(1).unwrap_or_default(),
+                        forward.arg(2).unwrap_or_default(),
+                    ),
+                    n if n < 2 => texts::wrong_arity("auth"),
+                    _ => Bytes::from_static(texts::SYNTAX),
+                };
+                self.answer(reply);
+                return;
+            }
+            Plan::Hello => match self.rewrite_hello(&forward) {
+                Ok((req, change)) => {
+                    forward = req;
+                    effect = Some(Effect::State(change.clone()));
+                    on_reply = OnReply::Apply(change);
+                }
+                Err(reply) => {
+                    self.answer(reply);
+                    return;
+                }
+            },
+            Plan::ClientReply(arg) => {
+                if in_multi {
+                    // Queued as `CLIENT REPLY ON` (the backend always answers); EXEC's
+                    // answer is shaped as Redis's would be.
+                    forward = Request::from_args(&[b"CLIENT".as_slice(), b"REPLY", b"ON"]);
+                    effect = Some(Effect::Reply(arg));
+                } else {
+                    self.shared.hot.local.increment(1);
+                    let delivered = self.mode.client_reply(arg);
+                    self.push_local(delivered.then(|| Bytes::from_static(texts::OK)));
+                    return;
+                }
+            }
+            Plan::PubSub {
+                kind,
+                subscribe,
+                channels,
+            } => {
+                if in_multi {
+                    effect = Some(Effect::PubSub {
+                        kind,
+                        subscribe,
+                        channels,
+                    });
+                } else {
+                    let all = !subscribe && channels.is_empty();
+                    frames = u32::try_from(channels.len().max(1)).unwrap_or(u32::MAX);
+                    on_reply = OnReply::PubSub { kind, all };
+                }
+            }
+            Plan::Multi => {
+                if !in_multi {
+                    self.txn = Some(Transaction::default());
+                }
+                // Nested MULTI: Redis answers an error and queues nothing.
+                return self.forward_plain(forward, class, on_reply, false).await;
+            }
+            Plan::Watch => {
+                if !in_multi {
+                    self.watching = true;
+                }
+                // WATCH inside MULTI: Redis answers an error and queues nothing.
+                return self.forward_plain(forward, class, on_reply, false).await;
+            }
+            Plan::Unwatch => {
+                if !in_multi {
+                    self.watching = false;
+                }
+            }
+            Plan::Exec | Plan::Discard => {
+                if let Some(txn) = self.txn.take() {
+                    self.watching = false;
+                    if txn.dirty {
+                        // Redis never saw the refused command: discard what it queued
+                        // and answer as Redis does for commands refused while queuing.
+                        let reply = if is_exec {
+                            Bytes::from_static(texts::EXECABORT)
+                        } else {
+                            Bytes::from_static(texts::OK)
+                        };
+                        forward = Request::from_args(&[b"DISCARD"]);
+                        on_reply = OnReply::Replace(reply);
+                    } else if is_exec && txn.needs_plan() {
+                        let mode = self.mode;
+                        let deliver = mode.delivers();
+                        if txn.changes_reply_mode() {
+                            // The mode after EXEC depends on its outcome.
+                            self.barrier = true;
+                            self.mode_pending = true;
+                        } else {
+                            self.mode.command_done();
+                        }
+                        if txn.changes_subscriptions() && !self.state.resp3 {
+                            // So does the RESP2 pub/sub context.
+                            self.barrier = true;
+                        }
+                        let exec = ExecPlan {
+                            queued: txn.queued,
+                            effects: txn.effects,
+                            mode,
+                            deliver,
+                            extra: None,
+                            array: None,
+                            frames: Vec::new(),
+                        };
+                        self.shared.hot.forwarded[class].increment(1);
+                        self.send(forward, 1, deliver, OnReply::Exec(exec), false)
+                            .await;
+                        return;
+                    }
+                }
+            }
+            Plan::Reset => {
+                // RESET authenticates as the default user: with users configured, that
+                // means not authenticated at the proxy.
+                if self.rt.users.enabled() {
+                    self.authenticated = false;
+                    self.user = None;
+                    self.parser.set_limits(self.rt.request_limits(false));
+                }
+                self.txn = None;
+                self.watching = false;
+                // What RESET clears (subscriptions, tracking, MONITOR) decides how the
+                // next commands are answered: wait for it.
+                self.barrier = true;
+                // RESET clears CLIENT REPLY before answering `+RESET`.
+                self.mode = ReplyMode::default();
+                on_reply = OnReply::Apply(StateChange::Reset);
+            }
+            Plan::Forward { change } => {
+                if let Some(change) = change {
+                    effect = Some(Effect::State(change.clone()));
+                    on_reply = OnReply::Apply(change);
+                }
+            }
+        }
+        if let Some(txn) = &mut self.txn {
+            // Redis queues it (`+QUEUED`); its effect waits for EXEC.
+            txn.queue(effect);
+            on_reply = OnReply::Forward;
+            frames = 1;
+        }
+        if matches!(on_reply, OnReply::Apply(_)) {
+            // The replica link's replayed state no longer matches.
+            self.upstream.replica_stale = true;
+        }
+        if let OnReply::PubSub { .. } = on_reply {
+            self.shared.hot.forwarded[class].increment(1);
+            if !self.state.resp3 {
+                // Whether the connection is in RESP2 pub/sub context after it decides how
+                // the next commands are answered: wait for its confirmations.
+                self.barrier = true;
+            }
+            let deliver = self.mode.next_command();
+            self.send(forward, frames, deliver, on_reply, false).await;
+            return;
+        }
+        if let Some(index) = self.running_script_backend(spec) {
+            return self.forward_to_script(index, forward, class).await;
+        }
+        let plain = matches!(on_reply, OnReply::Forward) && self.txn.is_none();
+        if plain && self.rt.config.routing.reads != ReadPolicy::Master && self.replica_read(spec) {
+            let deliver = self.mode.next_command();
+            return self.forward_read(forward, deliver, class).await;
+        }
+        // A plain write outside MULTI can be retried if the backend says READONLY.
+        let retryable = plain && spec.is_write();
+        self.forward_plain(forward, class, on_reply, retryable)
+            .await
+    }
+
+    /// Forward a request answered by one frame, deciding its delivery now.
+    async fn forward_plain(
+        &mut self,
+        req: Request,
+        class: usize,
+        on_reply: OnReply,
+        retryable: bool,
+    ) {
+        self.shared.hot.forwarded[class].increment(1);
+        let deliver = self.mode.next_command();
+        self.send(req, 1, deliver, on_reply, retryable).await;
+    }
+
+    /// `SCRIPT KILL`, `FUNCTION KILL`, `FUNCTION STATS` while a backend other than the
+    /// session's link is busy running a script: that backend, whatever its confirmation
+    /// state (the command cannot change its role). `None`: route as usual.
+    fn running_script_backend(&self, spec: &CommandSpec) -> Option<usize> {
+        if !spec.acts_on_running_script() || !self.at_safe_point() {
+            return None;
+        }
+        let busy = self.shared.topology.load().busy_backend()?;
+        (self.upstream.master.as_ref().map(|l| l.index) != Some(busy)).then_some(busy)
+    }
+
+    /// Send a script-control command to the busy backend on a link of its own (the
+    /// session's next command moves back to the confirmed master at this safe point).
+    async fn forward_to_script(&mut self, index: usize, req: Request, class: usize) {
+        self.shared.hot.forwarded[class].increment(1);
+        let deliver = self.mode.next_command();
+        self.upstream.master = None;
+        match self.open_link(index).await {
+            Ok(link) => {
+                self.upstream.master = Some(link);
+                self.push_to(LinkId::Master, &req, 1, deliver, OnReply::Forward, false);
+            }
+            Err(failure) => self.push_local(deliver.then_some(failure.reply)),
+        }
+    }
+
+    /// Whether a command may go to a replica: read-only, not blocking, not a script or
+    /// pub/sub, and the session holds no state a replica link would not share.
+    fn replica_read(&self, spec: &CommandSpec) -> bool {
+        spec.is_readonly()
+            && spec.special == Special::None
+            && !spec.flags.intersects(Flags::BLOCKING.union(Flags::PUBSUB))
+            && !spec.acl.intersects(AclCategories::SCRIPTING)
+            && !self.watching
+            && !self.state.pinned()
+    }
+
+    /// Send a read to the session's replica link (opening it when needed); without a
+    /// healthy replica, `prefer-replica` falls back to the master.
+    async fn forward_read(&mut self, req: Request, deliver: bool, class: usize) {
+        let topo = self.shared.topology.load();
+        let seed = self.peer.port() as usize;
+        let choice = topo.replica_for_reads(seed);
+        let on_replica = self.queue.waiting_on(LinkId::Replica);
+        let usable = match (&self.upstream.replica, choice) {
+            (Some(r), Some(c)) => r.index == c && !self.upstream.replica_stale,
+            _ => false,
+        };
+        if !usable && !on_replica {
+            self.upstream.replica = None;
+            if let Some(index) = choice {
+                match self.open_link(index).await {
+                    Ok(link) => {
+                        self.upstream.replica = Some(link);
+                        self.upstream.replica_stale = false;
+                    }
+                    Err(failure) if failure.credentials_refused => {
+                        self.close_for_credentials();
+                        self.push_local(deliver.then_some(failure.reply));
+                        return;
+                    }
+                    Err(_) => self.shared.topology.request_probe(index),
+                }
+            }
+        }
+        let ready = self
+            .upstream
+            .replica
+            .as_ref()
+            .is_some_and(|r| Some(r.index) == choice && !self.upstream.replica_stale);
+        if ready {
+            self.shared.hot.forwarded[class].increment(1);
+            self.push_to(LinkId::Replica, &req, 1, deliver, OnReply::Forward, false);
+            return;
+        }
+        if self.rt.config.routing.reads == ReadPolicy::Replica && !on_replica {
+            self.push_local(deliver.then(|| texts::no_replica(&topo.explain())));
+            return;
+        }
+        self.shared.hot.forwarded[class].increment(1);
+        self.send(req, 1, deliver, OnReply::Forward, false).await;
+    }
+
+    /// AUTH at the proxy. With no users configured, `proxy_auth`.
+    fn authenticate(&mut self, name: &[u8], password: &[u8]) -> Bytes {
+        if !self.rt.users.enabled() {
+            return self.proxy_auth(Some(name), password);
+        }
+        match self.rt.users.authenticate(name, password) {
+            Some(user) => {
+                self.user = Some(user);
+                if !self.authenticated {
+                    self.authenticated = true;
+                    self.parser.set_limits(self.rt.request_limits(true));
+                }
+                Bytes::from_static(texts::OK)
+            }
+            None => {
+                metrics::auth_failure();
+                warn!(peer = %self.peer, user = %String::from_utf8_lossy(texts::shown(name, 64)), "AUTH failed");
+                Bytes::from_static(texts::WRONGPASS)
+            }
+        }
+    }
+
+    /// Proxy mode without `[[users]]`: an app built for a password-protected Redis keeps
+    /// sending that password. It is accepted when it is the password the proxy itself
+    /// holds for a backend; answers are Redis's texts.
+    fn proxy_auth(&self, name: Option<&[u8]>, password: &[u8]) -> Bytes {
+        match self.rt.backend_passwords.answer(name, password) {
+            ProxyAuthAnswer::Ok => Bytes::from_static(texts::OK),
+            ProxyAuthAnswer::NoPasswordConfigured => Bytes::from_static(texts::AUTH_NO_PASSWORD),
+            ProxyAuthAnswer::WrongPass => {
+                metrics::auth_failure();
+                let user = name.map_or("default".into(), |n| {
+                    String::from_utf8_lossy(texts::shown(n, 64))
+                });
+                warn!(peer = %self.peer, user = %user, "AUTH failed (not the backend credentials the proxy holds)");
+                Bytes::from_static(texts::WRONGPASS)
+            }
+        }
+    }
+
+    /// Credentials for a new backend link: the proxy's own, or in pass-through the
+    /// client's (none before it authenticated, so Redis's own auth applies to it).
+    fn link_auth(&self) -> LinkAuth {
+        if !self.rt.passthrough() {
+            return LinkAuth::Proxy;
+        }
+        match &self.state.creds {
+            Some(creds) => LinkAuth::Client(creds.clone()),
+            None => LinkAuth::Unauthenticated,
+        }
+    }
+
+    /// Pass-through: Redis's pre-auth bounds (10 elements, 16 KiB bulks) while the client
+    /// has not authenticated and the backends require it, as Redis applies them; the
+    /// proxy must not buffer for an anonymous client what Redis would refuse.
+    fn sync_passthrough_limits(&mut self) {
+        if !self.rt.passthrough() {
+            return;
+        }
+        let pre_auth =
+            self.state.creds.is_none() && self.shared.topology.load().backends_require_auth();
+        if self.parser.limits().unauthenticated != pre_auth {
+            self.parser.set_limits(self.rt.request_limits(!pre_auth));
+        }
+    }
+
+    /// Pass-through: an AUTH was forwarded. Under pre-auth bounds, parse nothing more
+    /// until it is answered.
+    fn auth_sent(&mut self) {
+        if self.parser.limits().unauthenticated {
+            self.barrier = true;
+        }
+    }
+
+    /// HELLO: authenticate `AUTH user pass` at the proxy, forward the rest.
+    fn rewrite_hello(&mut self, req: &Request) -> Result<(Request, StateChange), Bytes> {
+        let mut args: Vec<&[u8]> = vec![b"HELLO"];
+        // Pass-through: AUTH stays in the forwarded HELLO for Redis to check.
+        let passthrough = self.rt.passthrough();
+        let auth = passthrough.then(|| Credentials::from_hello(req)).flatten();
+        let mut resp3 = None;
+        let mut name = None;
+        let mut i = 1;
+        if let Some(proto) = req.arg(1) {
+            args.push(proto);
+            resp3 = match proto {
+                b"3" => Some(true),
+                b"2" => Some(false),
+                _ => None,
+            };
+            i = 2;
+        }
+        while i < req.argc() {
+            let opt = req.arg(i).unwrap_or_default();
+            if passthrough && opt.eq_ignore_ascii_case(b"auth") && req.argc() > i + 2 {
+                args.extend([opt, req.arg(i + 1).unwrap_or_default()]);
+                args.push(req.arg(i + 2).unwrap_or_default());
+                i += 3;
+            } else if opt.eq_ignore_ascii_case(b"auth") && req.argc() > i + 2 {
+                let reply = self.authenticate(
+                    req.arg(i + 1).unwrap_or_default(),
+                    req.arg(i + 2).unwrap_or_default(),
+                );
+                if reply.as_ref() != texts::OK {
+                    return Err(reply);
+                }
+                i += 3;
+            } else if opt.eq_ignore_ascii_case(b"setname") && req.argc() > i + 1 {
+                let n = req.arg(i + 1).unwrap_or_default();
+                args.push(b"SETNAME");
+                args.push(n);
+                name = Some(Bytes::copy_from_slice(n));
+                i += 2;
+            } else {
+                // Let Redis produce its own syntax error for the rest.
+                args.push(opt);
+                i += 1;
+            }
+        }
+        if !self.authenticated {
+            return Err(Bytes::from_static(texts::HELLO_NOAUTH));
+        }
+        if auth.is_some() {
+            self.auth_sent();
+        }
+        Ok((
+            Request::from_args(&args),
+            StateChange::Hello { resp3, name, auth },
+        ))
+    }
+
+    /// Whether the session can move to another backend without losing anything.
+    fn at_safe_point(&self) -> bool {
+        self.queue.is_empty() && self.txn.is_none() && !self.watching && !self.state.pinned()
+    }
+
+    /// Send a request to the confirmed master (connecting, or moving to a new master
+    /// first, if needed) and queue its answer.
+    async fn send(
+        &mut self,
+        req: Request,
+        frames: u32,
+        deliver: bool,
+        on_reply: OnReply,
+        retryable: bool,
+    ) {
+        let master = self.shared.topology.load().master_now();
+        let current = self.upstream.master.as_ref().map(|l| l.index);
+        if current.is_none() || current != master {
+            if current.is_some() && !self.at_safe_point() {
+                if self.txn.is_some() || self.watching {
+                    // Never half a transaction on each side of a failover.
+                    let reply = self.shared.masterdown();
+                    if let Some(txn) = &mut self.txn {
+                        txn.dirty = true;
+                    }
+                    self.push_local(deliver.then_some(reply));
+                    return;
+                }
+                if self.state.tracking || self.state.monitor {
+                    // Its invalidation table (or MONITOR feed) is on the old master:
+                    // close, as Redis would on losing the connection; the client
+                    // reconnects and starts afresh.
+                    self.end_after_replies(SessionEnd::BackendLost);
+                    return;
+                }
+                if self.state.subscribed() {
+                    // Pub/sub works on any node: stay where the subscriptions are.
+                    self.push_to(LinkId::Master, &req, frames, deliver, on_reply, retryable);
+                    return;
+                }
+                // Finish what is in flight on the old link first.
+                self.parked = Some(Parked {
+                    req,
+                    frames,
+                    deliver,
+                    on_reply,
+                    retryable,
+                });
+                return;
+            }
+            self.upstream.master = None;
+            if let Err(reply) = self.connect_to_master().await {
+                self.push_local(deliver.then_some(reply));
+                if let OnReply::Exec(_) = on_reply {
+                    // Not sent: nothing ran.
+                    if std::mem::take(&mut self.mode_pending) {
+                        self.mode.command_done();
+                    }
+                }
+                return;
+            }
+        }
+        self.push_to(LinkId::Master, &req, frames, deliver, on_reply, retryable);
+    }
+
+    /// Queue `req` on link `id` and what its answer is owed.
+    fn push_to(
+        &mut self,
+        id: LinkId,
+        req: &Request,
+        frames: u32,
+        deliver: bool,
+        on_reply: OnReply,
+        retryable: bool,
+    ) {
+        let Some(link) = self.upstream.get_mut(id) else {
+            return;
+        };
+        link.send(req.frame().clone());
+        // Kept for a READONLY retry up to the session's buffer bound; past it a READONLY
+        // answer becomes MASTERDOWN (not applied either way), so a big-value pipeline
+        // cannot pin its frames until their replies.
+        let retry = (retryable
+            && frames == 1
+            && self.retained.load(Ordering::Relaxed) < self.rt.config.limits.max_reply_buffer)
+            .then(|| Retained::new(req.frame().clone(), &self.retained));
+        self.queue.push_upstream(Awaiting {
+            link: id,
+            remaining: frames,
+            deliver,
+            on_reply,
+            retry,
+            sent: self.read_at,
+            acc: BytesMut::new(),
+        });
+    }
+
+    /// Re-send the writes refused with READONLY to the confirmed master, in order; if no
+    /// master appears within the failover wait, answer them `-MASTERDOWN`.
+    async fn run_retries(&mut self) {
+        self.upstream.master = None;
+        let connected = self.connect_to_master().await.is_ok();
+        let masterdown = self.shared.masterdown();
+        let read_at = self.read_at;
+        for entry in self.queue.retries_mut() {
+            let Entry::Retry { retained, deliver } = entry else {
+                continue;
+            };
+            let (frame, deliver) = (retained.frame.clone(), *deliver);
+            *entry = match (&mut self.upstream.master, connected) {
+                (Some(link), true) => {
+                    metrics::readonly_retry();
+                    link.send(frame);
+                    // No second retry: a master that also says READONLY gets MASTERDOWN.
+                    Entry::Upstream(Awaiting {
+                        link: LinkId::Master,
+                        remaining: 1,
+                        deliver,
+                        on_reply: OnReply::Forward,
+                        retry: None,
+                        sent: read_at,
+                        acc: BytesMut::new(),
+                    })
+                }
+                _ => Entry::Ready(deliver.then(|| masterdown.clone())),
+            };
+        }
+        self.queue.drain(&mut self.to_client);
+    }
+
+    /// Connect to the confirmed master, waiting up to the failover wait for one. A master
+    /// that refuses the connection is reported to the topology (and re-probed at once),
+    /// so the wait can end on its successor; one that only does not answer in time stays
+    /// the master until `probe.down_after`, and the session keeps trying it meanwhile, as
+    /// a client of Redis alone would wait.
+    async fn connect_to_master(&mut self) -> Result<(), Bytes> {
+        let deadline = tokio::time::Instant::now() + self.rt.config.routing.failover_wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let Some(index) = self.shared.topology.wait_for_master(left).await else {
+                return Err(self.shared.masterdown());
+            };
+            let attempt = tokio::time::Instant::now();
+            match self.open_link(index).await {
+                Ok(link) => {
+                    self.upstream.master = Some(link);
+                    return Ok(());
+                }
+                // Pass-through: Redis refused this client's own credentials (password
+                // changed, user disabled): the backend is fine, this session cannot go on.
+                Err(failure) if failure.credentials_refused => {
+                    self.close_for_credentials();
+                    return Err(failure.reply);
+                }
+                // Reported to the topology by `open_link`: refused is down at once, a
+                // timeout only silence.
+                Err(LinkFailure { reply, .. }) => {
+                    let topo = self.shared.topology.load();
+                    let silent = topo.master_now() == Some(index);
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline && (!silent || now >= deadline + topo.down_after) {
+                        return Err(reply);
+                    }
+                    if silent {
+                        // Still the master yet not connectable (a handshake refused -BUSY):
+                        // try again shortly, not in a tight loop.
+                        tokio::time::sleep_until(attempt + RECONNECT_PAUSE).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Open a backend connection with this session's state replayed.
+    async fn open_link(&self, index: usize) -> Result<Link, LinkFailure> {
+        let Some((cfg, liveness)) = self
+            .shared
+            .topology
+            .load()
+            .backends
+            .get(index)
+            .map(|b| (b.config.clone(), b.liveness.clone()))
+        else {
+            return Err(LinkFailure::unreachable(Bytes::from_static(
+                texts::NO_BACKEND,
+            )));
+        };
+        let mut handshake = self.state.handshake();
+        handshake.auth = self.link_auth();
+        let opened = Link::open(
+            index,
+            &cfg,
+            liveness,
+            &handshake,
+            self.rt.config.limits.connect_timeout,
+            self.rt.reply_limits(),
+            self.rt.backend_tls.as_deref(),
+        )
+        .await;
+        opened.map_err(|e| {
+            if matches!(handshake.auth, LinkAuth::Client(_)) && e.refused_auth() {
+                warn!(peer = %self.peer, backend = cfg.label(), error = %e, "pass-through: the backend refused the client's credentials on a new link; closing the client");
+                return LinkFailure {
+                    reply: texts::credentials_refused(cfg.label(), &e),
+                    credentials_refused: true,
+                };
+            }
+            // Refused: down at once; timed out: silence, the prober decides.
+            self.shared
+                .topology
+                .report_connect_error(index, e.evidence());
+            metrics::backend_connect_error(cfg.label());
+            warn!(backend = cfg.label(), error = %e, "backend connection failed");
+            LinkFailure::unreachable(texts::unreachable(cfg.label(), &e))
+        })
+    }
+
+    /// Pass-through: Redis refused this client's credentials on a new link. Answer what
+    /// is owed, then close, as Redis closes a client whose user is gone; the client
+    /// reconnects and authenticates again.
+    fn close_for_credentials(&mut self) {
+        self.end_after_replies(SessionEnd::CredentialsRefused);
+    }
+
+    /// Read what link `id` has and match every complete reply.
+    fn read_backend(&mut self, id: LinkId) {
+        let Some(link) = self.upstream.get_mut(id) else {
+            return;
+        };
+        match link.read(self.now) {
+            Ok(false) => return,
+            Ok(true) => self.replies_at = self.now,
+            Err(end) => return self.link_lost(id, end),
+        }
+        loop {
+            let Some(link) = self.upstream.get_mut(id) else {
+                return;
+            };
+            match link.next_reply() {
+                Ok(Some(reply)) => {
+                    if !self.on_reply(reply, id) {
+                        let label = self.upstream.get(id).map(|l| l.label.clone());
+                        warn!(peer = %self.peer, backend = ?label, "backend sent an unexpected reply; closing session");
+                        self.upstream.close();
+                        self.queue.clear();
+                        self.end_after_replies(SessionEnd::BackendDesync);
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(end) => return self.link_lost(id, end),
+            }
+        }
+    }
+
+    /// Frames that answer no request: RESP3 pushes, RESP2 pub/sub messages while
+    /// subscribed, MONITOR lines.
+    fn out_of_band(&self, reply: &Reply) -> bool {
+        reply.is_push()
+            || (!self.state.resp3 && self.state.subscribed() && state::is_message(reply))
+            || (self.state.monitor && state::is_monitor_line(reply))
+    }
+
+    /// Match one backend reply; `false` when nothing was waiting for it.
+    fn on_reply(&mut self, reply: Reply, id: LinkId) -> bool {
+        let index = self.queue.first_on(id);
+        let waiting = index.and_then(|i| self.queue.awaiting(i));
+        let confirmation = match waiting.map(|a| &a.on_reply) {
+            Some(OnReply::PubSub { .. })
+                if matches!(reply.kind(), ReplyKind::Array | ReplyKind::Push) =>
+            {
+                state::pubsub_confirmation(&reply)
+            }
+            _ => None,
+        };
+        if confirmation.is_none() && self.out_of_band(&reply) {
+            self.to_client.push(reply.into_frame());
+            return true;
+        }
+        let Some(index) = index else {
+            return false;
+        };
+        if matches!(waiting.map(|a| &a.on_reply), Some(OnReply::Exec(_))) {
+            self.on_exec_frame(index, reply);
+            return true;
+        }
+        let is_error = reply.is_error() || reply.kind() == ReplyKind::Null;
+        if reply.error_code() == Some(b"MASTERDOWN".as_slice()) {
+            // Only a replica says MASTERDOWN: evidence this is no longer the master.
+            if let (LinkId::Master, Some(link)) = (id, &self.upstream.master) {
+                self.shared
+                    .topology
+                    .report_not_master(link.index, "-MASTERDOWN");
+            }
+        }
+        let mut out = if reply.error_code() == Some(b"READONLY".as_slice()) {
+            // Redis did not apply it. Stop routing writes there, and retry or explain.
+            if let (LinkId::Master, Some(link)) = (id, &self.upstream.master) {
+                self.shared.topology.report_readonly(link.index);
+            }
+            if self.queue.mark_retry(index) {
+                return true;
+            }
+            self.shared.masterdown()
+        } else {
+            reply.into_frame()
+        };
+        let Some(a) = self.queue.awaiting_mut(index) else {
+            return false;
+        };
+        let mut deliver = a.deliver;
+        let done = match &mut a.on_reply {
+            OnReply::PubSub { kind, all } => match confirmation {
+                Some((name, channel)) => {
+                    // Confirmations are pushed whatever CLIENT REPLY says.
+                    deliver = true;
+                    let set = self.state.set(*kind);
+                    if name.ends_with(b"unsubscribe") {
+                        if let Some(c) = &channel {
+                            set.remove(c);
+                        }
+                    } else if let Some(c) = channel {
+                        set.insert(c);
+                    }
+                    a.remaining = a.remaining.saturating_sub(1);
+                    if *all {
+                        set.is_empty()
+                    } else {
+                        a.remaining == 0
+                    }
+                }
+                // An error (or anything else) answers the whole command.
+                None => true,
+            },
+            OnReply::Replace(local) => {
+                out = local.clone();
+                a.remaining = a.remaining.saturating_sub(1);
+                a.remaining == 0
+            }
+            OnReply::Forward | OnReply::Apply(_) | OnReply::Exec(_) => {
+                a.remaining = a.remaining.saturating_sub(1);
+                a.remaining == 0
+            }
+        };
+        if !done {
+            if deliver {
+                if index == 0 && a.acc.is_empty() {
+                    self.to_client.push(out);
+                } else {
+                    a.acc.extend_from_slice(&out);
+                }
+            }
+            return true;
+        }
+        let answer = if a.acc.is_empty() {
+            deliver.then_some(out)
+        } else {
+            let mut acc = std::mem::take(&mut a.acc);
+            if deliver {
+                acc.extend_from_slice(&out);
+            }
+            Some(acc.freeze())
+        };
+        if let Some(Entry::Upstream(a)) = self.queue.complete(index, answer) {
+            self.answered(a, is_error);
+        }
+        true
+    }
+
+    /// An answer is complete: record it, apply its state change.
+    fn answered(&mut self, a: Awaiting, is_error: bool) {
+        match a.on_reply {
+            OnReply::PubSub { .. } => {}
+            OnReply::Apply(change) if !is_error => {
+                self.record_latency(a.sent);
+                self.state.apply(change);
+            }
+            _ => self.record_latency(a.sent),
+        }
+        self.queue.drain(&mut self.to_client);
+    }
+
+    fn record_latency(&self, sent: Instant) {
+        self.shared
+            .hot
+            .request_duration
+            .record(self.replies_at.saturating_duration_since(sent));
+    }
+
+    /// A frame of an EXEC whose transaction changes the session: the array, then (RESP2
+    /// pub/sub) the confirmations beyond one per command.
+    fn on_exec_frame(&mut self, index: usize, reply: Reply) {
+        let limits = self.rt.reply_limits();
+        let Some(a) = self.queue.awaiting_mut(index) else {
+            return;
+        };
+        let OnReply::Exec(plan) = &mut a.on_reply else {
+            return;
+        };
+        match plan.extra {
+            None if reply.kind() != ReplyKind::Array => {
+                // EXECABORT, a WATCH that failed (null), an error: nothing ran.
+                let mut mode = plan.mode;
+                mode.command_done();
+                let answer = plan.deliver.then(|| reply.into_frame());
+                if std::mem::take(&mut self.mode_pending) {
+                    self.mode = mode;
+                }
+                if let Some(Entry::Upstream(a)) = self.queue.complete(index, answer) {
+                    self.answered(a, true);
+                }
+                return;
+            }
+            None => {
+                let n = reply.items().map_or(0, |items| items.len());
+                let extra = plan.extra_after_array(&self.state, n);
+                plan.extra = Some(extra);
+                plan.array = Some(reply);
+                a.remaining = extra;
+            }
+            Some(_) => {
+                plan.frames.push(reply.into_frame());
+                a.remaining = a.remaining.saturating_sub(1);
+            }
+        }
+        if a.remaining > 0 {
+            return;
+        }
+        let Some(Entry::Upstream(a)) = self.queue.complete(index, None) else {
+            return;
+        };
+        let OnReply::Exec(mut plan) = a.on_reply else {
+            return;
+        };
+        let Some(array) = plan.array.take() else {
+            return;
+        };
+        let extras = std::mem::take(&mut plan.frames);
+        let (header, mut elements) = state::split_array(&array, limits)
+            .unwrap_or_else(|| (array.frame().clone(), Vec::new()));
+        elements.extend(extras);
+        let outcome = plan.finish(&mut self.state, &header, elements);
+        if std::mem::take(&mut self.mode_pending) {
+            self.mode = outcome.mode;
+        }
+        self.upstream.replica_stale = true;
+        self.queue.complete(index, outcome.out);
+        self.record_latency(a.sent);
+        self.queue.drain(&mut self.to_client);
+    }
+
+    /// A backend connection ended: answer what was in flight on it (in order), then keep
+    /// the client if nothing stateful was lost. Writes refused with READONLY keep their
+    /// retry.
+    fn link_lost(&mut self, id: LinkId, end: LinkEnd) {
+        let Some(link) = self.upstream.slot(id).take() else {
+            return;
+        };
+        match &end {
+            LinkEnd::Protocol(e) => {
+                warn!(peer = %self.peer, backend = %link.label, error = %e, "backend protocol error")
+            }
+            LinkEnd::Io(e) => {
+                debug!(peer = %self.peer, backend = %link.label, error = %e, "backend connection failed")
+            }
+            LinkEnd::Closed => {}
+        }
+        if matches!(self.phase, Phase::InputClosed) && link.is_shutting() {
+            // Redis answered what it had read and closed, as it does for a client that
+            // half-closes: it ran nothing after what it left unanswered (a blocked
+            // command), and neither answers nor runs more here.
+            self.queue.abandon_from(id);
+            self.queue.drain(&mut self.to_client);
+            return;
+        }
+        let in_flight = self.queue.fail_link(id, &texts::link_lost(&link.label));
+        if in_flight > 0 {
+            metrics::backend_lost(&link.label);
+            warn!(peer = %self.peer, backend = %link.label, in_flight, "backend connection lost with requests in flight");
+        }
+        if std::mem::take(&mut self.mode_pending) {
+            // The EXEC that would have changed CLIENT REPLY got an error instead.
+            self.mode.command_done();
+        }
+        self.queue.drain(&mut self.to_client);
+        if id == LinkId::Master && (self.txn.is_some() || self.watching || self.state.pinned()) {
+            // Its state cannot be given to a new connection: close, as Redis would.
+            self.end_after_replies(SessionEnd::BackendLost);
+        }
+    }
+}
+
+async fn frame_sleep(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

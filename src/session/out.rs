@@ -1,0 +1,122 @@
+//! Bytes queued for one socket, written without blocking: zero-copy chunks for big
+//! frames, one coalesced tail for small ones, handed to `writev` together.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::net::Stream;
+
+/// Most chunks handed to one `writev`.
+const MAX_IOVECS: usize = 64;
+
+/// Frames up to this size are copied into one contiguous tail buffer (a pipeline of
+/// small replies becomes one write); bigger ones stay zero-copy chunks.
+const COALESCE_MAX: usize = 2048;
+
+/// Bytes waiting for one socket, in order: every chunk precedes the tail.
+#[derive(Debug, Default)]
+pub(super) struct OutQueue {
+    chunks: VecDeque<Bytes>,
+    tail: BytesMut,
+    /// Bytes queued and not yet written.
+    pub(super) bytes: usize,
+}
+
+impl OutQueue {
+    /// Queue `b` after everything queued before.
+    pub(super) fn push(&mut self, b: Bytes) {
+        if b.is_empty() {
+            return;
+        }
+        self.bytes += b.len();
+        if b.len() <= COALESCE_MAX {
+            self.tail.extend_from_slice(&b);
+        } else {
+            if !self.tail.is_empty() {
+                self.chunks.push_back(self.tail.split().freeze());
+            }
+            self.chunks.push_back(b);
+        }
+    }
+
+    /// Nothing left to write.
+    pub(super) fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    /// Write as much as the socket takes now; `Ok(n)` bytes written.
+    pub(super) fn try_write(&mut self, stream: &mut Stream) -> io::Result<usize> {
+        let mut total = 0;
+        while self.bytes > 0 {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut n = 0;
+            for (slot, chunk) in slices.iter_mut().zip(self.chunks.iter()) {
+                *slot = IoSlice::new(chunk);
+                n += 1;
+            }
+            if n < MAX_IOVECS && !self.tail.is_empty() {
+                slices[n] = IoSlice::new(&self.tail);
+                n += 1;
+            }
+            let written = match stream.try_write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(w) => w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(total),
+                Err(e) => return Err(e),
+            };
+            total += written;
+            self.advance(written);
+        }
+        Ok(total)
+    }
+
+    /// Everything queued, in order (for tests).
+    #[cfg(test)]
+    pub(super) fn contents(&self) -> Vec<u8> {
+        let mut v: Vec<u8> = self.chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        v.extend_from_slice(&self.tail);
+        v
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        self.bytes -= n;
+        while n > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                // The rest is in the tail.
+                self.tail.advance(n.min(self.tail.len()));
+                return;
+            };
+            if n >= front.len() {
+                n -= front.len();
+                self.chunks.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_is_kept_across_chunks_and_tail() {
+        let mut q = OutQueue::default();
+        q.push(Bytes::from_static(b"+a\r\n"));
+        q.push(Bytes::from(vec![b'x'; COALESCE_MAX + 1]));
+        q.push(Bytes::from_static(b"+b\r\n"));
+        assert_eq!(q.bytes, 8 + COALESCE_MAX + 1);
+        // Partial writes: advance through the first chunk boundary.
+        q.advance(3);
+        assert_eq!(&q.chunks[0][..], b"\n");
+        q.advance(1 + COALESCE_MAX + 1);
+        assert!(q.chunks.is_empty());
+        assert_eq!(&q.tail[..], b"+b\r\n");
+        q.advance(4);
+        assert!(q.is_empty());
+    }
+}

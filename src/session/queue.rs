@@ -1,0 +1,446 @@
+//! What the client is owed, in the order it asked: the reply queue, and Redis's
+//! `CLIENT REPLY` rules applied by the proxy itself.
+//!
+//! The proxy owns `CLIENT REPLY`: backends always answer every request, and the queue
+//! drops the answers Redis would not have sent. So a proxy-produced answer (a refusal, an
+//! unknown command, AUTH) consumes a `SKIP` exactly as Redis's own answer would, and the
+//! mode survives a move to another backend connection.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+
+use super::out::OutQueue;
+use super::state::OnReply;
+use super::upstream::LinkId;
+
+/// An argument of `CLIENT REPLY`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ReplyArg {
+    On,
+    Off,
+    Skip,
+}
+
+impl ReplyArg {
+    /// `ON`, `OFF` or `SKIP`, any letter case.
+    pub(super) fn parse(arg: &[u8]) -> Option<ReplyArg> {
+        if arg.eq_ignore_ascii_case(b"on") {
+            Some(ReplyArg::On)
+        } else if arg.eq_ignore_ascii_case(b"off") {
+            Some(ReplyArg::Off)
+        } else if arg.eq_ignore_ascii_case(b"skip") {
+            Some(ReplyArg::Skip)
+        } else {
+            None
+        }
+    }
+}
+
+/// Redis's reply-silencing flags (`CLIENT_REPLY_OFF`, `CLIENT_REPLY_SKIP`,
+/// `CLIENT_REPLY_SKIP_NEXT` in `server.h`), updated at the points Redis updates them:
+/// `CLIENT REPLY` sets them, `resetClient` after every top-level command turns a pending
+/// skip into a skip of the next command. Pub/sub confirmations and messages and RESP3
+/// pushes are never silenced (`CLIENT_PUSHING`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct ReplyMode {
+    off: bool,
+    skip: bool,
+    skip_next: bool,
+}
+
+impl ReplyMode {
+    /// Whether a reply produced now reaches the client.
+    pub(super) fn delivers(&self) -> bool {
+        !self.off && !self.skip
+    }
+
+    /// Plain `ON`: every reply is delivered and no skip is pending.
+    #[cfg(test)]
+    pub(super) fn is_on(&self) -> bool {
+        *self == ReplyMode::default()
+    }
+
+    /// Execute `CLIENT REPLY <arg>`; returns whether its own reply (`+OK` for `ON`,
+    /// nothing for `OFF` and `SKIP`) is produced.
+    pub(super) fn apply(&mut self, arg: ReplyArg) -> bool {
+        match arg {
+            ReplyArg::On => {
+                self.off = false;
+                self.skip = false;
+                true
+            }
+            ReplyArg::Off => {
+                self.off = true;
+                false
+            }
+            ReplyArg::Skip => {
+                if !self.off {
+                    self.skip_next = true;
+                }
+                false
+            }
+        }
+    }
+
+    /// A top-level command finished (`resetClient`).
+    pub(super) fn command_done(&mut self) {
+        self.skip = std::mem::take(&mut self.skip_next);
+    }
+
+    /// Whether the next reply is delivered, for a command that is not `CLIENT REPLY`;
+    /// advances past that command.
+    pub(super) fn next_command(&mut self) -> bool {
+        let delivers = self.delivers();
+        self.command_done();
+        delivers
+    }
+
+    /// `CLIENT REPLY <arg>` as a top-level command: whether its `+OK` is delivered.
+    pub(super) fn client_reply(&mut self, arg: ReplyArg) -> bool {
+        let delivered = self.apply(arg);
+        self.command_done();
+        delivered
+    }
+}
+
+/// A forwarded write's frame, kept until its reply in case it must be retried after
+/// `-READONLY`. Counted in the session's `retained` total while it lives (dropping it, on
+/// any path, takes it off), so a pipeline of big writes to a fast backend cannot pile up
+/// answered-but-unread frames beyond the session's buffer bound.
+#[derive(Debug)]
+pub(super) struct Retained {
+    pub(super) frame: Bytes,
+    total: Arc<AtomicUsize>,
+}
+
+impl Retained {
+    pub(super) fn new(frame: Bytes, total: &Arc<AtomicUsize>) -> Retained {
+        total.fetch_add(frame.len(), Ordering::Relaxed);
+        Retained {
+            frame,
+            total: total.clone(),
+        }
+    }
+}
+
+impl Drop for Retained {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.frame.len(), Ordering::Relaxed);
+    }
+}
+
+/// A forwarded request waiting for its frames from one backend connection.
+#[derive(Debug)]
+pub(super) struct Awaiting {
+    pub(super) link: LinkId,
+    /// Frames still expected.
+    pub(super) remaining: u32,
+    /// Whether the answer reaches the client (`CLIENT REPLY`, decided when it was read).
+    pub(super) deliver: bool,
+    pub(super) on_reply: OnReply,
+    /// A plain write's frame, for a retry after `-READONLY`.
+    pub(super) retry: Option<Retained>,
+    /// When the request's bytes were read (for the latency histogram).
+    pub(super) sent: Instant,
+    /// Frames of a multi-frame answer that arrived while earlier entries were still owed.
+    pub(super) acc: BytesMut,
+}
+
+/// One entry of the in-order reply queue.
+#[derive(Debug)]
+pub(super) enum Entry {
+    /// A forwarded request's answer, still coming.
+    Upstream(Awaiting),
+    /// A write the backend refused with `-READONLY`: not applied, to be retried on the
+    /// confirmed master once this link has answered everything before it.
+    Retry { retained: Retained, deliver: bool },
+    /// An answer ready to be written once everything before it is (`None`: answered, but
+    /// not delivered under `CLIENT REPLY`).
+    Ready(Option<Bytes>),
+}
+
+/// The in-order queue of what each request is owed.
+#[derive(Debug, Default)]
+pub(super) struct ReplyQueue {
+    entries: VecDeque<Entry>,
+    /// `Entry::Retry` entries in the queue.
+    retries: usize,
+}
+
+impl ReplyQueue {
+    /// Nothing is owed.
+    pub(super) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Entries owed.
+    pub(super) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// READONLY retries waiting.
+    pub(super) fn retries(&self) -> usize {
+        self.retries
+    }
+
+    /// An answer the proxy produced: written at once when nothing is owed before it.
+    pub(super) fn push_local(&mut self, out: &mut OutQueue, reply: Option<Bytes>) {
+        if self.entries.is_empty() {
+            if let Some(reply) = reply {
+                out.push(reply);
+            }
+        } else if reply.is_some() {
+            self.entries.push_back(Entry::Ready(reply));
+        }
+    }
+
+    /// A forwarded request's answer, to come from `awaiting.link`.
+    pub(super) fn push_upstream(&mut self, awaiting: Awaiting) {
+        self.entries.push_back(Entry::Upstream(awaiting));
+    }
+
+    /// Index of the first entry waiting on `link`: the one its next frame answers.
+    pub(super) fn first_on(&self, link: LinkId) -> Option<usize> {
+        self.entries
+            .iter()
+            .position(|e| matches!(e, Entry::Upstream(a) if a.link == link))
+    }
+
+    /// Whether any answer is still coming from `link`.
+    pub(super) fn waiting_on(&self, link: LinkId) -> bool {
+        self.first_on(link).is_some()
+    }
+
+    /// The entry at `index`, when it waits on a backend.
+    pub(super) fn awaiting(&self, index: usize) -> Option<&Awaiting> {
+        match self.entries.get(index) {
+            Some(Entry::Upstream(a)) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// The entry at `index`, when it waits on a backend.
+    pub(super) fn awaiting_mut(&mut self, index: usize) -> Option<&mut Awaiting> {
+        match self.entries.get_mut(index) {
+            Some(Entry::Upstream(a)) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// Replace the entry at `index` (an answer arrived); returns the old entry.
+    pub(super) fn complete(&mut self, index: usize, answer: Option<Bytes>) -> Option<Entry> {
+        let slot = self.entries.get_mut(index)?;
+        Some(std::mem::replace(slot, Entry::Ready(answer)))
+    }
+
+    /// Turn the awaiting entry at `index` into a READONLY retry of its frame.
+    pub(super) fn mark_retry(&mut self, index: usize) -> bool {
+        let Some(Entry::Upstream(a)) = self.entries.get_mut(index) else {
+            return false;
+        };
+        let Some(retained) = a.retry.take() else {
+            return false;
+        };
+        let deliver = a.deliver;
+        self.entries[index] = Entry::Retry { retained, deliver };
+        self.retries += 1;
+        true
+    }
+
+    /// Take every READONLY retry, in order, leaving a placeholder that `settle_retry`
+    /// fills with the re-sent request or its answer.
+    pub(super) fn retries_mut(&mut self) -> impl Iterator<Item = &mut Entry> {
+        self.retries = 0;
+        self.entries
+            .iter_mut()
+            .filter(|e| matches!(e, Entry::Retry { .. }))
+    }
+
+    /// Answer every entry still waiting on `link` with `answer` (its link was lost);
+    /// returns how many there were.
+    pub(super) fn fail_link(&mut self, link: LinkId, answer: &Bytes) -> usize {
+        let mut n = 0;
+        for entry in self.entries.iter_mut() {
+            if let Entry::Upstream(a) = entry {
+                if a.link == link {
+                    let deliver = a.deliver;
+                    let mut out = std::mem::take(&mut a.acc);
+                    if deliver {
+                        out.extend_from_slice(answer);
+                    }
+                    *entry = Entry::Ready((!out.is_empty()).then(|| out.freeze()));
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Drop every entry from the first one still waiting on `link`: a client that closed
+    /// its sending side is gone once Redis closed that connection (Redis frees such a
+    /// client without answering, or running, what it had not reached).
+    pub(super) fn abandon_from(&mut self, link: LinkId) {
+        if let Some(i) = self.first_on(link) {
+            self.entries.truncate(i);
+        }
+        self.retries = self
+            .entries
+            .iter()
+            .filter(|e| matches!(e, Entry::Retry { .. }))
+            .count();
+    }
+
+    /// Forget everything (a desynchronized backend ends the session).
+    pub(super) fn clear(&mut self) {
+        self.entries.clear();
+        self.retries = 0;
+    }
+
+    /// Write the answers that reached the head, in order.
+    pub(super) fn drain(&mut self, out: &mut OutQueue) {
+        while let Some(Entry::Ready(_)) = self.entries.front() {
+            if let Some(Entry::Ready(Some(b))) = self.entries.pop_front() {
+                out.push(b);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A plain forwarded request on the master link.
+    fn awaiting(deliver: bool) -> Awaiting {
+        Awaiting {
+            link: LinkId::Master,
+            remaining: 1,
+            deliver,
+            on_reply: OnReply::Forward,
+            retry: None,
+            sent: Instant::now(),
+            acc: BytesMut::new(),
+        }
+    }
+
+    fn out_bytes(out: &mut OutQueue) -> Vec<u8> {
+        std::mem::take(out).contents()
+    }
+
+    /// One step of a session's bookkeeping for a locally answered command.
+    fn local(mode: &mut ReplyMode, q: &mut ReplyQueue, out: &mut OutQueue, reply: &'static [u8]) {
+        let deliver = mode.next_command();
+        q.push_local(out, deliver.then(|| Bytes::from_static(reply)));
+    }
+
+    #[test]
+    fn skip_is_consumed_by_the_next_command_whoever_answers_it() {
+        // CLIENT REPLY SKIP, then a proxy-answered command (unknown command, refusal,
+        // AUTH, ...), then SET: Redis skips the local answer and delivers SET's.
+        for local_answer in [
+            b"-ERR unknown command 'NOSUCH.CMD', with args beginning with: 'x' \r\n".as_slice(),
+            b"-NOPERM refused\r\n",
+            b"-WRONGPASS invalid username-password pair or user is disabled.\r\n",
+            b"-MASTERDOWN none\r\n",
+            b"+OK\r\n",
+        ] {
+            let mut mode = ReplyMode::default();
+            let mut q = ReplyQueue::default();
+            let mut out = OutQueue::default();
+            assert!(!mode.client_reply(ReplyArg::Skip));
+            let deliver = mode.next_command();
+            assert!(!deliver);
+            q.push_local(
+                &mut out,
+                deliver.then(|| Bytes::copy_from_slice(local_answer)),
+            );
+            local(&mut mode, &mut q, &mut out, b"+OK\r\n");
+            local(&mut mode, &mut q, &mut out, b"+PONG\r\n");
+            assert_eq!(out_bytes(&mut out), b"+OK\r\n+PONG\r\n");
+        }
+    }
+
+    #[test]
+    fn off_silences_local_answers_until_on() {
+        let mut mode = ReplyMode::default();
+        let mut q = ReplyQueue::default();
+        let mut out = OutQueue::default();
+        assert!(!mode.client_reply(ReplyArg::Off));
+        local(&mut mode, &mut q, &mut out, b"-NOPERM refused\r\n");
+        // SKIP under OFF is ignored, as in Redis.
+        assert!(!mode.client_reply(ReplyArg::Skip));
+        local(&mut mode, &mut q, &mut out, b"-ERR unknown\r\n");
+        assert!(mode.client_reply(ReplyArg::On));
+        q.push_local(&mut out, Some(Bytes::from_static(b"+OK\r\n")));
+        local(&mut mode, &mut q, &mut out, b"+PONG\r\n");
+        assert_eq!(out_bytes(&mut out), b"+OK\r\n+PONG\r\n");
+        assert!(mode.is_on());
+    }
+
+    #[test]
+    fn on_after_skip_answers_ok() {
+        let mut mode = ReplyMode::default();
+        assert!(!mode.client_reply(ReplyArg::Skip));
+        // The skipped command is CLIENT REPLY ON itself: it clears the skip and its +OK
+        // is delivered (clientCommand clears the flags before replying).
+        assert!(mode.client_reply(ReplyArg::On));
+        assert!(mode.next_command());
+    }
+
+    #[test]
+    fn skip_twice_skips_one_command() {
+        let mut mode = ReplyMode::default();
+        mode.client_reply(ReplyArg::Skip);
+        mode.client_reply(ReplyArg::Skip);
+        assert!(!mode.next_command());
+        assert!(mode.next_command());
+    }
+
+    #[test]
+    fn local_answers_wait_behind_forwarded_ones() {
+        let mut mode = ReplyMode::default();
+        let mut q = ReplyQueue::default();
+        let mut out = OutQueue::default();
+        let deliver = mode.next_command();
+        q.push_upstream(awaiting(deliver));
+        local(&mut mode, &mut q, &mut out, b"-NOPERM refused\r\n");
+        assert!(out.is_empty());
+        let i = q.first_on(LinkId::Master).unwrap();
+        q.complete(i, Some(Bytes::from_static(b"$1\r\n1\r\n")));
+        q.drain(&mut out);
+        assert!(q.is_empty());
+        assert_eq!(out_bytes(&mut out), b"$1\r\n1\r\n-NOPERM refused\r\n");
+    }
+
+    #[test]
+    fn a_lost_link_answers_its_entries_in_order_and_respects_skip() {
+        let mut q = ReplyQueue::default();
+        let mut out = OutQueue::default();
+        for deliver in [true, false, true] {
+            q.push_upstream(awaiting(deliver));
+        }
+        assert_eq!(
+            q.fail_link(LinkId::Master, &Bytes::from_static(b"-ERR lost\r\n")),
+            3
+        );
+        q.drain(&mut out);
+        assert!(q.is_empty());
+        assert_eq!(out_bytes(&mut out), b"-ERR lost\r\n-ERR lost\r\n");
+    }
+
+    #[test]
+    fn half_closed_clients_get_what_was_answered_before_the_first_unanswered() {
+        let mut q = ReplyQueue::default();
+        let mut out = OutQueue::default();
+        q.push_upstream(awaiting(true));
+        q.push_local(&mut out, Some(Bytes::from_static(b"-NOPERM x\r\n")));
+        q.abandon_from(LinkId::Master);
+        assert!(q.is_empty());
+        q.drain(&mut out);
+        assert!(out.is_empty());
+    }
+}

@@ -1,0 +1,239 @@
+//! The session's backend side: its dedicated connections (one to the confirmed master,
+//! one to a replica for reads), each a stream with its read buffer, reply scanner and
+//! output queue. The session hands it request frames (`send`) and takes reply frames
+//! back; where they go is decided by the session. A shared or per-shard upstream keeps
+//! this surface.
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::backend::{BackendLink, Handshake, Liveness};
+use crate::net::Stream;
+use crate::protocol::{Reply, ReplyError, ReplyLimits, ReplyScanner};
+use crate::tls::BackendTls;
+
+use super::out::OutQueue;
+
+/// Which of the session's backend connections a request went to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LinkId {
+    /// The confirmed master: writes, transactions, scripts, pub/sub, blocking commands.
+    Master,
+    /// A replica, for reads when `routing.reads` allows it.
+    Replica,
+}
+
+/// One open backend connection of a session.
+#[derive(Debug)]
+pub(super) struct Link {
+    /// Index of the backend in the topology.
+    pub(super) index: usize,
+    stream: Stream,
+    buf: BytesMut,
+    /// Bytes of the previous read batch (sizes the next read).
+    batch: usize,
+    scanner: ReplyScanner,
+    out: OutQueue,
+    /// The client closed its sending side: once `out` is written, so does this link.
+    shut_write: ShutWrite,
+    /// Label for logs and metrics.
+    pub(super) label: String,
+    /// Where replies read here count as the backend's proof of life (`probe.down_after`).
+    liveness: Arc<Liveness>,
+}
+
+/// Half-close progress of a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ShutWrite {
+    No,
+    Wanted,
+    Done,
+}
+
+/// Why a link read ended.
+#[derive(Debug)]
+pub(super) enum LinkEnd {
+    /// The backend closed the connection.
+    Closed,
+    Io(io::Error),
+    Protocol(ReplyError),
+}
+
+impl Link {
+    /// Open a connection to backend `index` at `cfg`, with `state` replayed; replies read
+    /// on it are recorded in `liveness`.
+    pub(super) async fn open(
+        index: usize,
+        cfg: &crate::config::BackendConfig,
+        liveness: Arc<Liveness>,
+        state: &Handshake,
+        timeout: std::time::Duration,
+        limits: ReplyLimits,
+        tls: Option<&BackendTls>,
+    ) -> Result<Link, crate::backend::BackendError> {
+        let link = BackendLink::open(cfg, state, timeout, limits, tls).await?;
+        Ok(Link {
+            index,
+            stream: link.stream,
+            buf: link.leftover,
+            batch: 0,
+            scanner: ReplyScanner::new(limits),
+            out: OutQueue::default(),
+            shut_write: ShutWrite::No,
+            label: cfg.label().to_string(),
+            liveness,
+        })
+    }
+
+    /// Queue a request frame.
+    pub(super) fn send(&mut self, frame: Bytes) {
+        self.out.push(frame);
+    }
+
+    /// Request bytes not yet written.
+    pub(super) fn queued_bytes(&self) -> usize {
+        self.out.bytes
+    }
+
+    /// Bytes or TLS records waiting for the socket.
+    pub(super) fn has_output(&self) -> bool {
+        !self.out.is_empty() || self.stream.wants_flush()
+    }
+
+    /// Whether a half-close is wanted and not yet done (the loop waits for writability).
+    pub(super) fn wants_shutdown(&self) -> bool {
+        self.shut_write == ShutWrite::Wanted
+    }
+
+    /// Write what the socket takes now; then, when asked for and everything is written,
+    /// close the sending side.
+    pub(super) fn flush(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() {
+            self.out.try_write(&mut self.stream)?;
+        }
+        self.stream.flush_pending()?;
+        if self.shut_write == ShutWrite::Wanted && !self.has_output() {
+            self.stream.shutdown_write()?;
+            self.shut_write = ShutWrite::Done;
+        }
+        Ok(())
+    }
+
+    /// Close the sending side once everything queued is written: Redis then answers
+    /// what it read and closes, exactly as for a client that half-closed to it directly.
+    pub(super) fn shutdown_when_flushed(&mut self) {
+        if self.shut_write == ShutWrite::No {
+            self.shut_write = ShutWrite::Wanted;
+        }
+    }
+
+    /// Whether the sending side is closed or about to be.
+    pub(super) fn is_shutting(&self) -> bool {
+        self.shut_write != ShutWrite::No
+    }
+
+    /// Wait until the socket is readable (or has an error).
+    pub(super) async fn readable(&self) {
+        let _ = self.stream.readable().await;
+    }
+
+    /// Wait until the socket is writable.
+    pub(super) async fn writable(&self) {
+        let _ = self.stream.writable().await;
+    }
+
+    /// Read what the socket has (bytes read at `now` are the backend's proof of life).
+    /// `Ok(false)`: nothing now.
+    pub(super) fn read(&mut self, now: std::time::Instant) -> Result<bool, LinkEnd> {
+        match self.stream.read_batch(&mut self.buf, &mut self.batch) {
+            Ok(0) => Err(LinkEnd::Closed),
+            Ok(_) => {
+                self.liveness.record(tokio::time::Instant::from_std(now));
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(LinkEnd::Io(e)),
+        }
+    }
+
+    /// The next complete reply already read, if any.
+    pub(super) fn next_reply(&mut self) -> Result<Option<Reply>, LinkEnd> {
+        match self.scanner.next(&mut self.buf) {
+            Ok(Some(r)) => Ok(Some(r)),
+            Ok(None) => {
+                super::release_if_big(&mut self.buf);
+                Ok(None)
+            }
+            Err(e) => Err(LinkEnd::Protocol(e)),
+        }
+    }
+}
+
+/// A session's backend connections.
+#[derive(Debug, Default)]
+pub(super) struct Upstream {
+    pub(super) master: Option<Link>,
+    pub(super) replica: Option<Link>,
+    /// The replica link predates a state change (SELECT, HELLO, ...): reopen it when idle.
+    pub(super) replica_stale: bool,
+}
+
+impl Upstream {
+    /// The link `id`, when open.
+    pub(super) fn get(&self, id: LinkId) -> Option<&Link> {
+        match id {
+            LinkId::Master => self.master.as_ref(),
+            LinkId::Replica => self.replica.as_ref(),
+        }
+    }
+
+    /// The link `id`, when open.
+    pub(super) fn get_mut(&mut self, id: LinkId) -> Option<&mut Link> {
+        self.slot(id).as_mut()
+    }
+
+    /// The slot of link `id`.
+    pub(super) fn slot(&mut self, id: LinkId) -> &mut Option<Link> {
+        match id {
+            LinkId::Master => &mut self.master,
+            LinkId::Replica => &mut self.replica,
+        }
+    }
+
+    /// Request bytes waiting for the backends.
+    pub(super) fn queued_bytes(&self) -> usize {
+        self.master.as_ref().map_or(0, Link::queued_bytes)
+            + self.replica.as_ref().map_or(0, Link::queued_bytes)
+    }
+
+    /// Half-close every open link once its requests are written.
+    pub(super) fn shutdown_when_flushed(&mut self) {
+        for link in [&mut self.master, &mut self.replica].into_iter().flatten() {
+            link.shutdown_when_flushed();
+        }
+    }
+
+    /// Close both links.
+    pub(super) fn close(&mut self) {
+        self.master = None;
+        self.replica = None;
+    }
+}
+
+/// Wait until link `link` is readable; never, when it is not open.
+pub(super) async fn readable(link: Option<&Link>) {
+    match link {
+        Some(l) => l.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Wait until link `link` is writable; never, when it is not open.
+pub(super) async fn writable(link: Option<&Link>) {
+    match link {
+        Some(l) => l.writable().await,
+        None => std::future::pending().await,
+    }
+}
