@@ -17,9 +17,19 @@
 #
 #   bash scripts/stall-scenarios.sh
 #   TRIALS=5 PORTCULLIS_BIN=target/debug/portcullis bash scripts/stall-scenarios.sh
+#   STALLS="" CHANGES=promotion-during-debug-sleep DEBUG=1 bash scripts/stall-scenarios.sh
+#
+# Environment: TRIALS [3], STALLS and CHANGES (space-separated subsets of the scenario
+# names below), DEBUG [0] (1: print /topology when a change is made and detected),
+# LOG_LEVEL [warn] (the proxy's, to TMP/proxy.log), KEEP_TMP [0] (1: keep the temp dir).
 set -Eeuo pipefail
 
 TRIALS=${TRIALS:-3}
+STALLS=${STALLS-pause-all-4s pause-write-4s debug-sleep-3s busy-script-kill busy-function-kill sigstop-3s sigstop-12s}
+CHANGES=${CHANGES-replicaof replicaof-during-pause-write promotion-while-master-sigstopped promotion-during-debug-sleep promotion-while-master-busy}
+DEBUG=${DEBUG:-0}
+LOG_LEVEL=${LOG_LEVEL:-warn}
+KEEP_TMP=${KEEP_TMP:-0}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=lib/bench.sh
 source "$ROOT/scripts/lib/bench.sh"
@@ -38,7 +48,7 @@ PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill -CONT "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$TMP"
+  if [[ $KEEP_TMP == 1 ]]; then log "kept $TMP"; else rm -rf "$TMP"; fi
 }
 trap cleanup EXIT
 
@@ -55,7 +65,7 @@ start_redis "$R" replica --replicaof 127.0.0.1 "$M"
 start_redis "$O" other
 redis-cli -p "$M" FUNCTION LOAD REPLACE "#!lua name=spinlib
 redis.register_function('spin', function() while true do end end)" >/dev/null
-"$BIN" --listen "127.0.0.1:$PROXY" --admin-listen "127.0.0.1:$ADMIN" --log-level warn \
+"$BIN" --listen "127.0.0.1:$PROXY" --admin-listen "127.0.0.1:$ADMIN" --log-level "$LOG_LEVEL" \
   --backend "127.0.0.1:$M" --backend "127.0.0.1:$R" 2>"$TMP/proxy.log" &
 PIDS+=($!)
 wait_pong "$PROXY" $! proxy
@@ -91,7 +101,7 @@ stall() { # NAME TARGET_PORT: start the stall (0.5 s into the client run)
 duration() { case $1 in sigstop-12s) echo 15 ;; *) echo 6 ;; esac; }
 
 rows=()
-for name in pause-all-4s pause-write-4s debug-sleep-3s busy-script-kill busy-function-kill sigstop-3s sigstop-12s; do
+for name in $STALLS; do
   line="| $name |"
   for target in "$M" "$PROXY"; do
     wait_for "master settled" settled
@@ -117,36 +127,39 @@ restore() { # back to: M master (confirmed), R its replica
 not_master_m() { ! master_is "$M"; }
 state_is() { [[ "$(state_of "$1")" == "$2" ]]; }
 master_r() { master_is "$R"; }
-detect() { # NAME: one trial, prints ms
-  local t0
+detect() { # NAME: one trial, prints "ms/cmd_ms": from the change command's answer to
+  # /topology showing it, and how long that command itself took
+  local t0 t1 t2
   case $1 in
     replicaof)
       sleep "0.$((RANDOM % 500 + 100))"; t0=$(now_ms)
-      redis-cli -p "$M" REPLICAOF 127.0.0.1 "$O" >/dev/null; wait_for "$1" not_master_m ;;
+      redis-cli -p "$M" REPLICAOF 127.0.0.1 "$O" >/dev/null; t1=$(now_ms); wait_for "$1" not_master_m; t2=$(now_ms) ;;
     replicaof-during-pause-write)
       redis-cli -p "$M" CLIENT PAUSE 3000 WRITE >/dev/null
       sleep "0.$((RANDOM % 500 + 100))"; t0=$(now_ms)
-      redis-cli -p "$M" REPLICAOF 127.0.0.1 "$O" >/dev/null; wait_for "$1" not_master_m
+      redis-cli -p "$M" REPLICAOF 127.0.0.1 "$O" >/dev/null; t1=$(now_ms); wait_for "$1" not_master_m; t2=$(now_ms)
       redis-cli -p "$M" CLIENT UNPAUSE >/dev/null ;;
     promotion-while-master-sigstopped)
       kill -STOP "$MPID"; wait_for "slow" state_is "$M" slow
-      t0=$(now_ms); redis-cli -p "$R" REPLICAOF NO ONE >/dev/null; wait_for "$1" master_r
+      t0=$(now_ms); redis-cli -p "$R" REPLICAOF NO ONE >/dev/null; t1=$(now_ms); [[ $DEBUG == 1 ]] && topology >&2; wait_for "$1" master_r; t2=$(now_ms)
       kill -CONT "$MPID" ;;
     promotion-during-debug-sleep)
       redis-cli -p "$M" DEBUG SLEEP 3 >/dev/null & local sl=$!
       wait_for "slow" state_is "$M" slow
-      t0=$(now_ms); redis-cli -p "$R" REPLICAOF NO ONE >/dev/null; wait_for "$1" master_r
+      t0=$(now_ms); redis-cli -p "$R" REPLICAOF NO ONE >/dev/null; t1=$(now_ms); [[ $DEBUG == 1 ]] && topology >&2; wait_for "$1" master_r; t2=$(now_ms)
       wait "$sl" ;;
     promotion-while-master-busy)
       redis-cli -p "$M" EVAL "while true do end" 0 >/dev/null 2>&1 & local ev=$!
       wait_for "busy" state_is "$M" busy
-      t0=$(now_ms); redis-cli -p "$R" REPLICAOF NO ONE >/dev/null; wait_for "$1" master_r
+      t0=$(now_ms); redis-cli -p "$R" REPLICAOF NO ONE >/dev/null; t1=$(now_ms); [[ $DEBUG == 1 ]] && topology >&2; wait_for "$1" master_r; t2=$(now_ms)
       redis-cli -p "$PROXY" SCRIPT KILL >/dev/null; wait "$ev" || true ;;
   esac
-  echo $(($(now_ms) - t0))
+  echo "$((t2 - t1))/$((t1 - t0))"
+  [[ $DEBUG == 1 ]] && topology >&2
+  return 0
 }
 detect_rows=()
-for name in replicaof replicaof-during-pause-write promotion-while-master-sigstopped promotion-during-debug-sleep promotion-while-master-busy; do
+for name in $CHANGES; do
   results=()
   for _ in $(seq "$TRIALS"); do
     restore
@@ -165,7 +178,8 @@ echo "| scenario | Redis directly | through portcullis |"
 echo "|---|---|---|"
 printf '%s\n' "${rows[@]}"
 echo
-echo "Detection of a real role change, ms over $TRIALS trials (target <= 1000 = interval + timeout):"
+echo "Detection of a real role change over $TRIALS trials, sorted: ms from the REPLICAOF reply to /topology"
+echo "showing the change / ms the REPLICAOF itself took (target <= 1000 = interval + timeout):"
 echo
 echo "| change | ms |"
 echo "|---|---|"
