@@ -29,6 +29,9 @@ pub struct AdminState {
     pub metrics: Option<PrometheusHandle>,
     /// Cancelled when the proxy stops accepting clients (drain starts).
     pub draining: CancellationToken,
+    /// `protection.mode = "shadow"` is in force (kept current across reloads): `/topology`
+    /// says loudly that nothing is refused.
+    pub shadow: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Serve admin requests until `stop` (after the drain, so `/readyz` reports it).
@@ -125,6 +128,9 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                         "probe_error": b.error,
                         "readonly_seen": b.readonly_seen,
                         "hijacked": b.hijacked,
+                        "server": b.commands.as_ref().and_then(|c| c.server.clone()),
+                        "commands_reported": b.commands.as_ref().map(|c| c.reported),
+                        "commands_learned": b.commands.as_ref().map(|c| c.names()),
                     })
                 })
                 .collect();
@@ -132,7 +138,13 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 .master_now()
                 .and_then(|i| topo.backends.get(i))
                 .map(|b| b.label.clone());
+            let shadow = state.shadow.load(std::sync::atomic::Ordering::Relaxed);
             let body = json!({
+                "protection_mode": if shadow { "shadow" } else { "enforce" },
+                "protection_enforced": !shadow,
+                "protection_warning": shadow.then_some(
+                    "PROTECTION NOT ENFORCED: shadow mode forwards every command the policy would refuse and only logs and counts it",
+                ),
                 "confirmed_master": master,
                 "reason": if master.is_none() { Some(topo.explain()) } else { None },
                 "generation": topo.generation,

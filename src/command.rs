@@ -212,6 +212,10 @@ bit_set! {
         NO_ASYNC_LOADING = 22, "no_async_loading";
         /// Allowed while a script or function is busy.
         ALLOW_BUSY = 23, "allow_busy";
+        /// Not logged in Valkey's COMMANDLOG.
+        SKIP_COMMANDLOG = 24, "skip_commandlog";
+        /// May access keys outside its key specs (Redis 8).
+        TOUCHES_ARBITRARY_KEYS = 25, "touches_arbitrary_keys";
     }
 }
 
@@ -260,6 +264,22 @@ bit_set! {
         TRANSACTION = 19, "transaction";
         /// @scripting
         SCRIPTING = 20, "scripting";
+        /// @json (Redis 8's JSON module)
+        JSON = 21, "json";
+        /// @search (Redis 8's query engine)
+        SEARCH = 22, "search";
+        /// @timeseries (Redis 8's time series)
+        TIMESERIES = 23, "timeseries";
+        /// @bloom (Redis 8's Bloom filter)
+        BLOOM = 24, "bloom";
+        /// @cuckoo (Redis 8's Cuckoo filter)
+        CUCKOO = 25, "cuckoo";
+        /// @cms (Redis 8's Count-min sketch)
+        CMS = 26, "cms";
+        /// @topk (Redis 8's Top-K)
+        TOPK = 27, "topk";
+        /// @tdigest (Redis 8's t-digest)
+        TDIGEST = 28, "tdigest";
     }
 }
 
@@ -285,6 +305,20 @@ pub struct CommandSpec {
     /// Subcommands, sorted by name; non-empty only for container commands.
     pub subcommands: &'static [CommandSpec],
 }
+
+/// What the proxy assumes about a command it cannot look up when shadow mode forwards it
+/// anyway: a write (master only, never a replica), one reply, nothing special.
+pub static UNKNOWN: CommandSpec = CommandSpec {
+    name: "unknown",
+    arity: -1,
+    flags: Flags::WRITE,
+    acl: AclCategories::of(&[AclCategories::WRITE, AclCategories::SLOW]),
+    first_key: 0,
+    last_key: 0,
+    step: 0,
+    special: Special::None,
+    subcommands: &[],
+};
 
 /// The outcome of looking up a request's command name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,6 +362,14 @@ impl CommandSpec {
         } else {
             argc >= needed
         }
+    }
+
+    /// Whether the command can wait for an event indefinitely (BLPOP, XREAD BLOCK, WAIT):
+    /// a client that went away must not leave it waiting on the backend.
+    pub fn may_block(&self) -> bool {
+        self.flags.intersects(Flags::BLOCKING)
+            || self.acl.intersects(AclCategories::BLOCKING)
+            || matches!(self.name, "wait" | "waitaof")
     }
 
     /// Key positions from the legacy first/last/step triple for a request of `argc`
@@ -596,7 +638,13 @@ mod tests {
             Some(AclCategories::DANGEROUS)
         );
         assert_eq!(AclCategories::from_name("@nope"), None);
-        assert_eq!(AclCategories::ALL.len(), 21);
+        // Redis 7's 21 plus the 8 of Redis 8's shipped modules.
+        assert_eq!(AclCategories::ALL.len(), 29);
+        assert_eq!(AclCategories::from_name("@json"), Some(AclCategories::JSON));
+        assert_eq!(
+            Flags::from_name("skip_commandlog"),
+            Some(Flags::SKIP_COMMANDLOG)
+        );
         assert_eq!(Flags::from_name("movablekeys"), Some(Flags::MOVABLE_KEYS));
         assert_eq!(
             format!("{:?}", Flags::WRITE | Flags::FAST),
@@ -648,6 +696,26 @@ mod tests {
         assert!(known(b"httl", None).is_readonly());
         for name in ["hgetdel", "hgetex", "hsetex", "hpersist"] {
             assert!(lookup_name(name).unwrap().is_write(), "{name}");
+        }
+        // Redis 8.2 and 8.4 (tools/commands-newer.json).
+        for name in ["xdelex", "xackdel", "msetex", "delex"] {
+            assert!(lookup_name(name).unwrap().is_write(), "{name}");
+        }
+        assert!(lookup_name("digest").unwrap().is_readonly());
+        let msetex = lookup_name("msetex").unwrap();
+        assert!(msetex.flags.contains(Flags::MOVABLE_KEYS | Flags::DENYOOM));
+        assert_eq!(
+            msetex.acl,
+            AclCategories::WRITE | AclCategories::STRING | AclCategories::SLOW
+        );
+        for sub in [
+            "slot-stats",
+            "migration",
+            "migrateslots",
+            "syncslots",
+            "flushslot",
+        ] {
+            assert!(lookup_name(&format!("cluster|{sub}")).is_some(), "{sub}");
         }
     }
 

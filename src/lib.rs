@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod auth;
 pub mod backend;
+pub mod catalog;
 pub mod cli;
 pub mod command;
 pub mod config;

@@ -94,6 +94,12 @@ pub fn refused_command(command: &'static str) {
     counter!(REFUSED_COMMANDS_TOTAL, "command" => command).increment(1);
 }
 
+/// Count one command that enforcement would have refused but shadow mode forwarded
+/// (`refused_commands_total{command, mode="shadow"}`).
+pub fn shadow_refusal(command: &'static str) {
+    counter!(REFUSED_COMMANDS_TOTAL, "command" => command, "mode" => "shadow").increment(1);
+}
+
 /// Count a protocol error that closed a client connection.
 pub fn protocol_error(reason: &'static str) {
     counter!(PROTOCOL_ERRORS_TOTAL, "reason" => reason).increment(1);

@@ -110,6 +110,16 @@ impl Runtime {
     }
 }
 
+/// The loud line for `protection.mode = "shadow"`: nothing is refused.
+pub fn warn_if_shadow(rt: &Runtime) {
+    if rt.config.protection.mode == crate::policy::ProtectionMode::Shadow {
+        warn!(
+            mode = "shadow",
+            "PROTECTION NOT ENFORCED: protection.mode = \"shadow\" forwards every command the policy would refuse (REPLICAOF, CONFIG SET, MODULE LOAD, CLUSTER MEET, ...) and only logs and counts it; set mode = \"enforce\" to protect Redis"
+        );
+    }
+}
+
 /// Settings a reload cannot change in place; reported, and the running values kept.
 fn restart_needed(old: &Config, new: &mut Config) -> Vec<&'static str> {
     let mut fields = Vec::new();
@@ -158,6 +168,7 @@ pub fn reload(current: &ArcSwap<Runtime>, mut new: Config) -> Result<u64, Runtim
     match Runtime::build(new, old.generation + 1) {
         Ok(rt) => {
             let generation = rt.generation;
+            warn_if_shadow(&rt);
             current.store(Arc::new(rt));
             crate::metrics::config_reload(true);
             if !kept.is_empty() {

@@ -19,6 +19,7 @@ use crate::backend::{BackendState, TopologyStore};
 use crate::config::Config;
 use crate::metrics::{self, Hot};
 use crate::net::Stream;
+use crate::policy::ProtectionMode;
 use crate::runtime::{self, Runtime, RuntimeError};
 use crate::session::{self, Shared};
 
@@ -62,6 +63,7 @@ pub async fn run(
     } = control;
     let runtime = Runtime::build(config, 0)?;
     let config = &runtime.config;
+    runtime::warn_if_shadow(&runtime);
     let max_clients = config.limits.max_clients;
     let grace = config.shutdown.grace;
     let topology = TopologyStore::new(
@@ -111,11 +113,15 @@ pub async fn run(
     }
     // Stopped after the drain, not at shutdown: the drain stays observable.
     let admin_stop = CancellationToken::new();
+    let shadow = Arc::new(std::sync::atomic::AtomicBool::new(
+        runtime.config.protection.mode == ProtectionMode::Shadow,
+    ));
     if let Some(admin_listener) = admin {
         let state = Arc::new(AdminState {
             topology: topology.clone(),
             metrics: metrics_handle,
             draining: shutdown.clone(),
+            shadow: shadow.clone(),
         });
         probers.spawn(admin::serve(admin_listener, state, admin_stop.clone()));
     }
@@ -141,6 +147,10 @@ pub async fn run(
                 let result = runtime::reload(&shared.runtime, config);
                 if result.is_ok() {
                     let new = shared.runtime.load_full();
+                    shadow.store(
+                        new.config.protection.mode == ProtectionMode::Shadow,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     apply_backends(&shared.topology, &old.config, &new.config, &spawner);
                     settings.store(Arc::new(probe_settings(&new)));
                 }

@@ -39,6 +39,9 @@ struct Env {
     bystander_ops: u32,
     config: BTreeMap<String, String>,
     acl: Vec<String>,
+    /// `MODULE LIST` before any attack: empty for redis-server; Valkey lists its
+    /// built-in `lua` engine.
+    modules: Vec<redis::Value>,
     dir: PathBuf,
     files: BTreeSet<String>,
 }
@@ -73,7 +76,9 @@ impl Env {
     async fn start() -> Env {
         let redis = RedisServer::start(&[]);
         let rogue = RedisServer::start(&[]);
-        Env::start_with(redis, rogue, None).await
+        let env = Env::start_with(redis, rogue, None).await;
+        assert!(env.modules.is_empty(), "redis-server starts with no module");
+        env
     }
 
     async fn start_with(redis: RedisServer, rogue: RedisServer, config: Option<Config>) -> Env {
@@ -89,6 +94,7 @@ impl Env {
         let bystander = proxy.client().await;
         let config: BTreeMap<String, String> = query(&mut direct, &["CONFIG", "GET", "*"]).await;
         let acl: Vec<String> = query(&mut direct, &["ACL", "LIST"]).await;
+        let modules: Vec<redis::Value> = query(&mut direct, &["MODULE", "LIST"]).await;
         let dir = PathBuf::from(config.get("dir").expect("CONFIG GET dir"));
         let files = list_dir(&dir);
         let mut env = Env {
@@ -99,6 +105,7 @@ impl Env {
             bystander_ops: 0,
             config,
             acl,
+            modules,
             dir,
             files,
         };
@@ -149,7 +156,7 @@ impl Env {
         }
 
         let modules: Vec<redis::Value> = query(&mut d, &["MODULE", "LIST"]).await;
-        assert!(modules.is_empty(), "[{case}] modules loaded: {modules:?}");
+        assert_eq!(modules, self.modules, "[{case}] modules loaded");
         let acl: Vec<String> = query(&mut d, &["ACL", "LIST"]).await;
         assert_eq!(acl, self.acl, "[{case}] ACL users changed");
         let rogue_data: i64 = query(&mut d, &["EXISTS", ROGUE_KEY]).await;
@@ -234,9 +241,11 @@ fn resp_upper(args: &[Vec<u8>]) -> Vec<u8> {
 }
 
 fn is_container(name: &[u8]) -> bool {
-    ["config", "module", "client", "acl", "script", "function"]
-        .iter()
-        .any(|c| c.as_bytes().eq_ignore_ascii_case(name))
+    [
+        "config", "module", "client", "acl", "script", "function", "cluster",
+    ]
+    .iter()
+    .any(|c| c.as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// One argument for an inline line: bare when safe, else double-quoted with escapes.
@@ -585,13 +594,17 @@ async fn rogue_master_module_load_chain_is_refused_byte_for_byte() {
         b"*4\r\n$6\r\nconfig\r\n$3\r\nset\r\n$10\r\ndbfilename\r\n$10\r\nexp_lin.so\r\n",
         b"*3\r\n$6\r\nMODULE\r\n$4\r\nLOAD\r\n$15\r\n/tmp/exp_lin.so\r\n",
         b"*5\r\n$6\r\nMODULE\r\n$6\r\nLOADEX\r\n$8\r\n./exp.so\r\n$4\r\nARGS\r\n$1\r\nx\r\n",
-        b"*2\r\n$6\r\nMODULE\r\n$4\r\nLIST\r\n",
+        b"*3\r\n$6\r\nMODULE\r\n$6\r\nUNLOAD\r\n$6\r\nsystem\r\n",
     ];
     for bytes in variants {
         let mut f = Vec::new();
         expect_refused(&mut c, bytes, "variant", &mut f).await;
         assert!(f.is_empty(), "{}", f.join("\n"));
     }
+    // MODULE LIST is read-only introspection clients send at start (issue 12): it
+    // answers as Redis does, and shows nothing was loaded.
+    c.send(b"*2\r\n$6\r\nMODULE\r\n$4\r\nLIST\r\n").await;
+    assert_eq!(show(&c.read_to_line().await), "*0\\r\\n", "MODULE LIST");
     c.send(&resp(&[b"shell.exec", b"id"])).await;
     let line = c.read_to_line().await;
     assert!(
@@ -1056,5 +1069,242 @@ async fn cross_protocol_ssrf_never_reaches_redis() {
             show(&got)
         );
         env.check(&format!("SSRF injected {inj:?}")).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// (g) Cluster control on a `cluster-enabled yes` backend
+// ---------------------------------------------------------------------------------------
+
+/// Read-only CLUSTER subcommands (they pass; everything else under CLUSTER is control).
+const CLUSTER_READ_ONLY: &[&str] = &[
+    "help",
+    "info",
+    "nodes",
+    "slots",
+    "shards",
+    "myid",
+    "myshardid",
+    "keyslot",
+    "countkeysinslot",
+    "getkeysinslot",
+    "replicas",
+    "slaves",
+    "links",
+    "count-failure-reports",
+    "slot-stats",
+    "getslotmigrations",
+];
+
+/// A single-node cluster owning every slot, so that data commands (the bystander's SET)
+/// work; its nodes.conf lives in the server's own temp dir.
+async fn cluster_node() -> RedisServer {
+    cluster_node_of("redis-server").await
+}
+
+async fn cluster_node_of(bin: &str) -> RedisServer {
+    let redis = RedisServer::start_bin(bin, &["--cluster-enabled", "yes"]);
+    let mut d = redis.direct().await;
+    let _: () = query(&mut d, &["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]).await;
+    support::wait_until("cluster_state:ok", || {
+        let addr = redis.addr();
+        async move {
+            let mut d = support::client(&addr).await;
+            let info: String = query(&mut d, &["CLUSTER", "INFO"]).await;
+            info.contains("cluster_state:ok")
+        }
+    })
+    .await;
+    redis
+}
+
+/// Arguments that would make each cluster-control subcommand do its damage (a rogue
+/// node to MEET, slots to take or drop, ...); `None` for a subcommand not listed here
+/// (one a newer server added): then the arity's worth of `0`s.
+fn cluster_control_args(sub: &str, myid: &str, rogue_port: &str) -> Vec<Vec<String>> {
+    let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    match sub {
+        "meet" => vec![v(&["127.0.0.1", rogue_port])],
+        "forget" => vec![v(&[myid])],
+        "replicate" => vec![v(&[myid])],
+        "reset" => vec![v(&[]), v(&["HARD"]), v(&["SOFT"])],
+        "failover" => vec![v(&[]), v(&["FORCE"]), v(&["TAKEOVER"])],
+        "setslot" => vec![
+            v(&["1", "NODE", myid]),
+            v(&["1", "MIGRATING", myid]),
+            v(&["1", "IMPORTING", myid]),
+            v(&["1", "STABLE"]),
+        ],
+        "addslots" | "delslots" => vec![v(&["1", "2"])],
+        "addslotsrange" | "delslotsrange" => vec![v(&["0", "100"])],
+        "flushslots" | "bumpepoch" | "saveconfig" | "cancelslotmigrations" => vec![v(&[])],
+        "set-config-epoch" => vec![v(&["99"])],
+        "migration" => vec![v(&["IMPORT", "0", "100"]), v(&["CANCEL", "ALL"])],
+        "migrateslots" => vec![v(&["SLOTSRANGE", "0", "100", "NODE", myid])],
+        "syncslots" => vec![v(&["ESTABLISH", "SOURCE", myid])],
+        "flushslot" => vec![v(&["1"])],
+        _ => vec![Vec::new()],
+    }
+}
+
+/// Every CLUSTER subcommand the server itself lists in `COMMAND INFO CLUSTER`, plus the
+/// newer servers' control subcommands, is refused in every encoding (inline, MULTI,
+/// RESP3, ...) unless it is read-only; scripts that call CLUSTER with a literal name are
+/// refused; the node's `CLUSTER NODES` and `CLUSTER INFO` are unchanged after each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_control_is_refused_in_every_encoding() {
+    cluster_control_refused_on(cluster_node().await).await;
+}
+
+/// The same against Valkey 9.1, which has the slot-migration subcommands
+/// (MIGRATESLOTS, CANCELSLOTMIGRATIONS, SYNCSLOTS) and FLUSHSLOT in its own metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_control_is_refused_in_front_of_valkey() {
+    let Some(valkey) = support::valkey_server() else {
+        eprintln!("skipped: no valkey-server (scripts/test.sh installs one; or set PORTCULLIS_TEST_VALKEY)");
+        return;
+    };
+    cluster_control_refused_on(cluster_node_of(&valkey).await).await;
+}
+
+async fn cluster_control_refused_on(redis: RedisServer) {
+    let rogue = RedisServer::start(&[]);
+    let mut env = Env::start_with(redis, rogue, None).await;
+    let mut d = env.redis.direct().await;
+    let myid: String = query(&mut d, &["CLUSTER", "MYID"]).await;
+    let nodes: String = query(&mut d, &["CLUSTER", "NODES"]).await;
+    let info: String = query(&mut d, &["CLUSTER", "INFO"]).await;
+    let rogue_port = env.rogue.port.to_string();
+
+    // The server's own list of CLUSTER subcommands.
+    let reply: Vec<redis::Value> = query(&mut d, &["COMMAND", "INFO", "CLUSTER"]).await;
+    let mut subs: BTreeSet<String> = BTreeSet::new();
+    if let Some(redis::Value::Array(entry)) = reply.first() {
+        if let Some(redis::Value::Array(list)) = entry.get(9) {
+            for sub in list {
+                if let redis::Value::Array(fields) = sub {
+                    let name: String = redis::from_redis_value(&fields[0]).expect("name");
+                    subs.insert(name.trim_start_matches("cluster|").to_string());
+                }
+            }
+        }
+    }
+    assert!(subs.len() >= 25, "COMMAND INFO CLUSTER: {subs:?}");
+    // Control subcommands of newer servers (Redis 8.x, Valkey 8/9) the proxy must refuse
+    // even in front of this one.
+    for newer in [
+        "migration",
+        "migrateslots",
+        "cancelslotmigrations",
+        "syncslots",
+        "flushslot",
+    ] {
+        subs.insert(newer.to_string());
+    }
+    let control: Vec<&String> = subs
+        .iter()
+        .filter(|s| !CLUSTER_READ_ONLY.contains(&s.as_str()))
+        .collect();
+    for must in [
+        "meet",
+        "forget",
+        "replicate",
+        "reset",
+        "failover",
+        "setslot",
+        "addslots",
+        "addslotsrange",
+        "delslots",
+        "delslotsrange",
+        "flushslots",
+        "bumpepoch",
+        "set-config-epoch",
+        "saveconfig",
+    ] {
+        assert!(
+            control.iter().any(|c| *c == must),
+            "{must} not in {control:?}"
+        );
+    }
+    for sub in control {
+        for extra in cluster_control_args(sub, &myid, &rogue_port) {
+            let mut args = vec!["CLUSTER".to_string(), sub.to_ascii_uppercase()];
+            args.extend(extra);
+            let args: Vec<Vec<u8>> = args.into_iter().map(String::into_bytes).collect();
+            refused_everywhere(&mut env, &args).await;
+            let now: String = query(&mut d, &["CLUSTER", "NODES"]).await;
+            assert_eq!(now, nodes, "CLUSTER {sub}: CLUSTER NODES changed");
+            let now: String = query(&mut d, &["CLUSTER", "INFO"]).await;
+            assert_eq!(now, info, "CLUSTER {sub}: CLUSTER INFO changed");
+        }
+    }
+
+    // Scripts that name CLUSTER literally (Redis runs CLUSTER MEET from Lua).
+    let mut c = env.proxy.raw().await;
+    for script in [
+        format!("return redis.call('cluster','meet','127.0.0.1','{rogue_port}')"),
+        "return redis.pcall(\"CLUSTER\", \"ADDSLOTS\", \"1\")".to_string(),
+        "return redis.call([[cluster]], 'reset', 'hard')".to_string(),
+    ] {
+        for name in ["EVAL", "EVAL_RO"] {
+            c.send(&resp(&[name.as_bytes(), script.as_bytes(), b"0"]))
+                .await;
+            let line = c.read_to_line().await;
+            assert!(is_noperm(&line), "{name} {script:?}: {:?}", show(&line));
+        }
+        c.send(&resp(&[b"SCRIPT", b"LOAD", script.as_bytes()]))
+            .await;
+        let line = c.read_to_line().await;
+        assert!(
+            is_noperm(&line),
+            "SCRIPT LOAD {script:?}: {:?}",
+            show(&line)
+        );
+    }
+    drop(c);
+    let now: String = query(&mut d, &["CLUSTER", "NODES"]).await;
+    assert_eq!(now, nodes, "scripts: CLUSTER NODES changed");
+    env.check("cluster control").await;
+}
+
+/// Read-only CLUSTER subcommands answer through the proxy exactly as Redis answers
+/// directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_read_only_subcommands_answer_as_redis_does() {
+    let redis = cluster_node().await;
+    let proxy = Proxy::start(&[&redis]).await;
+    let mut d = redis.direct().await;
+    let myid: String = query(&mut d, &["CLUSTER", "MYID"]).await;
+    let mut direct = Raw::connect(redis.addr().parse().expect("addr")).await;
+    let mut proxied = proxy.raw().await;
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["CLUSTER", "INFO"],
+        vec!["CLUSTER", "NODES"],
+        vec!["CLUSTER", "SLOTS"],
+        vec!["CLUSTER", "SHARDS"],
+        vec!["CLUSTER", "MYID"],
+        vec!["CLUSTER", "MYSHARDID"],
+        vec!["CLUSTER", "KEYSLOT", "somekey"],
+        vec!["CLUSTER", "COUNTKEYSINSLOT", "1"],
+        vec!["CLUSTER", "GETKEYSINSLOT", "1", "10"],
+        vec!["CLUSTER", "REPLICAS", &myid],
+        vec!["CLUSTER", "SLAVES", &myid],
+        vec!["CLUSTER", "LINKS"],
+        vec!["CLUSTER", "COUNT-FAILURE-REPORTS", &myid],
+        vec!["CLUSTER", "HELP"],
+        vec!["cluster", "info"],
+    ];
+    for args in cases {
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        let bytes = resp(&args);
+        direct.send(&bytes).await;
+        proxied.send(&bytes).await;
+        // Each reply ends with a PING's PONG: read up to it on both sides.
+        direct.send(b"PING\r\n").await;
+        proxied.send(b"PING\r\n").await;
+        let want = direct.read_until(b"+PONG\r\n").await;
+        let got = proxied.read_until(b"+PONG\r\n").await;
+        assert_eq!(show(&got), show(&want), "{:?}", show(&bytes));
+        assert!(!got.starts_with(b"-NOPERM"), "{:?} refused", show(&bytes));
     }
 }

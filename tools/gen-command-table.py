@@ -2,16 +2,25 @@
 """Generate src/command_table.rs from Redis's own command metadata.
 
 Usage:
-  tools/gen-command-table.py --fetch   start a throwaway redis-server on a free loopback port,
-                                       run COMMAND, store tools/commands-7.0.json, stop it
-  tools/gen-command-table.py           regenerate src/command_table.rs from tools/commands-7.0.json
+  tools/gen-command-table.py --fetch [--server BIN] [--out FILE]
+        start a throwaway server (redis-server, or BIN: a newer redis-server, a
+        valkey-server) on a free loopback port, store its COMMAND reply as JSON in FILE
+        (default tools/commands-7.0.json), stop it
+  tools/gen-command-table.py [--base FILE]
+        regenerate src/command_table.rs from FILE (default tools/commands-7.0.json) plus
+        tools/commands-newer.json
 
-The JSON is the raw RESP2 reply of `COMMAND` (one array per command, in Redis 7's layout:
-name, arity, flags, first key, last key, step, ACL categories, tips, key specs,
-subcommands), converted to JSON, plus the server version. The ACL categories in it are
-the effective ones (the file's acl_categories plus the implicit ones Redis derives from
-flags). Commands added after 7.0 come from SUPPLEMENT below, hand-written from
-redis/redis src/commands/*.json of the release that added them.
+The base JSON is the raw RESP2 reply of `COMMAND` (one array per command: name, arity,
+flags, first key, last key, step, ACL categories, tips, key specs, subcommands) plus the
+server version. Its ACL categories are the effective ones (the file's acl_categories plus
+the implicit ones Redis derives from flags). Core commands added after the base server
+come from tools/commands-newer.json: data taken from redis/redis src/commands/*.json of
+the release that added them and from valkey-server 9.1.2's COMMAND, each entry naming its
+source.
+
+Newer metadata is accepted: module commands (flag `module`) are skipped (the proxy
+learns them from each backend and its policy names them); ACL categories and flags this
+script does not know are reported and dropped, so a newer server's dump still generates.
 """
 
 import json
@@ -25,6 +34,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tools", "commands-7.0.json")
+NEWER = os.path.join(ROOT, "tools", "commands-newer.json")
 OUT = os.path.join(ROOT, "src", "command_table.rs")
 
 # ---------------------------------------------------------------------------------------
@@ -72,10 +82,10 @@ def _command(sock_file, *args):
     return _read_reply(sock_file)
 
 
-def fetch():
-    server = shutil.which("redis-server")
+def fetch(server="redis-server", out_path=DATA):
+    server = shutil.which(server)
     if server is None:
-        sys.exit("redis-server not found on PATH")
+        sys.exit("server binary not found")
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
@@ -98,50 +108,26 @@ def fetch():
         f = sock.makefile("rwb")
         version = None
         for line in _command(f, "INFO", "server").splitlines():
-            if line.startswith("redis_version:"):
+            if line.startswith("redis_version:") and version is None:
                 version = line.split(":", 1)[1]
+            if line.startswith("valkey_version:"):
+                version = "valkey " + line.split(":", 1)[1]
         commands = _command(f, "COMMAND")
         sock.close()
     finally:
         proc.terminate()
         proc.wait(timeout=10)
     commands.sort(key=lambda c: c[0])
-    with open(DATA, "w") as out:
+    with open(out_path, "w") as out:
         json.dump({"redis_version": version, "command": commands}, out, indent=1, sort_keys=False)
         out.write("\n")
-    print("stored %d commands from redis %s in %s" % (len(commands), version, DATA))
+    print("stored %d commands from %s in %s" % (len(commands), version, out_path))
 
 
 # ---------------------------------------------------------------------------------------
-# Hand-written additions (NOT fetched): commands newer than the 7.0 server we fetch from,
-# and flags that COMMAND does not report.
+# Hand-written additions (NOT fetched): flags that COMMAND does not report. Newer
+# commands are data, in tools/commands-newer.json.
 # ---------------------------------------------------------------------------------------
-
-# Commands added after 7.0, from redis/redis src/commands/<name>.json of the release that
-# added them. Format: (name, arity, command_flags, acl_categories as in the JSON file,
-# first key, last key, step). Effective categories are derived below exactly as Redis's
-# setImplicitACLCategories() does.
-SUPPLEMENT = [
-    # 7.2
-    ("client|setinfo", 4, ["noscript", "loading", "stale"], ["connection"], 0, 0, 0),
-    ("client|no-touch", 3, ["noscript", "loading", "stale"], ["connection"], 0, 0, 0),
-    ("waitaof", 4, ["blocking"], ["connection"], 0, 0, 0),
-    ("cluster|myshardid", 2, ["stale"], [], 0, 0, 0),
-    # 7.4: hash field expiration
-    ("hexpire", -6, ["write", "fast"], ["hash"], 1, 1, 1),
-    ("hpexpire", -6, ["write", "fast"], ["hash"], 1, 1, 1),
-    ("hexpireat", -6, ["write", "fast"], ["hash"], 1, 1, 1),
-    ("hpexpireat", -6, ["write", "fast"], ["hash"], 1, 1, 1),
-    ("hpersist", -5, ["write", "fast"], ["hash"], 1, 1, 1),
-    ("httl", -5, ["readonly", "fast"], ["hash"], 1, 1, 1),
-    ("hpttl", -5, ["readonly", "fast"], ["hash"], 1, 1, 1),
-    ("hexpiretime", -5, ["readonly", "fast"], ["hash"], 1, 1, 1),
-    ("hpexpiretime", -5, ["readonly", "fast"], ["hash"], 1, 1, 1),
-    # 8.0
-    ("hgetdel", -5, ["write", "fast"], ["hash"], 1, 1, 1),
-    ("hgetex", -5, ["write", "fast"], ["hash"], 1, 1, 1),
-    ("hsetex", -6, ["write", "denyoom", "fast"], ["hash"], 1, 1, 1),
-]
 
 # Flags present in Redis's JSON files but not reported by COMMAND (7.0 omits "protected",
 # "may_replicate", "module", "sentinel", "only_sentinel"). PROTECTED is the one that matters
@@ -197,13 +183,32 @@ FLAG_CONST = {
     "no_mandatory_keys": "NO_MANDATORY_KEYS", "protected": "PROTECTED",
     "movablekeys": "MOVABLE_KEYS", "no_multi": "NO_MULTI",
     "no_async_loading": "NO_ASYNC_LOADING", "allow_busy": "ALLOW_BUSY",
+    # Newer servers: Valkey 8+ (commandlog), Redis 8 (cross-slot key access).
+    "skip_commandlog": "SKIP_COMMANDLOG", "touches_arbitrary_keys": "TOUCHES_ARBITRARY_KEYS",
 }
 
 ACL_NAMES = [
     "keyspace", "read", "write", "set", "sortedset", "list", "hash", "string", "bitmap",
     "hyperloglog", "geo", "stream", "pubsub", "admin", "fast", "slow", "blocking",
     "dangerous", "connection", "transaction", "scripting",
+    # Redis 8's shipped modules (module commands are not in the table, but the names are
+    # known categories for protection.allow/deny).
+    "json", "search", "timeseries", "bloom", "cuckoo", "cms", "topk", "tdigest",
 ]
+
+UNKNOWN_SEEN = set()
+
+
+def known_only(kind, names, table, entry):
+    """Keep the names this script knows; report the others once (newer metadata)."""
+    out = []
+    for n in names:
+        if n in table:
+            out.append(n)
+        elif (kind, n) not in UNKNOWN_SEEN:
+            UNKNOWN_SEEN.add((kind, n))
+            print("note: dropping unknown %s %r (first on %s)" % (kind, n, entry), file=sys.stderr)
+    return out
 
 
 def effective_acl(flags, file_cats):
@@ -226,11 +231,13 @@ def effective_acl(flags, file_cats):
     return ["@" + c for c in cats]
 
 
-def load():
-    with open(DATA) as f:
+def load(base=DATA):
+    with open(base) as f:
         data = json.load(f)
     table = {}
     for c in data["command"]:
+        if "module" in c[2]:
+            continue
         table[c[0]] = {
             "name": c[0], "arity": c[1], "flags": list(c[2]), "first": c[3], "last": c[4],
             "step": c[5], "acl": list(c[6]), "subs": {
@@ -244,15 +251,21 @@ def load():
         for entry in [top] + list(top["subs"].values()):
             if set(effective_acl(entry["flags"], entry["acl"])) != set(entry["acl"]):
                 sys.exit("effective_acl() disagrees with Redis on %s" % entry["name"])
-    for name, arity, flags, cats, first, last, step in SUPPLEMENT:
-        entry = {"name": name, "arity": arity, "flags": flags, "first": first, "last": last,
-                 "step": step, "acl": effective_acl(flags, cats), "subs": {}}
+    with open(NEWER) as f:
+        newer = json.load(f)["command"]
+    for n in newer:
+        name = n["name"]
+        flags = [f.lower() for f in n["command_flags"]]
+        entry = {"name": name, "arity": n["arity"], "flags": flags, "first": n["first_key"],
+                 "last": n["last_key"], "step": n["step"],
+                 "acl": effective_acl(flags, n["acl_categories"]), "subs": {}}
         if "|" in name:
             parent = table[name.split("|")[0]]["subs"]
         else:
             parent = table
         if name in parent:
-            sys.exit("supplement entry %s already in the fetched data" % name)
+            # A newer base dump already has it: the fetched metadata wins.
+            continue
         parent[name] = entry
     for name, extra in EXTRA_FLAGS.items():
         top = name.split("|")[0]
@@ -271,17 +284,8 @@ def emit(entry, out, indent):
     name = entry["name"]
     if name != name.lower() or not re.fullmatch(r"[a-z0-9_|.-]+", name):
         sys.exit("odd command name %r" % name)
-    flags = []
-    for f in entry["flags"]:
-        if f not in FLAG_CONST:
-            sys.exit("unknown flag %r on %s" % (f, name))
-        flags.append(FLAG_CONST[f])
-    cats = []
-    for c in entry["acl"]:
-        c = c.lstrip("@")
-        if c not in ACL_NAMES:
-            sys.exit("unknown ACL category %r on %s" % (c, name))
-        cats.append(c)
+    flags = [FLAG_CONST[f] for f in known_only("flag", entry["flags"], FLAG_CONST, name)]
+    cats = known_only("ACL category", [c.lstrip("@") for c in entry["acl"]], ACL_NAMES, name)
     cats = [c.upper() for c in ACL_NAMES if c in cats]
     pad = " " * indent
     out.append(pad + "CommandSpec {")
@@ -303,12 +307,15 @@ def emit(entry, out, indent):
     out.append(pad + "},")
 
 
-def generate():
-    version, table = load()
+def generate(base=DATA):
+    version, table = load(base)
     out = [
-        "// @generated by tools/gen-command-table.py from tools/commands-7.0.json",
-        "// (COMMAND of redis-server %s) plus the script's hand-written SUPPLEMENT" % version,
-        "// and EXTRA_FLAGS. Do not edit: change the script and re-run it.",
+        "// @generated by tools/gen-command-table.py. Sources: %s" % os.path.relpath(base, ROOT),
+        "// (COMMAND of redis-server %s); tools/commands-newer.json (core commands of" % version,
+        "// Redis 7.2 to 8.4 from redis/redis src/commands/*.json, CLUSTER subcommands of",
+        "// Redis 8.x and Valkey 9.1.2 from their metadata); the script's EXTRA_FLAGS.",
+        "// Module commands are not here: they are learned from each backend at run time.",
+        "// Do not edit: change the sources or the script and re-run it.",
         "",
         "use super::{AclCategories, CommandSpec, Flags, PubSubKind, Special};",
         "",
@@ -327,7 +334,17 @@ def generate():
     print("wrote %s: %d commands, %d subcommands" % (OUT, len(table), subs))
 
 
+def _opt(name, default):
+    args = sys.argv[1:]
+    if name in args:
+        i = args.index(name)
+        if i + 1 >= len(args):
+            sys.exit("%s needs a value" % name)
+        return args[i + 1]
+    return default
+
+
 if __name__ == "__main__":
     if "--fetch" in sys.argv[1:]:
-        fetch()
-    generate()
+        fetch(_opt("--server", "redis-server"), _opt("--out", DATA))
+    generate(_opt("--base", DATA))

@@ -22,6 +22,7 @@ use tracing::{error, info, warn};
 
 use crate::backend::topology::{Evidence, Role, Stall, Standing, TopologyStore};
 use crate::backend::{read_reply, BackendError, BackendLink, Handshake, LinkAuth, ReadReplyError};
+use crate::catalog::Catalog;
 use crate::config::BackendConfig;
 use crate::net::Stream;
 use crate::protocol::{Item, Reply, ReplyLimits, ReplyScanner, Request};
@@ -71,6 +72,10 @@ impl ProbeError {
     }
 }
 
+/// How long reading a backend's `COMMAND` metadata may take (a few hundred KB with
+/// modules), at least.
+const LEARN_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The prober's own connection.
 struct Conn {
     stream: Stream,
@@ -103,6 +108,9 @@ pub async fn run(
     // The role gauges were zeroed by a failed probe and must be set again.
     let mut gauges_unknown = true;
     let mut was_hijacked = false;
+    // The server (INFO run_id) whose metadata was last read: a reconnect to the same
+    // server does not rebuild the catalog; a restart or another server does.
+    let mut learned_run_id: Option<String> = None;
     loop {
         // A reload may change the settings, this backend's credentials, or remove it.
         let settings = shared_settings.load_full();
@@ -120,13 +128,23 @@ pub async fn run(
             _ => {}
         }
         let started = Instant::now();
+        // A new connection also reads the command metadata: allow for its size.
+        let timeout = if conn.is_none() {
+            settings.timeout.max(LEARN_TIMEOUT)
+        } else {
+            settings.timeout
+        };
         let result =
-            match tokio::time::timeout(settings.timeout, probe(&mut conn, &backend, &settings))
-                .await
-            {
+            match tokio::time::timeout(timeout, probe(&mut conn, &backend, &settings)).await {
                 Ok(r) => r,
-                Err(_) => Err(ProbeError::Timeout(settings.timeout)),
+                Err(_) => Err(ProbeError::Timeout(timeout)),
             };
+        let result = result.map(|(role, metadata)| {
+            if let Some(m) = metadata {
+                learn(index, &label, &store, m, &mut learned_run_id);
+            }
+            role
+        });
         histogram!("portcullis_probe_duration_seconds", "backend" => label.clone())
             .record(started.elapsed().as_secs_f64());
         match result {
@@ -292,9 +310,10 @@ async fn probe(
     conn: &mut Option<Conn>,
     backend: &BackendConfig,
     settings: &ProbeSettings,
-) -> Result<Role, ProbeError> {
+) -> Result<(Role, Option<Metadata>), ProbeError> {
     let limits = settings.reply_limits;
-    if conn.is_none() {
+    let fresh = conn.is_none();
+    if fresh {
         let link = BackendLink::open(
             backend,
             &Handshake::default(),
@@ -312,8 +331,79 @@ async fn probe(
     let Some(c) = conn.as_mut() else {
         return Err(ProbeError::Closed);
     };
-    let reply = c.call(&Request::from_args(&[b"ROLE"])).await?;
-    parse_role(&reply)
+    let role = Request::from_args(&[b"ROLE"]);
+    if !fresh {
+        let reply = c.call(&role).await?;
+        return Ok((parse_role(&reply)?, None));
+    }
+    // A new connection (first contact, restart, another server at the address) also
+    // reads the command metadata, pipelined before ROLE in one write: the server runs
+    // all three at once, so its CLIENT LIST never shows the probe connection at anything
+    // but ROLE.
+    let mut out = Vec::new();
+    out.extend_from_slice(Request::from_args(&[b"INFO".as_slice(), b"server"]).frame());
+    out.extend_from_slice(Request::from_args(&[b"COMMAND"]).frame());
+    out.extend_from_slice(role.frame());
+    c.stream.write_all(&out).await?;
+    let info = read_reply(&mut c.stream, &mut c.buf, &mut c.scanner).await?;
+    let commands = read_reply(&mut c.stream, &mut c.buf, &mut c.scanner).await?;
+    let reply = read_reply(&mut c.stream, &mut c.buf, &mut c.scanner).await?;
+    Ok((parse_role(&reply)?, Some(Metadata { info, commands })))
+}
+
+/// The replies to `INFO server` and `COMMAND` read on a new probe connection.
+struct Metadata {
+    info: Reply,
+    commands: Reply,
+}
+
+/// Publish what a new connection's `COMMAND` reported beyond the built-in table, unless
+/// it is the server (run_id) already learned. A failure keeps the previous metadata and
+/// is logged.
+fn learn(
+    index: usize,
+    label: &str,
+    store: &TopologyStore,
+    m: Metadata,
+    learned_run_id: &mut Option<String>,
+) {
+    let info = m
+        .info
+        .text()
+        .map(|t| String::from_utf8_lossy(t).into_owned())
+        .unwrap_or_default();
+    let field = |key: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+    };
+    let run_id = field("run_id:");
+    if run_id.is_some() && run_id == *learned_run_id {
+        return;
+    }
+    let server = field("valkey_version:")
+        .map(|v| format!("valkey {v}"))
+        .or_else(|| field("redis_version:").map(|v| format!("redis {v}")));
+    match Catalog::from_reply(&m.commands, server) {
+        Ok(catalog) => {
+            let learned = catalog.names();
+            info!(
+                backend = %label,
+                server = catalog.server.as_deref().unwrap_or("?"),
+                reported = catalog.reported,
+                learned = learned.len(),
+                names = %learned.join(" "),
+                "command metadata read from the backend (learned: commands the built-in table lacks)"
+            );
+            let catalog = Arc::new(catalog);
+            store.update(index, |b| b.commands = Some(catalog.clone()));
+            *learned_run_id = run_id;
+        }
+        Err(e) => {
+            warn!(backend = %label, error = %e, "could not read the backend's COMMAND metadata; commands the built-in table lacks stay unknown");
+            // Not again for this server on every reconnect.
+            *learned_run_id = run_id;
+        }
+    }
 }
 
 /// Whether the backend refuses an unauthenticated client: `PING` on a connection that

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
+use crate::catalog::Catalog;
 use crate::config::BackendConfig;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
@@ -225,6 +226,9 @@ pub struct BackendState {
     /// (`-NOAUTH` to PING), as last checked by the prober; `None` until known. Kept
     /// across failed probes: only a new answer changes it.
     pub requires_auth: Option<bool>,
+    /// What its own `COMMAND` reported beyond the built-in table, read at each new probe
+    /// connection (first contact, restart, a different server at the address).
+    pub commands: Option<Arc<Catalog>>,
 }
 
 impl BackendState {
@@ -258,6 +262,7 @@ impl BackendState {
             hijacked: false,
             retired: false,
             requires_auth: None,
+            commands: None,
         }
     }
 
@@ -605,6 +610,22 @@ impl TopologyStore {
     /// The current snapshot (lock-free).
     pub fn load(&self) -> Arc<Topology> {
         self.current.load_full()
+    }
+
+    /// The command metadata to resolve a name the built-in table lacks: the confirmed
+    /// master's, else the first backend's that has one (off the hot path: only for
+    /// names the built-in table does not know).
+    pub fn catalog(&self) -> Option<Arc<Catalog>> {
+        let topo = self.current.load();
+        topo.master_now()
+            .and_then(|m| topo.backends.get(m))
+            .and_then(|b| b.commands.clone())
+            .or_else(|| {
+                topo.backends
+                    .iter()
+                    .filter(|b| !b.retired)
+                    .find_map(|b| b.commands.clone())
+            })
     }
 
     /// A receiver that wakes on every publication.

@@ -11,5 +11,5 @@ pub mod reply;
 pub mod request;
 pub mod texts;
 
-pub use reply::{Item, Reply, ReplyError, ReplyKind, ReplyLimits, ReplyScanner};
+pub use reply::{Item, Node, Reply, ReplyError, ReplyKind, ReplyLimits, ReplyScanner};
 pub use request::{ProtocolError, Request, RequestLimits, RequestParser};

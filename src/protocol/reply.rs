@@ -596,6 +596,58 @@ impl Reply {
     }
 }
 
+/// A fully decoded reply value (see [`Reply::tree`]), borrowing from the frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Node<'a> {
+    /// Simple string, bulk string, or verbatim string without its format prefix.
+    Str(&'a [u8]),
+    /// Integer.
+    Int(i64),
+    /// `_`, `$-1` or `*-1`.
+    Null,
+    /// Array, set, push, or map (keys and values alternating).
+    List(Vec<Node<'a>>),
+    /// Anything else: errors, doubles, booleans, big numbers.
+    Other,
+}
+
+impl Reply {
+    /// Full decode of the reply, for the proxy's own requests (`COMMAND` metadata), not
+    /// the forwarding path. Depth is bounded by the scanner's `max_depth`, which already
+    /// validated the frame; attributes are skipped.
+    pub fn tree(&self) -> Option<Node<'_>> {
+        let b: &[u8] = &self.frame;
+        let mut pos = self.value_start;
+        read_node(b, &mut pos)
+    }
+}
+
+fn read_node<'a>(b: &'a [u8], pos: &mut usize) -> Option<Node<'a>> {
+    loop {
+        return Some(match read_value(b, pos)? {
+            Value::Aggregate(b'|', n) => {
+                skip_values(b, pos, n)?;
+                continue;
+            }
+            Value::Aggregate(_, n) => {
+                let n = usize::try_from(n).ok()?;
+                let mut items = Vec::with_capacity(n.min(b.len() / 3));
+                for _ in 0..n {
+                    items.push(read_node(b, pos)?);
+                }
+                Node::List(items)
+            }
+            Value::Line(b'+', line) => Node::Str(line),
+            Value::Line(b':', line) => Node::Int(string2ll(line)?),
+            Value::Line(b'_', _) => Node::Null,
+            Value::Bulk(b'$', body) => Node::Str(body),
+            Value::Bulk(b'=', body) => Node::Str(body.get(4..)?),
+            Value::Null => Node::Null,
+            _ => Node::Other,
+        });
+    }
+}
+
 /// One value header read from an already validated frame.
 enum Value<'a> {
     /// A one-line value: type byte and line content.
@@ -657,6 +709,29 @@ fn skip_values(b: &[u8], pos: &mut usize, mut n: u64) -> Option<()> {
 mod tests {
     use super::*;
     use ReplyKind::*;
+
+    #[test]
+    fn tree_decodes_nested_replies() {
+        let mut buf = BytesMut::from(
+            &b"*4\r\n$3\r\nget\r\n:2\r\n*2\r\n+readonly\r\n%1\r\n+k\r\n_\r\n|1\r\n+a\r\n+b\r\n,1.5\r\n"[..],
+        );
+        let reply = ReplyScanner::new(ReplyLimits::default())
+            .next(&mut buf)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            reply.tree(),
+            Some(Node::List(vec![
+                Node::Str(b"get"),
+                Node::Int(2),
+                Node::List(vec![
+                    Node::Str(b"readonly"),
+                    Node::List(vec![Node::Str(b"k"), Node::Null]),
+                ]),
+                Node::Other,
+            ]))
+        );
+    }
 
     /// Scans `input` fed in pieces of `chunk` bytes; returns the frames and their kinds.
     fn scan_chunked(

@@ -45,11 +45,11 @@ use arc_swap::ArcSwap;
 
 use crate::auth::{Credentials, ProxyAuthAnswer, User};
 use crate::backend::{LinkAuth, TopologyStore};
-use crate::command::{AclCategories, CommandSpec, Flags, Lookup, Special};
+use crate::command::{self, AclCategories, CommandSpec, Flags, Lookup, Special};
 use crate::config::ReadPolicy;
 use crate::metrics::{self, Hot};
 use crate::net::Stream;
-use crate::policy::{self, Verdict};
+use crate::policy::{self, ProtectionMode, Verdict};
 use crate::protocol::{texts, ProtocolError, Reply, ReplyKind, Request, RequestParser};
 use crate::runtime::Runtime;
 
@@ -122,15 +122,35 @@ enum Phase {
     Ending(SessionEnd),
 }
 
-/// A request waiting for the session's in-flight answers before it moves to a new
-/// master (never sent to the old one).
+/// A request on its way to a backend, with what its answer is owed. Parked when it must
+/// wait for the session's in-flight answers before moving to a new master (never sent
+/// to the old one).
 #[derive(Debug)]
-struct Parked {
+struct Outgoing {
     req: Request,
+    /// Frames its answer takes.
     frames: u32,
+    /// Whether the answer reaches the client (`CLIENT REPLY`).
     deliver: bool,
     on_reply: OnReply,
+    /// A plain write, retried on the confirmed master after `-READONLY`.
     retryable: bool,
+    /// It can wait indefinitely (`CommandSpec::may_block`).
+    blocking: bool,
+}
+
+impl Outgoing {
+    /// A request answered by one frame, with no special handling.
+    fn plain(req: Request, deliver: bool) -> Outgoing {
+        Outgoing {
+            req,
+            frames: 1,
+            deliver,
+            on_reply: OnReply::Forward,
+            retryable: false,
+            blocking: false,
+        }
+    }
 }
 
 /// Why a session could not open a backend link.
@@ -225,7 +245,7 @@ struct Session {
     authenticated: bool,
     /// The user this connection authenticated as (its policy applies).
     user: Option<Arc<User>>,
-    parked: Option<Parked>,
+    parked: Option<Outgoing>,
     /// Parse nothing more until everything sent is answered: an EXEC whose transaction
     /// changes `CLIENT REPLY` is in flight (whether later answers are delivered depends
     /// on its outcome), or, in pass-through under pre-auth bounds, an AUTH (Redis runs it
@@ -356,15 +376,24 @@ impl Session {
         }
         if self.queue.is_empty() {
             if let Some(p) = self.parked.take() {
-                self.send(p.req, p.frames, p.deliver, p.on_reply, p.retryable)
-                    .await;
+                self.send(p).await;
             }
         }
         self.parse_buffered().await?;
         match self.phase {
             Phase::InputClosed if self.parked.is_none() && self.queue.retries() == 0 => {
-                // Everything the client sent is with the backends: pass the half-close on.
-                self.upstream.shutdown_when_flushed();
+                // Everything the client sent is with the backends. Answers still coming
+                // are delivered; but a command that may wait indefinitely (BLPOP) must not
+                // outlive its client: pass the half-close on, and Redis frees the client
+                // as it would a half-closed direct one (nothing popped, nothing after it
+                // run).
+                for id in [LinkId::Master, LinkId::Replica] {
+                    if self.queue.blocking_on(id) {
+                        if let Some(link) = self.upstream.get_mut(id) {
+                            link.shutdown_when_flushed();
+                        }
+                    }
+                }
             }
             Phase::Draining if self.quiet() => {
                 // Between two requests: close unless more is arriving already.
@@ -450,12 +479,14 @@ impl Session {
         let draining = !matches!(self.phase, Phase::Open);
         Ok(tokio::select! {
             biased;
+            // Backends first: a link Redis closed while idle is noticed (and dropped
+            // without a word) before a request that arrived at the same time is sent on it.
+            _ = upstream::readable(master), if read_replies && master.is_some() => Event::BackendReadable(LinkId::Master),
+            _ = upstream::readable(replica), if read_replies && replica.is_some() => Event::BackendReadable(LinkId::Replica),
             r = client.readable(), if read_client => match r {
                 Ok(()) => Event::ClientReadable,
                 Err(e) => return Err(SessionEnd::ClientIo(e)),
             },
-            _ = upstream::readable(master), if read_replies && master.is_some() => Event::BackendReadable(LinkId::Master),
-            _ = upstream::readable(replica), if read_replies && replica.is_some() => Event::BackendReadable(LinkId::Replica),
             _ = client.writable(), if client_out => Event::Writable,
             _ = upstream::writable(master), if master_out => Event::Writable,
             _ = upstream::writable(replica), if replica_out => Event::Writable,
@@ -585,9 +616,13 @@ impl Session {
             Some(u) => &u.policy,
             None => &self.rt.policy,
         };
-        let (lookup, verdict) = policy::decide(policy, &req);
+        let (lookup, verdict) =
+            policy::decide_with(policy, &req, || self.shared.topology.catalog());
         let spec = match lookup {
             Lookup::Known(spec) => spec,
+            Lookup::UnknownCommand | Lookup::UnknownSubcommand(_) if self.shadow_unknown(&req) => {
+                &command::UNKNOWN
+            }
             Lookup::UnknownCommand => {
                 self.shared.hot.unknown.increment(1);
                 metrics::refused_command("unknown");
@@ -602,6 +637,17 @@ impl Session {
             }
         };
         let class = metrics::class_of(spec);
+        // Redis checks the argument count before authentication and permissions. Plain
+        // forwarded commands get Redis's own answer; ones the proxy handles, refuses or
+        // would stop at NOAUTH get the same text here.
+        if !spec.arity_allows(req.argc())
+            && (spec.special != Special::None
+                || !self.authenticated
+                || matches!(verdict, Some(Verdict::Deny { .. })))
+        {
+            self.refuse(texts::wrong_arity(spec.name));
+            return Ok(());
+        }
         if !self.authenticated
             && !matches!(
                 spec.special,
@@ -611,6 +657,7 @@ impl Session {
             self.refuse(Bytes::from_static(texts::NOAUTH));
             return Ok(());
         }
+        let verdict = self.shadow_verdict(verdict);
         if let Some(Verdict::Deny { command, reason }) = verdict {
             self.shared.hot.refused[class].increment(1);
             metrics::refused_command(command);
@@ -666,21 +713,26 @@ impl Session {
                 }
             }
             Plan::Auth => {
-                let reply = match forward.argc() {
-                    // No users: checked against the backend password the proxy holds.
-                    2 if !self.rt.users.enabled() => {
-                        self.proxy_auth(None, forward.arg(1).unwrap_or_default())
-                    }
-                    2 => self.authenticate(b"default", forward.arg(1).unwrap_or_default()),
-                    3 => self.authenticate(
-                        forward.arg(1).unwrap_or_default(),
-                        forward.arg(2).unwrap_or_default(),
-                    ),
-                    n if n < 2 => texts::wrong_arity("auth"),
-                    _ => Bytes::from_static(texts::SYNTAX),
+                let (reply, user) = match forward.argc() {
+                    2 => self.auth_outcome(None, forward.arg(1).unwrap_or_default()),
+                    3 => self.auth_outcome(forward.arg(1), forward.arg(2).unwrap_or_default()),
+                    _ => (Bytes::from_static(texts::SYNTAX), None),
                 };
-                self.answer(reply);
-                return;
+                if in_multi {
+                    // Redis queues AUTH and runs it at EXEC: a stand-in is queued, and
+                    // EXEC's element for it is this answer; the sign-in happens then.
+                    forward = Request::from_args(&[b"PING"]);
+                    effect = Some(Effect::Answer {
+                        answer: reply,
+                        user: user.map(|u| u.name.clone()),
+                    });
+                } else {
+                    if let Some(user) = user {
+                        self.sign_in(user);
+                    }
+                    self.answer(reply);
+                    return;
+                }
             }
             Plan::Hello => match self.rewrite_hello(&forward) {
                 Ok((req, change)) => {
@@ -728,14 +780,14 @@ impl Session {
                     self.txn = Some(Transaction::default());
                 }
                 // Nested MULTI: Redis answers an error and queues nothing.
-                return self.forward_plain(forward, class, on_reply, false).await;
+                return self.forward_plain(forward, class).await;
             }
             Plan::Watch => {
                 if !in_multi {
                     self.watching = true;
                 }
                 // WATCH inside MULTI: Redis answers an error and queues nothing.
-                return self.forward_plain(forward, class, on_reply, false).await;
+                return self.forward_plain(forward, class).await;
             }
             Plan::Unwatch => {
                 if !in_multi {
@@ -779,8 +831,11 @@ impl Session {
                             frames: Vec::new(),
                         };
                         self.shared.hot.forwarded[class].increment(1);
-                        self.send(forward, 1, deliver, OnReply::Exec(exec), false)
-                            .await;
+                        let out = Outgoing {
+                            on_reply: OnReply::Exec(exec),
+                            ..Outgoing::plain(forward, deliver)
+                        };
+                        self.send(out).await;
                         return;
                     }
                 }
@@ -798,8 +853,7 @@ impl Session {
                 // What RESET clears (subscriptions, tracking, MONITOR) decides how the
                 // next commands are answered: wait for it.
                 self.barrier = true;
-                // RESET clears CLIENT REPLY before answering `+RESET`.
-                self.mode = ReplyMode::default();
+                self.mode.reset();
                 on_reply = OnReply::Apply(StateChange::Reset);
             }
             Plan::Forward { change } => {
@@ -827,7 +881,12 @@ impl Session {
                 self.barrier = true;
             }
             let deliver = self.mode.next_command();
-            self.send(forward, frames, deliver, on_reply, false).await;
+            let out = Outgoing {
+                frames,
+                on_reply,
+                ..Outgoing::plain(forward, deliver)
+            };
+            self.send(out).await;
             return;
         }
         if let Some(index) = self.running_script_backend(spec) {
@@ -838,23 +897,23 @@ impl Session {
             let deliver = self.mode.next_command();
             return self.forward_read(forward, deliver, class).await;
         }
-        // A plain write outside MULTI can be retried if the backend says READONLY.
-        let retryable = plain && spec.is_write();
-        self.forward_plain(forward, class, on_reply, retryable)
-            .await
+        self.shared.hot.forwarded[class].increment(1);
+        let deliver = self.mode.next_command();
+        let out = Outgoing {
+            on_reply,
+            // A plain write outside MULTI can be retried if the backend says READONLY.
+            retryable: plain && spec.is_write(),
+            blocking: spec.may_block(),
+            ..Outgoing::plain(forward, deliver)
+        };
+        self.send(out).await
     }
 
     /// Forward a request answered by one frame, deciding its delivery now.
-    async fn forward_plain(
-        &mut self,
-        req: Request,
-        class: usize,
-        on_reply: OnReply,
-        retryable: bool,
-    ) {
+    async fn forward_plain(&mut self, req: Request, class: usize) {
         self.shared.hot.forwarded[class].increment(1);
         let deliver = self.mode.next_command();
-        self.send(req, 1, deliver, on_reply, retryable).await;
+        self.send(Outgoing::plain(req, deliver)).await;
     }
 
     /// `SCRIPT KILL`, `FUNCTION KILL`, `FUNCTION STATS` while a backend other than the
@@ -877,7 +936,7 @@ impl Session {
         match self.open_link(index).await {
             Ok(link) => {
                 self.upstream.master = Some(link);
-                self.push_to(LinkId::Master, &req, 1, deliver, OnReply::Forward, false);
+                self.push_to(LinkId::Master, Outgoing::plain(req, deliver));
             }
             Err(failure) => self.push_local(deliver.then_some(failure.reply)),
         }
@@ -929,7 +988,7 @@ impl Session {
             .is_some_and(|r| Some(r.index) == choice && !self.upstream.replica_stale);
         if ready {
             self.shared.hot.forwarded[class].increment(1);
-            self.push_to(LinkId::Replica, &req, 1, deliver, OnReply::Forward, false);
+            self.push_to(LinkId::Replica, Outgoing::plain(req, deliver));
             return;
         }
         if self.rt.config.routing.reads == ReadPolicy::Replica && !on_replica {
@@ -937,28 +996,41 @@ impl Session {
             return;
         }
         self.shared.hot.forwarded[class].increment(1);
-        self.send(req, 1, deliver, OnReply::Forward, false).await;
+        self.send(Outgoing::plain(req, deliver)).await;
     }
 
-    /// AUTH at the proxy. With no users configured, `proxy_auth`.
+    /// AUTH at the proxy, signing in on success. With no users configured, `proxy_auth`.
     fn authenticate(&mut self, name: &[u8], password: &[u8]) -> Bytes {
-        if !self.rt.users.enabled() {
-            return self.proxy_auth(Some(name), password);
+        let (reply, user) = self.auth_outcome(Some(name), password);
+        if let Some(user) = user {
+            self.sign_in(user);
         }
+        reply
+    }
+
+    /// What AUTH answers (`name`: `None` for one-argument AUTH), and the user it signs
+    /// in as, without signing in yet.
+    fn auth_outcome(&self, name: Option<&[u8]>, password: &[u8]) -> (Bytes, Option<Arc<User>>) {
+        if !self.rt.users.enabled() {
+            return (self.proxy_auth(name, password), None);
+        }
+        let name = name.unwrap_or(b"default");
         match self.rt.users.authenticate(name, password) {
-            Some(user) => {
-                self.user = Some(user);
-                if !self.authenticated {
-                    self.authenticated = true;
-                    self.parser.set_limits(self.rt.request_limits(true));
-                }
-                Bytes::from_static(texts::OK)
-            }
+            Some(user) => (Bytes::from_static(texts::OK), Some(user)),
             None => {
                 metrics::auth_failure();
                 warn!(peer = %self.peer, user = %String::from_utf8_lossy(texts::shown(name, 64)), "AUTH failed");
-                Bytes::from_static(texts::WRONGPASS)
+                (Bytes::from_static(texts::WRONGPASS), None)
             }
+        }
+    }
+
+    /// The connection is now `user`'s (its policy applies from the next command).
+    fn sign_in(&mut self, user: Arc<User>) {
+        self.user = Some(user);
+        if !self.authenticated {
+            self.authenticated = true;
+            self.parser.set_limits(self.rt.request_limits(true));
         }
     }
 
@@ -1078,14 +1150,8 @@ impl Session {
 
     /// Send a request to the confirmed master (connecting, or moving to a new master
     /// first, if needed) and queue its answer.
-    async fn send(
-        &mut self,
-        req: Request,
-        frames: u32,
-        deliver: bool,
-        on_reply: OnReply,
-        retryable: bool,
-    ) {
+    async fn send(&mut self, out: Outgoing) {
+        let deliver = out.deliver;
         let master = self.shared.topology.load().master_now();
         let current = self.upstream.master.as_ref().map(|l| l.index);
         if current.is_none() || current != master {
@@ -1108,23 +1174,17 @@ impl Session {
                 }
                 if self.state.subscribed() {
                     // Pub/sub works on any node: stay where the subscriptions are.
-                    self.push_to(LinkId::Master, &req, frames, deliver, on_reply, retryable);
+                    self.push_to(LinkId::Master, out);
                     return;
                 }
                 // Finish what is in flight on the old link first.
-                self.parked = Some(Parked {
-                    req,
-                    frames,
-                    deliver,
-                    on_reply,
-                    retryable,
-                });
+                self.parked = Some(out);
                 return;
             }
             self.upstream.master = None;
             if let Err(reply) = self.connect_to_master().await {
                 self.push_local(deliver.then_some(reply));
-                if let OnReply::Exec(_) = on_reply {
+                if let OnReply::Exec(_) = out.on_reply {
                     // Not sent: nothing ran.
                     if std::mem::take(&mut self.mode_pending) {
                         self.mode.command_done();
@@ -1133,19 +1193,19 @@ impl Session {
                 return;
             }
         }
-        self.push_to(LinkId::Master, &req, frames, deliver, on_reply, retryable);
+        self.push_to(LinkId::Master, out);
     }
 
-    /// Queue `req` on link `id` and what its answer is owed.
-    fn push_to(
-        &mut self,
-        id: LinkId,
-        req: &Request,
-        frames: u32,
-        deliver: bool,
-        on_reply: OnReply,
-        retryable: bool,
-    ) {
+    /// Queue a request on link `id` and what its answer is owed.
+    fn push_to(&mut self, id: LinkId, out: Outgoing) {
+        let Outgoing {
+            req,
+            frames,
+            deliver,
+            on_reply,
+            retryable,
+            blocking,
+        } = out;
         let Some(link) = self.upstream.get_mut(id) else {
             return;
         };
@@ -1164,6 +1224,7 @@ impl Session {
             on_reply,
             retry,
             sent: self.read_at,
+            blocking,
             acc: BytesMut::new(),
         });
     }
@@ -1192,6 +1253,7 @@ impl Session {
                         on_reply: OnReply::Forward,
                         retry: None,
                         sent: read_at,
+                        blocking: false,
                         acc: BytesMut::new(),
                     })
                 }
@@ -1347,7 +1409,11 @@ impl Session {
             _ => None,
         };
         if confirmation.is_none() && self.out_of_band(&reply) {
-            self.to_client.push(reply.into_frame());
+            // Pushes and pub/sub messages are never silenced; MONITOR lines obey CLIENT
+            // REPLY like any reply (Redis 7 sends none under OFF).
+            if !(self.state.monitor && state::is_monitor_line(&reply)) || self.mode.delivers() {
+                self.to_client.push(reply.into_frame());
+            }
             return true;
         }
         let Some(index) = index else {
@@ -1516,6 +1582,9 @@ impl Session {
         if std::mem::take(&mut self.mode_pending) {
             self.mode = outcome.mode;
         }
+        if let Some(user) = outcome.user.and_then(|name| self.rt.users.get(&name)) {
+            self.sign_in(user);
+        }
         self.upstream.replica_stale = true;
         self.queue.complete(index, outcome.out);
         self.record_latency(a.sent);
@@ -1560,6 +1629,42 @@ impl Session {
             // Its state cannot be given to a new connection: close, as Redis would.
             self.end_after_replies(SessionEnd::BackendLost);
         }
+    }
+}
+
+/// Shadow mode (`protection.mode = "shadow"`): what enforcement would refuse is
+/// forwarded, logged at WARN and counted with `mode="shadow"`.
+impl Session {
+    fn shadow_mode(&self) -> bool {
+        self.rt.config.protection.mode == ProtectionMode::Shadow
+    }
+
+    /// A refusal becomes `Allow` in shadow mode, after its WARN line and count.
+    fn shadow_verdict(&self, verdict: Option<Verdict>) -> Option<Verdict> {
+        match verdict {
+            Some(Verdict::Deny { command, reason }) if self.shadow_mode() => {
+                metrics::shadow_refusal(command);
+                let user = self.user.as_ref().map_or("default", |u| u.name.as_str());
+                warn!(peer = %self.peer, user, command, reason = reason.text(), mode = "shadow",
+                    "would refuse command (shadow mode: forwarded, protection NOT enforced)");
+                Some(Verdict::Allow)
+            }
+            other => other,
+        }
+    }
+
+    /// In shadow mode an unknown command or subcommand is forwarded (as a write, to the
+    /// master) after its WARN line and count; true when it is.
+    fn shadow_unknown(&self, req: &Request) -> bool {
+        if !self.shadow_mode() {
+            return false;
+        }
+        self.shared.hot.unknown.increment(1);
+        metrics::shadow_refusal("unknown");
+        let name = req.arg(0).unwrap_or_default();
+        warn!(peer = %self.peer, command = %String::from_utf8_lossy(texts::shown(name, 64)), mode = "shadow",
+            "would refuse unknown command (shadow mode: forwarded, protection NOT enforced)");
+        true
     }
 }
 

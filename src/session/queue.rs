@@ -86,6 +86,13 @@ impl ReplyMode {
         }
     }
 
+    /// `RESET` (`clearClientConnectionState`): clears OFF and a pending skip, but not a
+    /// skip already in force, so RESET's own `+RESET` is still skipped after SKIP.
+    pub(super) fn reset(&mut self) {
+        self.off = false;
+        self.skip_next = false;
+    }
+
     /// A top-level command finished (`resetClient`).
     pub(super) fn command_done(&mut self) {
         self.skip = std::mem::take(&mut self.skip_next);
@@ -146,6 +153,8 @@ pub(super) struct Awaiting {
     pub(super) retry: Option<Retained>,
     /// When the request's bytes were read (for the latency histogram).
     pub(super) sent: Instant,
+    /// The command can wait indefinitely (`CommandSpec::may_block`).
+    pub(super) blocking: bool,
     /// Frames of a multi-frame answer that arrived while earlier entries were still owed.
     pub(super) acc: BytesMut,
 }
@@ -210,6 +219,13 @@ impl ReplyQueue {
             .position(|e| matches!(e, Entry::Upstream(a) if a.link == link))
     }
 
+    /// Whether a command that can wait indefinitely is in flight on `link`.
+    pub(super) fn blocking_on(&self, link: LinkId) -> bool {
+        self.entries
+            .iter()
+            .any(|e| matches!(e, Entry::Upstream(a) if a.link == link && a.blocking))
+    }
+
     /// Whether any answer is still coming from `link`.
     pub(super) fn waiting_on(&self, link: LinkId) -> bool {
         self.first_on(link).is_some()
@@ -251,8 +267,8 @@ impl ReplyQueue {
         true
     }
 
-    /// Take every READONLY retry, in order, leaving a placeholder that `settle_retry`
-    /// fills with the re-sent request or its answer.
+    /// Every READONLY retry, in order, for the caller to replace with the re-sent
+    /// request or its answer (the retry count starts again from zero).
     pub(super) fn retries_mut(&mut self) -> impl Iterator<Item = &mut Entry> {
         self.retries = 0;
         self.entries
@@ -323,6 +339,7 @@ mod tests {
             on_reply: OnReply::Forward,
             retry: None,
             sent: Instant::now(),
+            blocking: false,
             acc: BytesMut::new(),
         }
     }
@@ -389,6 +406,18 @@ mod tests {
         // is delivered (clientCommand clears the flags before replying).
         assert!(mode.client_reply(ReplyArg::On));
         assert!(mode.next_command());
+    }
+
+    #[test]
+    fn reset_clears_off_but_not_a_skip_in_force() {
+        let mut mode = ReplyMode::default();
+        mode.client_reply(ReplyArg::Skip);
+        mode.reset();
+        assert!(!mode.next_command(), "+RESET is skipped");
+        assert!(mode.next_command());
+        mode.client_reply(ReplyArg::Off);
+        mode.reset();
+        assert!(mode.next_command(), "+RESET is delivered after OFF");
     }
 
     #[test]

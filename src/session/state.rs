@@ -157,6 +157,12 @@ pub(super) enum Effect {
     State(StateChange),
     /// `CLIENT REPLY` (sent to Redis as `CLIENT REPLY ON`; the proxy applies the mode).
     Reply(ReplyArg),
+    /// A command the proxy answers itself (AUTH): a stand-in is queued, and this is its
+    /// element; `user` signs in when EXEC runs.
+    Answer {
+        answer: Bytes,
+        user: Option<String>,
+    },
     /// SUBSCRIBE family: `channels` empty means "all of this kind" (unsubscribe).
     PubSub {
         kind: PubSubKind,
@@ -231,6 +237,8 @@ pub(super) struct ExecOutcome {
     pub(super) out: Option<Bytes>,
     /// `CLIENT REPLY` flags after EXEC (its command end included).
     pub(super) mode: ReplyMode,
+    /// A queued AUTH signed in as this user.
+    pub(super) user: Option<String>,
 }
 
 impl ExecPlan {
@@ -297,6 +305,7 @@ impl ExecPlan {
     ) -> ExecOutcome {
         let per_command = self.frames_of(state);
         let mut mode = self.mode;
+        let mut user = None;
         let mut out = BytesMut::new();
         if self.deliver {
             out.extend_from_slice(header);
@@ -308,20 +317,30 @@ impl ExecPlan {
             if effects.peek().is_some_and(|(at, _)| *at == i) {
                 effect = effects.next().map(|(_, e)| e);
             }
+            let mut failed = false;
             for _ in 0..count {
                 let Some(frame) = elements.next() else {
                     break;
                 };
+                failed |= matches!(frame.first(), Some(b'-' | b'!'));
                 let delivered = match &effect {
                     Some(Effect::Reply(arg)) => mode.apply(*arg),
                     Some(Effect::PubSub { .. }) => true,
                     _ => mode.delivers(),
                 };
                 if delivered {
-                    out.extend_from_slice(&frame);
+                    match &effect {
+                        Some(Effect::Answer { answer, .. }) => out.extend_from_slice(answer),
+                        _ => out.extend_from_slice(&frame),
+                    }
                 }
             }
             match effect {
+                // Redis answered the command with an error inside EXEC: nothing changed.
+                Some(Effect::State(_)) if failed => {}
+                Some(Effect::Answer {
+                    user: Some(name), ..
+                }) => user = Some(name),
                 Some(Effect::State(change)) => state.apply(change),
                 Some(Effect::PubSub {
                     kind,
@@ -352,6 +371,7 @@ impl ExecPlan {
         ExecOutcome {
             out: (!out.is_empty()).then(|| out.freeze()),
             mode,
+            user,
         }
     }
 }
@@ -543,6 +563,20 @@ mod tests {
         );
         assert_eq!(state.db, 3);
         assert_eq!(state.client_name.as_deref(), Some(&b"n"[..]));
+    }
+
+    #[test]
+    fn exec_state_changes_that_failed_are_not_applied() {
+        // MULTI / SELECT 99 / EXEC: `*1 -ERR DB index is out of range`.
+        let mut state = ConnState::default();
+        exec(
+            &mut state,
+            vec![(0, Effect::State(StateChange::Select(99)))],
+            1,
+            ReplyMode::default(),
+            b"*1\r\n-ERR DB index is out of range\r\n",
+        );
+        assert_eq!(state.db, 0);
     }
 
     #[test]

@@ -208,13 +208,6 @@ impl Upstream {
             + self.replica.as_ref().map_or(0, Link::queued_bytes)
     }
 
-    /// Half-close every open link once its requests are written.
-    pub(super) fn shutdown_when_flushed(&mut self) {
-        for link in [&mut self.master, &mut self.replica].into_iter().flatten() {
-            link.shutdown_when_flushed();
-        }
-    }
-
     /// Close both links.
     pub(super) fn close(&mut self) {
         self.master = None;

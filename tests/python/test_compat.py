@@ -848,7 +848,7 @@ REFUSED = [
     ("config-get-dir", lambda c: c.config_get("dir")),
     ("config-get-all", lambda c: c.config_get("*")),
     ("module-load", lambda c: c.execute_command("MODULE", "LOAD", "/x.so")),
-    ("module-list", lambda c: c.execute_command("MODULE", "LIST")),
+    ("module-unload", lambda c: c.execute_command("MODULE", "UNLOAD", "system")),
     ("debug", lambda c: c.execute_command("DEBUG", "SLEEP", "0")),
     ("shutdown", lambda c: c.execute_command("SHUTDOWN", "ABORT")),
     ("save", lambda c: c.execute_command("SAVE")),
@@ -891,6 +891,12 @@ def test_refused_command(name, call, clients, direct, pfx):
     # The refused client keeps a working connection.
     assert proxied.ping() is True
     assert proxied.get(sentinel) == "still-here"
+
+
+def test_module_list_allowed_as_introspection(clients, direct):
+    # Clients probe a server's modules at start: MODULE LIST answers as Redis does.
+    proxied = clients("proxy", single_connection_client=True)
+    assert proxied.module_list() == direct.module_list() == []
 
 
 def test_monitor_refused_and_connection_usable(raw_conns):

