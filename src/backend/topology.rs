@@ -706,17 +706,6 @@ impl TopologyStore {
         self.request_probe(index);
     }
 
-    /// A session could not connect to this backend: unconfirmed until a probe succeeds.
-    pub fn report_unreachable(&self, index: usize, why: &[u8]) {
-        let why = String::from_utf8_lossy(why.trim_ascii()).into_owned();
-        let now = Instant::now();
-        self.update(index, |b| {
-            b.error = Some(why.clone());
-            b.evidence_at = Some(now);
-        });
-        self.request_probe(index);
-    }
-
     /// Wake a backend's prober now.
     pub fn request_probe(&self, index: usize) {
         if let Some(n) = self.notify(index) {
