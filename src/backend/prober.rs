@@ -14,18 +14,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::BytesMut;
 use metrics::{counter, gauge, histogram};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::backend::topology::{Evidence, Role, Stall, Standing, TopologyStore};
-use crate::backend::{read_reply, BackendError, BackendLink, Handshake, LinkAuth, ReadReplyError};
+use crate::backend::{BackendError, BackendLink, Handshake, LinkAuth, ReadReplyError};
 use crate::catalog::Catalog;
 use crate::config::BackendConfig;
-use crate::net::Stream;
-use crate::protocol::{Item, Reply, ReplyLimits, ReplyScanner, Request};
+use crate::protocol::{Item, Reply, ReplyLimits, Request};
 use crate::tls::BackendTls;
 
 /// Probe settings.
@@ -76,20 +74,6 @@ impl ProbeError {
 /// modules), at least.
 const LEARN_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The prober's own connection.
-struct Conn {
-    stream: Stream,
-    buf: BytesMut,
-    scanner: ReplyScanner,
-}
-
-impl Conn {
-    async fn call(&mut self, req: &Request) -> Result<Reply, ProbeError> {
-        self.stream.write_all(req.frame()).await?;
-        Ok(read_reply(&mut self.stream, &mut self.buf, &mut self.scanner).await?)
-    }
-}
-
 /// Run the prober for backend `index` until shutdown.
 pub async fn run(
     index: usize,
@@ -101,9 +85,9 @@ pub async fn run(
     let label = backend.label().to_string();
     let mut backend = backend;
     resolve_aliases(index, &backend, &store).await;
-    let mut conn: Option<Conn> = None;
+    let mut conn: Option<BackendLink> = None;
     // Pass-through: the never-authenticated connection for `requires_auth`.
-    let mut anon: Option<Conn> = None;
+    let mut anon: Option<BackendLink> = None;
     let mut last_role: Option<&'static str> = None;
     // The role gauges were zeroed by a failed probe and must be set again.
     let mut gauges_unknown = true;
@@ -307,7 +291,7 @@ fn set_role_gauges(label: &str, role: Option<&str>) {
 
 /// One ROLE round trip (connecting first when needed).
 async fn probe(
-    conn: &mut Option<Conn>,
+    conn: &mut Option<BackendLink>,
     backend: &BackendConfig,
     settings: &ProbeSettings,
 ) -> Result<(Role, Option<Metadata>), ProbeError> {
@@ -322,11 +306,7 @@ async fn probe(
             settings.tls.as_deref(),
         )
         .await?;
-        *conn = Some(Conn {
-            stream: link.stream,
-            buf: link.leftover,
-            scanner: ReplyScanner::new(limits),
-        });
+        *conn = Some(link);
     }
     let Some(c) = conn.as_mut() else {
         return Err(ProbeError::Closed);
@@ -344,10 +324,10 @@ async fn probe(
     out.extend_from_slice(Request::from_args(&[b"INFO".as_slice(), b"server"]).frame());
     out.extend_from_slice(Request::from_args(&[b"COMMAND"]).frame());
     out.extend_from_slice(role.frame());
-    c.stream.write_all(&out).await?;
-    let info = read_reply(&mut c.stream, &mut c.buf, &mut c.scanner).await?;
-    let commands = read_reply(&mut c.stream, &mut c.buf, &mut c.scanner).await?;
-    let reply = read_reply(&mut c.stream, &mut c.buf, &mut c.scanner).await?;
+    c.send(&out).await?;
+    let info = c.next_reply().await?;
+    let commands = c.next_reply().await?;
+    let reply = c.next_reply().await?;
     Ok((parse_role(&reply)?, Some(Metadata { info, commands })))
 }
 
@@ -411,7 +391,7 @@ fn learn(
 /// when there is no clear answer (the connection is then dropped and reopened next time);
 /// the caller keeps the last known value.
 async fn check_requires_auth(
-    anon: &mut Option<Conn>,
+    anon: &mut Option<BackendLink>,
     backend: &BackendConfig,
     settings: &ProbeSettings,
 ) -> Option<bool> {
@@ -430,16 +410,12 @@ async fn check_requires_auth(
                 settings.tls.as_deref(),
             )
             .await?;
-            *anon = Some(Conn {
-                stream: link.stream,
-                buf: link.leftover,
-                scanner: ReplyScanner::new(limits),
-            });
+            *anon = Some(link);
         }
         let Some(c) = anon.as_mut() else {
             return Err(ProbeError::Closed);
         };
-        c.call(&Request::from_args(&[b"PING"])).await
+        Ok(c.call(&Request::from_args(&[b"PING"])).await?)
     };
     let answer = match tokio::time::timeout(settings.timeout, check).await {
         Ok(Ok(reply)) => requires_auth_from(&reply),
@@ -493,7 +469,7 @@ fn parse_role(reply: &Reply) -> Result<Role, ProbeError> {
 
 /// Heal a hijacked backend on the prober's own connection: follow the confirmed master
 /// when there is one, else become master again (`REPLICAOF NO ONE`).
-async fn heal(index: usize, label: &str, conn: &mut Conn, store: &TopologyStore) {
+async fn heal(index: usize, label: &str, conn: &mut BackendLink, store: &TopologyStore) {
     let topo = store.load();
     let target = topo
         .master_now()
@@ -548,7 +524,7 @@ mod tests {
     use crate::protocol::ReplyScanner;
 
     fn reply(bytes: &[u8]) -> Reply {
-        let mut buf = BytesMut::from(bytes);
+        let mut buf = bytes::BytesMut::from(bytes);
         ReplyScanner::new(ReplyLimits::default())
             .next(&mut buf)
             .unwrap()
