@@ -297,15 +297,9 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{ReplyLimits, ReplyScanner};
-    use bytes::BytesMut;
 
     fn reply(bytes: &[u8]) -> Reply {
-        let mut buf = BytesMut::from(bytes);
-        ReplyScanner::new(ReplyLimits::default())
-            .next(&mut buf)
-            .unwrap()
-            .unwrap()
+        Reply::parse_one(bytes)
     }
 
     /// RESP2 encoding of one COMMAND entry (strings as bulk, flags as simple strings).

@@ -521,14 +521,9 @@ async fn resolve_aliases(index: usize, backend: &BackendConfig, store: &Topology
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::ReplyScanner;
 
     fn reply(bytes: &[u8]) -> Reply {
-        let mut buf = bytes::BytesMut::from(bytes);
-        ReplyScanner::new(ReplyLimits::default())
-            .next(&mut buf)
-            .unwrap()
-            .unwrap()
+        Reply::parse_one(bytes)
     }
 
     #[test]
