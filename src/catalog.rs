@@ -410,7 +410,7 @@ mod tests {
             panic!()
         };
         assert!(x.spec.is_write() && !x.module);
-        assert_eq!(x.spec.key_positions(5).collect::<Vec<_>>(), [1]);
+        assert_eq!((x.spec.first_key, x.spec.last_key, x.spec.step), (1, 1, 1));
         assert!(
             matches!(c.find(b"client", Some(b"CAPA")), Found::Command(l) if l.spec.name == "client|capa")
         );

@@ -371,30 +371,6 @@ impl CommandSpec {
             || self.acl.intersects(AclCategories::BLOCKING)
             || matches!(self.name, "wait" | "waitaof")
     }
-
-    /// Key positions from the legacy first/last/step triple for a request of `argc`
-    /// arguments; for `MOVABLE_KEYS` commands only the fixed part (often none).
-    pub fn key_positions(&self, argc: usize) -> impl Iterator<Item = usize> {
-        let argc = i64::try_from(argc).unwrap_or(i64::MAX);
-        let first = i64::from(self.first_key);
-        let step = i64::from(self.step);
-        let last = if self.last_key < 0 {
-            argc + i64::from(self.last_key)
-        } else {
-            i64::from(self.last_key)
-        }
-        .min(argc - 1);
-        let (start, end, step) = if first <= 0 || step <= 0 || last < first {
-            (0, 0, 1)
-        } else {
-            (
-                usize::try_from(first).unwrap_or(0),
-                usize::try_from(last + 1).unwrap_or(0),
-                usize::try_from(step).unwrap_or(1),
-            )
-        };
-        (start..end).step_by(step)
-    }
 }
 
 /// Finds a command (and, for a container, its subcommand) by the request's first two
@@ -654,20 +630,6 @@ mod tests {
             .names()
             .collect();
         assert_eq!(names, ["read", "fast"]);
-    }
-
-    #[test]
-    fn key_positions_from_range() {
-        let mset = lookup_name("mset").unwrap();
-        assert_eq!(mset.key_positions(5).collect::<Vec<_>>(), [1, 3]);
-        let get = lookup_name("get").unwrap();
-        assert_eq!(get.key_positions(2).collect::<Vec<_>>(), [1]);
-        assert_eq!(get.key_positions(1).count(), 0);
-        let mget = lookup_name("mget").unwrap();
-        assert_eq!(mget.key_positions(4).collect::<Vec<_>>(), [1, 2, 3]);
-        assert_eq!(lookup_name("ping").unwrap().key_positions(2).count(), 0);
-        let encoding = lookup_name("object|encoding").unwrap();
-        assert_eq!(encoding.key_positions(3).collect::<Vec<_>>(), [2]);
     }
 
     #[test]

@@ -515,13 +515,8 @@ impl Topology {
 
     /// The confirmed master's index, if one is confirmed and not stale.
     pub fn master_now(&self) -> Option<usize> {
-        self.master_at(Instant::now())
-    }
-
-    /// The confirmed master as of `now` (a clock read the caller already has).
-    pub fn master_at(&self, now: Instant) -> Option<usize> {
         match self.master {
-            Ok(i) if now <= self.valid_until => Some(i),
+            Ok(i) if Instant::now() <= self.valid_until => Some(i),
             _ => None,
         }
     }
