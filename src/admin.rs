@@ -1,6 +1,8 @@
 //! Admin HTTP listener, separate from the data port: `/metrics` (Prometheus text),
-//! `/healthz` (process alive), `/readyz` (200 only while a confirmed master exists and the
-//! proxy accepts clients), `/topology` (JSON). Read-only: nothing here changes the proxy.
+//! `/healthz` (process alive), `/readyz` (200 only while a confirmed master exists, which
+//! a stall within `probe.down_after` does not end, and the proxy accepts clients),
+//! `/topology` (JSON: each backend's state, evidence and its age). Read-only: nothing
+//! here changes the proxy.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -106,16 +108,23 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/topology" => {
             let topo = state.topology.load();
             let now = Instant::now();
+            let bounds = topo.bounds();
+            let ms_ago = |t: Instant| now.saturating_duration_since(t).as_millis() as u64;
             let backends: Vec<_> = topo
                 .backends
                 .iter()
                 .map(|b| {
+                    let (evidence, seen) = b.evidence(now, bounds);
                     json!({
                         "name": b.label,
                         "address": b.address,
+                        "state": b.standing(now, bounds).name(),
+                        "evidence": evidence,
+                        "evidence_age_ms": seen.map(ms_ago),
+                        "last_alive_ms_ago": b.last_alive().map(ms_ago),
                         "role": b.role.as_ref().map(|r| r.name()),
                         "detail": b.role.as_ref().map(|r| r.to_string()),
-                        "last_probe_ms_ago": b.probed_at.map(|t| now.saturating_duration_since(t).as_millis() as u64),
+                        "last_probe_ms_ago": b.probed_at.map(ms_ago),
                         "probe_error": b.error,
                         "readonly_seen": b.readonly_seen,
                         "hijacked": b.hijacked,
@@ -139,6 +148,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 "confirmed_master": master,
                 "reason": if master.is_none() { Some(topo.explain()) } else { None },
                 "generation": topo.generation,
+                "down_after_ms": bounds.down_after.as_millis() as u64,
                 "backends": backends,
             });
             response(StatusCode::OK, "application/json", format!("{body:#}\n"))

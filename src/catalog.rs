@@ -297,15 +297,9 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{ReplyLimits, ReplyScanner};
-    use bytes::BytesMut;
 
     fn reply(bytes: &[u8]) -> Reply {
-        let mut buf = BytesMut::from(bytes);
-        ReplyScanner::new(ReplyLimits::default())
-            .next(&mut buf)
-            .unwrap()
-            .unwrap()
+        Reply::parse_one(bytes)
     }
 
     /// RESP2 encoding of one COMMAND entry (strings as bulk, flags as simple strings).
@@ -416,7 +410,7 @@ mod tests {
             panic!()
         };
         assert!(x.spec.is_write() && !x.module);
-        assert_eq!(x.spec.key_positions(5).collect::<Vec<_>>(), [1]);
+        assert_eq!((x.spec.first_key, x.spec.last_key, x.spec.step), (1, 1, 1));
         assert!(
             matches!(c.find(b"client", Some(b"CAPA")), Found::Command(l) if l.spec.name == "client|capa")
         );

@@ -342,6 +342,13 @@ impl CommandSpec {
         self.flags.contains(Flags::READONLY) && !self.flags.contains(Flags::WRITE)
     }
 
+    /// True for the commands Redis accepts from a busy server to act on the script or
+    /// function it runs (`SCRIPT KILL`, `FUNCTION KILL`, `FUNCTION STATS`): they go to
+    /// the backend that script runs on, whatever its confirmation state.
+    pub fn acts_on_running_script(&self) -> bool {
+        self.flags.contains(Flags::ALLOW_BUSY) && self.acl.intersects(AclCategories::SCRIPTING)
+    }
+
     /// True for a container command (one with subcommands, like CONFIG).
     pub fn is_container(&self) -> bool {
         !self.subcommands.is_empty()
@@ -363,30 +370,6 @@ impl CommandSpec {
         self.flags.intersects(Flags::BLOCKING)
             || self.acl.intersects(AclCategories::BLOCKING)
             || matches!(self.name, "wait" | "waitaof")
-    }
-
-    /// Key positions from the legacy first/last/step triple for a request of `argc`
-    /// arguments; for `MOVABLE_KEYS` commands only the fixed part (often none).
-    pub fn key_positions(&self, argc: usize) -> impl Iterator<Item = usize> {
-        let argc = i64::try_from(argc).unwrap_or(i64::MAX);
-        let first = i64::from(self.first_key);
-        let step = i64::from(self.step);
-        let last = if self.last_key < 0 {
-            argc + i64::from(self.last_key)
-        } else {
-            i64::from(self.last_key)
-        }
-        .min(argc - 1);
-        let (start, end, step) = if first <= 0 || step <= 0 || last < first {
-            (0, 0, 1)
-        } else {
-            (
-                usize::try_from(first).unwrap_or(0),
-                usize::try_from(last + 1).unwrap_or(0),
-                usize::try_from(step).unwrap_or(1),
-            )
-        };
-        (start..end).step_by(step)
     }
 }
 
@@ -647,20 +630,6 @@ mod tests {
             .names()
             .collect();
         assert_eq!(names, ["read", "fast"]);
-    }
-
-    #[test]
-    fn key_positions_from_range() {
-        let mset = lookup_name("mset").unwrap();
-        assert_eq!(mset.key_positions(5).collect::<Vec<_>>(), [1, 3]);
-        let get = lookup_name("get").unwrap();
-        assert_eq!(get.key_positions(2).collect::<Vec<_>>(), [1]);
-        assert_eq!(get.key_positions(1).count(), 0);
-        let mget = lookup_name("mget").unwrap();
-        assert_eq!(mget.key_positions(4).collect::<Vec<_>>(), [1, 2, 3]);
-        assert_eq!(lookup_name("ping").unwrap().key_positions(2).count(), 0);
-        let encoding = lookup_name("object|encoding").unwrap();
-        assert_eq!(encoding.key_positions(3).collect::<Vec<_>>(), [2]);
     }
 
     #[test]

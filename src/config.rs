@@ -154,6 +154,10 @@ pub struct BackendTlsConfig {
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(500);
 /// How long one ROLE probe may take.
 pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a master may stay silent (probes time out, nothing answers) before it counts
+/// as down. Longer than the stalls Redis has in normal operation (a 4 s `CLIENT PAUSE`, a
+/// 3 s `DEBUG SLEEP`, a fork during BGSAVE, a 3 s SIGSTOP), shorter than Sentinel's 30 s.
+pub const DEFAULT_PROBE_DOWN_AFTER: Duration = Duration::from_secs(10);
 /// How long a write waits for a confirmed master before `-MASTERDOWN`.
 pub const DEFAULT_FAILOVER_WAIT: Duration = Duration::from_secs(2);
 
@@ -170,6 +174,11 @@ pub struct ProbeConfig {
     /// A master probe older than this no longer confirms it (default: 2 × interval + timeout).
     #[serde(with = "humantime_serde::option")]
     pub staleness: Option<Duration>,
+    /// A backend that gives no sign of life (probe timeouts, no reply to sessions) for this
+    /// long is down; until then its last known role holds (default: 10 s, at least
+    /// `staleness`). Evidence (a refused connection, ROLE naming another role) acts at once.
+    #[serde(with = "humantime_serde::option")]
+    pub down_after: Option<Duration>,
 }
 
 impl Default for ProbeConfig {
@@ -178,6 +187,7 @@ impl Default for ProbeConfig {
             interval: DEFAULT_PROBE_INTERVAL,
             timeout: DEFAULT_PROBE_TIMEOUT,
             staleness: None,
+            down_after: None,
         }
     }
 }
@@ -186,6 +196,12 @@ impl ProbeConfig {
     /// The staleness bound in effect.
     pub fn staleness(&self) -> Duration {
         self.staleness.unwrap_or(self.interval * 2 + self.timeout)
+    }
+
+    /// The silence bound in effect: `down_after`, or the default (never below staleness).
+    pub fn down_after(&self) -> Duration {
+        self.down_after
+            .unwrap_or_else(|| DEFAULT_PROBE_DOWN_AFTER.max(self.staleness()))
     }
 }
 
@@ -544,6 +560,7 @@ impl Config {
             ("probe.interval", self.probe.interval),
             ("probe.timeout", self.probe.timeout),
             ("probe.staleness", self.probe.staleness()),
+            ("probe.down_after", self.probe.down_after()),
         ] {
             if d.is_zero() {
                 return Err(invalid(field, "must be greater than 0"));
@@ -553,6 +570,12 @@ impl Config {
             return Err(invalid(
                 "probe.staleness",
                 "must be at least probe.interval, or every master would go stale between probes",
+            ));
+        }
+        if self.probe.down_after() < self.probe.staleness() {
+            return Err(invalid(
+                "probe.down_after",
+                "must be at least probe.staleness: a silent master cannot be down before its last probe is stale",
             ));
         }
         crate::policy::Policy::new(&self.protection).map_err(|e| ConfigError::Invalid {
@@ -675,6 +698,10 @@ mod tests {
                 Box::new(|c| c.log.level = "no=such=level".into()),
             ),
             (
+                "probe.down_after",
+                Box::new(|c| c.probe.down_after = Some(Duration::from_millis(100))),
+            ),
+            (
                 "auth.mode",
                 Box::new(|c| {
                     c.auth.mode = crate::auth::AuthMode::Passthrough;
@@ -707,6 +734,24 @@ mod tests {
         .unwrap();
         c.validate().unwrap();
         assert!(c.limits.frame_timeout.is_zero());
+    }
+
+    #[test]
+    fn down_after_defaults_to_10s_and_never_below_staleness() {
+        assert_eq!(ProbeConfig::default().down_after(), Duration::from_secs(10));
+        let slow = ProbeConfig {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(5),
+            ..ProbeConfig::default()
+        };
+        assert_eq!(slow.down_after(), Duration::from_secs(15));
+        let c = Config::from_toml(
+            "[[backends]]\naddress = \"r:6379\"\n[probe]\ndown_after = \"3s\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.probe.down_after(), Duration::from_secs(3));
     }
 
     #[test]

@@ -36,6 +36,13 @@ pub const AUTH_FAILURES_TOTAL: &str = "portcullis_auth_failures_total";
 pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "portcullis_tls_handshake_failures_total";
 /// Config reloads (label `result`: ok, rejected).
 pub const CONFIG_RELOADS_TOTAL: &str = "portcullis_config_reloads_total";
+/// A backend's state (labels `backend`, `state`: confirmed, busy, slow, down, contradicted,
+/// unprobed), 1 for the current one.
+pub const BACKEND_STATE: &str = "portcullis_backend_state";
+/// Changes of a backend's state (labels `backend`, `from`, `to`).
+pub const BACKEND_STATE_CHANGES_TOTAL: &str = "portcullis_backend_state_changes_total";
+/// Seconds since a backend's last sign of life (label `backend`).
+pub const BACKEND_SILENCE_SECONDS: &str = "portcullis_backend_silence_seconds";
 
 /// Command classes for `commands_total{class}`, from Redis's own flags.
 pub const CLASSES: [&str; 3] = ["write", "read", "other"];
@@ -144,4 +151,20 @@ pub fn tls_handshake_failure(side: &'static str) {
 pub fn config_reload(ok: bool) {
     let result = if ok { "ok" } else { "rejected" };
     counter!(CONFIG_RELOADS_TOTAL, "result" => result).increment(1);
+}
+
+/// A backend's standing changed: `portcullis_backend_state{state}` is 1 for the new one,
+/// 0 for the others, and the change is counted.
+pub fn backend_standing(backend: &str, from: &'static str, to: &'static str) {
+    for s in crate::backend::Standing::ALL {
+        gauge!(BACKEND_STATE, "backend" => backend.to_string(), "state" => s.name())
+            .set(if s.name() == to { 1.0 } else { 0.0 });
+    }
+    counter!(BACKEND_STATE_CHANGES_TOTAL, "backend" => backend.to_string(), "from" => from, "to" => to)
+        .increment(1);
+}
+
+/// Seconds since the backend last gave a sign of life (a probe answer, a session reply).
+pub fn backend_silence(backend: &str, seconds: f64) {
+    gauge!(BACKEND_SILENCE_SECONDS, "backend" => backend.to_string()).set(seconds);
 }

@@ -74,6 +74,8 @@ pub async fn run(
             .collect(),
         config.probe.staleness(),
     );
+    let down_after = config.probe.down_after();
+    topology.update_all(|t| t.down_after = down_after);
     let settings = Arc::new(ArcSwap::from_pointee(probe_settings(&runtime)));
     let probers = TaskTracker::new();
     // Starts the prober of a backend added later (Sentinel discovery, reload).
@@ -244,7 +246,7 @@ fn probe_settings(runtime: &Runtime) -> ProbeSettings {
     }
 }
 
-/// Apply a reloaded backend list and probe staleness to the topology: new backends are
+/// Apply a reloaded backend list and probe bounds (staleness, down_after) to the topology: new backends are
 /// added and probed, changed ones get their new name and credentials (used by the next
 /// connection), removed ones are retired (no longer routed to; their prober stops).
 /// Sessions move off a retired master at their next safe point.
@@ -275,8 +277,10 @@ fn apply_backends(
         .map(|o| o.address.as_str())
         .collect();
     let staleness = new.probe.staleness();
+    let down_after = new.probe.down_after();
     topology.update_all(|t| {
         t.staleness = staleness;
+        t.down_after = down_after;
         for b in t.backends.iter_mut() {
             if removed.contains(&b.config.address.as_str()) {
                 b.retired = true;

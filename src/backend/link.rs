@@ -48,6 +48,20 @@ pub enum BackendError {
 }
 
 impl BackendError {
+    /// What this failure says about the backend: a timeout is silence, a handshake
+    /// answered `-BUSY`/`-LOADING` proves life, the rest (refused, reset, ...) is down.
+    pub fn evidence(&self) -> crate::backend::Evidence {
+        use crate::backend::Evidence;
+        match self {
+            BackendError::Timeout { .. } => Evidence::Silence(self.to_string()),
+            BackendError::Refused { reply, .. } => match Evidence::of_error_reply(reply) {
+                Evidence::Alive(_) => Evidence::Alive(self.to_string()),
+                _ => Evidence::Down(self.to_string()),
+            },
+            _ => Evidence::Down(self.to_string()),
+        }
+    }
+
     /// The backend refused the handshake's `AUTH` (wrong credentials, user disabled).
     pub fn refused_auth(&self) -> bool {
         matches!(
@@ -69,23 +83,6 @@ pub enum ReadReplyError {
     Closed,
     #[error("malformed reply: {0}")]
     Protocol(#[from] ReplyError),
-}
-
-/// Read until one complete reply is buffered, for the proxy's own request/reply
-/// connections (handshake, probes, Sentinel). Sessions use their non-blocking loop.
-pub async fn read_reply(
-    stream: &mut Stream,
-    buf: &mut BytesMut,
-    scanner: &mut ReplyScanner,
-) -> Result<Reply, ReadReplyError> {
-    loop {
-        if let Some(reply) = scanner.next(buf)? {
-            return Ok(reply);
-        }
-        if stream.read_buf(buf).await? == 0 {
-            return Err(ReadReplyError::Closed);
-        }
-    }
 }
 
 /// Which credentials a new link authenticates with.
@@ -122,16 +119,42 @@ pub struct Handshake {
     pub readonly: bool,
 }
 
-/// An open, authenticated backend connection.
+/// An open, authenticated backend connection, used request by request: the one
+/// request/reply connection type of the backend plane (the handshake itself, probes,
+/// Sentinel). A session takes its stream and buffer over and drives them itself.
 #[derive(Debug)]
 pub struct BackendLink {
     /// The connection, in the state the session expects (authenticated, state replayed).
     pub stream: Stream,
-    /// Bytes read past the handshake replies (normally empty).
+    /// Bytes read and not yet taken as replies (after the handshake: normally empty).
     pub leftover: BytesMut,
+    scanner: ReplyScanner,
 }
 
 impl BackendLink {
+    /// Write `frames` (one or more requests, sent together).
+    pub async fn send(&mut self, frames: &[u8]) -> Result<(), ReadReplyError> {
+        Ok(self.stream.write_all(frames).await?)
+    }
+
+    /// The next complete reply, waiting for it.
+    pub async fn next_reply(&mut self) -> Result<Reply, ReadReplyError> {
+        loop {
+            if let Some(reply) = self.scanner.next(&mut self.leftover)? {
+                return Ok(reply);
+            }
+            if self.stream.read_buf(&mut self.leftover).await? == 0 {
+                return Err(ReadReplyError::Closed);
+            }
+        }
+    }
+
+    /// One request and its reply.
+    pub async fn call(&mut self, req: &Request) -> Result<Reply, ReadReplyError> {
+        self.send(req.frame()).await?;
+        self.next_reply().await
+    }
+
     /// Connect (with TLS when `tls` is given), authenticate with the configured
     /// credentials and replay `state`, all within `timeout`.
     pub async fn open(
@@ -163,7 +186,7 @@ impl BackendLink {
             })?;
         // Small request/reply frames: never wait for Nagle.
         let _ = tcp.set_nodelay(true);
-        let mut stream = match tls {
+        let stream = match tls {
             None => Stream::Plain(tcp),
             Some(tls) => tls.connect(tcp, addr).await.map_err(|source| {
                 crate::metrics::tls_handshake_failure("backend");
@@ -227,34 +250,29 @@ impl BackendLink {
         if state.readonly {
             steps.push(("READONLY", Request::from_args(&[b"READONLY".as_slice()])));
         }
-        let mut leftover = BytesMut::new();
+        let mut link = BackendLink {
+            stream,
+            leftover: BytesMut::new(),
+            scanner: ReplyScanner::new(limits),
+        };
         if steps.is_empty() {
-            return Ok(BackendLink { stream, leftover });
+            return Ok(link);
         }
-
+        let failed = |e: ReadReplyError| {
+            let addr = addr.to_string();
+            match e {
+                ReadReplyError::Io(source) => BackendError::Io { addr, source },
+                ReadReplyError::Closed => BackendError::Closed { addr },
+                ReadReplyError::Protocol(source) => BackendError::Protocol { addr, source },
+            }
+        };
         let mut out = Vec::new();
         for (_, req) in &steps {
             out.extend_from_slice(req.frame());
         }
-        stream
-            .write_all(&out)
-            .await
-            .map_err(|source| BackendError::Io {
-                addr: addr.to_string(),
-                source,
-            })?;
-        let mut scanner = ReplyScanner::new(limits);
+        link.send(&out).await.map_err(failed)?;
         for (command, _) in &steps {
-            let reply = read_reply(&mut stream, &mut leftover, &mut scanner)
-                .await
-                .map_err(|e| {
-                    let addr = addr.to_string();
-                    match e {
-                        ReadReplyError::Io(source) => BackendError::Io { addr, source },
-                        ReadReplyError::Closed => BackendError::Closed { addr },
-                        ReadReplyError::Protocol(source) => BackendError::Protocol { addr, source },
-                    }
-                })?;
+            let reply = link.next_reply().await.map_err(failed)?;
             if reply.is_error() {
                 return Err(BackendError::Refused {
                     addr: addr.to_string(),
@@ -263,6 +281,6 @@ impl BackendLink {
                 });
             }
         }
-        Ok(BackendLink { stream, leftover })
+        Ok(link)
     }
 }

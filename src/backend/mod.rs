@@ -7,5 +7,7 @@ pub mod prober;
 pub mod sentinel;
 pub mod topology;
 
-pub use link::{read_reply, BackendError, BackendLink, Handshake, LinkAuth, ReadReplyError};
-pub use topology::{BackendState, Role, Topology, TopologyStore};
+pub use link::{BackendError, BackendLink, Handshake, LinkAuth, ReadReplyError};
+pub use topology::{
+    BackendState, Bounds, Evidence, Liveness, Role, Standing, Topology, TopologyStore,
+};

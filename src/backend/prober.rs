@@ -4,23 +4,26 @@
 //! `REPLICAOF` on its own connection. In pass-through mode it also checks, on a second
 //! connection that never authenticates, whether the backend requires a password (protected
 //! mode counts that as authentication). Never touches client traffic.
+//!
+//! A failed probe is classified (`Evidence`): a timeout is silence (the last known role
+//! holds, the connection is dropped and the next probe opens a fresh one, so a stuck
+//! connection never stops probing), `-BUSY`/`-LOADING` prove life (the connection is
+//! kept), anything else (refused, reset, a refused handshake) is evidence: down at once.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::BytesMut;
 use metrics::{counter, gauge, histogram};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::backend::topology::{Role, TopologyStore};
-use crate::backend::{read_reply, BackendError, BackendLink, Handshake, LinkAuth, ReadReplyError};
+use crate::backend::topology::{Evidence, Role, Stall, Standing, TopologyStore};
+use crate::backend::{BackendError, BackendLink, Handshake, LinkAuth, ReadReplyError};
 use crate::catalog::Catalog;
 use crate::config::BackendConfig;
-use crate::net::Stream;
-use crate::protocol::{Item, Reply, ReplyLimits, ReplyScanner, Request};
+use crate::protocol::{Item, Reply, ReplyLimits, Request};
 use crate::tls::BackendTls;
 
 /// Probe settings.
@@ -49,27 +52,27 @@ enum ProbeError {
     Read(#[from] ReadReplyError),
     #[error("unexpected ROLE reply: {0}")]
     Unexpected(String),
+    #[error("ROLE answered {0}")]
+    Busy(String),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+}
+
+impl ProbeError {
+    /// What this failure says about the backend.
+    fn evidence(&self) -> Evidence {
+        match self {
+            ProbeError::Timeout(_) => Evidence::Silence(self.to_string()),
+            ProbeError::Busy(_) => Evidence::Alive(self.to_string()),
+            ProbeError::Backend(e) => e.evidence(),
+            _ => Evidence::Down(self.to_string()),
+        }
+    }
 }
 
 /// How long reading a backend's `COMMAND` metadata may take (a few hundred KB with
 /// modules), at least.
 const LEARN_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The prober's own connection.
-struct Conn {
-    stream: Stream,
-    buf: BytesMut,
-    scanner: ReplyScanner,
-}
-
-impl Conn {
-    async fn call(&mut self, req: &Request) -> Result<Reply, ProbeError> {
-        self.stream.write_all(req.frame()).await?;
-        Ok(read_reply(&mut self.stream, &mut self.buf, &mut self.scanner).await?)
-    }
-}
 
 /// Run the prober for backend `index` until shutdown.
 pub async fn run(
@@ -82,9 +85,9 @@ pub async fn run(
     let label = backend.label().to_string();
     let mut backend = backend;
     resolve_aliases(index, &backend, &store).await;
-    let mut conn: Option<Conn> = None;
+    let mut conn: Option<BackendLink> = None;
     // Pass-through: the never-authenticated connection for `requires_auth`.
-    let mut anon: Option<Conn> = None;
+    let mut anon: Option<BackendLink> = None;
     let mut last_role: Option<&'static str> = None;
     // The role gauges were zeroed by a failed probe and must be set again.
     let mut gauges_unknown = true;
@@ -193,8 +196,11 @@ pub async fn run(
                 store.update(index, |b| {
                     b.role = Some(role.clone());
                     b.probed_at = Some(now);
+                    b.alive_at = Some(now);
                     b.error = None;
+                    b.stall = None;
                     b.readonly_seen = false;
+                    b.contradiction = None;
                     b.hijacked = foreign;
                     if requires_auth.is_some() {
                         b.requires_auth = requires_auth;
@@ -209,23 +215,62 @@ pub async fn run(
                 }
             }
             Err(e) => {
-                conn = None;
                 counter!("portcullis_probe_failures_total", "backend" => label.clone())
                     .increment(1);
-                let first = store
-                    .load()
-                    .backends
-                    .get(index)
-                    .is_some_and(|b| b.error.is_none());
-                if first {
-                    warn!(backend = %label, error = %e, "backend probe failed; not confirmable until a probe succeeds");
+                let now = Instant::now();
+                match e.evidence() {
+                    Evidence::Down(why) => {
+                        conn = None;
+                        store.update(index, |b| {
+                            b.error = Some(why.clone());
+                            b.evidence_at = Some(now);
+                            b.stall = None;
+                        });
+                        // An unreachable backend has no role anyone should alert on as current.
+                        set_role_gauges(&label, None);
+                        gauges_unknown = true;
+                    }
+                    evidence => {
+                        let (busy, why) = match evidence {
+                            Evidence::Alive(why) => (true, why),
+                            Evidence::Silence(why) | Evidence::Down(why) => (false, why),
+                        };
+                        if !busy {
+                            // A timed-out connection may still deliver the late reply: a
+                            // fresh one next time keeps replies and probes paired.
+                            conn = None;
+                        }
+                        let bounds = store.load().bounds();
+                        store.update(index, |b| {
+                            let since = match &b.stall {
+                                Some(s) if s.busy == busy => s.since,
+                                _ => now,
+                            };
+                            b.stall = Some(Stall {
+                                busy,
+                                evidence: why.clone(),
+                                since,
+                            });
+                            if busy {
+                                b.alive_at = Some(now);
+                            }
+                            // Silent past the bound: down until a probe succeeds again (a
+                            // late reply to a session does not bring it back unprobed).
+                            if b.error.is_none() && b.standing(now, bounds) == Standing::Down {
+                                let (silence, at) = b.evidence(now, bounds);
+                                b.error = Some(silence);
+                                b.evidence_at = at;
+                            }
+                        });
+                    }
                 }
-                let msg = e.to_string();
-                store.update(index, |b| b.error = Some(msg.clone()));
-                // An unreachable backend has no role anyone should alert on as current.
-                set_role_gauges(&label, None);
-                gauges_unknown = true;
             }
+        }
+        if let Some(b) = store.load().backends.get(index) {
+            let silent = b.last_alive().map_or(0.0, |t| {
+                Instant::now().saturating_duration_since(t).as_secs_f64()
+            });
+            crate::metrics::backend_silence(&label, silent);
         }
         tokio::select! {
             _ = tokio::time::sleep(settings.interval) => {}
@@ -246,7 +291,7 @@ fn set_role_gauges(label: &str, role: Option<&str>) {
 
 /// One ROLE round trip (connecting first when needed).
 async fn probe(
-    conn: &mut Option<Conn>,
+    conn: &mut Option<BackendLink>,
     backend: &BackendConfig,
     settings: &ProbeSettings,
 ) -> Result<(Role, Option<Metadata>), ProbeError> {
@@ -261,11 +306,7 @@ async fn probe(
             settings.tls.as_deref(),
         )
         .await?;
-        *conn = Some(Conn {
-            stream: link.stream,
-            buf: link.leftover,
-            scanner: ReplyScanner::new(limits),
-        });
+        *conn = Some(link);
     }
     let Some(c) = conn.as_mut() else {
         return Err(ProbeError::Closed);
@@ -283,10 +324,10 @@ async fn probe(
     out.extend_from_slice(Request::from_args(&[b"INFO".as_slice(), b"server"]).frame());
     out.extend_from_slice(Request::from_args(&[b"COMMAND"]).frame());
     out.extend_from_slice(role.frame());
-    c.stream.write_all(&out).await?;
-    let info = read_reply(&mut c.stream, &mut c.buf, &mut c.scanner).await?;
-    let commands = read_reply(&mut c.stream, &mut c.buf, &mut c.scanner).await?;
-    let reply = read_reply(&mut c.stream, &mut c.buf, &mut c.scanner).await?;
+    c.send(&out).await?;
+    let info = c.next_reply().await?;
+    let commands = c.next_reply().await?;
+    let reply = c.next_reply().await?;
     Ok((parse_role(&reply)?, Some(Metadata { info, commands })))
 }
 
@@ -350,7 +391,7 @@ fn learn(
 /// when there is no clear answer (the connection is then dropped and reopened next time);
 /// the caller keeps the last known value.
 async fn check_requires_auth(
-    anon: &mut Option<Conn>,
+    anon: &mut Option<BackendLink>,
     backend: &BackendConfig,
     settings: &ProbeSettings,
 ) -> Option<bool> {
@@ -369,16 +410,12 @@ async fn check_requires_auth(
                 settings.tls.as_deref(),
             )
             .await?;
-            *anon = Some(Conn {
-                stream: link.stream,
-                buf: link.leftover,
-                scanner: ReplyScanner::new(limits),
-            });
+            *anon = Some(link);
         }
         let Some(c) = anon.as_mut() else {
             return Err(ProbeError::Closed);
         };
-        c.call(&Request::from_args(&[b"PING"])).await
+        Ok(c.call(&Request::from_args(&[b"PING"])).await?)
     };
     let answer = match tokio::time::timeout(settings.timeout, check).await {
         Ok(Ok(reply)) => requires_auth_from(&reply),
@@ -407,7 +444,13 @@ fn parse_role(reply: &Reply) -> Result<Role, ProbeError> {
         )
     };
     if reply.is_error() {
-        return Err(unexpected());
+        let text = String::from_utf8_lossy(&reply.frame()[..reply.frame().len().min(120)])
+            .trim_end()
+            .to_string();
+        return match Evidence::of_error_reply(&text) {
+            Evidence::Alive(_) => Err(ProbeError::Busy(text)),
+            _ => Err(unexpected()),
+        };
     }
     let items = reply.items().ok_or_else(unexpected)?;
     match items.as_slice() {
@@ -426,7 +469,7 @@ fn parse_role(reply: &Reply) -> Result<Role, ProbeError> {
 
 /// Heal a hijacked backend on the prober's own connection: follow the confirmed master
 /// when there is one, else become master again (`REPLICAOF NO ONE`).
-async fn heal(index: usize, label: &str, conn: &mut Conn, store: &TopologyStore) {
+async fn heal(index: usize, label: &str, conn: &mut BackendLink, store: &TopologyStore) {
     let topo = store.load();
     let target = topo
         .master_now()
@@ -478,14 +521,9 @@ async fn resolve_aliases(index: usize, backend: &BackendConfig, store: &Topology
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::ReplyScanner;
 
     fn reply(bytes: &[u8]) -> Reply {
-        let mut buf = BytesMut::from(bytes);
-        ReplyScanner::new(ReplyLimits::default())
-            .next(&mut buf)
-            .unwrap()
-            .unwrap()
+        Reply::parse_one(bytes)
     }
 
     #[test]
@@ -519,7 +557,25 @@ mod tests {
             parse_role(&reply(b"*2\r\n$8\r\nsentinel\r\n*0\r\n")).unwrap(),
             Role::Sentinel
         );
-        assert!(parse_role(&reply(b"-NOPERM no\r\n")).is_err());
+        assert!(matches!(
+            parse_role(&reply(b"-NOPERM no\r\n"))
+                .unwrap_err()
+                .evidence(),
+            Evidence::Down(_)
+        ));
+        for busy in [
+            b"-BUSY Redis is busy running a script.\r\n".as_slice(),
+            b"-LOADING Redis is loading the dataset in memory\r\n",
+        ] {
+            assert!(matches!(
+                parse_role(&reply(busy)).unwrap_err().evidence(),
+                Evidence::Alive(_)
+            ));
+        }
+        assert!(matches!(
+            ProbeError::Timeout(Duration::from_millis(500)).evidence(),
+            Evidence::Silence(_)
+        ));
         assert!(parse_role(&reply(b"*1\r\n$5\r\nother\r\n")).is_err());
         assert!(parse_role(&reply(
             b"*5\r\n$5\r\nslave\r\n$1\r\nh\r\n:70000\r\n$1\r\nx\r\n:0\r\n"

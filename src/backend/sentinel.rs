@@ -6,17 +6,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use redis_protocol::resp2::types::OwnedFrame;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::backend::prober::ProbeSettings;
-use crate::backend::{read_reply, BackendLink, Handshake, TopologyStore};
+use crate::backend::{BackendLink, Handshake, TopologyStore};
 use crate::config::{BackendConfig, SentinelConfig};
-use crate::net::Stream;
-use crate::protocol::{Item, Reply, ReplyLimits, ReplyScanner, Request};
+use crate::protocol::{Item, Reply, ReplyLimits, Request};
 use crate::tls::BackendTls;
 use arc_swap::ArcSwap;
 
@@ -41,7 +39,7 @@ pub async fn run(
         timeout,
         shutdown.clone(),
     ));
-    let mut conn: Option<(Stream, BytesMut, ReplyScanner)> = None;
+    let mut conn: Option<BackendLink> = None;
     let mut last_master: Option<String> = None;
     loop {
         let tls = tls_for(&cfg, &settings);
@@ -104,20 +102,18 @@ fn tls_for(cfg: &SentinelConfig, settings: &ArcSwap<ProbeSettings>) -> Option<Ar
 async fn poll(
     cfg: &SentinelConfig,
     tls: Option<&BackendTls>,
-    conn: &mut Option<(Stream, BytesMut, ReplyScanner)>,
+    conn: &mut Option<BackendLink>,
     timeout: Duration,
 ) -> Result<(Option<String>, Vec<String>), String> {
     if conn.is_none() {
         *conn = Some(connect(cfg, tls, timeout).await?);
     }
-    let Some((stream, buf, scanner)) = conn.as_mut() else {
+    let Some(link) = conn.as_mut() else {
         return Err("no connection".into());
     };
     let name = cfg.master_name.as_bytes();
     let master = call(
-        stream,
-        buf,
-        scanner,
+        link,
         &Request::from_args(&[b"SENTINEL".as_slice(), b"get-master-addr-by-name", name]),
     )
     .await?;
@@ -130,9 +126,7 @@ async fn poll(
         _ => None,
     };
     let replicas = call(
-        stream,
-        buf,
-        scanner,
+        link,
         &Request::from_args(&[b"SENTINEL".as_slice(), b"replicas", name]),
     )
     .await?;
@@ -170,7 +164,7 @@ async fn connect(
     cfg: &SentinelConfig,
     tls: Option<&BackendTls>,
     timeout: Duration,
-) -> Result<(Stream, BytesMut, ReplyScanner), String> {
+) -> Result<BackendLink, String> {
     let mut last = String::from("no sentinel addresses");
     for address in &cfg.addresses {
         let node = BackendConfig {
@@ -188,39 +182,22 @@ async fn connect(
         )
         .await
         {
-            Ok(link) => {
-                return Ok((
-                    link.stream,
-                    link.leftover,
-                    ReplyScanner::new(ReplyLimits::default()),
-                ))
-            }
+            Ok(link) => return Ok(link),
             Err(e) => last = e.to_string(),
         }
     }
     Err(last)
 }
 
-async fn call(
-    stream: &mut Stream,
-    buf: &mut BytesMut,
-    scanner: &mut ReplyScanner,
-    req: &Request,
-) -> Result<Reply, String> {
-    stream
-        .write_all(req.frame())
-        .await
-        .map_err(|e| e.to_string())?;
-    next_reply(stream, buf, scanner).await
+async fn call(link: &mut BackendLink, req: &Request) -> Result<Reply, String> {
+    link.send(req.frame()).await.map_err(|e| e.to_string())?;
+    next_reply(link).await
 }
 
 /// The next reply from a Sentinel; an error reply is an error.
-async fn next_reply(
-    stream: &mut Stream,
-    buf: &mut BytesMut,
-    scanner: &mut ReplyScanner,
-) -> Result<Reply, String> {
-    let r = read_reply(stream, buf, scanner)
+async fn next_reply(link: &mut BackendLink) -> Result<Reply, String> {
+    let r = link
+        .next_reply()
         .await
         .map_err(|e| format!("sentinel: {e}"))?;
     if r.is_error() {
@@ -236,13 +213,12 @@ async fn switch_session(
     switched: &Notify,
     timeout: Duration,
 ) -> Result<(), String> {
-    let (mut stream, mut buf, mut scanner) = connect(cfg, tls, timeout).await?;
-    stream
-        .write_all(Request::from_args(&[b"SUBSCRIBE".as_slice(), b"+switch-master"]).frame())
+    let mut link = connect(cfg, tls, timeout).await?;
+    link.send(Request::from_args(&[b"SUBSCRIBE".as_slice(), b"+switch-master"]).frame())
         .await
         .map_err(|e| e.to_string())?;
     loop {
-        let msg = next_reply(&mut stream, &mut buf, &mut scanner).await?;
+        let msg = next_reply(&mut link).await?;
         if let Some([Item::Str(b"message"), _, Item::Str(payload)]) = msg.items().as_deref() {
             // "<master name> <old ip> <old port> <new ip> <new port>"
             if payload.split(|b| *b == b' ').next() == Some(cfg.master_name.as_bytes()) {

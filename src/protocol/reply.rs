@@ -503,6 +503,16 @@ fn valid_big_number(s: &[u8]) -> bool {
 }
 
 impl Reply {
+    /// The one complete reply at the start of `bytes` (tests building replies by hand).
+    #[cfg(test)]
+    pub(crate) fn parse_one(bytes: &[u8]) -> Reply {
+        let mut buf = BytesMut::from(bytes);
+        match ReplyScanner::new(ReplyLimits::default()).next(&mut buf) {
+            Ok(Some(reply)) => reply,
+            other => panic!("{bytes:?} is not one complete reply: {other:?}"),
+        }
+    }
+
     /// The exact bytes of the reply (attributes included): what to forward.
     pub fn frame(&self) -> &Bytes {
         &self.frame

@@ -64,6 +64,8 @@ use upstream::{Link, LinkEnd, LinkId, Upstream};
 
 /// An empty read buffer larger than this is released (after a big value went through).
 const READ_KEEP: usize = 64 * 1024;
+/// Shortest time between two connect attempts to a master that is silent or busy.
+const RECONNECT_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Give back an emptied buffer that grew for a big frame.
 fn release_if_big(buf: &mut BytesMut) {
@@ -934,6 +936,9 @@ impl Session {
             self.send(out).await;
             return;
         }
+        if let Some(index) = self.running_script_backend(spec) {
+            return self.forward_to_script(index, forward, class).await;
+        }
         let plain = matches!(on_reply, OnReply::Forward) && self.txn.is_none();
         if plain && self.rt.config.routing.reads != ReadPolicy::Master && self.replica_read(spec) {
             let deliver = self.mode.next_command();
@@ -956,6 +961,32 @@ impl Session {
         self.tally.forwarded[class] += 1;
         let deliver = self.mode.next_command();
         self.send(Outgoing::plain(req, deliver)).await;
+    }
+
+    /// `SCRIPT KILL`, `FUNCTION KILL`, `FUNCTION STATS` while a backend other than the
+    /// session's link is busy running a script: that backend, whatever its confirmation
+    /// state (the command cannot change its role). `None`: route as usual.
+    fn running_script_backend(&self, spec: &CommandSpec) -> Option<usize> {
+        if !spec.acts_on_running_script() || !self.at_safe_point() {
+            return None;
+        }
+        let busy = self.shared.topology.load().busy_backend()?;
+        (self.upstream.master.as_ref().map(|l| l.index) != Some(busy)).then_some(busy)
+    }
+
+    /// Send a script-control command to the busy backend on a link of its own (the
+    /// session's next command moves back to the confirmed master at this safe point).
+    async fn forward_to_script(&mut self, index: usize, req: Request, class: usize) {
+        self.shared.hot.forwarded[class].increment(1);
+        let deliver = self.mode.next_command();
+        self.upstream.master = None;
+        match self.open_link(index).await {
+            Ok(link) => {
+                self.upstream.master = Some(link);
+                self.push_to(LinkId::Master, Outgoing::plain(req, deliver));
+            }
+            Err(failure) => self.push_local(deliver.then_some(failure.reply)),
+        }
     }
 
     /// Whether a command may go to a replica: read-only, not blocking, not a script or
@@ -1298,7 +1329,9 @@ impl Session {
 
     /// Connect to the confirmed master, waiting up to the failover wait for one. A master
     /// that refuses the connection is reported to the topology (and re-probed at once),
-    /// so the wait can end on its successor.
+    /// so the wait can end on its successor; one that only does not answer in time stays
+    /// the master until `probe.down_after`, and the session keeps trying it meanwhile, as
+    /// a client of Redis alone would wait.
     async fn connect_to_master(&mut self) -> Result<(), Bytes> {
         let deadline = tokio::time::Instant::now() + self.rt.config.routing.failover_wait;
         loop {
@@ -1306,6 +1339,7 @@ impl Session {
             let Some(index) = self.shared.topology.wait_for_master(left).await else {
                 return Err(self.shared.masterdown());
             };
+            let attempt = tokio::time::Instant::now();
             match self.open_link(index).await {
                 Ok(link) => {
                     self.upstream.master = Some(link);
@@ -1317,10 +1351,19 @@ impl Session {
                     self.close_for_credentials();
                     return Err(failure.reply);
                 }
+                // Reported to the topology by `open_link`: refused is down at once, a
+                // timeout only silence.
                 Err(LinkFailure { reply, .. }) => {
-                    self.shared.topology.report_unreachable(index, &reply);
-                    if tokio::time::Instant::now() >= deadline {
+                    let topo = self.shared.topology.load();
+                    let silent = topo.master_now() == Some(index);
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline && (!silent || now >= deadline + topo.down_after) {
                         return Err(reply);
+                    }
+                    if silent {
+                        // Still the master yet not connectable (a handshake refused -BUSY):
+                        // try again shortly, not in a tight loop.
+                        tokio::time::sleep_until(attempt + RECONNECT_PAUSE).await;
                     }
                 }
             }
@@ -1329,13 +1372,13 @@ impl Session {
 
     /// Open a backend connection with this session's state replayed.
     async fn open_link(&self, index: usize) -> Result<Link, LinkFailure> {
-        let Some(cfg) = self
+        let Some((cfg, liveness)) = self
             .shared
             .topology
             .load()
             .backends
             .get(index)
-            .map(|b| b.config.clone())
+            .map(|b| (b.config.clone(), b.liveness.clone()))
         else {
             return Err(LinkFailure::unreachable(Bytes::from_static(
                 texts::NO_BACKEND,
@@ -1346,6 +1389,7 @@ impl Session {
         let opened = Link::open(
             index,
             &cfg,
+            liveness,
             &handshake,
             self.rt.config.limits.connect_timeout,
             self.rt.reply_limits(),
@@ -1360,6 +1404,10 @@ impl Session {
                     credentials_refused: true,
                 };
             }
+            // Refused: down at once; timed out: silence, the prober decides.
+            self.shared
+                .topology
+                .report_connect_error(index, e.evidence());
             metrics::backend_connect_error(cfg.label());
             warn!(backend = cfg.label(), error = %e, "backend connection failed");
             LinkFailure::unreachable(texts::unreachable(cfg.label(), &e))
@@ -1378,7 +1426,7 @@ impl Session {
         let Some(link) = self.upstream.get_mut(id) else {
             return;
         };
-        match link.read() {
+        match link.read(self.now) {
             Ok(false) => return,
             Ok(true) => self.replies_at = self.now,
             Err(end) => return self.link_lost(id, end),
@@ -1440,6 +1488,14 @@ impl Session {
             return true;
         }
         let is_error = reply.is_error() || reply.kind() == ReplyKind::Null;
+        if reply.error_code() == Some(b"MASTERDOWN".as_slice()) {
+            // Only a replica says MASTERDOWN: evidence this is no longer the master.
+            if let (LinkId::Master, Some(link)) = (id, &self.upstream.master) {
+                self.shared
+                    .topology
+                    .report_not_master(link.index, "-MASTERDOWN");
+            }
+        }
         let mut out = if reply.error_code() == Some(b"READONLY".as_slice()) {
             // Redis did not apply it. Stop routing writes there, and retry or explain.
             if let (LinkId::Master, Some(link)) = (id, &self.upstream.master) {

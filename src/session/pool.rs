@@ -499,7 +499,8 @@ async fn run_conn(
                 warn!(backend = cfg.label(), error = %e, "shared backend connection failed");
                 let reply = texts::unreachable(cfg.label(), &e);
                 conn.set(DOWN);
-                shared.topology.report_unreachable(index, &reply);
+                // Refused: down at once; timed out: silence, the prober decides.
+                shared.topology.report_connect_error(index, e.evidence());
                 fail_all(waiting.take(), &mut rx, &reply);
                 tokio::select! {
                     _ = tokio::time::sleep(RETRY_AFTER) => {}

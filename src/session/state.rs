@@ -455,11 +455,7 @@ mod tests {
     use crate::protocol::ReplyScanner;
 
     fn reply(bytes: &[u8]) -> Reply {
-        let mut buf = BytesMut::from(bytes);
-        ReplyScanner::new(ReplyLimits::default())
-            .next(&mut buf)
-            .unwrap()
-            .unwrap()
+        Reply::parse_one(bytes)
     }
 
     fn exec(

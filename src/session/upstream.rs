@@ -5,10 +5,11 @@
 //! this surface.
 
 use std::io;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::backend::{BackendLink, Handshake};
+use crate::backend::{BackendLink, Handshake, Liveness};
 use crate::net::Stream;
 use crate::protocol::{Reply, ReplyError, ReplyLimits, ReplyScanner};
 use crate::tls::BackendTls;
@@ -43,6 +44,8 @@ pub(super) struct Link {
     shut_write: ShutWrite,
     /// Label for logs and metrics.
     pub(super) label: String,
+    /// Where replies read here count as the backend's proof of life (`probe.down_after`).
+    liveness: Arc<Liveness>,
 }
 
 /// Half-close progress of a link.
@@ -63,10 +66,12 @@ pub(super) enum LinkEnd {
 }
 
 impl Link {
-    /// Open a connection to backend `index` at `cfg`, with `state` replayed.
+    /// Open a connection to backend `index` at `cfg`, with `state` replayed; replies read
+    /// on it are recorded in `liveness`.
     pub(super) async fn open(
         index: usize,
         cfg: &crate::config::BackendConfig,
+        liveness: Arc<Liveness>,
         state: &Handshake,
         timeout: std::time::Duration,
         limits: ReplyLimits,
@@ -82,6 +87,7 @@ impl Link {
             out: OutQueue::default(),
             shut_write: ShutWrite::No,
             label: cfg.label().to_string(),
+            liveness,
         })
     }
 
@@ -142,11 +148,15 @@ impl Link {
         let _ = self.stream.writable().await;
     }
 
-    /// Read what the socket has. `Ok(false)`: nothing now.
-    pub(super) fn read(&mut self) -> Result<bool, LinkEnd> {
+    /// Read what the socket has (bytes read at `now` are the backend's proof of life).
+    /// `Ok(false)`: nothing now.
+    pub(super) fn read(&mut self, now: std::time::Instant) -> Result<bool, LinkEnd> {
         match self.stream.read_batch(&mut self.buf, &mut self.batch) {
             Ok(0) => Err(LinkEnd::Closed),
-            Ok(_) => Ok(true),
+            Ok(_) => {
+                self.liveness.record(tokio::time::Instant::from_std(now));
+                Ok(true)
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
             Err(e) => Err(LinkEnd::Io(e)),
         }
