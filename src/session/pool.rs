@@ -497,10 +497,17 @@ async fn run_conn(
             Err(e) => {
                 metrics::backend_connect_error(cfg.label());
                 warn!(backend = cfg.label(), error = %e, "shared backend connection failed");
-                let reply = texts::unreachable(cfg.label(), &e);
                 conn.set(DOWN);
                 // Refused: down at once; timed out: silence, the prober decides.
                 shared.topology.report_connect_error(index, e.evidence());
+                // Batches waiting here were never written. With no confirmed master
+                // left they get the answer the dedicated path gives then (MASTERDOWN);
+                // otherwise the connect error.
+                let reply = if shared.topology.load().master_now().is_none() {
+                    shared.masterdown()
+                } else {
+                    texts::unreachable(cfg.label(), &e)
+                };
                 fail_all(waiting.take(), &mut rx, &reply);
                 tokio::select! {
                     _ = tokio::time::sleep(RETRY_AFTER) => {}
