@@ -270,6 +270,8 @@ struct Session {
     cmd_shareable: bool,
     /// Metrics of this wake-up, recorded once per wake-up (`Tally::record`).
     tally: Tally,
+    /// Whether the previous wait read the client (see the frame clock in `wait`).
+    client_was_read: bool,
 }
 
 /// Per-wake-up metrics: counted in the session, handed to the recorder once per wake-up
@@ -339,6 +341,7 @@ impl Session {
             replies_at: now,
             cmd_shareable: false,
             tally: Tally::default(),
+            client_was_read: true,
         }
     }
 
@@ -497,13 +500,15 @@ impl Session {
             && self.may_parse()
             && self.to_client.bytes < limits.max_reply_buffer
             && self.upstream.queued_bytes() < limits.max_reply_buffer;
-        if !read_client {
+        if !read_client || !self.client_was_read {
             // The frame clock runs only while the client is read: back-pressure is not
-            // its fault. Restarted at every wake-up, so also when reading resumes.
+            // its fault. Restarted at every wake-up while it is not read, and at the
+            // wake-up where reading resumes (a stall between two wake-ups must not count).
             if let Some(since) = &mut self.partial_since {
                 *since = self.now;
             }
         }
+        self.client_was_read = read_client;
         let frame_deadline = match self.partial_since {
             Some(since) if read_client && !limits.frame_timeout.is_zero() => {
                 Some(tokio::time::Instant::from_std(since + limits.frame_timeout))
