@@ -2434,13 +2434,17 @@ async fn invalidation_pushes_under_client_reply_off_and_skip() {
             let (mut c, mut seen) = tracking_client(side.client, &["ON"], &["po:t"]).await;
             c.send(&cmds(&[&["CLIENT", "REPLY", "OFF"], &["GET", "po:u"]]))
                 .await;
+            // No reply to wait for: wait until Redis has run the GET (po:u is tracked)
+            // before another client writes it.
+            tracking_client_ran(side.server, "get").await;
             let w = write_keys(side.client, &[("po:t", "1"), ("po:u", "1")]).await;
             seen.bytes
                 .extend(format!("[w {}]", w.escape_ascii()).into_bytes());
             let pushes = c.until(&invalidate(&["po:u"]), WAIT).await;
             seen.bytes.extend(pushes.bytes);
-            c.send(&cmds(&[&["CLIENT", "REPLY", "SKIP"], &["GET", "po:t"]]))
+            c.send(&cmds(&[&["CLIENT", "REPLY", "SKIP"], &["STRLEN", "po:t"]]))
                 .await;
+            tracking_client_ran(side.server, "strlen").await;
             let w = write_keys(side.client, &[("po:t", "2")]).await;
             seen.bytes
                 .extend(format!("[w {}]", w.escape_ascii()).into_bytes());
@@ -2457,6 +2461,32 @@ async fn invalidation_pushes_under_client_reply_off_and_skip() {
         })
         .await;
     bench.finish();
+}
+
+/// Wait until a tracking client (flag `t`) on `server` has `cmd` as its last command:
+/// a request sent with no reply to wait for (CLIENT REPLY OFF/SKIP) has then run.
+async fn tracking_client_ran(server: SocketAddr, cmd: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let wanted = format!("cmd={cmd}");
+    loop {
+        let list = admin(server, &["CLIENT", "LIST"]).await;
+        let ran = String::from_utf8_lossy(&list).lines().any(|line| {
+            let mut fields = line.split(' ');
+            let tracking = line
+                .split(' ')
+                .any(|f| f.strip_prefix("flags=").is_some_and(|v| v.contains('t')));
+            tracking && fields.any(|f| f == wanted)
+        });
+        if ran {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no tracking client ran {cmd}: {}",
+            String::from_utf8_lossy(&list)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// `INFO replication` on a server shows its link to the master up.

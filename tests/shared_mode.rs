@@ -146,27 +146,14 @@ fn multiplexing_in_shared_mode() {
 
 #[test]
 fn fidelity_in_shared_mode() {
-    // Skipped here: it races two clients. The tracking client sends `GET po:u` under
-    // CLIENT REPLY OFF (no answer to wait for) and a second client writes `po:u` at once;
-    // whether Redis tracked the key first depends on which request reaches it first.
-    // Through a shared connection the writer's request often does (it skips the connect
-    // and handshake a dedicated link needs), so the invalidation Redis would send is not
-    // owed. Per-client order is what the proxy keeps; it holds in this test too.
-    //
-    // Also skipped: `client_reply_mode_is_carried` kills the backend connection whose id
+    // Skipped: `client_reply_mode_is_carried` kills the backend connection whose id
     // `CLIENT ID` reported, to force a new link. `CLIENT ID` is answered on the session's
     // own link (connection commands pin), and in shared mode the session releases that
     // link when its next command (the SET) goes to a shared connection, so there is no
     // such connection left to kill. What it checks (CLIENT REPLY kept by the proxy) is
     // covered in shared mode by compat's `client_reply_off_skip_on` and failover's
     // `client_reply_off_session_follows_a_master_change`.
-    run_suite_skipping(
-        "fidelity",
-        &[
-            "invalidation_pushes_under_client_reply_off_and_skip",
-            "client_reply_mode_is_carried",
-        ],
-    );
+    run_suite_skipping("fidelity", &["client_reply_mode_is_carried"]);
 }
 
 #[test]
