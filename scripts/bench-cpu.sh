@@ -57,24 +57,12 @@ die() { log "ERROR: $*"; exit 1; }
 for bin in redis-server redis-cli redis-benchmark timeout python3; do
   command -v "$bin" >/dev/null 2>&1 || die "missing $bin"
 done
-case "$PIN" in
-  split) command -v taskset >/dev/null || die "PIN=split needs taskset"
-         SRV_PIN=(taskset -c "$CPU_SERVERS"); CLI_PIN=(taskset -c "$CPU_CLIENT") ;;
-  none)  SRV_PIN=(); CLI_PIN=() ;;
-  *)     die "PIN must be split or none" ;;
-esac
+set_pinning
 [[ -x "$PORTCULLIS_BIN" ]] || die "no binary at $PORTCULLIS_BIN (cargo build --release)"
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/bench-cpu.XXXXXX")
 PIDS=()
 BENCH_PID=
-stop_pid() {
-  local pid=$1 i
-  kill -TERM "$pid" 2>/dev/null || return 0
-  for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-}
 cleanup() {
   local rc=$? i
   trap - EXIT INT TERM

@@ -54,12 +54,7 @@ die() { log "ERROR: $*"; exit 1; }
 for bin in redis-server redis-cli redis-benchmark timeout python3; do
   command -v "$bin" >/dev/null 2>&1 || die "missing $bin"
 done
-case "$PIN" in
-  split) command -v taskset >/dev/null || die "PIN=split needs taskset"
-         SRV_PIN=(taskset -c "$CPU_SERVERS"); CLI_PIN=(taskset -c "$CPU_CLIENT") ;;
-  none)  SRV_PIN=(); CLI_PIN=() ;;
-  *)     die "PIN must be split or none" ;;
-esac
+set_pinning
 
 if [[ ! -x "$PORTCULLIS_BIN" ]]; then
   log "building $PORTCULLIS_BIN"
@@ -71,13 +66,6 @@ TMP=$(mktemp -d "${TMPDIR:-/tmp}/bench-e2e.XXXXXX")
 PIDS=()
 BENCH_PID=
 
-stop_pid() {  # TERM, wait up to 5 s, then KILL
-  local pid=$1 i
-  kill -TERM "$pid" 2>/dev/null || return 0
-  for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-}
 cleanup() {
   local rc=$? i
   trap - EXIT INT TERM

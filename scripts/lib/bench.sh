@@ -34,3 +34,23 @@ make_test_ca() {
   openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
     -CAcreateserial -days 1 -extfile "$dir/san.ext" -out "$dir/server.pem" 2>/dev/null
 }
+
+# stop_pid PID: TERM, wait up to 5 s, then KILL (a process this script started).
+stop_pid() {
+  local pid=$1 i
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+# set_pinning: SRV_PIN and CLI_PIN command prefixes from PIN (split | none), CPU_SERVERS
+# and CPU_CLIENT, as ../shared/bench/compare.sh pins.
+set_pinning() {
+  case "$PIN" in
+    split) command -v taskset >/dev/null || die "PIN=split needs taskset"
+           SRV_PIN=(taskset -c "$CPU_SERVERS"); CLI_PIN=(taskset -c "$CPU_CLIENT") ;;
+    none)  SRV_PIN=(); CLI_PIN=() ;;
+    *)     die "PIN must be split or none" ;;
+  esac
+}
