@@ -129,15 +129,7 @@ async fn real_clients_authenticate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_credentials_stay_in_the_proxy() {
-    let redis = RedisServer::start(&["--requirepass", "backend-secret"]);
-    let config = Config {
-        backends: vec![BackendConfig {
-            password: Some("backend-secret".into()),
-            ..BackendConfig::from_address(redis.addr())
-        }],
-        ..Config::default()
-    };
-    let proxy = Proxy::start_with(config).await;
+    let (_redis, proxy) = proxy_holding_backend_password().await;
     let mut c = proxy.client().await;
     let _: () = c.set("k", "v").await.unwrap();
     let v: String = c.get("k").await.unwrap();
@@ -157,15 +149,7 @@ async fn backend_credentials_stay_in_the_proxy() {
 /// `-WRONGPASS`, byte for byte against a direct connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_mode_accepts_the_backend_password_the_app_kept() {
-    let redis = RedisServer::start(&["--requirepass", "backend-secret"]);
-    let config = Config {
-        backends: vec![BackendConfig {
-            password: Some("backend-secret".into()),
-            ..BackendConfig::from_address(redis.addr())
-        }],
-        ..Config::default()
-    };
-    let proxy = Proxy::start_with(config).await;
+    let (redis, proxy) = proxy_holding_backend_password().await;
     let script: &[&[&str]] = &[
         &["AUTH", "wrong"],
         &["AUTH", "default", "wrong"],
@@ -242,4 +226,19 @@ async fn auth_mode_with_users_is_rejected_and_kept_across_reload() {
     let mut c = proxy.raw().await;
     c.send(&resp(&[b"SET", b"k", b"v"])).await;
     c.expect(b"+OK\r\n").await;
+}
+
+/// A Redis with `requirepass`, and a proxy (no `[[users]]`) holding that password as its
+/// backend credential.
+async fn proxy_holding_backend_password() -> (RedisServer, Proxy) {
+    let redis = RedisServer::start(&["--requirepass", "backend-secret"]);
+    let config = Config {
+        backends: vec![BackendConfig {
+            password: Some("backend-secret".into()),
+            ..BackendConfig::from_address(redis.addr())
+        }],
+        ..Config::default()
+    };
+    let proxy = Proxy::start_with(config).await;
+    (redis, proxy)
 }

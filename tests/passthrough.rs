@@ -12,18 +12,21 @@ use support::{resp, Conn, Proxy, RedisServer, WAIT};
 /// The default user's password: the proxy's own credential (probes).
 const ADMIN_PW: &str = "admin-pw";
 
+/// redis-server flags: `requirepass` and an ACL user `app` limited to `app:*` keys.
+const ACL_FLAGS: &[&str] = &[
+    "--requirepass",
+    ADMIN_PW,
+    "--user",
+    "app",
+    "on",
+    ">app-pw",
+    "~app:*",
+    "+@all",
+];
+
 /// Redis with `requirepass` and an ACL user `app` limited to `app:*` keys.
 fn redis_with_acl() -> RedisServer {
-    RedisServer::start(&[
-        "--requirepass",
-        ADMIN_PW,
-        "--user",
-        "app",
-        "on",
-        ">app-pw",
-        "~app:*",
-        "+@all",
-    ])
+    RedisServer::start(ACL_FLAGS)
 }
 
 fn passthrough(redis: &RedisServer, password: Option<&str>) -> Config {
@@ -242,19 +245,7 @@ async fn credentials_are_replayed_on_a_new_link() {
     let port = redis.port;
     let mut redis = redis;
     redis.kill();
-    let _restarted = RedisServer::start_on(
-        port,
-        &[
-            "--requirepass",
-            ADMIN_PW,
-            "--user",
-            "app",
-            "on",
-            ">app-pw",
-            "~app:*",
-            "+@all",
-        ],
-    );
+    let _restarted = RedisServer::start_on(port, ACL_FLAGS);
     assert_eq!(
         after_link_loss(&mut c, &["ACL", "WHOAMI"]).await,
         "$3\r\napp\r\n"
