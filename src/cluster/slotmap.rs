@@ -406,10 +406,12 @@ mod tests {
     }
 
     /// A CLUSTER SHARDS reply of one shard, in RESP2 (`*`) or RESP3 (`%`) shape.
-    fn shards_reply(
-        resp3: bool,
-        shards: &[(&[(u16, u16)], &[(&str, &str, u16, &str)])],
-    ) -> Vec<u8> {
+    /// (id, endpoint, port, role) of one node in a test reply.
+    type TestNode<'a> = (&'a str, &'a str, u16, &'a str);
+    /// Slot ranges and nodes of one shard in a test reply.
+    type TestShard<'a> = (&'a [(u16, u16)], &'a [TestNode<'a>]);
+
+    fn shards_reply(resp3: bool, shards: &[TestShard<'_>]) -> Vec<u8> {
         let map = |n: usize| {
             if resp3 {
                 format!("%{n}\r\n")
