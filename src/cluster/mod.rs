@@ -5,7 +5,9 @@
 pub mod keyslot;
 pub mod route;
 pub mod slotmap;
+pub mod store;
 
 pub use keyslot::{key_hash_slot, SLOTS};
 pub use route::{request_slot, split_by_slot, KeySlot, SlotPart};
 pub use slotmap::{choose_view, ClusterNode, NodesInfo, Shard, SlotMap, SlotMapError, View};
+pub use store::{ClusterState, ClusterStore, RedirectKind, SlotMasterError};

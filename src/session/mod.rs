@@ -81,6 +81,8 @@ pub struct Shared {
     pub topology: Arc<TopologyStore>,
     /// Shared backend connections (`routing.backend_connections = "shared"`).
     pub pools: Pools,
+    /// Cluster mode (`[cluster]`): the slot map and per-shard masters.
+    pub cluster: Option<Arc<crate::cluster::ClusterStore>>,
 }
 
 impl Shared {
