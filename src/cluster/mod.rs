@@ -2,6 +2,7 @@
 //! the choice between nodes' views, the slot of a request and how a multi-shard command
 //! splits). I/O (the slot-map refresher, the session's per-node routing) builds on these.
 
+pub mod aggregate;
 pub mod keyslot;
 pub mod route;
 pub mod slotmap;

@@ -24,6 +24,7 @@
 //! Must not block on one direction while the other could make progress: all socket I/O is
 //! readiness-driven and non-blocking.
 
+mod cluster;
 mod out;
 mod plan;
 mod pool;
@@ -187,6 +188,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let tls = shared.runtime.load().client_tls.clone();
+    let local = client.local_addr().ok();
     let mut client = match tls {
         None => Stream::Plain(client),
         Some(tls) => {
@@ -205,6 +207,7 @@ pub async fn run(
         }
     };
     let mut session = Session::new(peer, shared);
+    session.cl.local = local;
     let end = match session.serve(&mut client, &shutdown).await {
         Ok(never) => match never {},
         Err(end) => end,
@@ -274,6 +277,8 @@ struct Session {
     tally: Tally,
     /// Whether the previous wait read the client (see the frame clock in `wait`).
     client_was_read: bool,
+    /// Cluster mode: routing state of this session (`cluster.rs`).
+    cl: cluster::ClusterSession,
 }
 
 /// Per-wake-up metrics: counted in the session, handed to the recorder once per wake-up
@@ -344,6 +349,7 @@ impl Session {
             cmd_shareable: false,
             tally: Tally::default(),
             client_was_read: true,
+            cl: cluster::ClusterSession::default(),
         }
     }
 
@@ -367,6 +373,7 @@ impl Session {
         ) && self.parked.is_none()
             && self.queue.retries() == 0
             && !self.barrier
+            && self.cl.parked.is_none()
             && self.queue.len() < self.rt.config.limits.max_pending
     }
 
@@ -416,8 +423,12 @@ impl Session {
         if self.queue.retries() > 0
             && !self.queue.waiting_on(LinkId::Master)
             && !self.queue.waiting_on(LinkId::Shared)
+            && !self.queue.waiting_on_nodes()
         {
             self.run_retries().await;
+        }
+        if self.cl.parked.is_some() && self.queue.is_empty() {
+            self.run_gather().await;
         }
         if self.queue.is_empty() {
             if let Some(p) = self.parked.take() {
@@ -432,7 +443,8 @@ impl Session {
                 // outlive its client: pass the half-close on, and Redis frees the client
                 // as it would a half-closed direct one (nothing popped, nothing after it
                 // run).
-                for id in [LinkId::Master, LinkId::Replica] {
+                let nodes = cluster::node_ids(&self.upstream.nodes);
+                for id in [LinkId::Master, LinkId::Replica].into_iter().chain(nodes) {
                     if self.queue.blocking_on(id) {
                         if let Some(link) = self.upstream.get_mut(id) {
                             link.shutdown_when_flushed();
@@ -522,6 +534,8 @@ impl Session {
         let replica = self.upstream.replica.as_ref();
         let out = |l: Option<&Link>| l.is_some_and(|l| l.has_output() || l.wants_shutdown());
         let (master_out, replica_out) = (out(master), out(replica));
+        let nodes = &self.upstream.nodes;
+        let nodes_out = nodes.iter().any(|l| l.has_output() || l.wants_shutdown());
         let client_out = !self.to_client.is_empty() || client.wants_flush();
         let draining = !matches!(self.phase, Phase::Open);
         Ok(tokio::select! {
@@ -532,6 +546,7 @@ impl Session {
             _ = upstream::readable(replica), if read_replies && replica.is_some() => Event::BackendReadable(LinkId::Replica),
             // Replies from a shared connection are in the proxy already: always taken.
             d = pool::recv(self.upstream.shared.as_mut()), if self.upstream.shared.is_some() => Event::Shared(d),
+            id = upstream::node_readable(nodes), if read_replies && !nodes.is_empty() => Event::BackendReadable(id),
             r = client.readable(), if read_client => match r {
                 Ok(()) => Event::ClientReadable,
                 Err(e) => return Err(SessionEnd::ClientIo(e)),
@@ -539,6 +554,7 @@ impl Session {
             _ = client.writable(), if client_out => Event::Writable,
             _ = upstream::writable(master), if master_out => Event::Writable,
             _ = upstream::writable(replica), if replica_out => Event::Writable,
+            _ = upstream::node_writable(nodes), if nodes_out => Event::Writable,
             _ = tokio::time::sleep(idle), if !idle.is_zero() => Event::Idle,
             _ = frame_sleep(frame_deadline), if frame_deadline.is_some() => Event::FrameTimeout,
             // Once draining, the token stays cancelled: polling it again would spin.
@@ -572,7 +588,8 @@ impl Session {
         if let Some(shared) = &mut self.upstream.shared {
             shared.flush();
         }
-        for id in [LinkId::Master, LinkId::Replica] {
+        let nodes = cluster::node_ids(&self.upstream.nodes);
+        for id in [LinkId::Master, LinkId::Replica].into_iter().chain(nodes) {
             if let Some(link) = self.upstream.get_mut(id) {
                 if let Err(e) = link.flush() {
                     debug!(peer = %self.peer, error = %e, "backend write failed");
@@ -717,6 +734,9 @@ impl Session {
             let user = self.user.as_ref().map_or("default", |u| u.name.as_str());
             warn!(peer = %self.peer, user, command, reason = reason.text(), "refused command");
             self.refuse(texts::refused(command, reason.text()));
+            return Ok(());
+        }
+        if self.shared.cluster.is_some() && self.cluster_intercept(spec, &req).await {
             return Ok(());
         }
         self.apply_plan(plan::plan(spec, &req), req, spec, class)
@@ -947,7 +967,11 @@ impl Session {
             return self.forward_to_script(index, forward, class).await;
         }
         let plain = matches!(on_reply, OnReply::Forward) && self.txn.is_none();
-        if plain && self.rt.config.routing.reads != ReadPolicy::Master && self.replica_read(spec) {
+        if plain
+            && self.rt.config.routing.reads != ReadPolicy::Master
+            && self.shared.cluster.is_none()
+            && self.replica_read(spec)
+        {
             let deliver = self.mode.next_command();
             return self.forward_read(forward, deliver, class).await;
         }
@@ -1205,6 +1229,9 @@ impl Session {
     /// Send a request to the confirmed master (connecting, or moving to a new master
     /// first, if needed) and queue its answer.
     async fn send(&mut self, out: Outgoing) {
+        if self.shared.cluster.is_some() {
+            return self.cluster_send(out).await;
+        }
         match self.shared_route(&out) {
             pool::Route::Shared => return self.push_to(LinkId::Shared, out),
             pool::Route::Wait => {
@@ -1286,7 +1313,13 @@ impl Session {
         let retry = (retryable
             && frames == 1
             && self.retained.load(Ordering::Relaxed) < self.rt.config.limits.max_reply_buffer)
-            .then(|| Retained::new(req.frame().clone(), &self.retained));
+            .then(|| {
+                let mut r = Retained::new(req.frame().clone(), &self.retained);
+                if let LinkId::Node(_) = id {
+                    r.cluster = Some(Box::new(cluster::Retry::new(self.cl.slot_number())));
+                }
+                r
+            });
         self.queue.push_upstream(Awaiting {
             link: id,
             remaining: frames,
@@ -1302,6 +1335,9 @@ impl Session {
     /// Re-send the writes refused with READONLY to the confirmed master, in order; if no
     /// master appears within the failover wait, answer them `-MASTERDOWN`.
     async fn run_retries(&mut self) {
+        if self.shared.cluster.is_some() {
+            return self.cluster_retries().await;
+        }
         self.upstream.master = None;
         let connected = self.connect_to_master().await.is_ok();
         let masterdown = self.shared.masterdown();
@@ -1503,7 +1539,17 @@ impl Session {
                     .report_not_master(link.index, "-MASTERDOWN");
             }
         }
-        let mut out = if reply.error_code() == Some(b"READONLY".as_slice()) {
+        let cluster_answer = if self.shared.cluster.is_some() && reply.is_error() {
+            match self.cluster_on_error(index, id, &reply) {
+                Some(None) => return true,
+                other => other.flatten(),
+            }
+        } else {
+            None
+        };
+        let mut out = if let Some(answer) = cluster_answer {
+            answer
+        } else if reply.error_code() == Some(b"READONLY".as_slice()) {
             // Redis did not apply it. Stop routing writes there, and retry or explain.
             if let (LinkId::Master, Some(link)) = (id, &self.upstream.master) {
                 self.shared.topology.report_readonly(link.index);
@@ -1699,7 +1745,13 @@ impl Session {
             self.mode.command_done();
         }
         self.queue.drain(&mut self.to_client);
-        if id == LinkId::Master && (self.txn.is_some() || self.watching || self.state.pinned()) {
+        let bound_here = matches!(id, LinkId::Node(i) if self.cl.bound == Some(i));
+        if bound_here {
+            self.cl.bound = None;
+        }
+        if (id == LinkId::Master || bound_here)
+            && (self.txn.is_some() || self.watching || self.state.pinned())
+        {
             // Its state cannot be given to a new connection: close, as Redis would.
             self.end_after_replies(SessionEnd::BackendLost);
         }

@@ -122,6 +122,8 @@ impl ReplyMode {
 pub(super) struct Retained {
     pub(super) frame: Bytes,
     total: Arc<AtomicUsize>,
+    /// Cluster mode: the request's slot and the redirect it got (where to retry).
+    pub(super) cluster: Option<Box<super::cluster::Retry>>,
 }
 
 impl Retained {
@@ -130,6 +132,7 @@ impl Retained {
         Retained {
             frame,
             total: total.clone(),
+            cluster: None,
         }
     }
 }
@@ -178,8 +181,9 @@ pub(super) struct ReplyQueue {
     entries: VecDeque<Entry>,
     /// `Entry::Retry` entries in the queue.
     retries: usize,
-    /// `Entry::Upstream` entries per link (`slot`): `waiting_on` without a scan.
-    on: [usize; 3],
+    /// `Entry::Upstream` entries per link (`slot`; every cluster node link counts in the
+    /// last one): `waiting_on` without a scan.
+    on: [usize; 4],
 }
 
 /// Index of `link` in `ReplyQueue::on`.
@@ -188,6 +192,7 @@ fn slot(link: LinkId) -> usize {
         LinkId::Master => 0,
         LinkId::Replica => 1,
         LinkId::Shared => 2,
+        LinkId::Node(_) => 3,
     }
 }
 
@@ -226,7 +231,7 @@ impl ReplyQueue {
 
     /// Count the entries per link again (after entries were replaced in place).
     pub(super) fn recount(&mut self) {
-        self.on = [0; 3];
+        self.on = [0; 4];
         for e in &self.entries {
             if let Entry::Upstream(a) = e {
                 self.on[slot(a.link)] += 1;
@@ -255,7 +260,43 @@ impl ReplyQueue {
 
     /// Whether any answer is still coming from `link`.
     pub(super) fn waiting_on(&self, link: LinkId) -> bool {
-        self.on[slot(link)] > 0
+        match link {
+            LinkId::Node(_) => self.on[3] > 0 && self.first_on(link).is_some(),
+            _ => self.on[slot(link)] > 0,
+        }
+    }
+
+    /// Whether any answer is still coming from a cluster node link.
+    pub(super) fn waiting_on_nodes(&self) -> bool {
+        self.on[3] > 0
+    }
+
+    /// Index of the first READONLY/cluster retry waiting.
+    pub(super) fn first_retry(&self) -> Option<usize> {
+        if self.retries == 0 {
+            return None;
+        }
+        self.entries
+            .iter()
+            .position(|e| matches!(e, Entry::Retry { .. }))
+    }
+
+    /// The entry at `index`.
+    pub(super) fn entry_mut(&mut self, index: usize) -> Option<&mut Entry> {
+        self.entries.get_mut(index)
+    }
+
+    /// Put `entry` at `index`, and `before` (a request whose answer nobody gets, such as
+    /// `ASKING`) just ahead of it; the counts follow.
+    pub(super) fn replace_with(&mut self, index: usize, before: Option<Awaiting>, entry: Entry) {
+        if index >= self.entries.len() {
+            return;
+        }
+        self.entries[index] = entry;
+        if let Some(b) = before {
+            self.entries.insert(index, Entry::Upstream(b));
+        }
+        self.recount();
     }
 
     /// The entry at `index`, when it waits on a backend.
@@ -366,7 +407,7 @@ impl ReplyQueue {
     pub(super) fn clear(&mut self) {
         self.entries.clear();
         self.retries = 0;
-        self.on = [0; 3];
+        self.on = [0; 4];
     }
 
     /// Write the answers that reached the head, in order.

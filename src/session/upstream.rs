@@ -27,6 +27,8 @@ pub(super) enum LinkId {
     /// The master through a shared connection (`routing.backend_connections = "shared"`):
     /// replies arrive in the session's inbox.
     Shared,
+    /// Cluster mode: the session's link to the node with this backend index.
+    Node(usize),
 }
 
 /// One open backend connection of a session.
@@ -184,6 +186,8 @@ pub(super) struct Upstream {
     pub(super) replica_stale: bool,
     /// The master's shared connection, while the session uses it.
     pub(super) shared: Option<SharedLink>,
+    /// Cluster mode: one link per node the session needed (`LinkId::Node`).
+    pub(super) nodes: Vec<Link>,
 }
 
 impl Upstream {
@@ -193,6 +197,7 @@ impl Upstream {
             LinkId::Master => self.master.as_ref(),
             LinkId::Replica => self.replica.as_ref(),
             LinkId::Shared => None,
+            LinkId::Node(i) => self.nodes.iter().find(|l| l.index == i),
         }
     }
 
@@ -202,6 +207,7 @@ impl Upstream {
             LinkId::Master => self.master.as_mut(),
             LinkId::Replica => self.replica.as_mut(),
             LinkId::Shared => None,
+            LinkId::Node(i) => self.nodes.iter_mut().find(|l| l.index == i),
         }
     }
 
@@ -211,6 +217,10 @@ impl Upstream {
             LinkId::Master => self.master.take(),
             LinkId::Replica => self.replica.take(),
             LinkId::Shared => None,
+            LinkId::Node(i) => {
+                let pos = self.nodes.iter().position(|l| l.index == i)?;
+                Some(self.nodes.swap_remove(pos))
+            }
         }
     }
 
@@ -219,6 +229,7 @@ impl Upstream {
         self.master.as_ref().map_or(0, Link::queued_bytes)
             + self.replica.as_ref().map_or(0, Link::queued_bytes)
             + self.shared.as_ref().map_or(0, SharedLink::queued_bytes)
+            + self.nodes.iter().map(Link::queued_bytes).sum::<usize>()
     }
 
     /// Close every link.
@@ -226,7 +237,38 @@ impl Upstream {
         self.master = None;
         self.replica = None;
         self.shared = None;
+        self.nodes.clear();
     }
+}
+
+/// Wait until one of the cluster node links is readable (or has an error); never, when
+/// none is open. Returns its `LinkId::Node`.
+pub(super) async fn node_readable(links: &[Link]) -> LinkId {
+    if links.is_empty() {
+        return std::future::pending().await;
+    }
+    std::future::poll_fn(|cx| {
+        for l in links {
+            if l.stream.poll_readable(cx).is_ready() {
+                return std::task::Poll::Ready(LinkId::Node(l.index));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// Wait until a cluster node link with output (or a half-close to do) is writable.
+pub(super) async fn node_writable(links: &[Link]) {
+    std::future::poll_fn(|cx| {
+        for l in links {
+            if (l.has_output() || l.wants_shutdown()) && l.stream.poll_writable(cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// Wait until link `link` is readable; never, when it is not open.

@@ -1,0 +1,919 @@
+//! The session in cluster mode (`[cluster]`): each request goes to the confirmed master
+//! of its slot over a link per node; nothing cluster-internal reaches the client.
+//!
+//! - Routing: a keyed request to its slot's confirmed master (`ClusterState::slot_master`),
+//!   a keyless one to any confirmed master; keys in several slots get Redis's `-CROSSSLOT`
+//!   unless the command is `request_policy:multi_shard`, which is split by slot
+//!   (`gather`); `all_shards`/`all_nodes` commands are sent to every master and combined
+//!   as their `response_policy` says.
+//! - Redirects: `MOVED` (map refreshed, request re-sent to the named node once its ROLE
+//!   confirms it master), `ASK` (`ASKING` + the request to the named node, no map change),
+//!   `TRYAGAIN`, `CLUSTERDOWN` and `READONLY` are retried in request order on the same
+//!   queue machinery as the single-master READONLY retry, bounded by
+//!   `routing.failover_wait`; past it the client gets an error naming the slot and node.
+//! - Binding: a transaction, WATCH, pub/sub, tracking or MONITOR binds the session to one
+//!   node (the first keyed command's slot master); MULTI is held back until that command
+//!   names the node.
+//! - The `CLUSTER` namespace is the proxy's: it presents itself as one node serving all
+//!   16384 slots, so cluster-aware clients never learn node addresses.
+//!
+//! Must not: forward `ASKING`/`READONLY`/`READWRITE` from a client, or show a redirect.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use tracing::debug;
+
+use crate::cluster::aggregate::{self, Part};
+use crate::cluster::route::{self, KeySlot};
+use crate::cluster::{key_hash_slot, ClusterStore, RedirectKind, SlotMasterError, SLOTS};
+use crate::command::{CommandSpec, RequestPolicy, Special};
+use crate::protocol::{texts, Reply, ReplyKind, Request};
+
+use super::queue::{Awaiting, Entry, Retained};
+use super::state::{self, OnReply};
+use super::upstream::{Link, LinkEnd, LinkId};
+use super::{Outgoing, Session};
+
+/// Pause before re-sending after `TRYAGAIN` or `CLUSTERDOWN` (a migration or failover in
+/// progress): paces the retries within `routing.failover_wait`.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// A cluster session's own state.
+#[derive(Debug)]
+pub(super) struct ClusterSession {
+    /// Slot of the request being handled (set before it is planned).
+    pub(super) slot: KeySlot,
+    /// The node a transaction, WATCH, pub/sub, tracking or MONITOR binds the session to.
+    pub(super) bound: Option<usize>,
+    /// MULTI was answered and not sent yet: it goes to the first queued command's node.
+    multi_pending: bool,
+    /// MULTI was sent to `bound`.
+    multi_sent: bool,
+    /// The slot a transaction (or WATCH) works on: another slot gets `-CROSSSLOT`.
+    txn_slot: Option<u16>,
+    /// The address the client connected to: the one node the proxy presents.
+    pub(super) local: Option<SocketAddr>,
+    /// A split or fanned-out request waiting for the answers in flight before it.
+    pub(super) parked: Option<Gather>,
+}
+
+impl Default for ClusterSession {
+    fn default() -> Self {
+        ClusterSession {
+            slot: KeySlot::NoKeys,
+            bound: None,
+            multi_pending: false,
+            multi_sent: false,
+            txn_slot: None,
+            local: None,
+            parked: None,
+        }
+    }
+}
+
+impl ClusterSession {
+    /// The slot of the request being sent, when it has one.
+    pub(super) fn slot_number(&self) -> Option<u16> {
+        match self.slot {
+            KeySlot::Slot(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// A request answered from several nodes.
+#[derive(Debug)]
+pub(super) struct Gather {
+    spec: &'static CommandSpec,
+    req: Request,
+    /// Split by slot (`multi_shard`) or sent to every master.
+    split: bool,
+}
+
+/// Where a retried request goes next, and since when it has been retried.
+#[derive(Debug)]
+pub(super) struct Retry {
+    slot: Option<u16>,
+    redirect: Option<Redirect>,
+    /// When the first redirect arrived (the `routing.failover_wait` bound starts there).
+    since: Option<Instant>,
+}
+
+impl Retry {
+    pub(super) fn new(slot: Option<u16>) -> Retry {
+        Retry {
+            slot,
+            redirect: None,
+            since: None,
+        }
+    }
+}
+
+/// A redirect a node answered (Redis `src/cluster.c` `clusterRedirectClient`).
+#[derive(Debug, Clone)]
+struct Redirect {
+    kind: RedirectKind,
+    /// The node `MOVED`/`ASK` names.
+    target: Option<String>,
+    /// Who answered, and what (for the give-up text).
+    node: String,
+    text: String,
+}
+
+/// Parse a redirect error: `MOVED <slot> <host:port>`, `ASK <slot> <host:port>`,
+/// `TRYAGAIN ...`, `CLUSTERDOWN ...`, `READONLY ...`. An empty or `?` host (unknown
+/// endpoint) means the answering node's host.
+fn redirect_of(reply: &Reply, node: &str) -> Option<(Redirect, Option<u16>)> {
+    let code = reply.error_code()?;
+    let kind = match code {
+        b"MOVED" => RedirectKind::Moved,
+        b"ASK" => RedirectKind::Ask,
+        b"TRYAGAIN" => RedirectKind::TryAgain,
+        b"CLUSTERDOWN" => RedirectKind::ClusterDown,
+        b"READONLY" => RedirectKind::ReadOnly,
+        _ => return None,
+    };
+    let text = String::from_utf8_lossy(reply.text().unwrap_or_default()).into_owned();
+    let mut slot = None;
+    let mut target = None;
+    if matches!(kind, RedirectKind::Moved | RedirectKind::Ask) {
+        let mut words = text.split_ascii_whitespace().skip(1);
+        slot = words.next().and_then(|s| s.parse::<u16>().ok());
+        let addr = words.next()?;
+        let (host, port) = addr.rsplit_once(':')?;
+        let host = if host.is_empty() || host == "?" {
+            node.rsplit_once(':').map_or("", |(h, _)| h)
+        } else {
+            host
+        };
+        target = Some(format!("{host}:{port}"));
+    }
+    Some((
+        Redirect {
+            kind,
+            target,
+            node: node.to_string(),
+            text,
+        },
+        slot,
+    ))
+}
+
+/// A stable 40-hex node id for the proxy at `addr` (what `CLUSTER MYID` answers).
+fn proxy_node_id(addr: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("portcullis {addr}").as_bytes());
+    digest.iter().take(20).map(|b| format!("{b:02x}")).collect()
+}
+
+fn bulk(out: &mut BytesMut, s: &[u8]) {
+    out.extend_from_slice(format!("${}\r\n", s.len()).as_bytes());
+    out.extend_from_slice(s);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A text reply as Redis sends `CLUSTER INFO`/`NODES` (`addReplyVerbatim`): a bulk string
+/// in RESP2, a `txt` verbatim string in RESP3.
+fn verbatim(text: &str, resp3: bool) -> Bytes {
+    if resp3 {
+        Bytes::from(format!("={}\r\ntxt:{text}\r\n", text.len() + 4))
+    } else {
+        Bytes::from(format!("${}\r\n{text}\r\n", text.len()))
+    }
+}
+
+/// One element of a split reply, as `aggregate` takes it.
+fn part_of(reply: &Reply, limits: crate::protocol::ReplyLimits) -> Part {
+    match reply.kind() {
+        ReplyKind::Error | ReplyKind::BlobError => Part::Error(reply.frame().clone()),
+        ReplyKind::Integer => {
+            let frame = reply.frame();
+            std::str::from_utf8(
+                frame
+                    .get(1..frame.len().saturating_sub(2))
+                    .unwrap_or_default(),
+            )
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map_or_else(|| Part::Other(frame.clone()), Part::Int)
+        }
+        ReplyKind::Array => match state::split_array(reply, limits) {
+            Some((_, elements)) => Part::Array(elements),
+            None => Part::Other(reply.frame().clone()),
+        },
+        _ => Part::Other(reply.frame().clone()),
+    }
+}
+
+impl Session {
+    fn cluster(&self) -> Option<&std::sync::Arc<ClusterStore>> {
+        self.shared.cluster.as_ref()
+    }
+
+    /// Cluster mode, before a request is planned: answer the `CLUSTER` namespace, refuse
+    /// client redirect commands and cross-slot requests, hold split and fan-out requests;
+    /// `true` when the request was handled here.
+    pub(super) async fn cluster_intercept(
+        &mut self,
+        spec: &'static CommandSpec,
+        req: &Request,
+    ) -> bool {
+        self.cl.slot = KeySlot::NoKeys;
+        if let Some(sub) = spec.name.strip_prefix("cluster|") {
+            return self.cluster_namespace(sub, req);
+        }
+        if matches!(spec.special, Special::ReadOnly | Special::ReadWrite) || spec.name == "asking" {
+            let name = spec.name.to_ascii_uppercase();
+            self.refuse(texts::cluster_client_redirect_refused(&name));
+            return true;
+        }
+        let slot = route::request_slot(spec, req);
+        let in_txn = self.txn.is_some();
+        match slot {
+            KeySlot::CrossSlot if spec.request_policy == RequestPolicy::MultiShard && !in_txn => {
+                self.cl.parked = Some(Gather {
+                    spec,
+                    req: req.clone(),
+                    split: true,
+                });
+                return true;
+            }
+            KeySlot::CrossSlot => {
+                self.refuse(Bytes::from_static(texts::CROSSSLOT));
+                return true;
+            }
+            KeySlot::Slot(s) if in_txn || self.watching || spec.special == Special::Watch => {
+                if self.cl.txn_slot.is_some_and(|t| t != s) {
+                    self.refuse(Bytes::from_static(texts::CROSSSLOT));
+                    return true;
+                }
+                self.cl.txn_slot = Some(s);
+            }
+            KeySlot::NoKeys
+                if matches!(
+                    spec.request_policy,
+                    RequestPolicy::AllShards | RequestPolicy::AllNodes
+                ) && !in_txn
+                    && self.cl.bound.is_none()
+                    && spec.special == Special::None =>
+            {
+                self.cl.parked = Some(Gather {
+                    spec,
+                    req: req.clone(),
+                    split: false,
+                });
+                return true;
+            }
+            _ => {}
+        }
+        self.cl.slot = slot;
+        false
+    }
+
+    /// `CLUSTER <sub>`: the proxy as one node serving every slot.
+    fn cluster_namespace(&mut self, sub: &str, req: &Request) -> bool {
+        let addr = self
+            .cl
+            .local
+            .map_or_else(|| "127.0.0.1:6379".to_string(), |a| a.to_string());
+        let (ip, port) = addr.rsplit_once(':').unwrap_or(("127.0.0.1", "6379"));
+        let ip = ip.trim_start_matches('[').trim_end_matches(']').to_string();
+        let port_n: u16 = port.parse().unwrap_or(6379);
+        let id = proxy_node_id(&addr);
+        let resp3 = self.state.resp3;
+        let ready = match self.cluster() {
+            Some(c) => c.load().ready(&self.shared.topology.load()),
+            None => false,
+        };
+        let epoch = self.cluster().map_or(0, |c| c.load().epoch).max(1);
+        let reply = match sub {
+            "myid" | "myshardid" => {
+                let mut out = BytesMut::new();
+                bulk(&mut out, id.as_bytes());
+                out.freeze()
+            }
+            "keyslot" => match req.arg(2) {
+                Some(key) => Bytes::from(format!(":{}\r\n", key_hash_slot(key))),
+                None => texts::wrong_arity("cluster|keyslot"),
+            },
+            "slots" => {
+                let mut out = BytesMut::new();
+                out.extend_from_slice(
+                    format!("*1\r\n*3\r\n:0\r\n:{}\r\n*3\r\n", SLOTS - 1).as_bytes(),
+                );
+                bulk(&mut out, ip.as_bytes());
+                out.extend_from_slice(format!(":{port_n}\r\n").as_bytes());
+                bulk(&mut out, id.as_bytes());
+                out.freeze()
+            }
+            "shards" => {
+                let map = |n: usize| {
+                    if resp3 {
+                        format!("%{n}\r\n")
+                    } else {
+                        format!("*{}\r\n", n * 2)
+                    }
+                };
+                let mut out = BytesMut::new();
+                out.extend_from_slice(b"*1\r\n");
+                out.extend_from_slice(map(2).as_bytes());
+                bulk(&mut out, b"slots");
+                out.extend_from_slice(format!("*2\r\n:0\r\n:{}\r\n", SLOTS - 1).as_bytes());
+                bulk(&mut out, b"nodes");
+                out.extend_from_slice(b"*1\r\n");
+                out.extend_from_slice(map(7).as_bytes());
+                for (k, v) in [
+                    ("id", id.as_str()),
+                    ("port", ""),
+                    ("ip", ip.as_str()),
+                    ("endpoint", ip.as_str()),
+                    ("role", "master"),
+                    ("replication-offset", ""),
+                    ("health", if ready { "online" } else { "failed" }),
+                ] {
+                    bulk(&mut out, k.as_bytes());
+                    match k {
+                        "port" => out.extend_from_slice(format!(":{port_n}\r\n").as_bytes()),
+                        "replication-offset" => out.extend_from_slice(b":0\r\n"),
+                        _ => bulk(&mut out, v.as_bytes()),
+                    }
+                }
+                out.freeze()
+            }
+            "nodes" => {
+                let text = format!(
+                    "{id} {ip}:{port_n}@0 myself,master - 0 0 {epoch} connected 0-{}\n",
+                    SLOTS - 1
+                );
+                verbatim(&text, resp3)
+            }
+            "info" => {
+                let state = if ready { "ok" } else { "fail" };
+                let ok = if ready { SLOTS } else { 0 };
+                let text = format!(
+                    "cluster_enabled:1\r\ncluster_state:{state}\r\ncluster_slots_assigned:{SLOTS}\r\ncluster_slots_ok:{ok}\r\ncluster_slots_pfail:0\r\ncluster_slots_fail:{}\r\ncluster_known_nodes:1\r\ncluster_size:1\r\ncluster_current_epoch:{epoch}\r\ncluster_my_epoch:{epoch}\r\ncluster_stats_messages_sent:0\r\ncluster_stats_messages_received:0\r\ntotal_cluster_links_buffer_limit_exceeded:0\r\n",
+                    SLOTS - ok
+                );
+                verbatim(&text, resp3)
+            }
+            "countkeysinslot" | "getkeysinslot" => {
+                // Answered by the slot's owner (an invalid slot by any master, which
+                // gives Redis's own error).
+                let slot = req
+                    .arg(2)
+                    .and_then(|s| std::str::from_utf8(s).ok())
+                    .and_then(|s| s.parse::<u16>().ok())
+                    .filter(|&s| usize::from(s) < SLOTS);
+                self.cl.slot = slot.map_or(KeySlot::NoKeys, KeySlot::Slot);
+                return false;
+            }
+            "help" => return false,
+            other => {
+                self.refuse(texts::cluster_subcommand_refused(
+                    &other.to_ascii_uppercase(),
+                ));
+                return true;
+            }
+        };
+        self.answer(reply);
+        true
+    }
+
+    /// Whether the session must stay on one node.
+    fn cluster_stateful(&self, out: &Outgoing) -> bool {
+        self.txn.is_some()
+            || self.watching
+            || self.state.pinned()
+            || matches!(out.on_reply, OnReply::PubSub { .. })
+    }
+
+    /// Cluster mode's `send`: pick the node, open its link, queue the request.
+    pub(super) async fn cluster_send(&mut self, mut out: Outgoing) {
+        let name = out.req.arg(0).unwrap_or_default().to_ascii_lowercase();
+        let deliver = out.deliver;
+        let ends_txn = matches!(name.as_slice(), b"exec" | b"discard" | b"reset");
+        if name == b"multi" {
+            if self.cl.multi_pending {
+                self.push_local(deliver.then(|| Bytes::from_static(texts::MULTI_NESTED)));
+                return;
+            }
+            if !self.cl.multi_sent && (self.cl.bound.is_none() || !self.watching) {
+                // Held back until the first queued command names the node.
+                self.cl.multi_pending = true;
+                self.push_local(deliver.then(|| Bytes::from_static(texts::OK)));
+                return;
+            }
+        }
+        if ends_txn && self.cl.multi_pending {
+            // Nothing was queued anywhere: answer as Redis does for an empty transaction.
+            self.cl.multi_pending = false;
+            self.cl.txn_slot = None;
+            let reply = match &out.on_reply {
+                OnReply::Replace(r) => r.clone(),
+                _ if name == b"exec" => Bytes::from_static(b"*0\r\n"),
+                _ => Bytes::from_static(texts::OK),
+            };
+            if self.cl.bound.is_some() && !self.watching && self.txn.is_none() {
+                if let Some(bound) = self.cl.bound {
+                    if name != b"reset" {
+                        // WATCH was active on the bound node: UNWATCH there.
+                        let unwatch = Outgoing::plain(Request::from_args(&[b"UNWATCH"]), false);
+                        if self.cluster_link(bound).await.is_ok() {
+                            self.push_to(LinkId::Node(bound), unwatch);
+                        }
+                    }
+                }
+                self.cl.bound = None;
+            }
+            if name != b"reset" {
+                self.push_local(deliver.then_some(reply));
+                return;
+            }
+        }
+        let slot = match self.cl.slot {
+            KeySlot::Slot(s) => Some(s),
+            _ => None,
+        };
+        let target = match self.cl.bound {
+            Some(b) => {
+                if let (Some(s), Some(c)) = (slot, self.cluster()) {
+                    let owner = c.load().slot_master(s, &self.shared.topology.load());
+                    if owner.as_ref().ok() != Some(&b) && owner.is_ok() {
+                        // Another node serves it: Redis's answer for a slot the
+                        // connection's node does not hold in a transaction.
+                        if let Some(txn) = &mut self.txn {
+                            txn.dirty = true;
+                        }
+                        self.push_local(deliver.then(|| Bytes::from_static(texts::CROSSSLOT)));
+                        return;
+                    }
+                }
+                b
+            }
+            None => match self.cluster_target(slot).await {
+                Ok(i) => i,
+                Err(reply) => {
+                    if let Some(txn) = &mut self.txn {
+                        txn.dirty = true;
+                    }
+                    self.push_local(deliver.then_some(reply));
+                    return;
+                }
+            },
+        };
+        if let Err(reply) = self.cluster_link(target).await {
+            self.push_local(deliver.then_some(reply));
+            return;
+        }
+        let stateful = self.cluster_stateful(&out);
+        if stateful && self.cl.bound.is_none() {
+            self.cl.bound = Some(target);
+        }
+        if self.cl.multi_pending && self.txn.is_some() {
+            self.cl.multi_pending = false;
+            self.cl.multi_sent = true;
+            self.push_to(
+                LinkId::Node(target),
+                Outgoing::plain(Request::from_args(&[b"MULTI"]), false),
+            );
+        } else if name == b"multi" {
+            self.cl.multi_sent = true;
+        }
+        // Plain requests outside a transaction can be re-sent after a redirect.
+        out.retryable = matches!(out.on_reply, OnReply::Forward) && self.txn.is_none() && !ends_txn;
+        self.cl.slot = slot.map_or(KeySlot::NoKeys, KeySlot::Slot);
+        self.push_to(LinkId::Node(target), out);
+        if ends_txn || (!stateful && self.cl.bound.is_some() && name == b"unwatch") {
+            self.cl.multi_sent = false;
+            self.cl.multi_pending = false;
+            self.cl.txn_slot = None;
+            if !self.state.pinned() {
+                self.cl.bound = None;
+            }
+        }
+    }
+
+    /// The confirmed master for `slot` (any confirmed master for none), waiting up to
+    /// `routing.failover_wait` for one; the error reply names the slot and why.
+    async fn cluster_target(&self, slot: Option<u16>) -> Result<usize, Bytes> {
+        let Some(cluster) = self.cluster().cloned() else {
+            return Err(Bytes::from_static(texts::NO_BACKEND));
+        };
+        let wait = self.rt.config.routing.failover_wait;
+        match slot {
+            Some(s) => cluster.wait_for_slot_master(s, wait).await.map_err(|e| {
+                let why = match e {
+                    SlotMasterError::NoMap => {
+                        "no node has answered with the slot map yet".to_string()
+                    }
+                    SlotMasterError::Uncovered => "the slot map names no master for it".to_string(),
+                    SlotMasterError::Unconfirmed { node } => {
+                        format!("node {node} is not confirmed master by its own ROLE")
+                    }
+                };
+                texts::cluster_slot_unserved(s, &why)
+            }),
+            None => {
+                // A node the session is already connected to, when one is confirmed.
+                let state = cluster.load();
+                let confirmed = state.confirmed_masters(&self.shared.topology.load());
+                if let Some(l) = self
+                    .upstream
+                    .nodes
+                    .iter()
+                    .find(|l| confirmed.contains(&l.index))
+                {
+                    return Ok(l.index);
+                }
+                let seed = usize::from(self.peer.port());
+                cluster
+                    .wait_for_any_master(seed, wait)
+                    .await
+                    .ok_or_else(|| self.shared.masterdown())
+            }
+        }
+    }
+
+    /// Make sure the session has a link to node `index`.
+    async fn cluster_link(&mut self, index: usize) -> Result<(), Bytes> {
+        if self.upstream.get(LinkId::Node(index)).is_some() {
+            return Ok(());
+        }
+        match self.open_link(index).await {
+            Ok(link) => {
+                self.upstream.nodes.push(link);
+                Ok(())
+            }
+            Err(failure) => {
+                if failure.credentials_refused {
+                    self.close_for_credentials();
+                }
+                Err(failure.reply)
+            }
+        }
+    }
+
+    /// A node answered request `index` (in the queue) on link `id` with `reply`: when it
+    /// is a cluster redirect, arrange its retry. `None`: not a redirect; `Some(None)`:
+    /// retried; `Some(Some(error))`: cannot be retried, answer this instead.
+    pub(super) fn cluster_on_error(
+        &mut self,
+        index: usize,
+        id: LinkId,
+        reply: &Reply,
+    ) -> Option<Option<Bytes>> {
+        let cluster = self.cluster()?.clone();
+        let node = self
+            .upstream
+            .get(id)
+            .map(|l| l.label.clone())
+            .unwrap_or_default();
+        let (redirect, moved_slot) = redirect_of(reply, &node)?;
+        cluster.report_redirect(redirect.kind, &node);
+        if redirect.kind == RedirectKind::ReadOnly {
+            if let LinkId::Node(i) = id {
+                self.shared.topology.report_readonly(i);
+            }
+        }
+        if let Some(target) = &redirect.target {
+            // Learned from the redirect: probed like every node.
+            cluster.node_index(target);
+        }
+        let wait = self.rt.config.routing.failover_wait;
+        let now = Instant::now();
+        let a = self.queue.awaiting_mut(index)?;
+        let slot_hint = moved_slot;
+        let Some(retained) = a.retry.as_mut() else {
+            let slot = slot_hint.or(self.cl.txn_slot);
+            return Some(Some(texts::cluster_moved_while_bound(slot, &node)));
+        };
+        let retry = retained
+            .cluster
+            .get_or_insert_with(|| Box::new(Retry::new(slot_hint)));
+        if retry.slot.is_none() {
+            retry.slot = slot_hint;
+        }
+        let since = *retry.since.get_or_insert(now);
+        if now.saturating_duration_since(since) > wait {
+            let slot = retry.slot;
+            return Some(Some(texts::cluster_gave_up(slot, &node, &redirect.text)));
+        }
+        retry.redirect = Some(redirect);
+        if self.queue.mark_retry(index) {
+            Some(None)
+        } else {
+            Some(Some(texts::cluster_gave_up(
+                slot_hint,
+                &node,
+                "not retryable",
+            )))
+        }
+    }
+
+    /// Re-send the redirected requests, in order, each where its redirect says; past
+    /// `routing.failover_wait` answer it with an error naming the slot and node.
+    pub(super) async fn cluster_retries(&mut self) {
+        let Some(cluster) = self.cluster().cloned() else {
+            return;
+        };
+        let wait = self.rt.config.routing.failover_wait;
+        while let Some(pos) = self.queue.first_retry() {
+            let Some(Entry::Retry { retained, deliver }) = self.queue.entry_mut(pos) else {
+                break;
+            };
+            let deliver = *deliver;
+            let frame = retained.frame.clone();
+            let (slot, redirect, since) = match &retained.cluster {
+                Some(r) => (
+                    r.slot,
+                    r.redirect.clone(),
+                    r.since.unwrap_or_else(Instant::now),
+                ),
+                None => (None, None, Instant::now()),
+            };
+            let deadline = tokio::time::Instant::from_std(since + wait);
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let kind = redirect.as_ref().map(|r| r.kind);
+            let target = match (&redirect, kind) {
+                (Some(r), Some(RedirectKind::Moved | RedirectKind::Ask)) => {
+                    let addr = r.target.clone().unwrap_or_default();
+                    match cluster.node_index(&addr) {
+                        Some(i) => self.wait_confirmed(i, left).await.then_some(i),
+                        None => None,
+                    }
+                }
+                _ => {
+                    if matches!(
+                        kind,
+                        Some(RedirectKind::TryAgain | RedirectKind::ClusterDown)
+                    ) {
+                        tokio::time::sleep(RETRY_PAUSE.min(left)).await;
+                    }
+                    match slot {
+                        Some(s) => cluster.wait_for_slot_master(s, left).await.ok(),
+                        None => {
+                            cluster
+                                .wait_for_any_master(usize::from(self.peer.port()), left)
+                                .await
+                        }
+                    }
+                }
+            };
+            let node = redirect
+                .as_ref()
+                .map_or_else(String::new, |r| r.node.clone());
+            let last = redirect
+                .as_ref()
+                .map_or_else(String::new, |r| r.text.clone());
+            let linked = match target {
+                Some(t) => self.cluster_link(t).await.ok().map(|()| t),
+                None => None,
+            };
+            let Some(t) = linked else {
+                let reply = texts::cluster_gave_up(slot, &node, &last);
+                self.queue
+                    .replace_with(pos, None, Entry::Ready(deliver.then_some(reply)));
+                continue;
+            };
+            // Take the retained frame (with its retry state) out of the entry.
+            let Some(Entry::Retry { retained, .. }) = self.queue.entry_mut(pos) else {
+                break;
+            };
+            let retained: Retained =
+                std::mem::replace(retained, Retained::new(Bytes::new(), &self.retained));
+            let asking = (kind == Some(RedirectKind::Ask)).then(|| {
+                let req = Request::from_args(&[b"ASKING"]);
+                (
+                    req.frame().clone(),
+                    Awaiting {
+                        link: LinkId::Node(t),
+                        remaining: 1,
+                        deliver: false,
+                        on_reply: OnReply::Forward,
+                        retry: None,
+                        sent: self.read_at,
+                        blocking: false,
+                        acc: BytesMut::new(),
+                    },
+                )
+            });
+            let Some(link) = self.upstream.get_mut(LinkId::Node(t)) else {
+                break;
+            };
+            if let Some((f, _)) = &asking {
+                link.send(f.clone());
+            }
+            link.send(frame);
+            crate::metrics::readonly_retry();
+            debug!(peer = %self.peer, node = %link.label, ?kind, "cluster: request re-sent");
+            let entry = Entry::Upstream(Awaiting {
+                link: LinkId::Node(t),
+                remaining: 1,
+                deliver,
+                on_reply: OnReply::Forward,
+                retry: Some(retained),
+                sent: self.read_at,
+                blocking: false,
+                acc: BytesMut::new(),
+            });
+            self.queue.replace_with(pos, asking.map(|(_, a)| a), entry);
+        }
+        self.queue.drain(&mut self.to_client);
+    }
+
+    /// Wait up to `left` for node `index`'s own ROLE to confirm it master.
+    async fn wait_confirmed(&self, index: usize, left: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + left;
+        let mut rx = self.shared.topology.subscribe();
+        loop {
+            let topo = self.shared.topology.load();
+            if topo.backends.get(index).is_some_and(|b| {
+                b.writable(tokio::time::Instant::now(), topo.bounds()) && !b.hijacked
+            }) {
+                return true;
+            }
+            self.shared.topology.request_probe(index);
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return false,
+            }
+        }
+    }
+
+    /// Carry out a held split or fan-out request once nothing is in flight before it.
+    pub(super) async fn run_gather(&mut self) {
+        let Some(g) = self.cl.parked.take() else {
+            return;
+        };
+        let deliver = self.mode.next_command();
+        self.shared.hot.forwarded[crate::metrics::class_of(g.spec)].increment(1);
+        let reply = self.gather(&g).await;
+        self.push_local(deliver.then_some(reply));
+    }
+
+    async fn gather(&mut self, g: &Gather) -> Bytes {
+        let limits = self.rt.reply_limits();
+        let Some(cluster) = self.cluster().cloned() else {
+            return Bytes::from_static(texts::NO_BACKEND);
+        };
+        // Parts: (slot, request, key positions).
+        let mut parts: Vec<(Option<u16>, Request, Vec<usize>)> = Vec::new();
+        let mut total = 0;
+        if g.split {
+            let all: Vec<usize> = route::key_positions(g.spec, g.req.argc()).collect();
+            total = all.len();
+            for p in route::split_by_slot(g.spec, &g.req) {
+                let order: Vec<usize> = p
+                    .keys
+                    .iter()
+                    .filter_map(|k| all.iter().position(|x| x == k))
+                    .collect();
+                parts.push((Some(p.slot), route::part_request(g.spec, &g.req, &p), order));
+            }
+        } else {
+            let state = cluster.load();
+            let Some(map) = state.map.clone() else {
+                return self.shared.masterdown();
+            };
+            for shard in &map.shards {
+                let first = shard.ranges.first().map(|r| r.0);
+                parts.push((first, g.req.clone(), Vec::new()));
+            }
+        }
+        let mut replies = Vec::with_capacity(parts.len());
+        for (slot, req, _) in &parts {
+            replies.push(self.call_slot(*slot, req).await);
+        }
+        let parts_out: Vec<Part> = replies
+            .iter()
+            .map(|r| match r {
+                Ok(reply) => part_of(reply, limits),
+                Err(e) => Part::Error(e.clone()),
+            })
+            .collect();
+        if g.split && g.spec.response_policy == crate::command::ResponsePolicy::Default {
+            let positions: Vec<Vec<usize>> = parts.iter().map(|p| p.2.clone()).collect();
+            aggregate::reassemble(&parts_out, &positions, total)
+        } else {
+            aggregate::combine(g.spec.response_policy, &parts_out)
+        }
+    }
+
+    /// Send one request to `slot`'s master and wait for its reply, following redirects
+    /// within `routing.failover_wait`. Only while nothing else is in flight.
+    async fn call_slot(&mut self, slot: Option<u16>, req: &Request) -> Result<Reply, Bytes> {
+        let Some(cluster) = self.cluster().cloned() else {
+            return Err(Bytes::from_static(texts::NO_BACKEND));
+        };
+        let wait = self.rt.config.routing.failover_wait;
+        let started = Instant::now();
+        let mut target = self.cluster_target(slot).await?;
+        let mut asking = false;
+        loop {
+            self.cluster_link(target).await?;
+            let reply = self.call_on(target, req, asking).await?;
+            let node = self
+                .upstream
+                .get(LinkId::Node(target))
+                .map(|l| l.label.clone())
+                .unwrap_or_default();
+            let Some((redirect, _)) = redirect_of(&reply, &node) else {
+                return Ok(reply);
+            };
+            cluster.report_redirect(redirect.kind, &node);
+            let left = wait.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                return Err(texts::cluster_gave_up(slot, &node, &redirect.text));
+            }
+            asking = redirect.kind == RedirectKind::Ask;
+            target = match &redirect.target {
+                Some(addr) => match cluster.node_index(addr) {
+                    Some(i) if self.wait_confirmed(i, left).await => i,
+                    _ => return Err(texts::cluster_gave_up(slot, &node, &redirect.text)),
+                },
+                None => {
+                    tokio::time::sleep(RETRY_PAUSE.min(left)).await;
+                    self.cluster_target(slot).await?
+                }
+            };
+        }
+    }
+
+    /// One request on node link `index` (nothing else in flight there), its reply read
+    /// in place; pushes that arrive meanwhile go to the client.
+    async fn call_on(&mut self, index: usize, req: &Request, asking: bool) -> Result<Reply, Bytes> {
+        let id = LinkId::Node(index);
+        let resp3 = self.state.resp3;
+        {
+            let Some(link) = self.upstream.get_mut(id) else {
+                return Err(Bytes::from_static(texts::NO_BACKEND));
+            };
+            if asking {
+                link.send(Request::from_args(&[b"ASKING"]).frame().clone());
+            }
+            link.send(req.frame().clone());
+        }
+        let mut skip = u32::from(asking);
+        loop {
+            let step = self.call_step(id).await;
+            match step {
+                Ok(Some(reply)) => {
+                    if resp3 && reply.is_push() {
+                        self.to_client.push(reply.into_frame());
+                        continue;
+                    }
+                    if skip > 0 {
+                        skip -= 1;
+                        continue;
+                    }
+                    return Ok(reply);
+                }
+                Ok(None) => {}
+                Err(end) => {
+                    let label = self.upstream.take(id).map(|l| l.label).unwrap_or_default();
+                    debug!(peer = %self.peer, node = %label, error = ?end, "cluster: node link lost");
+                    return Err(texts::link_lost(&label));
+                }
+            }
+        }
+    }
+
+    /// Flush, wait, read: one reply when there is one.
+    async fn call_step(&mut self, id: LinkId) -> Result<Option<Reply>, LinkEnd> {
+        let Some(link) = self.upstream.get_mut(id) else {
+            return Err(LinkEnd::Closed);
+        };
+        link.flush().map_err(LinkEnd::Io)?;
+        if let Some(r) = link.next_reply()? {
+            return Ok(Some(r));
+        }
+        if link.has_output() {
+            link.writable().await;
+            return Ok(None);
+        }
+        let timeout = self
+            .rt
+            .config
+            .limits
+            .connect_timeout
+            .max(self.rt.config.routing.failover_wait);
+        if tokio::time::timeout(timeout, link.readable())
+            .await
+            .is_err()
+        {
+            return Err(LinkEnd::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no reply in time",
+            )));
+        }
+        link.read(Instant::now())?;
+        link.next_reply()
+    }
+}
+
+/// The label of every node link (for `wait`/`flush` loops in the session).
+pub(super) fn node_ids(links: &[Link]) -> Vec<LinkId> {
+    links.iter().map(|l| LinkId::Node(l.index)).collect()
+}
