@@ -95,7 +95,6 @@ impl Cli {
                         refresh_interval: crate::config::DEFAULT_CLUSTER_REFRESH,
                         username: None,
                         password: None,
-                        tls: false,
                     })
                 }
             }

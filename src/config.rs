@@ -327,9 +327,6 @@ pub struct ClusterConfig {
     /// Password for every node; never shown to clients or logged.
     #[serde(default)]
     pub password: Option<String>,
-    /// Connect to the nodes with TLS, using `[backend_tls]` (and their `tls-port`).
-    #[serde(default)]
-    pub tls: bool,
 }
 
 fn default_cluster_refresh() -> Duration {
@@ -355,7 +352,6 @@ impl std::fmt::Debug for ClusterConfig {
             .field("refresh_interval", &self.refresh_interval)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -582,10 +578,10 @@ impl Config {
             if c.username.is_some() && c.password.is_none() {
                 return Err(invalid("cluster.password", "a username needs a password"));
             }
-            if c.tls && self.backend_tls.is_none() {
+            if self.routing.reads != ReadPolicy::Master {
                 return Err(invalid(
-                    "cluster.tls",
-                    "needs a [backend_tls] section (its CA verifies the nodes)",
+                    "routing.reads",
+                    "cluster mode reads from each slot's master only (replica reads are not supported yet)",
                 ));
             }
         }

@@ -427,15 +427,18 @@ impl Session {
         {
             self.run_retries().await;
         }
-        if self.cl.parked.is_some() && self.queue.is_empty() {
-            self.run_gather().await;
-        }
         if self.queue.is_empty() {
             if let Some(p) = self.parked.take() {
                 self.send(p).await;
             }
         }
         self.parse_buffered().await?;
+        // Cluster mode: a split or fan-out request held until the answers before it were
+        // in; what follows it is parsed once it is answered.
+        while self.cl.parked.is_some() && self.queue.is_empty() {
+            self.run_gather().await;
+            self.parse_buffered().await?;
+        }
         match self.phase {
             Phase::InputClosed if self.parked.is_none() && self.queue.retries() == 0 => {
                 // Everything the client sent is with the backends. Answers still coming

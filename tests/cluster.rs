@@ -1,0 +1,328 @@
+//! Cluster mode against a real Redis Cluster on loopback (`support::cluster`): a plain
+//! client through the proxy reaches every shard; cross-slot and multi-key commands answer
+//! byte for byte as Redis does; the proxy answers the CLUSTER namespace as one node;
+//! resharding and failover under load show no client a redirect and lose no acknowledged
+//! write.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use portcullis::config::{ClusterConfig, Config};
+use support::cluster::{info, RedisCluster};
+use support::{resp, wait_until, Conn, Proxy, RedisServer};
+
+/// The proxy in front of `cluster`, ready: every slot served by a confirmed master.
+async fn proxy(cluster: &RedisCluster) -> Proxy {
+    let mut config = Config {
+        cluster: Some(ClusterConfig {
+            seeds: cluster.seeds(),
+            refresh_interval: Duration::from_millis(500),
+            username: None,
+            password: None,
+        }),
+        ..Config::default()
+    };
+    config.probe.interval = Duration::from_millis(100);
+    config.routing.failover_wait = Duration::from_secs(10);
+    let p = Proxy::start_with(config).await;
+    let addr = p.addr.to_string();
+    wait_until("the proxy serves every slot", || {
+        let addr = addr.clone();
+        async move { info(&addr, &["CLUSTER", "INFO"]).await.contains("cluster_state:ok") }
+    })
+    .await;
+    p
+}
+
+/// Keys that hash to many different slots (and so to every shard).
+fn spread_keys(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("key:{i}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_client_reaches_every_shard_and_the_cluster_namespace_is_the_proxy() {
+    let cluster = RedisCluster::start(3, 1).await;
+    let p = proxy(&cluster).await;
+    let mut c = p.client().await;
+    for k in spread_keys(60) {
+        let _: () = redis::cmd("SET").arg(&k).arg(format!("v-{k}")).query_async(&mut c).await.unwrap();
+    }
+    for k in spread_keys(60) {
+        let v: String = redis::cmd("GET").arg(&k).query_async(&mut c).await.unwrap();
+        assert_eq!(v, format!("v-{k}"));
+        // Written on the slot's master, as a cluster client would have.
+        let slot = portcullis::cluster::key_hash_slot(k.as_bytes());
+        let master = cluster.master_of(slot).await;
+        assert!(cluster.node(&master).unwrap().has_key(&k).await, "{k} on {master}");
+    }
+    // Keyless commands and all_shards fan-out behave as one server.
+    let pong: String = redis::cmd("PING").query_async(&mut c).await.unwrap();
+    assert_eq!(pong, "PONG");
+    let n: i64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
+    assert_eq!(n, 60);
+    let mut keys: Vec<String> = redis::cmd("KEYS").arg("key:*").query_async(&mut c).await.unwrap();
+    keys.sort();
+    let mut want = spread_keys(60);
+    want.sort();
+    assert_eq!(keys, want);
+
+    // The CLUSTER namespace: the proxy as the one node serving every slot.
+    let mut raw = Conn::open(&p.addr.to_string()).await;
+    let port = p.addr.port();
+    let slots = raw.call(&["CLUSTER", "SLOTS"]).await;
+    let text = String::from_utf8_lossy(&slots).into_owned();
+    assert!(text.starts_with("*1\r\n*3\r\n:0\r\n:16383\r\n*3\r\n$9\r\n127.0.0.1\r\n"), "{text}");
+    assert!(text.contains(&format!(":{port}\r\n")), "{text}");
+    let myid = raw.call(&["CLUSTER", "MYID"]).await;
+    assert_eq!(myid.len(), "$40\r\n".len() + 40 + 2, "{}", String::from_utf8_lossy(&myid));
+    assert_eq!(raw.call(&["CLUSTER", "KEYSLOT", "foo"]).await, b":12182\r\n");
+    let nodes = String::from_utf8_lossy(&raw.call(&["CLUSTER", "NODES"]).await).into_owned();
+    assert!(nodes.contains(&format!("127.0.0.1:{port}@0 myself,master - 0 0 ")), "{nodes}");
+    assert!(nodes.contains(" connected 0-16383\n"), "{nodes}");
+    let shards = String::from_utf8_lossy(&raw.call(&["CLUSTER", "SHARDS"]).await).into_owned();
+    assert!(shards.contains("$6\r\nhealth\r\n$6\r\nonline\r\n"), "{shards}");
+    // Nothing tells a client about the real nodes.
+    for n in &cluster.nodes {
+        for reply in [&text, &nodes, &shards] {
+            assert!(!reply.contains(&format!(":{}", n.port)), "{reply}");
+        }
+    }
+    for cmd in [&["ASKING"][..], &["READONLY"], &["READWRITE"]] {
+        let r = raw.call(cmd).await;
+        assert!(r.starts_with(b"-ERR portcullis handles cluster redirects"), "{}", String::from_utf8_lossy(&r));
+    }
+    let r = raw.call(&["CLUSTER", "LINKS"]).await;
+    assert!(r.starts_with(b"-ERR portcullis answers the CLUSTER namespace"), "{}", String::from_utf8_lossy(&r));
+    let r = raw.call(&["CLUSTER", "MEET", "127.0.0.1", "1"]).await;
+    assert!(r.starts_with(b"-NOPERM"), "{}", String::from_utf8_lossy(&r));
+    // COUNTKEYSINSLOT goes to the slot's owner.
+    let slot = portcullis::cluster::key_hash_slot(b"key:1").to_string();
+    assert_eq!(raw.call(&["CLUSTER", "COUNTKEYSINSLOT", &slot]).await, b":1\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_slot_and_multi_key_commands_answer_as_redis() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let p = proxy(&cluster).await;
+    let single = RedisServer::start(&[]);
+    let mut via = Conn::open(&p.addr.to_string()).await;
+    let mut one = Conn::open(&single.addr()).await;
+    let mut node = Conn::open(&cluster.nodes[0].addr()).await;
+
+    // Cross-slot: Redis's own CROSSSLOT, byte for byte with a cluster node.
+    for cmd in [
+        &["MSETNX", "a", "1", "b", "2"][..],
+        &["RENAME", "a", "b"],
+        &["SINTERSTORE", "a", "b", "c"],
+    ] {
+        let want = node.call(cmd).await;
+        assert!(want.starts_with(b"-CROSSSLOT"), "{}", String::from_utf8_lossy(&want));
+        assert_eq!(via.call(cmd).await, want, "{cmd:?}");
+    }
+    // MSETNX in one slot works, all or nothing.
+    assert_eq!(via.call(&["MSETNX", "{t}a", "1", "{t}b", "2"]).await, b":1\r\n");
+
+    // multi_shard commands split by slot, compared with one plain Redis holding the same
+    // data, including a wrong-type key in MGET (nil, as Redis gives).
+    let keys = spread_keys(20);
+    for conn in [&mut via, &mut one] {
+        let mut args: Vec<&str> = vec!["MSET"];
+        for k in &keys {
+            args.push(k);
+            args.push(k);
+        }
+        assert_eq!(conn.call(&args).await, b"+OK\r\n");
+        assert_eq!(conn.call(&["LPUSH", "list:1", "x"]).await, b":1\r\n");
+        assert_eq!(conn.call(&["MSETNX", "{t}a", "1", "{t}b", "2"]).await.len(), 4);
+    }
+    let probes: Vec<Vec<&str>> = vec![
+        std::iter::once("MGET").chain(keys.iter().map(|s| s.as_str())).chain(["list:1", "missing", "key:3"]).collect(),
+        vec!["EXISTS", "key:1", "key:2", "nope", "key:1", "list:1"],
+        vec!["TOUCH", "key:4", "key:5", "nope"],
+        vec!["DEL", "key:6", "key:7", "key:8", "nope"],
+        vec!["UNLINK", "key:9", "key:10", "nope"],
+        vec!["MGET", "key:6", "key:9", "key:11"],
+        vec!["DBSIZE"],
+    ];
+    for cmd in &probes {
+        let want = one.call(cmd).await;
+        let got = via.call(cmd).await;
+        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&want), "{:?}", cmd[0]);
+    }
+    // Pipelined: a split command waits for the answers before it, and answers in order.
+    let mut batch = Vec::new();
+    batch.extend(resp(&[b"SET", b"key:100", b"x"]));
+    batch.extend(resp(&[b"MGET", b"key:100", b"key:1"]));
+    batch.extend(resp(&[b"GET", b"key:100"]));
+    via.send(&batch).await;
+    assert_eq!(via.reply().await.unwrap(), b"+OK\r\n");
+    assert_eq!(via.reply().await.unwrap(), b"*2\r\n$1\r\nx\r\n$5\r\nkey:1\r\n");
+    assert_eq!(via.reply().await.unwrap(), b"$1\r\nx\r\n");
+
+    // A transaction stays on one slot: a cross-slot command while queuing gets CROSSSLOT
+    // and EXEC EXECABORT, as Redis does.
+    assert_eq!(via.call(&["MULTI"]).await, b"+OK\r\n");
+    assert_eq!(via.call(&["SET", "{u}1", "a"]).await, b"+QUEUED\r\n");
+    assert_eq!(via.call(&["INCR", "{u}2"]).await, b"+QUEUED\r\n");
+    assert_eq!(via.call(&["EXEC"]).await, b"*2\r\n+OK\r\n:1\r\n");
+    assert_eq!(via.call(&["MULTI"]).await, b"+OK\r\n");
+    assert_eq!(via.call(&["SET", "{u}1", "b"]).await, b"+QUEUED\r\n");
+    assert!(via.call(&["SET", "a", "b"]).await.starts_with(b"-CROSSSLOT"));
+    assert!(via.call(&["MSET", "x", "1", "y", "2"]).await.starts_with(b"-CROSSSLOT"));
+    assert!(via.call(&["EXEC"]).await.starts_with(b"-EXECABORT"));
+    assert_eq!(via.call(&["GET", "{u}1"]).await, b"$1\r\na\r\n");
+    // An empty transaction and WATCH on the key's node.
+    assert_eq!(via.call(&["MULTI"]).await, b"+OK\r\n");
+    assert_eq!(via.call(&["EXEC"]).await, b"*0\r\n");
+    assert_eq!(via.call(&["WATCH", "{u}1"]).await, b"+OK\r\n");
+    assert_eq!(via.call(&["MULTI"]).await, b"+OK\r\n");
+    assert_eq!(via.call(&["SET", "{u}1", "c"]).await, b"+QUEUED\r\n");
+    assert_eq!(via.call(&["EXEC"]).await, b"*1\r\n+OK\r\n");
+}
+
+/// Writers through the proxy, each remembering what was acknowledged.
+struct Load {
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+impl Load {
+    fn start(addr: std::net::SocketAddr, writers: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicU64::new(0));
+        let tasks = (0..writers)
+            .map(|w| {
+                let (stop, acked) = (stop.clone(), acked.clone());
+                tokio::spawn(async move {
+                    let mut c = support::client(&addr.to_string()).await;
+                    let mut errors = Vec::new();
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let key = format!("load:{w}:{i}");
+                        let r: redis::RedisResult<()> =
+                            redis::cmd("SET").arg(&key).arg(i).query_async(&mut c).await;
+                        match r {
+                            Ok(()) => {
+                                acked.fetch_add(1, Ordering::Relaxed);
+                                i += 1;
+                            }
+                            Err(e) => errors.push(format!("{key}: {e}")),
+                        }
+                    }
+                    errors.push(format!("written:{w}:{i}"));
+                    errors
+                })
+            })
+            .collect();
+        Load { stop, acked, tasks }
+    }
+
+    /// Stop; the errors clients saw, and per writer how many keys were acknowledged.
+    async fn finish(self) -> (Vec<String>, Vec<(usize, u64)>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut errors = Vec::new();
+        let mut written = Vec::new();
+        for t in self.tasks {
+            for line in t.await.unwrap() {
+                if let Some(rest) = line.strip_prefix("written:") {
+                    let (w, n) = rest.split_once(':').unwrap();
+                    written.push((w.parse().unwrap(), n.parse().unwrap()));
+                } else {
+                    errors.push(line);
+                }
+            }
+        }
+        (errors, written)
+    }
+}
+
+async fn every_acknowledged_write_is_readable(p: &Proxy, written: &[(usize, u64)]) {
+    let mut c = p.client().await;
+    for &(w, n) in written {
+        for i in 0..n {
+            let key = format!("load:{w}:{i}");
+            let v: Option<u64> = redis::cmd("GET").arg(&key).query_async(&mut c).await.unwrap();
+            assert_eq!(v, Some(i), "{key} lost");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resharding_under_load_shows_no_redirect_and_loses_nothing() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let p = proxy(&cluster).await;
+    let load = Load::start(p.addr, 4);
+    let acked = load.acked.clone();
+    wait_until("some writes", || {
+        let acked = acked.clone();
+        async move { acked.load(Ordering::Relaxed) > 200 }
+    })
+    .await;
+    let from = cluster.node_id(&cluster.nodes[0].addr()).await;
+    let to = cluster.node_id(&cluster.nodes[1].addr()).await;
+    let seed = cluster.nodes[0].addr();
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("redis-cli")
+            .args(["--cluster", "reshard", &seed])
+            .args(["--cluster-from", &from, "--cluster-to", &to])
+            .args(["--cluster-slots", "300", "--cluster-yes", "--cluster-pipeline", "10"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(status.success(), "redis-cli --cluster reshard failed");
+    let before = acked.load(Ordering::Relaxed);
+    wait_until("writes after the reshard", || {
+        let acked = acked.clone();
+        async move { acked.load(Ordering::Relaxed) > before + 200 }
+    })
+    .await;
+    let (errors, written) = load.finish().await;
+    assert!(errors.is_empty(), "clients saw errors: {errors:?}");
+    every_acknowledged_write_is_readable(&p, &written).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_under_load_resumes_writes_without_readonly() {
+    let cluster = RedisCluster::start(3, 1).await;
+    let p = proxy(&cluster).await;
+    let load = Load::start(p.addr, 4);
+    let acked = load.acked.clone();
+    wait_until("some writes", || {
+        let acked = acked.clone();
+        async move { acked.load(Ordering::Relaxed) > 200 }
+    })
+    .await;
+    // A replica takes over its master's shard.
+    let mut replica = None;
+    for n in &cluster.nodes {
+        if info(&n.addr(), &["INFO", "replication"]).await.contains("role:slave") {
+            replica = Some(n.addr());
+            break;
+        }
+    }
+    let replica = replica.expect("a replica");
+    let r = info(&replica, &["CLUSTER", "FAILOVER"]).await;
+    assert_eq!(r, "OK");
+    wait_until("the replica is master", || {
+        let replica = replica.clone();
+        async move { info(&replica, &["INFO", "replication"]).await.contains("role:master") }
+    })
+    .await;
+    let before = acked.load(Ordering::Relaxed);
+    wait_until("writes after the failover", || {
+        let acked = acked.clone();
+        async move { acked.load(Ordering::Relaxed) > before + 200 }
+    })
+    .await;
+    let (errors, written) = load.finish().await;
+    assert!(errors.is_empty(), "clients saw errors: {errors:?}");
+    every_acknowledged_write_is_readable(&p, &written).await;
+}
