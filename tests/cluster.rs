@@ -14,8 +14,37 @@ use portcullis::config::{ClusterConfig, Config};
 use support::cluster::{info, RedisCluster};
 use support::{resp, wait_until, Conn, Proxy, RedisServer};
 
+/// One Prometheus recorder per test binary; counters are told apart by node address.
+fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static H: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    H.get_or_init(|| {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .expect("recorder")
+    })
+}
+
+/// Redirects the proxy absorbed from this cluster's nodes, by kind.
+fn redirects(cluster: &RedisCluster) -> std::collections::HashMap<String, f64> {
+    let mut out = std::collections::HashMap::new();
+    for line in prometheus().render().lines() {
+        if !line.starts_with("portcullis_cluster_redirects_total{") {
+            continue;
+        }
+        if !cluster.nodes.iter().any(|n| line.contains(&format!("node=\"{}\"", n.addr()))) {
+            continue;
+        }
+        let kind = line.split("kind=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("");
+        let n: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        *out.entry(kind.to_string()).or_insert(0.0) += n;
+    }
+    out
+}
+
 /// The proxy in front of `cluster`, ready: every slot served by a confirmed master.
 async fn proxy(cluster: &RedisCluster) -> Proxy {
+    prometheus();
     let mut config = Config {
         cluster: Some(ClusterConfig {
             seeds: cluster.seeds(),
@@ -190,6 +219,12 @@ struct Load {
     tasks: Vec<tokio::task::JoinHandle<Vec<String>>>,
 }
 
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 impl Load {
     fn start(addr: std::net::SocketAddr, writers: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
@@ -222,11 +257,11 @@ impl Load {
     }
 
     /// Stop; the errors clients saw, and per writer how many keys were acknowledged.
-    async fn finish(self) -> (Vec<String>, Vec<(usize, u64)>) {
+    async fn finish(mut self) -> (Vec<String>, Vec<(usize, u64)>) {
         self.stop.store(true, Ordering::Relaxed);
         let mut errors = Vec::new();
         let mut written = Vec::new();
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             for line in t.await.unwrap() {
                 if let Some(rest) = line.strip_prefix("written:") {
                     let (w, n) = rest.split_once(':').unwrap();
@@ -287,6 +322,13 @@ async fn resharding_under_load_shows_no_redirect_and_loses_nothing() {
     let (errors, written) = load.finish().await;
     assert!(errors.is_empty(), "clients saw errors: {errors:?}");
     every_acknowledged_write_is_readable(&p, &written).await;
+    // The reshard did redirect the proxy (and no client saw it).
+    let seen = redirects(&cluster);
+    assert!(
+        seen.get("moved").copied().unwrap_or(0.0) + seen.get("ask").copied().unwrap_or(0.0) > 0.0,
+        "{seen:?}"
+    );
+    eprintln!("redirects absorbed during the reshard: {seen:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,4 +367,5 @@ async fn failover_under_load_resumes_writes_without_readonly() {
     let (errors, written) = load.finish().await;
     assert!(errors.is_empty(), "clients saw errors: {errors:?}");
     every_acknowledged_write_is_readable(&p, &written).await;
+    eprintln!("redirects absorbed during the failover: {:?}", redirects(&cluster));
 }

@@ -591,7 +591,12 @@ impl Session {
         if let Some(shared) = &mut self.upstream.shared {
             shared.flush();
         }
-        let nodes = cluster::node_ids(&self.upstream.nodes);
+        // Cluster node links only in cluster mode (no allocation otherwise).
+        let nodes = if self.upstream.nodes.is_empty() {
+            Vec::new()
+        } else {
+            cluster::node_ids(&self.upstream.nodes)
+        };
         for id in [LinkId::Master, LinkId::Replica].into_iter().chain(nodes) {
             if let Some(link) = self.upstream.get_mut(id) {
                 if let Err(e) = link.flush() {

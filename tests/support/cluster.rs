@@ -167,6 +167,7 @@ pub async fn info(addr: &str, args: &[&str]) -> String {
         Ok(Ok(redis::Value::BulkString(b))) => String::from_utf8_lossy(&b).into_owned(),
         Ok(Ok(redis::Value::VerbatimString { text, .. })) => text,
         Ok(Ok(redis::Value::SimpleString(s))) => s,
+        Ok(Ok(redis::Value::Okay)) => "OK".to_string(),
         _ => String::new(),
     }
 }
