@@ -369,3 +369,39 @@ async fn failover_under_load_resumes_writes_without_readonly() {
     every_acknowledged_write_is_readable(&p, &written).await;
     eprintln!("redirects absorbed during the failover: {:?}", redirects(&cluster));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ask_during_a_slot_migration_is_followed_without_a_map_change() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let p = proxy(&cluster).await;
+    let key = "ask:key";
+    let slot = portcullis::cluster::key_hash_slot(key.as_bytes());
+    let source = cluster.master_of(slot).await;
+    let target = cluster
+        .nodes
+        .iter()
+        .map(|n| n.addr())
+        .find(|a| *a != source)
+        .unwrap();
+    let (source_id, target_id) = (cluster.node_id(&source).await, cluster.node_id(&target).await);
+    let slot_s = slot.to_string();
+    assert_eq!(info(&target, &["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", &source_id]).await, "OK");
+    assert_eq!(info(&source, &["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", &target_id]).await, "OK");
+    // A new key in a migrating slot: the source answers ASK; the proxy sends ASKING and
+    // the command to the target, and the client sees Redis's plain answer.
+    let mut via = Conn::open(&p.addr.to_string()).await;
+    assert_eq!(via.call(&["SET", key, "v"]).await, b"+OK\r\n");
+    assert_eq!(via.call(&["GET", key]).await, b"$1\r\nv\r\n");
+    // Not on the source (the target holds it; it answers for it once the slot is its).
+    assert!(!cluster.node(&source).unwrap().has_key(key).await);
+    let seen = redirects(&cluster);
+    assert!(seen.get("ask").copied().unwrap_or(0.0) >= 2.0, "{seen:?}");
+    // The migration ends: the slot is the target's; MOVED is followed too.
+    for n in &cluster.nodes {
+        assert_eq!(info(&n.addr(), &["CLUSTER", "SETSLOT", &slot_s, "NODE", &target_id]).await, "OK");
+    }
+    assert!(cluster.node(&target).unwrap().has_key(key).await);
+    assert_eq!(via.call(&["GET", key]).await, b"$1\r\nv\r\n");
+    assert_eq!(via.call(&["SET", key, "w"]).await, b"+OK\r\n");
+    assert_eq!(via.call(&["GET", key]).await, b"$1\r\nw\r\n");
+}
