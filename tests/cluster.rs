@@ -32,11 +32,23 @@ fn redirects(cluster: &RedisCluster) -> std::collections::HashMap<String, f64> {
         if !line.starts_with("portcullis_cluster_redirects_total{") {
             continue;
         }
-        if !cluster.nodes.iter().any(|n| line.contains(&format!("node=\"{}\"", n.addr()))) {
+        if !cluster
+            .nodes
+            .iter()
+            .any(|n| line.contains(&format!("node=\"{}\"", n.addr())))
+        {
             continue;
         }
-        let kind = line.split("kind=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("");
-        let n: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        let kind = line
+            .split("kind=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("");
+        let n: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
         *out.entry(kind.to_string()).or_insert(0.0) += n;
     }
     out
@@ -60,7 +72,11 @@ async fn proxy(cluster: &RedisCluster) -> Proxy {
     let addr = p.addr.to_string();
     wait_until("the proxy serves every slot", || {
         let addr = addr.clone();
-        async move { info(&addr, &["CLUSTER", "INFO"]).await.contains("cluster_state:ok") }
+        async move {
+            info(&addr, &["CLUSTER", "INFO"])
+                .await
+                .contains("cluster_state:ok")
+        }
     })
     .await;
     p
@@ -77,7 +93,12 @@ async fn plain_client_reaches_every_shard_and_the_cluster_namespace_is_the_proxy
     let p = proxy(&cluster).await;
     let mut c = p.client().await;
     for k in spread_keys(60) {
-        let _: () = redis::cmd("SET").arg(&k).arg(format!("v-{k}")).query_async(&mut c).await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(&k)
+            .arg(format!("v-{k}"))
+            .query_async(&mut c)
+            .await
+            .unwrap();
     }
     for k in spread_keys(60) {
         let v: String = redis::cmd("GET").arg(&k).query_async(&mut c).await.unwrap();
@@ -85,14 +106,21 @@ async fn plain_client_reaches_every_shard_and_the_cluster_namespace_is_the_proxy
         // Written on the slot's master, as a cluster client would have.
         let slot = portcullis::cluster::key_hash_slot(k.as_bytes());
         let master = cluster.master_of(slot).await;
-        assert!(cluster.node(&master).unwrap().has_key(&k).await, "{k} on {master}");
+        assert!(
+            cluster.node(&master).unwrap().has_key(&k).await,
+            "{k} on {master}"
+        );
     }
     // Keyless commands and all_shards fan-out behave as one server.
     let pong: String = redis::cmd("PING").query_async(&mut c).await.unwrap();
     assert_eq!(pong, "PONG");
     let n: i64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
     assert_eq!(n, 60);
-    let mut keys: Vec<String> = redis::cmd("KEYS").arg("key:*").query_async(&mut c).await.unwrap();
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg("key:*")
+        .query_async(&mut c)
+        .await
+        .unwrap();
     keys.sort();
     let mut want = spread_keys(60);
     want.sort();
@@ -103,16 +131,33 @@ async fn plain_client_reaches_every_shard_and_the_cluster_namespace_is_the_proxy
     let port = p.addr.port();
     let slots = raw.call(&["CLUSTER", "SLOTS"]).await;
     let text = String::from_utf8_lossy(&slots).into_owned();
-    assert!(text.starts_with("*1\r\n*3\r\n:0\r\n:16383\r\n*3\r\n$9\r\n127.0.0.1\r\n"), "{text}");
+    assert!(
+        text.starts_with("*1\r\n*3\r\n:0\r\n:16383\r\n*3\r\n$9\r\n127.0.0.1\r\n"),
+        "{text}"
+    );
     assert!(text.contains(&format!(":{port}\r\n")), "{text}");
     let myid = raw.call(&["CLUSTER", "MYID"]).await;
-    assert_eq!(myid.len(), "$40\r\n".len() + 40 + 2, "{}", String::from_utf8_lossy(&myid));
-    assert_eq!(raw.call(&["CLUSTER", "KEYSLOT", "foo"]).await, b":12182\r\n");
+    assert_eq!(
+        myid.len(),
+        "$40\r\n".len() + 40 + 2,
+        "{}",
+        String::from_utf8_lossy(&myid)
+    );
+    assert_eq!(
+        raw.call(&["CLUSTER", "KEYSLOT", "foo"]).await,
+        b":12182\r\n"
+    );
     let nodes = String::from_utf8_lossy(&raw.call(&["CLUSTER", "NODES"]).await).into_owned();
-    assert!(nodes.contains(&format!("127.0.0.1:{port}@0 myself,master - 0 0 ")), "{nodes}");
+    assert!(
+        nodes.contains(&format!("127.0.0.1:{port}@0 myself,master - 0 0 ")),
+        "{nodes}"
+    );
     assert!(nodes.contains(" connected 0-16383\n"), "{nodes}");
     let shards = String::from_utf8_lossy(&raw.call(&["CLUSTER", "SHARDS"]).await).into_owned();
-    assert!(shards.contains("$6\r\nhealth\r\n$6\r\nonline\r\n"), "{shards}");
+    assert!(
+        shards.contains("$6\r\nhealth\r\n$6\r\nonline\r\n"),
+        "{shards}"
+    );
     // Nothing tells a client about the real nodes.
     for n in &cluster.nodes {
         for reply in [&text, &nodes, &shards] {
@@ -121,15 +166,26 @@ async fn plain_client_reaches_every_shard_and_the_cluster_namespace_is_the_proxy
     }
     for cmd in [&["ASKING"][..], &["READONLY"], &["READWRITE"]] {
         let r = raw.call(cmd).await;
-        assert!(r.starts_with(b"-ERR portcullis handles cluster redirects"), "{}", String::from_utf8_lossy(&r));
+        assert!(
+            r.starts_with(b"-ERR portcullis handles cluster redirects"),
+            "{}",
+            String::from_utf8_lossy(&r)
+        );
     }
     let r = raw.call(&["CLUSTER", "LINKS"]).await;
-    assert!(r.starts_with(b"-ERR portcullis answers the CLUSTER namespace"), "{}", String::from_utf8_lossy(&r));
+    assert!(
+        r.starts_with(b"-ERR portcullis answers the CLUSTER namespace"),
+        "{}",
+        String::from_utf8_lossy(&r)
+    );
     let r = raw.call(&["CLUSTER", "MEET", "127.0.0.1", "1"]).await;
     assert!(r.starts_with(b"-NOPERM"), "{}", String::from_utf8_lossy(&r));
     // COUNTKEYSINSLOT goes to the slot's owner.
     let slot = portcullis::cluster::key_hash_slot(b"key:1").to_string();
-    assert_eq!(raw.call(&["CLUSTER", "COUNTKEYSINSLOT", &slot]).await, b":1\r\n");
+    assert_eq!(
+        raw.call(&["CLUSTER", "COUNTKEYSINSLOT", &slot]).await,
+        b":1\r\n"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,11 +204,18 @@ async fn cross_slot_and_multi_key_commands_answer_as_redis() {
         &["SINTERSTORE", "a", "b", "c"],
     ] {
         let want = node.call(cmd).await;
-        assert!(want.starts_with(b"-CROSSSLOT"), "{}", String::from_utf8_lossy(&want));
+        assert!(
+            want.starts_with(b"-CROSSSLOT"),
+            "{}",
+            String::from_utf8_lossy(&want)
+        );
         assert_eq!(via.call(cmd).await, want, "{cmd:?}");
     }
     // MSETNX in one slot works, all or nothing.
-    assert_eq!(via.call(&["MSETNX", "{t}a", "1", "{t}b", "2"]).await, b":1\r\n");
+    assert_eq!(
+        via.call(&["MSETNX", "{t}a", "1", "{t}b", "2"]).await,
+        b":1\r\n"
+    );
 
     // multi_shard commands split by slot, compared with one plain Redis holding the same
     // data, including a wrong-type key in MGET (nil, as Redis gives).
@@ -165,10 +228,16 @@ async fn cross_slot_and_multi_key_commands_answer_as_redis() {
         }
         assert_eq!(conn.call(&args).await, b"+OK\r\n");
         assert_eq!(conn.call(&["LPUSH", "list:1", "x"]).await, b":1\r\n");
-        assert_eq!(conn.call(&["MSETNX", "{t}a", "1", "{t}b", "2"]).await.len(), 4);
+        assert_eq!(
+            conn.call(&["MSETNX", "{t}a", "1", "{t}b", "2"]).await.len(),
+            4
+        );
     }
     let probes: Vec<Vec<&str>> = vec![
-        std::iter::once("MGET").chain(keys.iter().map(|s| s.as_str())).chain(["list:1", "missing", "key:3"]).collect(),
+        std::iter::once("MGET")
+            .chain(keys.iter().map(|s| s.as_str()))
+            .chain(["list:1", "missing", "key:3"])
+            .collect(),
         vec!["EXISTS", "key:1", "key:2", "nope", "key:1", "list:1"],
         vec!["TOUCH", "key:4", "key:5", "nope"],
         vec!["DEL", "key:6", "key:7", "key:8", "nope"],
@@ -179,7 +248,12 @@ async fn cross_slot_and_multi_key_commands_answer_as_redis() {
     for cmd in &probes {
         let want = one.call(cmd).await;
         let got = via.call(cmd).await;
-        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&want), "{:?}", cmd[0]);
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want),
+            "{:?}",
+            cmd[0]
+        );
     }
     // Pipelined: a split command waits for the answers before it, and answers in order.
     let mut batch = Vec::new();
@@ -188,7 +262,10 @@ async fn cross_slot_and_multi_key_commands_answer_as_redis() {
     batch.extend(resp(&[b"GET", b"key:100"]));
     via.send(&batch).await;
     assert_eq!(via.reply().await.unwrap(), b"+OK\r\n");
-    assert_eq!(via.reply().await.unwrap(), b"*2\r\n$1\r\nx\r\n$5\r\nkey:1\r\n");
+    assert_eq!(
+        via.reply().await.unwrap(),
+        b"*2\r\n$1\r\nx\r\n$5\r\nkey:1\r\n"
+    );
     assert_eq!(via.reply().await.unwrap(), b"$1\r\nx\r\n");
 
     // A transaction stays on one slot: a cross-slot command while queuing gets CROSSSLOT
@@ -199,8 +276,14 @@ async fn cross_slot_and_multi_key_commands_answer_as_redis() {
     assert_eq!(via.call(&["EXEC"]).await, b"*2\r\n+OK\r\n:1\r\n");
     assert_eq!(via.call(&["MULTI"]).await, b"+OK\r\n");
     assert_eq!(via.call(&["SET", "{u}1", "b"]).await, b"+QUEUED\r\n");
-    assert!(via.call(&["SET", "a", "b"]).await.starts_with(b"-CROSSSLOT"));
-    assert!(via.call(&["MSET", "x", "1", "y", "2"]).await.starts_with(b"-CROSSSLOT"));
+    assert!(via
+        .call(&["SET", "a", "b"])
+        .await
+        .starts_with(b"-CROSSSLOT"));
+    assert!(via
+        .call(&["MSET", "x", "1", "y", "2"])
+        .await
+        .starts_with(b"-CROSSSLOT"));
     assert!(via.call(&["EXEC"]).await.starts_with(b"-EXECABORT"));
     assert_eq!(via.call(&["GET", "{u}1"]).await, b"$1\r\na\r\n");
     // An empty transaction and WATCH on the key's node.
@@ -280,7 +363,11 @@ async fn every_acknowledged_write_is_readable(p: &Proxy, written: &[(usize, u64)
     for &(w, n) in written {
         for i in 0..n {
             let key = format!("load:{w}:{i}");
-            let v: Option<u64> = redis::cmd("GET").arg(&key).query_async(&mut c).await.unwrap();
+            let v: Option<u64> = redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut c)
+                .await
+                .unwrap();
             assert_eq!(v, Some(i), "{key} lost");
         }
     }
@@ -304,7 +391,13 @@ async fn resharding_under_load_shows_no_redirect_and_loses_nothing() {
         std::process::Command::new("redis-cli")
             .args(["--cluster", "reshard", &seed])
             .args(["--cluster-from", &from, "--cluster-to", &to])
-            .args(["--cluster-slots", "300", "--cluster-yes", "--cluster-pipeline", "10"])
+            .args([
+                "--cluster-slots",
+                "300",
+                "--cluster-yes",
+                "--cluster-pipeline",
+                "10",
+            ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .status()
@@ -345,7 +438,10 @@ async fn failover_under_load_resumes_writes_without_readonly() {
     // A replica takes over its master's shard.
     let mut replica = None;
     for n in &cluster.nodes {
-        if info(&n.addr(), &["INFO", "replication"]).await.contains("role:slave") {
+        if info(&n.addr(), &["INFO", "replication"])
+            .await
+            .contains("role:slave")
+        {
             replica = Some(n.addr());
             break;
         }
@@ -355,7 +451,11 @@ async fn failover_under_load_resumes_writes_without_readonly() {
     assert_eq!(r, "OK");
     wait_until("the replica is master", || {
         let replica = replica.clone();
-        async move { info(&replica, &["INFO", "replication"]).await.contains("role:master") }
+        async move {
+            info(&replica, &["INFO", "replication"])
+                .await
+                .contains("role:master")
+        }
     })
     .await;
     let before = acked.load(Ordering::Relaxed);
@@ -367,7 +467,10 @@ async fn failover_under_load_resumes_writes_without_readonly() {
     let (errors, written) = load.finish().await;
     assert!(errors.is_empty(), "clients saw errors: {errors:?}");
     every_acknowledged_write_is_readable(&p, &written).await;
-    eprintln!("redirects absorbed during the failover: {:?}", redirects(&cluster));
+    eprintln!(
+        "redirects absorbed during the failover: {:?}",
+        redirects(&cluster)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,10 +486,27 @@ async fn ask_during_a_slot_migration_is_followed_without_a_map_change() {
         .map(|n| n.addr())
         .find(|a| *a != source)
         .unwrap();
-    let (source_id, target_id) = (cluster.node_id(&source).await, cluster.node_id(&target).await);
+    let (source_id, target_id) = (
+        cluster.node_id(&source).await,
+        cluster.node_id(&target).await,
+    );
     let slot_s = slot.to_string();
-    assert_eq!(info(&target, &["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", &source_id]).await, "OK");
-    assert_eq!(info(&source, &["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", &target_id]).await, "OK");
+    assert_eq!(
+        info(
+            &target,
+            &["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", &source_id]
+        )
+        .await,
+        "OK"
+    );
+    assert_eq!(
+        info(
+            &source,
+            &["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", &target_id]
+        )
+        .await,
+        "OK"
+    );
     // A new key in a migrating slot: the source answers ASK; the proxy sends ASKING and
     // the command to the target, and the client sees Redis's plain answer.
     let mut via = Conn::open(&p.addr.to_string()).await;
@@ -398,10 +518,77 @@ async fn ask_during_a_slot_migration_is_followed_without_a_map_change() {
     assert!(seen.get("ask").copied().unwrap_or(0.0) >= 2.0, "{seen:?}");
     // The migration ends: the slot is the target's; MOVED is followed too.
     for n in &cluster.nodes {
-        assert_eq!(info(&n.addr(), &["CLUSTER", "SETSLOT", &slot_s, "NODE", &target_id]).await, "OK");
+        assert_eq!(
+            info(
+                &n.addr(),
+                &["CLUSTER", "SETSLOT", &slot_s, "NODE", &target_id]
+            )
+            .await,
+            "OK"
+        );
     }
     assert!(cluster.node(&target).unwrap().has_key(key).await);
     assert_eq!(via.call(&["GET", key]).await, b"$1\r\nv\r\n");
     assert_eq!(via.call(&["SET", key, "w"]).await, b"+OK\r\n");
     assert_eq!(via.call(&["GET", key]).await, b"$1\r\nw\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn master_killed_under_load_writes_resume_on_the_promoted_replica() {
+    let mut cluster = RedisCluster::start(3, 1).await;
+    let p = proxy(&cluster).await;
+    let load = Load::start(p.addr, 4);
+    let acked = load.acked.clone();
+    wait_until("some writes", || {
+        let acked = acked.clone();
+        async move { acked.load(Ordering::Relaxed) > 200 }
+    })
+    .await;
+    let victim = cluster.master_of(0).await;
+    let replica_of_victim = {
+        let id = cluster.node_id(&victim).await;
+        let text = info(&cluster.nodes[1].addr(), &["CLUSTER", "NODES"]).await;
+        text.lines()
+            .find(|l| l.contains(&format!(" {id} ")) && l.contains("slave"))
+            .and_then(|l| l.split_ascii_whitespace().nth(1))
+            .and_then(|a| a.split('@').next())
+            .map(str::to_string)
+            .expect("the victim's replica")
+    };
+    let pos = cluster
+        .nodes
+        .iter()
+        .position(|n| n.addr() == victim)
+        .unwrap();
+    cluster.nodes[pos].kill();
+    wait_until("the replica took over", || {
+        let r = replica_of_victim.clone();
+        async move {
+            info(&r, &["INFO", "replication"])
+                .await
+                .contains("role:master")
+        }
+    })
+    .await;
+    let before = acked.load(Ordering::Relaxed);
+    wait_until("writes after the failover", || {
+        let acked = acked.clone();
+        async move { acked.load(Ordering::Relaxed) > before + 200 }
+    })
+    .await;
+    let (errors, _) = load.finish().await;
+    // Requests in flight on the killed node's connections may or may not have run: those
+    // get the proxy's "lost the connection" answer (as a direct client gets a dropped
+    // connection). Nothing else: no READONLY, no redirect, no CLUSTERDOWN.
+    for e in &errors {
+        assert!(e.contains("lost the connection"), "{errors:?}");
+    }
+    assert!(errors.len() <= 4 * 2, "{errors:?}");
+    let mut c = p.client().await;
+    let _: () = redis::cmd("SET")
+        .arg("{x}after")
+        .arg(1)
+        .query_async(&mut c)
+        .await
+        .unwrap();
 }

@@ -436,37 +436,29 @@ impl Session {
             KeySlot::Slot(s) => Some(s),
             _ => None,
         };
-        let target = match self.cl.bound {
-            Some(b) => {
-                if let (Some(s), Some(c)) = (slot, self.cluster()) {
-                    let owner = c.load().slot_master(s, &self.shared.topology.load());
-                    if owner.as_ref().ok() != Some(&b) && owner.is_ok() {
-                        // Another node serves it: Redis's answer for a slot the
-                        // connection's node does not hold in a transaction.
-                        if let Some(txn) = &mut self.txn {
-                            txn.dirty = true;
-                        }
-                        self.push_local(deliver.then(|| Bytes::from_static(texts::CROSSSLOT)));
-                        return;
-                    }
+        let deadline = tokio::time::Instant::now() + self.rt.config.routing.failover_wait;
+        let target = loop {
+            let target = match self.cluster_pick(slot, deliver).await {
+                Some(t) => t,
+                None => return,
+            };
+            match self.cluster_link(target).await {
+                Ok(()) => break target,
+                // A node that refused the connection was reported down (`open_link`): the
+                // next pick waits for its shard's new master, within the failover wait.
+                Err(_)
+                    if self.cl.bound.is_none()
+                        && !matches!(self.phase, super::Phase::Ending(_))
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(super::RECONNECT_PAUSE).await;
                 }
-                b
-            }
-            None => match self.cluster_target(slot).await {
-                Ok(i) => i,
                 Err(reply) => {
-                    if let Some(txn) = &mut self.txn {
-                        txn.dirty = true;
-                    }
                     self.push_local(deliver.then_some(reply));
                     return;
                 }
-            },
+            }
         };
-        if let Err(reply) = self.cluster_link(target).await {
-            self.push_local(deliver.then_some(reply));
-            return;
-        }
         let stateful = self.cluster_stateful(&out);
         if stateful && self.cl.bound.is_none() {
             self.cl.bound = Some(target);
@@ -493,6 +485,39 @@ impl Session {
                 self.cl.bound = None;
             }
         }
+    }
+
+    /// The node for a request of `slot`: the bound node (when the slot is still its),
+    /// else the slot's confirmed master; `None` when an error was answered instead.
+    async fn cluster_pick(&mut self, slot: Option<u16>, deliver: bool) -> Option<usize> {
+        let target = match self.cl.bound {
+            Some(b) => {
+                if let (Some(s), Some(c)) = (slot, self.cluster()) {
+                    let owner = c.load().slot_master(s, &self.shared.topology.load());
+                    if owner.as_ref().ok() != Some(&b) && owner.is_ok() {
+                        // Another node serves it: Redis's answer for a slot the
+                        // connection's node does not hold in a transaction.
+                        if let Some(txn) = &mut self.txn {
+                            txn.dirty = true;
+                        }
+                        self.push_local(deliver.then(|| Bytes::from_static(texts::CROSSSLOT)));
+                        return None;
+                    }
+                }
+                b
+            }
+            None => match self.cluster_target(slot).await {
+                Ok(i) => i,
+                Err(reply) => {
+                    if let Some(txn) = &mut self.txn {
+                        txn.dirty = true;
+                    }
+                    self.push_local(deliver.then_some(reply));
+                    return None;
+                }
+            },
+        };
+        Some(target)
     }
 
     /// The confirmed master for `slot` (any confirmed master for none), waiting up to

@@ -163,7 +163,12 @@ pub async fn info(addr: &str, args: &[&str]) -> String {
     for a in &args[1..] {
         cmd.arg(*a);
     }
-    match tokio::time::timeout(Duration::from_secs(2), cmd.query_async::<redis::Value>(&mut c)).await {
+    match tokio::time::timeout(
+        Duration::from_secs(2),
+        cmd.query_async::<redis::Value>(&mut c),
+    )
+    .await
+    {
         Ok(Ok(redis::Value::BulkString(b))) => String::from_utf8_lossy(&b).into_owned(),
         Ok(Ok(redis::Value::VerbatimString { text, .. })) => text,
         Ok(Ok(redis::Value::SimpleString(s))) => s,
