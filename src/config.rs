@@ -763,7 +763,8 @@ mod tests {
         )
         .contains("replaces [[backends]]"));
         assert!(
-            err("[cluster]\nseeds = [\"127.0.0.1:7000\"]\ntls = true\n").contains("backend_tls")
+            err("[cluster]\nseeds = [\"127.0.0.1:7000\"]\n[routing]\nreads = \"replica\"\n")
+                .contains("routing.reads")
         );
         assert!(
             err("[cluster]\nseeds = [\"127.0.0.1:7000\"]\nusername = \"u\"\n")
