@@ -592,3 +592,67 @@ async fn master_killed_under_load_writes_resume_on_the_promoted_replica() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_blocking_and_resp3_through_the_cluster() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let p = proxy(&cluster).await;
+    let addr = p.addr.to_string();
+    // A blocking pop waits on its key's node and is woken by a push from another client.
+    let mut blocked = Conn::open(&addr).await;
+    blocked.send(&resp(&[b"BLPOP", b"queue:1", b"5"])).await;
+    let mut other = Conn::open(&addr).await;
+    let key_slot = portcullis::cluster::key_hash_slot(b"queue:1");
+    let owner = cluster.master_of(key_slot).await;
+    let mut direct = cluster.node(&owner).unwrap().direct().await;
+    support::wait_for_blocked(&mut direct, 1).await;
+    assert_eq!(other.call(&["RPUSH", "queue:1", "job"]).await, b":1\r\n");
+    assert_eq!(
+        blocked.reply().await.unwrap(),
+        b"*2\r\n$7\r\nqueue:1\r\n$3\r\njob\r\n"
+    );
+    // SUBSCRIBE on one node; PUBLISH reaches it through the cluster bus.
+    let mut sub = Conn::open(&addr).await;
+    assert_eq!(
+        sub.call(&["SUBSCRIBE", "news"]).await,
+        b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n"
+    );
+    // Shard channels live on their slot's owner.
+    let mut ssub = Conn::open(&addr).await;
+    assert_eq!(
+        ssub.call(&["SSUBSCRIBE", "orders{7}"]).await,
+        b"*3\r\n$10\r\nssubscribe\r\n$9\r\norders{7}\r\n:1\r\n"
+    );
+    wait_until("PUBLISH reaches the subscriber", || {
+        let addr = addr.clone();
+        async move {
+            let mut c = Conn::open(&addr).await;
+            c.call(&["PUBLISH", "news", "hi"]).await == b":1\r\n"
+        }
+    })
+    .await;
+    assert_eq!(
+        sub.reply().await.unwrap(),
+        b"*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$2\r\nhi\r\n"
+    );
+    assert_eq!(other.call(&["SPUBLISH", "orders{7}", "x"]).await, b":1\r\n");
+    assert_eq!(
+        ssub.reply().await.unwrap(),
+        b"*3\r\n$8\r\nsmessage\r\n$9\r\norders{7}\r\n$1\r\nx\r\n"
+    );
+    // RESP3 after links to several nodes exist: every node answers in RESP3.
+    let mut r3 = Conn::open(&addr).await;
+    for k in spread_keys(10) {
+        assert_eq!(r3.call(&["SET", &k, "1"]).await, b"+OK\r\n");
+    }
+    let hello = r3.call(&["HELLO", "3"]).await;
+    assert!(
+        hello.starts_with(b"%7\r\n"),
+        "{}",
+        String::from_utf8_lossy(&hello)
+    );
+    for k in spread_keys(10) {
+        assert_eq!(r3.call(&["HGET", &k, "f"]).await[..5], *b"-WRON");
+        assert_eq!(r3.call(&["GET", "missing:{k}"]).await, b"_\r\n");
+    }
+}

@@ -157,6 +157,10 @@ pub fn cluster_slot_unserved(slot: u16, why: &str) -> Bytes {
     ))
 }
 
+/// No shard has a confirmed master for a keyless command.
+pub const CLUSTER_NO_MASTER: &[u8] =
+    b"-CLUSTERDOWN portcullis has no confirmed master on any shard of the cluster\r\n";
+
 /// A cluster redirect (MOVED, ASK, TRYAGAIN, CLUSTERDOWN, READONLY) kept coming past
 /// `routing.failover_wait`: the proxy stops retrying; nothing cluster-internal is shown.
 pub fn cluster_gave_up(slot: Option<u16>, node: &str, last: &str) -> Bytes {
@@ -174,10 +178,6 @@ pub fn cluster_moved_while_bound(slot: Option<u16>, node: &str) -> Bytes {
         "TRYAGAIN portcullis: {slot} is no longer served by node {node}, to which this connection is bound (transaction, WATCH or subscription); retry"
     ))
 }
-
-/// A command of a connection bound to one node (transaction, WATCH, pub/sub) for a slot
-/// that node does not serve: Redis's own CROSSSLOT answer.
-pub const CROSSSLOT_BOUND: &[u8] = CROSSSLOT;
 
 /// A `CLUSTER` subcommand the proxy does not answer as a single node.
 pub fn cluster_subcommand_refused(sub: &str) -> Bytes {

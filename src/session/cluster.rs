@@ -45,8 +45,13 @@ const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
 pub(super) struct ClusterSession {
     /// Slot of the request being handled (set before it is planned).
     pub(super) slot: KeySlot,
-    /// The node a transaction, WATCH, pub/sub, tracking or MONITOR binds the session to.
+    /// The node a transaction, WATCH, tracking or MONITOR binds the session to.
     pub(super) bound: Option<usize>,
+    /// The node holding the session's channel and pattern subscriptions.
+    pubsub: Option<usize>,
+    /// A connection-state change (HELLO, CLIENT SETNAME, ...) ran on this node: the other
+    /// node links predate it and are reopened (with the new state) once idle.
+    state_changed_on: Option<usize>,
     /// MULTI was answered and not sent yet: it goes to the first queued command's node.
     multi_pending: bool,
     /// MULTI was sent to `bound`.
@@ -64,6 +69,8 @@ impl Default for ClusterSession {
         ClusterSession {
             slot: KeySlot::NoKeys,
             bound: None,
+            pubsub: None,
+            state_changed_on: None,
             multi_pending: false,
             multi_sent: false,
             txn_slot: None,
@@ -74,6 +81,22 @@ impl Default for ClusterSession {
 }
 
 impl ClusterSession {
+    /// Whether the link to node `index` holds state a new link would not have (the
+    /// bound node of a transaction, WATCH, tracking or MONITOR; the subscriptions' node).
+    pub(super) fn holds_state(&self, index: usize) -> bool {
+        self.bound == Some(index) || self.pubsub == Some(index)
+    }
+
+    /// Forget node `index` as a holder of state (its link ended).
+    pub(super) fn forget(&mut self, index: usize) {
+        if self.bound == Some(index) {
+            self.bound = None;
+        }
+        if self.pubsub == Some(index) {
+            self.pubsub = None;
+        }
+    }
+
     /// The slot of the request being sent, when it has one.
     pub(super) fn slot_number(&self) -> Option<u16> {
         match self.slot {
@@ -381,14 +404,6 @@ impl Session {
         true
     }
 
-    /// Whether the session must stay on one node.
-    fn cluster_stateful(&self, out: &Outgoing) -> bool {
-        self.txn.is_some()
-            || self.watching
-            || self.state.pinned()
-            || matches!(out.on_reply, OnReply::PubSub { .. })
-    }
-
     /// Cluster mode's `send`: pick the node, open its link, queue the request.
     pub(super) async fn cluster_send(&mut self, mut out: Outgoing) {
         let name = out.req.arg(0).unwrap_or_default().to_ascii_lowercase();
@@ -415,16 +430,7 @@ impl Session {
                 _ if name == b"exec" => Bytes::from_static(b"*0\r\n"),
                 _ => Bytes::from_static(texts::OK),
             };
-            if self.cl.bound.is_some() && !self.watching && self.txn.is_none() {
-                if let Some(bound) = self.cl.bound {
-                    if name != b"reset" {
-                        // WATCH was active on the bound node: UNWATCH there.
-                        let unwatch = Outgoing::plain(Request::from_args(&[b"UNWATCH"]), false);
-                        if self.cluster_link(bound).await.is_ok() {
-                            self.push_to(LinkId::Node(bound), unwatch);
-                        }
-                    }
-                }
+            if !(self.state.tracking || self.state.monitor) {
                 self.cl.bound = None;
             }
             if name != b"reset" {
@@ -432,22 +438,67 @@ impl Session {
                 return;
             }
         }
+        if let Some(changed) = self.cl.state_changed_on {
+            if self.queue.is_empty() {
+                // The change is answered: links opened before it carry the old state.
+                let (bound, pubsub) = (self.cl.bound, self.cl.pubsub);
+                self.upstream.nodes.retain(|l| {
+                    l.index == changed || Some(l.index) == bound || Some(l.index) == pubsub
+                });
+                self.cl.state_changed_on = None;
+            }
+        }
         let slot = match self.cl.slot {
             KeySlot::Slot(s) => Some(s),
             _ => None,
         };
+        // What ties this request to one node: a transaction or WATCH (to the bound node,
+        // for the slot it holds), tracking or MONITOR (their feed is one node's), pub/sub
+        // (channel subscriptions live on one node; shard channels on their slot's owner).
+        let txn_like = self.txn.is_some()
+            || self.watching
+            || self.cl.multi_sent
+            || (self.cl.bound.is_some() && (ends_txn || name == b"unwatch"));
+        let feed = self.state.tracking || self.state.monitor;
+        let pubsub = matches!(out.on_reply, OnReply::PubSub { .. });
         let deadline = tokio::time::Instant::now() + self.rt.config.routing.failover_wait;
         let target = loop {
-            let target = match self.cluster_pick(slot, deliver).await {
-                Some(t) => t,
-                None => return,
+            let pick = if txn_like || (feed && slot.is_none()) {
+                self.cl.bound
+            } else if pubsub && slot.is_none() {
+                self.cl.pubsub
+            } else {
+                None
+            };
+            let target = match pick {
+                Some(b) => {
+                    if txn_like && !self.cluster_serves(b, slot) {
+                        // Another node serves it: the transaction's node cannot run it.
+                        if let Some(txn) = &mut self.txn {
+                            txn.dirty = true;
+                        }
+                        self.push_local(deliver.then(|| Bytes::from_static(texts::CROSSSLOT)));
+                        return;
+                    }
+                    b
+                }
+                None => match self.cluster_target(slot).await {
+                    Ok(i) => i,
+                    Err(reply) => {
+                        if let Some(txn) = &mut self.txn {
+                            txn.dirty = true;
+                        }
+                        self.push_local(deliver.then_some(reply));
+                        return;
+                    }
+                },
             };
             match self.cluster_link(target).await {
                 Ok(()) => break target,
                 // A node that refused the connection was reported down (`open_link`): the
                 // next pick waits for its shard's new master, within the failover wait.
                 Err(_)
-                    if self.cl.bound.is_none()
+                    if pick.is_none()
                         && !matches!(self.phase, super::Phase::Ending(_))
                         && tokio::time::Instant::now() < deadline =>
                 {
@@ -459,9 +510,11 @@ impl Session {
                 }
             }
         };
-        let stateful = self.cluster_stateful(&out);
-        if stateful && self.cl.bound.is_none() {
+        if (txn_like || feed) && self.cl.bound.is_none() {
             self.cl.bound = Some(target);
+        }
+        if pubsub && slot.is_none() && self.cl.pubsub.is_none() {
+            self.cl.pubsub = Some(target);
         }
         if self.cl.multi_pending && self.txn.is_some() {
             self.cl.multi_pending = false;
@@ -473,51 +526,40 @@ impl Session {
         } else if name == b"multi" {
             self.cl.multi_sent = true;
         }
+        if matches!(out.on_reply, OnReply::Apply(_)) && self.txn.is_none() {
+            // Parse nothing more until it is answered; then the other links are reopened.
+            self.barrier = true;
+            self.cl.state_changed_on = Some(target);
+        }
         // Plain requests outside a transaction can be re-sent after a redirect.
         out.retryable = matches!(out.on_reply, OnReply::Forward) && self.txn.is_none() && !ends_txn;
         self.cl.slot = slot.map_or(KeySlot::NoKeys, KeySlot::Slot);
         self.push_to(LinkId::Node(target), out);
-        if ends_txn || (!stateful && self.cl.bound.is_some() && name == b"unwatch") {
+        if ends_txn {
             self.cl.multi_sent = false;
             self.cl.multi_pending = false;
+        }
+        if name == b"reset" {
+            self.cl.pubsub = None;
+        }
+        if self.txn.is_none() && !self.watching && !self.cl.multi_sent {
             self.cl.txn_slot = None;
-            if !self.state.pinned() {
+            if !feed || name == b"reset" {
                 self.cl.bound = None;
             }
         }
     }
 
-    /// The node for a request of `slot`: the bound node (when the slot is still its),
-    /// else the slot's confirmed master; `None` when an error was answered instead.
-    async fn cluster_pick(&mut self, slot: Option<u16>, deliver: bool) -> Option<usize> {
-        let target = match self.cl.bound {
-            Some(b) => {
-                if let (Some(s), Some(c)) = (slot, self.cluster()) {
-                    let owner = c.load().slot_master(s, &self.shared.topology.load());
-                    if owner.as_ref().ok() != Some(&b) && owner.is_ok() {
-                        // Another node serves it: Redis's answer for a slot the
-                        // connection's node does not hold in a transaction.
-                        if let Some(txn) = &mut self.txn {
-                            txn.dirty = true;
-                        }
-                        self.push_local(deliver.then(|| Bytes::from_static(texts::CROSSSLOT)));
-                        return None;
-                    }
-                }
-                b
-            }
-            None => match self.cluster_target(slot).await {
-                Ok(i) => i,
-                Err(reply) => {
-                    if let Some(txn) = &mut self.txn {
-                        txn.dirty = true;
-                    }
-                    self.push_local(deliver.then_some(reply));
-                    return None;
-                }
-            },
+    /// Whether node `index` serves `slot` by the current map (keyless: yes).
+    fn cluster_serves(&self, index: usize, slot: Option<u16>) -> bool {
+        let (Some(s), Some(c)) = (slot, self.cluster()) else {
+            return true;
         };
-        Some(target)
+        match c.load().slot_master(s, &self.shared.topology.load()) {
+            Ok(owner) => owner == index,
+            // No confirmed owner now: the bound node answers (MOVED/CLUSTERDOWN if not).
+            Err(_) => true,
+        }
     }
 
     /// The confirmed master for `slot` (any confirmed master for none), waiting up to
@@ -556,7 +598,7 @@ impl Session {
                 cluster
                     .wait_for_any_master(seed, wait)
                     .await
-                    .ok_or_else(|| self.shared.masterdown())
+                    .ok_or_else(|| Bytes::from_static(texts::CLUSTER_NO_MASTER))
             }
         }
     }
@@ -800,7 +842,7 @@ impl Session {
         } else {
             let state = cluster.load();
             let Some(map) = state.map.clone() else {
-                return self.shared.masterdown();
+                return Bytes::from_static(texts::CLUSTER_NO_MASTER);
             };
             for shard in &map.shards {
                 let first = shard.ranges.first().map(|r| r.0);

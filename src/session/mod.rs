@@ -1753,9 +1753,9 @@ impl Session {
             self.mode.command_done();
         }
         self.queue.drain(&mut self.to_client);
-        let bound_here = matches!(id, LinkId::Node(i) if self.cl.bound == Some(i));
-        if bound_here {
-            self.cl.bound = None;
+        let bound_here = matches!(id, LinkId::Node(i) if self.cl.holds_state(i));
+        if let LinkId::Node(i) = id {
+            self.cl.forget(i);
         }
         if (id == LinkId::Master || bound_here)
             && (self.txn.is_some() || self.watching || self.state.pinned())
