@@ -515,8 +515,14 @@ impl Topology {
 
     /// The confirmed master's index, if one is confirmed and not stale.
     pub fn master_now(&self) -> Option<usize> {
+        self.master_at(Instant::now())
+    }
+
+    /// As `master_now`, at `now` (a session reads the clock once per wake-up, not per
+    /// command).
+    pub fn master_at(&self, now: Instant) -> Option<usize> {
         match self.master {
-            Ok(i) if Instant::now() <= self.valid_until => Some(i),
+            Ok(i) if now <= self.valid_until => Some(i),
             _ => None,
         }
     }

@@ -132,7 +132,8 @@ enum Phase {
 /// to the old one).
 #[derive(Debug)]
 struct Outgoing {
-    req: Request,
+    /// The request's canonical frame (its arguments were needed only to plan it).
+    frame: Bytes,
     /// Frames its answer takes.
     frames: u32,
     /// Whether the answer reaches the client (`CLIENT REPLY`).
@@ -148,7 +149,7 @@ impl Outgoing {
     /// A request answered by one frame, with no special handling.
     fn plain(req: Request, deliver: bool) -> Outgoing {
         Outgoing {
-            req,
+            frame: req.into_frame(),
             frames: 1,
             deliver,
             on_reply: OnReply::Forward,
@@ -760,7 +761,7 @@ impl Session {
                     return;
                 }
                 if let Some(creds) = Credentials::from_auth(&forward) {
-                    on_reply = OnReply::Apply(StateChange::Auth(creds));
+                    on_reply = OnReply::Apply(Box::new(StateChange::Auth(creds)));
                     self.auth_sent();
                 }
             }
@@ -790,7 +791,7 @@ impl Session {
                 Ok((req, change)) => {
                     forward = req;
                     effect = Some(Effect::State(change.clone()));
-                    on_reply = OnReply::Apply(change);
+                    on_reply = OnReply::Apply(Box::new(change));
                 }
                 Err(reply) => {
                     self.answer(reply);
@@ -884,7 +885,7 @@ impl Session {
                         };
                         self.tally.forwarded[class] += 1;
                         let out = Outgoing {
-                            on_reply: OnReply::Exec(exec),
+                            on_reply: OnReply::Exec(Box::new(exec)),
                             ..Outgoing::plain(forward, deliver)
                         };
                         self.send(out).await;
@@ -906,12 +907,12 @@ impl Session {
                 // next commands are answered: wait for it.
                 self.barrier = true;
                 self.mode.reset();
-                on_reply = OnReply::Apply(StateChange::Reset);
+                on_reply = OnReply::Apply(Box::new(StateChange::Reset));
             }
             Plan::Forward { change } => {
                 if let Some(change) = change {
                     effect = Some(Effect::State(change.clone()));
-                    on_reply = OnReply::Apply(change);
+                    on_reply = OnReply::Apply(Box::new(change));
                 }
             }
         }
@@ -949,7 +950,7 @@ impl Session {
             let deliver = self.mode.next_command();
             return self.forward_read(forward, deliver, class).await;
         }
-        self.shared.hot.forwarded[class].increment(1);
+        self.tally.forwarded[class] += 1;
         let deliver = self.mode.next_command();
         let out = Outgoing {
             on_reply,
@@ -1213,7 +1214,11 @@ impl Session {
             pool::Route::Dedicated => {}
         }
         let deliver = out.deliver;
-        let master = self.shared.topology.load().master_now();
+        let master = self
+            .shared
+            .topology
+            .load()
+            .master_at(tokio::time::Instant::from_std(self.now));
         let current = self.upstream.master.as_ref().map(|l| l.index);
         if current.is_none() || current != master {
             if current.is_some() && !self.at_safe_point() {
@@ -1260,7 +1265,7 @@ impl Session {
     /// Queue a request on link `id` and what its answer is owed.
     fn push_to(&mut self, id: LinkId, out: Outgoing) {
         let Outgoing {
-            req,
+            frame,
             frames,
             deliver,
             on_reply,
@@ -1271,12 +1276,12 @@ impl Session {
             let Some(shared) = &mut self.upstream.shared else {
                 return;
             };
-            shared.send(req.frame());
+            shared.send(&frame);
         } else {
             let Some(link) = self.upstream.get_mut(id) else {
                 return;
             };
-            link.send(req.frame().clone());
+            link.send(frame.clone());
         }
         // Kept for a READONLY retry up to the session's buffer bound; past it a READONLY
         // answer becomes MASTERDOWN (not applied either way), so a big-value pipeline
@@ -1284,7 +1289,7 @@ impl Session {
         let retry = (retryable
             && frames == 1
             && self.retained.load(Ordering::Relaxed) < self.rt.config.limits.max_reply_buffer)
-            .then(|| Retained::new(req.frame().clone(), &self.retained));
+            .then(|| Retained::new(frame, &self.retained));
         self.queue.push_upstream(Awaiting {
             link: id,
             remaining: frames,
@@ -1338,6 +1343,11 @@ impl Session {
     /// the master until `probe.down_after`, and the session keeps trying it meanwhile, as
     /// a client of Redis alone would wait.
     async fn connect_to_master(&mut self) -> Result<(), Bytes> {
+        // Boxed, as `open_link`: the per-request path only holds a pointer to it.
+        Box::pin(self.connect_to_master_now()).await
+    }
+
+    async fn connect_to_master_now(&mut self) -> Result<(), Bytes> {
         let deadline = tokio::time::Instant::now() + self.rt.config.routing.failover_wait;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -1375,8 +1385,14 @@ impl Session {
         }
     }
 
-    /// Open a backend connection with this session's state replayed.
+    /// Open a backend connection with this session's state replayed. Boxed: connecting
+    /// is rare, and its future (TCP, TLS, handshake) would otherwise be part of every
+    /// request's path through `send`, moved with it on each call.
     async fn open_link(&self, index: usize) -> Result<Link, LinkFailure> {
+        Box::pin(self.open_link_now(index)).await
+    }
+
+    async fn open_link_now(&self, index: usize) -> Result<Link, LinkFailure> {
         let Some((cfg, liveness)) = self
             .shared
             .topology
@@ -1583,7 +1599,7 @@ impl Session {
             OnReply::PubSub { .. } => {}
             OnReply::Apply(change) if !is_error => {
                 self.record_latency(a.sent);
-                self.state.apply(change);
+                self.state.apply(*change);
             }
             _ => self.record_latency(a.sent),
         }
@@ -1735,7 +1751,8 @@ impl Session {
             // what it has not read, as it does for a direct client.
             return not_shared;
         }
-        let Some(index) = self.shared.topology.load().master_now() else {
+        let now = tokio::time::Instant::from_std(self.now);
+        let Some(index) = self.shared.topology.load().master_at(now) else {
             // No confirmed master now: the dedicated path waits for one.
             return not_shared;
         };
