@@ -613,6 +613,12 @@ impl TopologyStore {
         self.current.load_full()
     }
 
+    /// The confirmed master at `now` (as `Topology::master_at`), without taking a
+    /// reference to the snapshot: the per-request check of the session's path.
+    pub fn master_at(&self, now: Instant) -> Option<usize> {
+        self.current.load().master_at(now)
+    }
+
     /// The command metadata to resolve a name the built-in table lacks: the confirmed
     /// master's, else the first backend's that has one (off the hot path: only for
     /// names the built-in table does not know).

@@ -1217,7 +1217,6 @@ impl Session {
         let master = self
             .shared
             .topology
-            .load()
             .master_at(tokio::time::Instant::from_std(self.now));
         let current = self.upstream.master.as_ref().map(|l| l.index);
         if current.is_none() || current != master {
@@ -1752,7 +1751,7 @@ impl Session {
             return not_shared;
         }
         let now = tokio::time::Instant::from_std(self.now);
-        let Some(index) = self.shared.topology.load().master_at(now) else {
+        let Some(index) = self.shared.topology.master_at(now) else {
             // No confirmed master now: the dedicated path waits for one.
             return not_shared;
         };
