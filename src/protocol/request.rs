@@ -196,6 +196,14 @@ impl Spans {
         }
     }
 
+    /// Empty again (the inline slots are not rewritten: `len` bounds what is read).
+    fn clear(&mut self) {
+        match self {
+            Spans::Small { len, .. } => *len = 0,
+            Spans::Large(_) => *self = Spans::new(),
+        }
+    }
+
     fn len(&self) -> usize {
         match self {
             Spans::Small { len, .. } => usize::from(*len),
@@ -528,7 +536,7 @@ impl RequestParser {
         self.nul_blocked = false;
         self.remaining = 0;
         self.canonical = true;
-        self.spans = Spans::new();
+        self.spans.clear();
     }
 
     /// Moves to the `$<len>` line starting at `pos`.
