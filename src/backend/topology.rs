@@ -515,8 +515,14 @@ impl Topology {
 
     /// The confirmed master's index, if one is confirmed and not stale.
     pub fn master_now(&self) -> Option<usize> {
+        self.master_at(Instant::now())
+    }
+
+    /// As `master_now`, at `now` (a session reads the clock once per wake-up, not per
+    /// command).
+    pub fn master_at(&self, now: Instant) -> Option<usize> {
         match self.master {
-            Ok(i) if Instant::now() <= self.valid_until => Some(i),
+            Ok(i) if now <= self.valid_until => Some(i),
             _ => None,
         }
     }
@@ -605,6 +611,12 @@ impl TopologyStore {
     /// The current snapshot (lock-free).
     pub fn load(&self) -> Arc<Topology> {
         self.current.load_full()
+    }
+
+    /// The confirmed master at `now` (as `Topology::master_at`), without taking a
+    /// reference to the snapshot: the per-request check of the session's path.
+    pub fn master_at(&self, now: Instant) -> Option<usize> {
+        self.current.load().master_at(now)
     }
 
     /// The command metadata to resolve a name the built-in table lacks: the confirmed

@@ -135,12 +135,36 @@ struct Span {
     end: usize,
 }
 
+/// A span kept inline: 32-bit offsets, so a request (moved through the session by value)
+/// stays small. A frame of 4 GiB or more keeps its spans in the `Large` form.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct PackedSpan {
+    start: u32,
+    end: u32,
+}
+
+impl PackedSpan {
+    fn pack(span: Span) -> Option<PackedSpan> {
+        Some(PackedSpan {
+            start: u32::try_from(span.start).ok()?,
+            end: u32::try_from(span.end).ok()?,
+        })
+    }
+
+    fn unpack(self) -> Span {
+        Span {
+            start: self.start as usize,
+            end: self.end as usize,
+        }
+    }
+}
+
 /// Argument ranges; up to `INLINE_SPANS` without a heap allocation.
 #[derive(Debug, Clone)]
 enum Spans {
     Small {
-        len: usize,
-        items: [Span; INLINE_SPANS],
+        len: u8,
+        items: [PackedSpan; INLINE_SPANS],
     },
     Large(Vec<Span>),
 }
@@ -149,20 +173,21 @@ impl Spans {
     fn new() -> Self {
         Spans::Small {
             len: 0,
-            items: [Span::default(); INLINE_SPANS],
+            items: [PackedSpan::default(); INLINE_SPANS],
         }
     }
 
     fn push(&mut self, span: Span) {
         match self {
             Spans::Small { len, items } => {
-                if let Some(slot) = items.get_mut(*len) {
-                    *slot = span;
+                let slot = items.get_mut(usize::from(*len));
+                if let (Some(slot), Some(packed)) = (slot, PackedSpan::pack(span)) {
+                    *slot = packed;
                     *len += 1;
                 } else {
                     // Grows with arrived elements only, never from the declared count.
                     let mut spilled = Vec::with_capacity(INLINE_SPANS * 2);
-                    spilled.extend_from_slice(items);
+                    spilled.extend(items.iter().take(usize::from(*len)).map(|p| p.unpack()));
                     spilled.push(span);
                     *self = Spans::Large(spilled);
                 }
@@ -171,11 +196,37 @@ impl Spans {
         }
     }
 
-    fn as_slice(&self) -> &[Span] {
+    /// Empty again (the inline slots are not rewritten: `len` bounds what is read).
+    fn clear(&mut self) {
         match self {
-            Spans::Small { len, items } => items.get(..*len).unwrap_or(&[]),
-            Spans::Large(vec) => vec,
+            Spans::Small { len, .. } => *len = 0,
+            Spans::Large(_) => *self = Spans::new(),
         }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Spans::Small { len, .. } => usize::from(*len),
+            Spans::Large(vec) => vec.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn get(&self, i: usize) -> Option<Span> {
+        match self {
+            Spans::Small { len, items } => items
+                .get(..usize::from(*len))
+                .and_then(|items| items.get(i))
+                .map(|p| p.unpack()),
+            Spans::Large(vec) => vec.get(i).copied(),
+        }
+    }
+
+    fn iter(&self) -> impl ExactSizeIterator<Item = Span> + Clone + '_ {
+        (0..self.len()).map(|i| self.get(i).unwrap_or_default())
     }
 }
 
@@ -203,21 +254,25 @@ impl Request {
         &self.frame
     }
 
+    /// The frame alone, once the arguments are no longer needed.
+    pub fn into_frame(self) -> Bytes {
+        self.frame
+    }
+
     /// Number of arguments (`argv[0]` is the command name).
     pub fn argc(&self) -> usize {
-        self.spans.as_slice().len()
+        self.spans.len()
     }
 
     /// Argument `i`, or `None` past the end.
     pub fn arg(&self, i: usize) -> Option<&[u8]> {
-        let span = self.spans.as_slice().get(i)?;
+        let span = self.spans.get(i)?;
         self.frame.get(span.start..span.end)
     }
 
     /// All arguments in order.
     pub fn args(&self) -> impl ExactSizeIterator<Item = &[u8]> + '_ {
         self.spans
-            .as_slice()
             .iter()
             .map(|span| self.frame.get(span.start..span.end).unwrap_or(&[]))
     }
@@ -481,7 +536,7 @@ impl RequestParser {
         self.nul_blocked = false;
         self.remaining = 0;
         self.canonical = true;
-        self.spans = Spans::new();
+        self.spans.clear();
     }
 
     /// Moves to the `$<len>` line starting at `pos`.
@@ -563,7 +618,6 @@ impl RequestParser {
         let raw: &[u8] = buf;
         let request = encode(
             spans
-                .as_slice()
                 .iter()
                 .map(|span| raw.get(span.start..span.end).unwrap_or(&[])),
         );
@@ -619,10 +673,10 @@ fn parse_inline(line: &[u8]) -> Result<Option<Request>, ProtocolError> {
     let mut unescaped = Vec::with_capacity(line.len());
     let mut spans = Spans::new();
     split_args(line, &mut unescaped, &mut spans)?;
-    if spans.as_slice().is_empty() {
+    if spans.is_empty() {
         return Ok(None);
     }
-    Ok(Some(encode(spans.as_slice().iter().map(|span| {
+    Ok(Some(encode(spans.iter().map(|span| {
         unescaped.get(span.start..span.end).unwrap_or(&[])
     }))))
 }
@@ -727,6 +781,28 @@ fn split_args(line: &[u8], out: &mut Vec<u8>, spans: &mut Spans) -> Result<(), P
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spans_spill_past_inline_count_and_past_32_bit_offsets() {
+        let span = |start, end| Span { start, end };
+        let mut many = Spans::new();
+        for i in 0..INLINE_SPANS + 3 {
+            many.push(span(i * 10, i * 10 + 3));
+        }
+        assert!(matches!(many, Spans::Large(_)));
+        assert_eq!(many.len(), INLINE_SPANS + 3);
+        assert_eq!(many.get(INLINE_SPANS + 2), Some(span(100, 103)));
+        assert_eq!(many.iter().nth(1), Some(span(10, 13)));
+
+        let far = u32::MAX as usize + 7;
+        let mut big = Spans::new();
+        big.push(span(4, 9));
+        big.push(span(far, far + 2));
+        assert!(matches!(big, Spans::Large(_)));
+        assert_eq!(big.get(0), Some(span(4, 9)));
+        assert_eq!(big.get(1), Some(span(far, far + 2)));
+        assert_eq!(big.get(2), None);
+    }
 
     /// What parsing an input produced: requests, then the error or the unconsumed bytes.
     #[derive(Debug, PartialEq, Eq)]

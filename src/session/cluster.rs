@@ -96,14 +96,6 @@ impl ClusterSession {
             self.pubsub = None;
         }
     }
-
-    /// The slot of the request being sent, when it has one.
-    pub(super) fn slot_number(&self) -> Option<u16> {
-        match self.slot {
-            KeySlot::Slot(s) => Some(s),
-            _ => None,
-        }
-    }
 }
 
 /// A request answered from several nodes.
@@ -115,29 +107,15 @@ pub(super) struct Gather {
     split: bool,
 }
 
-/// Where a retried request goes next, and since when it has been retried.
-#[derive(Debug)]
-pub(super) struct Retry {
-    slot: Option<u16>,
-    redirect: Option<Redirect>,
-    /// When the first redirect arrived (the `routing.failover_wait` bound starts there).
-    since: Option<Instant>,
-}
-
-impl Retry {
-    pub(super) fn new(slot: Option<u16>) -> Retry {
-        Retry {
-            slot,
-            redirect: None,
-            since: None,
-        }
-    }
-}
-
-/// A redirect a node answered (Redis `src/cluster.c` `clusterRedirectClient`).
+/// A redirect a node answered (Redis `src/cluster.c` `clusterRedirectClient`), kept
+/// with the request until it is re-sent.
 #[derive(Debug, Clone)]
-struct Redirect {
+pub(super) struct Redirect {
     kind: RedirectKind,
+    /// The request's slot (from `MOVED`/`ASK`, else from its keys).
+    slot: Option<u16>,
+    /// When the client's request was read: `routing.failover_wait` runs from there.
+    since: Instant,
     /// The node `MOVED`/`ASK` names.
     target: Option<String>,
     /// Who answered, and what (for the give-up text).
@@ -176,12 +154,46 @@ fn redirect_of(reply: &Reply, node: &str) -> Option<(Redirect, Option<u16>)> {
     Some((
         Redirect {
             kind,
+            slot,
+            since: Instant::now(),
             target,
             node: node.to_string(),
             text,
         },
         slot,
     ))
+}
+
+/// The slot of a retained request frame (its keys' slot), for retries whose redirect
+/// does not name it (`TRYAGAIN`, `CLUSTERDOWN`, `READONLY`).
+fn slot_of_frame(frame: &Bytes) -> Option<u16> {
+    let mut buf = BytesMut::from(&frame[..]);
+    let req = crate::protocol::RequestParser::new(crate::protocol::RequestLimits::default())
+        .parse(&mut buf)
+        .ok()??;
+    let crate::command::Lookup::Known(spec) =
+        crate::command::lookup(req.arg(0).unwrap_or_default(), req.arg(1))
+    else {
+        return None;
+    };
+    match route::request_slot(spec, &req) {
+        KeySlot::Slot(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// The command name of a canonical request frame (`*N\r\n$L\r\nNAME\r\n...`); empty
+/// when the frame is not in that shape.
+fn command_name(frame: &[u8]) -> &[u8] {
+    let mut lines = frame.splitn(4, |&b| b == b'\n');
+    let (_, Some(len), Some(name)) = (lines.next(), lines.next(), lines.next()) else {
+        return &[];
+    };
+    let len = std::str::from_utf8(len.strip_prefix(b"$").unwrap_or_default())
+        .ok()
+        .and_then(|l| l.trim_end().parse::<usize>().ok())
+        .unwrap_or(0);
+    name.get(..len).unwrap_or_default()
 }
 
 /// A stable 40-hex node id for the proxy at `addr` (what `CLUSTER MYID` answers).
@@ -406,7 +418,7 @@ impl Session {
 
     /// Cluster mode's `send`: pick the node, open its link, queue the request.
     pub(super) async fn cluster_send(&mut self, mut out: Outgoing) {
-        let name = out.req.arg(0).unwrap_or_default().to_ascii_lowercase();
+        let name = command_name(&out.frame).to_ascii_lowercase();
         let deliver = out.deliver;
         let ends_txn = matches!(name.as_slice(), b"exec" | b"discard" | b"reset");
         if name == b"multi" {
@@ -442,9 +454,14 @@ impl Session {
             if self.queue.is_empty() {
                 // The change is answered: links opened before it carry the old state.
                 let (bound, pubsub) = (self.cl.bound, self.cl.pubsub);
-                self.upstream.nodes.retain(|l| {
-                    l.index == changed || Some(l.index) == bound || Some(l.index) == pubsub
-                });
+                for slot in self.upstream.nodes.iter_mut() {
+                    let keep = slot.as_ref().is_some_and(|l| {
+                        l.index == changed || Some(l.index) == bound || Some(l.index) == pubsub
+                    });
+                    if !keep {
+                        *slot = None;
+                    }
+                }
                 self.cl.state_changed_on = None;
             }
         }
@@ -462,7 +479,7 @@ impl Session {
         let feed = self.state.tracking || self.state.monitor;
         let pubsub = matches!(out.on_reply, OnReply::PubSub { .. });
         let deadline = tokio::time::Instant::now() + self.rt.config.routing.failover_wait;
-        let target = loop {
+        let (target, id) = loop {
             let pick = if txn_like || (feed && slot.is_none()) {
                 self.cl.bound
             } else if pubsub && slot.is_none() {
@@ -494,7 +511,7 @@ impl Session {
                 },
             };
             match self.cluster_link(target).await {
-                Ok(()) => break target,
+                Ok(id) => break (target, id),
                 // A node that refused the connection was reported down (`open_link`): the
                 // next pick waits for its shard's new master, within the failover wait.
                 Err(_)
@@ -519,10 +536,7 @@ impl Session {
         if self.cl.multi_pending && self.txn.is_some() {
             self.cl.multi_pending = false;
             self.cl.multi_sent = true;
-            self.push_to(
-                LinkId::Node(target),
-                Outgoing::plain(Request::from_args(&[b"MULTI"]), false),
-            );
+            self.push_to(id, Outgoing::plain(Request::from_args(&[b"MULTI"]), false));
         } else if name == b"multi" {
             self.cl.multi_sent = true;
         }
@@ -534,7 +548,7 @@ impl Session {
         // Plain requests outside a transaction can be re-sent after a redirect.
         out.retryable = matches!(out.on_reply, OnReply::Forward) && self.txn.is_none() && !ends_txn;
         self.cl.slot = slot.map_or(KeySlot::NoKeys, KeySlot::Slot);
-        self.push_to(LinkId::Node(target), out);
+        self.push_to(id, out);
         if ends_txn {
             self.cl.multi_sent = false;
             self.cl.multi_pending = false;
@@ -590,6 +604,7 @@ impl Session {
                     .upstream
                     .nodes
                     .iter()
+                    .flatten()
                     .find(|l| confirmed.contains(&l.index))
                 {
                     return Ok(l.index);
@@ -603,16 +618,15 @@ impl Session {
         }
     }
 
-    /// Make sure the session has a link to node `index`.
-    async fn cluster_link(&mut self, index: usize) -> Result<(), Bytes> {
-        if self.upstream.get(LinkId::Node(index)).is_some() {
-            return Ok(());
+    /// The session's link to node `index`, opened when needed.
+    async fn cluster_link(&mut self, index: usize) -> Result<LinkId, Bytes> {
+        if let Some(id) = self.upstream.node_link(index) {
+            return Ok(id);
         }
         match self.open_link(index).await {
-            Ok(link) => {
-                self.upstream.nodes.push(link);
-                Ok(())
-            }
+            Ok(link) => self.upstream.add_node(link).ok_or_else(|| {
+                texts::error("ERR portcullis: this connection reaches too many cluster nodes")
+            }),
             Err(failure) => {
                 if failure.credentials_refused {
                     self.close_for_credentials();
@@ -632,15 +646,15 @@ impl Session {
         reply: &Reply,
     ) -> Option<Option<Bytes>> {
         let cluster = self.cluster()?.clone();
-        let node = self
+        let (node, backend) = self
             .upstream
             .get(id)
-            .map(|l| l.label.clone())
+            .map(|l| (l.label.clone(), Some(l.index)))
             .unwrap_or_default();
-        let (redirect, moved_slot) = redirect_of(reply, &node)?;
+        let (mut redirect, moved_slot) = redirect_of(reply, &node)?;
         cluster.report_redirect(redirect.kind, &node);
         if redirect.kind == RedirectKind::ReadOnly {
-            if let LinkId::Node(i) = id {
+            if let (LinkId::Node(_), Some(i)) = (id, backend) {
                 self.shared.topology.report_readonly(i);
             }
         }
@@ -649,33 +663,27 @@ impl Session {
             cluster.node_index(target);
         }
         let wait = self.rt.config.routing.failover_wait;
-        let now = Instant::now();
-        let a = self.queue.awaiting_mut(index)?;
-        let slot_hint = moved_slot;
-        let Some(retained) = a.retry.as_mut() else {
-            let slot = slot_hint.or(self.cl.txn_slot);
+        let a = self.queue.awaiting(index)?;
+        let Some(retained) = a.retry.as_ref() else {
+            let slot = moved_slot.or(self.cl.txn_slot);
             return Some(Some(texts::cluster_moved_while_bound(slot, &node)));
         };
-        let retry = retained
-            .cluster
-            .get_or_insert_with(|| Box::new(Retry::new(slot_hint)));
-        if retry.slot.is_none() {
-            retry.slot = slot_hint;
+        redirect.since = a.sent;
+        if redirect.slot.is_none() {
+            redirect.slot = slot_of_frame(&retained.frame);
         }
-        let since = *retry.since.get_or_insert(now);
-        if now.saturating_duration_since(since) > wait {
-            let slot = retry.slot;
-            return Some(Some(texts::cluster_gave_up(slot, &node, &redirect.text)));
+        if redirect.since.elapsed() > wait {
+            return Some(Some(texts::cluster_gave_up(
+                redirect.slot,
+                &node,
+                &redirect.text,
+            )));
         }
-        retry.redirect = Some(redirect);
-        if self.queue.mark_retry(index) {
+        let slot = redirect.slot;
+        if self.queue.mark_redirect(index, Some(Box::new(redirect))) {
             Some(None)
         } else {
-            Some(Some(texts::cluster_gave_up(
-                slot_hint,
-                &node,
-                "not retryable",
-            )))
+            Some(Some(texts::cluster_gave_up(slot, &node, "not retryable")))
         }
     }
 
@@ -687,18 +695,20 @@ impl Session {
         };
         let wait = self.rt.config.routing.failover_wait;
         while let Some(pos) = self.queue.first_retry() {
-            let Some(Entry::Retry { retained, deliver }) = self.queue.entry_mut(pos) else {
+            let Some(Entry::Retry {
+                retained,
+                deliver,
+                redirect,
+            }) = self.queue.entry_mut(pos)
+            else {
                 break;
             };
             let deliver = *deliver;
             let frame = retained.frame.clone();
-            let (slot, redirect, since) = match &retained.cluster {
-                Some(r) => (
-                    r.slot,
-                    r.redirect.clone(),
-                    r.since.unwrap_or_else(Instant::now),
-                ),
-                None => (None, None, Instant::now()),
+            let redirect = redirect.as_deref().cloned();
+            let (slot, since) = match &redirect {
+                Some(r) => (r.slot, r.since),
+                None => (slot_of_frame(&frame), Instant::now()),
             };
             let deadline = tokio::time::Instant::from_std(since + wait);
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -735,10 +745,10 @@ impl Session {
                 .as_ref()
                 .map_or_else(String::new, |r| r.text.clone());
             let linked = match target {
-                Some(t) => self.cluster_link(t).await.ok().map(|()| t),
+                Some(t) => self.cluster_link(t).await.ok(),
                 None => None,
             };
-            let Some(t) = linked else {
+            let Some(id) = linked else {
                 let reply = texts::cluster_gave_up(slot, &node, &last);
                 self.queue
                     .replace_with(pos, None, Entry::Ready(deliver.then_some(reply)));
@@ -755,7 +765,7 @@ impl Session {
                 (
                     req.frame().clone(),
                     Awaiting {
-                        link: LinkId::Node(t),
+                        link: id,
                         remaining: 1,
                         deliver: false,
                         on_reply: OnReply::Forward,
@@ -766,7 +776,7 @@ impl Session {
                     },
                 )
             });
-            let Some(link) = self.upstream.get_mut(LinkId::Node(t)) else {
+            let Some(link) = self.upstream.get_mut(id) else {
                 break;
             };
             if let Some((f, _)) = &asking {
@@ -776,12 +786,13 @@ impl Session {
             crate::metrics::readonly_retry();
             debug!(peer = %self.peer, node = %link.label, ?kind, "cluster: request re-sent");
             let entry = Entry::Upstream(Awaiting {
-                link: LinkId::Node(t),
+                link: id,
                 remaining: 1,
                 deliver,
                 on_reply: OnReply::Forward,
                 retry: Some(retained),
-                sent: self.read_at,
+                // A further redirect's failover-wait bound runs from the first read.
+                sent: since,
                 blocking: false,
                 acc: BytesMut::new(),
             });
@@ -879,13 +890,13 @@ impl Session {
         let mut target = self.cluster_target(slot).await?;
         let mut asking = false;
         loop {
-            self.cluster_link(target).await?;
-            let reply = self.call_on(target, req, asking).await?;
+            let id = self.cluster_link(target).await?;
             let node = self
                 .upstream
-                .get(LinkId::Node(target))
+                .get(id)
                 .map(|l| l.label.clone())
                 .unwrap_or_default();
+            let reply = self.call_on(id, req, asking).await?;
             let Some((redirect, _)) = redirect_of(&reply, &node) else {
                 return Ok(reply);
             };
@@ -908,10 +919,9 @@ impl Session {
         }
     }
 
-    /// One request on node link `index` (nothing else in flight there), its reply read
-    /// in place; pushes that arrive meanwhile go to the client.
-    async fn call_on(&mut self, index: usize, req: &Request, asking: bool) -> Result<Reply, Bytes> {
-        let id = LinkId::Node(index);
+    /// One request on node link `id` (nothing else in flight there), its reply read in
+    /// place; pushes that arrive meanwhile go to the client.
+    async fn call_on(&mut self, id: LinkId, req: &Request, asking: bool) -> Result<Reply, Bytes> {
         let resp3 = self.state.resp3;
         {
             let Some(link) = self.upstream.get_mut(id) else {
@@ -980,7 +990,12 @@ impl Session {
     }
 }
 
-/// The label of every node link (for `wait`/`flush` loops in the session).
-pub(super) fn node_ids(links: &[Link]) -> Vec<LinkId> {
-    links.iter().map(|l| LinkId::Node(l.index)).collect()
+/// The id of every open node link (for the session's `flush` and half-close loops).
+pub(super) fn node_ids(links: &[Option<Link>]) -> Vec<LinkId> {
+    links
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.is_some())
+        .filter_map(|(p, _)| u8::try_from(p).ok().map(LinkId::Node))
+        .collect()
 }

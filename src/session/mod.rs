@@ -135,7 +135,8 @@ enum Phase {
 /// to the old one).
 #[derive(Debug)]
 struct Outgoing {
-    req: Request,
+    /// The request's canonical frame (its arguments were needed only to plan it).
+    frame: Bytes,
     /// Frames its answer takes.
     frames: u32,
     /// Whether the answer reaches the client (`CLIENT REPLY`).
@@ -151,7 +152,7 @@ impl Outgoing {
     /// A request answered by one frame, with no special handling.
     fn plain(req: Request, deliver: bool) -> Outgoing {
         Outgoing {
-            req,
+            frame: req.into_frame(),
             frames: 1,
             deliver,
             on_reply: OnReply::Forward,
@@ -538,7 +539,10 @@ impl Session {
         let out = |l: Option<&Link>| l.is_some_and(|l| l.has_output() || l.wants_shutdown());
         let (master_out, replica_out) = (out(master), out(replica));
         let nodes = &self.upstream.nodes;
-        let nodes_out = nodes.iter().any(|l| l.has_output() || l.wants_shutdown());
+        let nodes_out = nodes
+            .iter()
+            .flatten()
+            .any(|l| l.has_output() || l.wants_shutdown());
         let client_out = !self.to_client.is_empty() || client.wants_flush();
         let draining = !matches!(self.phase, Phase::Open);
         Ok(tokio::select! {
@@ -790,7 +794,7 @@ impl Session {
                     return;
                 }
                 if let Some(creds) = Credentials::from_auth(&forward) {
-                    on_reply = OnReply::Apply(StateChange::Auth(creds));
+                    on_reply = OnReply::Apply(Box::new(StateChange::Auth(creds)));
                     self.auth_sent();
                 }
             }
@@ -820,7 +824,7 @@ impl Session {
                 Ok((req, change)) => {
                     forward = req;
                     effect = Some(Effect::State(change.clone()));
-                    on_reply = OnReply::Apply(change);
+                    on_reply = OnReply::Apply(Box::new(change));
                 }
                 Err(reply) => {
                     self.answer(reply);
@@ -914,7 +918,7 @@ impl Session {
                         };
                         self.tally.forwarded[class] += 1;
                         let out = Outgoing {
-                            on_reply: OnReply::Exec(exec),
+                            on_reply: OnReply::Exec(Box::new(exec)),
                             ..Outgoing::plain(forward, deliver)
                         };
                         self.send(out).await;
@@ -936,12 +940,12 @@ impl Session {
                 // next commands are answered: wait for it.
                 self.barrier = true;
                 self.mode.reset();
-                on_reply = OnReply::Apply(StateChange::Reset);
+                on_reply = OnReply::Apply(Box::new(StateChange::Reset));
             }
             Plan::Forward { change } => {
                 if let Some(change) = change {
                     effect = Some(Effect::State(change.clone()));
-                    on_reply = OnReply::Apply(change);
+                    on_reply = OnReply::Apply(Box::new(change));
                 }
             }
         }
@@ -983,7 +987,7 @@ impl Session {
             let deliver = self.mode.next_command();
             return self.forward_read(forward, deliver, class).await;
         }
-        self.shared.hot.forwarded[class].increment(1);
+        self.tally.forwarded[class] += 1;
         let deliver = self.mode.next_command();
         let out = Outgoing {
             on_reply,
@@ -1250,7 +1254,10 @@ impl Session {
             pool::Route::Dedicated => {}
         }
         let deliver = out.deliver;
-        let master = self.shared.topology.load().master_now();
+        let master = self
+            .shared
+            .topology
+            .master_at(tokio::time::Instant::from_std(self.now));
         let current = self.upstream.master.as_ref().map(|l| l.index);
         if current.is_none() || current != master {
             if current.is_some() && !self.at_safe_point() {
@@ -1297,7 +1304,7 @@ impl Session {
     /// Queue a request on link `id` and what its answer is owed.
     fn push_to(&mut self, id: LinkId, out: Outgoing) {
         let Outgoing {
-            req,
+            frame,
             frames,
             deliver,
             on_reply,
@@ -1308,12 +1315,12 @@ impl Session {
             let Some(shared) = &mut self.upstream.shared else {
                 return;
             };
-            shared.send(req.frame());
+            shared.send(&frame);
         } else {
             let Some(link) = self.upstream.get_mut(id) else {
                 return;
             };
-            link.send(req.frame().clone());
+            link.send(frame.clone());
         }
         // Kept for a READONLY retry up to the session's buffer bound; past it a READONLY
         // answer becomes MASTERDOWN (not applied either way), so a big-value pipeline
@@ -1321,13 +1328,7 @@ impl Session {
         let retry = (retryable
             && frames == 1
             && self.retained.load(Ordering::Relaxed) < self.rt.config.limits.max_reply_buffer)
-            .then(|| {
-                let mut r = Retained::new(req.frame().clone(), &self.retained);
-                if let LinkId::Node(_) = id {
-                    r.cluster = Some(Box::new(cluster::Retry::new(self.cl.slot_number())));
-                }
-                r
-            });
+            .then(|| Retained::new(frame, &self.retained));
         self.queue.push_upstream(Awaiting {
             link: id,
             remaining: frames,
@@ -1351,7 +1352,10 @@ impl Session {
         let masterdown = self.shared.masterdown();
         let read_at = self.read_at;
         for entry in self.queue.retries_mut() {
-            let Entry::Retry { retained, deliver } = entry else {
+            let Entry::Retry {
+                retained, deliver, ..
+            } = entry
+            else {
                 continue;
             };
             let (frame, deliver) = (retained.frame.clone(), *deliver);
@@ -1384,6 +1388,11 @@ impl Session {
     /// the master until `probe.down_after`, and the session keeps trying it meanwhile, as
     /// a client of Redis alone would wait.
     async fn connect_to_master(&mut self) -> Result<(), Bytes> {
+        // Boxed, as `open_link`: the per-request path only holds a pointer to it.
+        Box::pin(self.connect_to_master_now()).await
+    }
+
+    async fn connect_to_master_now(&mut self) -> Result<(), Bytes> {
         let deadline = tokio::time::Instant::now() + self.rt.config.routing.failover_wait;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -1421,8 +1430,14 @@ impl Session {
         }
     }
 
-    /// Open a backend connection with this session's state replayed.
+    /// Open a backend connection with this session's state replayed. Boxed: connecting
+    /// is rare, and its future (TCP, TLS, handshake) would otherwise be part of every
+    /// request's path through `send`, moved with it on each call.
     async fn open_link(&self, index: usize) -> Result<Link, LinkFailure> {
+        Box::pin(self.open_link_now(index)).await
+    }
+
+    async fn open_link_now(&self, index: usize) -> Result<Link, LinkFailure> {
         let Some((cfg, liveness)) = self
             .shared
             .topology
@@ -1639,7 +1654,7 @@ impl Session {
             OnReply::PubSub { .. } => {}
             OnReply::Apply(change) if !is_error => {
                 self.record_latency(a.sent);
-                self.state.apply(change);
+                self.state.apply(*change);
             }
             _ => self.record_latency(a.sent),
         }
@@ -1753,9 +1768,9 @@ impl Session {
             self.mode.command_done();
         }
         self.queue.drain(&mut self.to_client);
-        let bound_here = matches!(id, LinkId::Node(i) if self.cl.holds_state(i));
-        if let LinkId::Node(i) = id {
-            self.cl.forget(i);
+        let bound_here = matches!(id, LinkId::Node(_)) && self.cl.holds_state(link.index);
+        if let LinkId::Node(_) = id {
+            self.cl.forget(link.index);
         }
         if (id == LinkId::Master || bound_here)
             && (self.txn.is_some() || self.watching || self.state.pinned())
@@ -1797,7 +1812,8 @@ impl Session {
             // what it has not read, as it does for a direct client.
             return not_shared;
         }
-        let Some(index) = self.shared.topology.load().master_now() else {
+        let now = tokio::time::Instant::from_std(self.now);
+        let Some(index) = self.shared.topology.master_at(now) else {
             // No confirmed master now: the dedicated path waits for one.
             return not_shared;
         };

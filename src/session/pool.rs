@@ -626,7 +626,15 @@ impl ConnIo {
     }
 
     async fn serve(&mut self, rx: &mut UnboundedReceiver<Batch>, stop: &CancellationToken) -> Stop {
+        // A batch just arrived: the scheduler runs the woken connection task right after
+        // the session that sent it (tokio's LIFO slot), before other sessions whose
+        // clients are readable in the same tick. Yielding once lets them queue their
+        // requests too, so one write (one wake-up of Redis) carries all of them.
+        let mut gather = false;
         loop {
+            if std::mem::take(&mut gather) {
+                tokio::task::yield_now().await;
+            }
             // Everything ready goes out in one write.
             loop {
                 match rx.try_recv() {
@@ -656,7 +664,10 @@ impl ConnIo {
                     }
                 }
                 b = rx.recv() => match b {
-                    Some(b) => self.take(b),
+                    Some(b) => {
+                        self.take(b);
+                        gather = true;
+                    }
                     None => return Stop::Closed,
                 },
                 _ = self.stream.writable(), if wants_write => {}

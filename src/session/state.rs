@@ -46,14 +46,15 @@ pub(super) enum StateChange {
 pub(super) enum OnReply {
     /// Forward as is.
     Forward,
-    /// Forward; when not an error, apply the state change.
-    Apply(StateChange),
+    /// Forward; when not an error, apply the state change (boxed: rare, and the queue
+    /// entry of every plain request is sized by the largest variant).
+    Apply(Box<StateChange>),
     /// Swallow the backend's answer and send this instead (EXECABORT after a refusal).
     Replace(Bytes),
     /// Pub/sub confirmations: one per named channel, or until the set empties (`all`).
     PubSub { kind: PubSubKind, all: bool },
-    /// EXEC of a transaction whose commands change the session.
-    Exec(ExecPlan),
+    /// EXEC of a transaction whose commands change the session (boxed, as `Apply`).
+    Exec(Box<ExecPlan>),
 }
 
 /// Per-connection state that outlives backend connections.

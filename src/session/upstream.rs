@@ -27,8 +27,9 @@ pub(super) enum LinkId {
     /// The master through a shared connection (`routing.backend_connections = "shared"`):
     /// replies arrive in the session's inbox.
     Shared,
-    /// Cluster mode: the session's link to the node with this backend index.
-    Node(usize),
+    /// Cluster mode: the session's link at this position of `Upstream::nodes` (a byte,
+    /// so per-request values stay small).
+    Node(u8),
 }
 
 /// One open backend connection of a session.
@@ -186,8 +187,9 @@ pub(super) struct Upstream {
     pub(super) replica_stale: bool,
     /// The master's shared connection, while the session uses it.
     pub(super) shared: Option<SharedLink>,
-    /// Cluster mode: one link per node the session needed (`LinkId::Node`).
-    pub(super) nodes: Vec<Link>,
+    /// Cluster mode: one link per node the session needed, at stable positions
+    /// (`LinkId::Node`); `None` where a link ended.
+    pub(super) nodes: Vec<Option<Link>>,
 }
 
 impl Upstream {
@@ -197,7 +199,7 @@ impl Upstream {
             LinkId::Master => self.master.as_ref(),
             LinkId::Replica => self.replica.as_ref(),
             LinkId::Shared => None,
-            LinkId::Node(i) => self.nodes.iter().find(|l| l.index == i),
+            LinkId::Node(p) => self.nodes.get(usize::from(p))?.as_ref(),
         }
     }
 
@@ -207,7 +209,7 @@ impl Upstream {
             LinkId::Master => self.master.as_mut(),
             LinkId::Replica => self.replica.as_mut(),
             LinkId::Shared => None,
-            LinkId::Node(i) => self.nodes.iter_mut().find(|l| l.index == i),
+            LinkId::Node(p) => self.nodes.get_mut(usize::from(p))?.as_mut(),
         }
     }
 
@@ -217,10 +219,7 @@ impl Upstream {
             LinkId::Master => self.master.take(),
             LinkId::Replica => self.replica.take(),
             LinkId::Shared => None,
-            LinkId::Node(i) => {
-                let pos = self.nodes.iter().position(|l| l.index == i)?;
-                Some(self.nodes.swap_remove(pos))
-            }
+            LinkId::Node(p) => self.nodes.get_mut(usize::from(p))?.take(),
         }
     }
 
@@ -229,7 +228,35 @@ impl Upstream {
         self.master.as_ref().map_or(0, Link::queued_bytes)
             + self.replica.as_ref().map_or(0, Link::queued_bytes)
             + self.shared.as_ref().map_or(0, SharedLink::queued_bytes)
-            + self.nodes.iter().map(Link::queued_bytes).sum::<usize>()
+            + self
+                .nodes
+                .iter()
+                .flatten()
+                .map(Link::queued_bytes)
+                .sum::<usize>()
+    }
+
+    /// The link to the node with backend index `index`, when open.
+    pub(super) fn node_link(&self, index: usize) -> Option<LinkId> {
+        let p = self
+            .nodes
+            .iter()
+            .position(|l| l.as_ref().is_some_and(|l| l.index == index))?;
+        u8::try_from(p).ok().map(LinkId::Node)
+    }
+
+    /// Keep a new node link at a free position (at most 256 per session).
+    pub(super) fn add_node(&mut self, link: Link) -> Option<LinkId> {
+        let p = match self.nodes.iter().position(Option::is_none) {
+            Some(p) => p,
+            None if self.nodes.len() <= usize::from(u8::MAX) => {
+                self.nodes.push(None);
+                self.nodes.len() - 1
+            }
+            None => return None,
+        };
+        self.nodes[p] = Some(link);
+        u8::try_from(p).ok().map(LinkId::Node)
     }
 
     /// Close every link.
@@ -243,14 +270,15 @@ impl Upstream {
 
 /// Wait until one of the cluster node links is readable (or has an error); never, when
 /// none is open. Returns its `LinkId::Node`.
-pub(super) async fn node_readable(links: &[Link]) -> LinkId {
-    if links.is_empty() {
+pub(super) async fn node_readable(links: &[Option<Link>]) -> LinkId {
+    if links.iter().all(Option::is_none) {
         return std::future::pending().await;
     }
     std::future::poll_fn(|cx| {
-        for l in links {
+        for (p, l) in links.iter().enumerate() {
+            let Some(l) = l else { continue };
             if l.stream.poll_readable(cx).is_ready() {
-                return std::task::Poll::Ready(LinkId::Node(l.index));
+                return std::task::Poll::Ready(LinkId::Node(u8::try_from(p).unwrap_or(u8::MAX)));
             }
         }
         std::task::Poll::Pending
@@ -259,9 +287,9 @@ pub(super) async fn node_readable(links: &[Link]) -> LinkId {
 }
 
 /// Wait until a cluster node link with output (or a half-close to do) is writable.
-pub(super) async fn node_writable(links: &[Link]) {
+pub(super) async fn node_writable(links: &[Option<Link>]) {
     std::future::poll_fn(|cx| {
-        for l in links {
+        for l in links.iter().flatten() {
             if (l.has_output() || l.wants_shutdown()) && l.stream.poll_writable(cx).is_ready() {
                 return std::task::Poll::Ready(());
             }
