@@ -999,3 +999,74 @@ pub(super) fn node_ids(links: &[Option<Link>]) -> Vec<LinkId> {
         .filter_map(|(p, _)| u8::try_from(p).ok().map(LinkId::Node))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{ReplyLimits, ReplyScanner};
+
+    fn reply(bytes: &[u8]) -> Reply {
+        let mut buf = BytesMut::from(bytes);
+        ReplyScanner::new(ReplyLimits::default())
+            .next(&mut buf)
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn redirects_as_redis_writes_them() {
+        // Redis src/cluster.c clusterRedirectClient.
+        let (r, slot) = redirect_of(&reply(b"-MOVED 3999 127.0.0.1:6381\r\n"), "n:1").unwrap();
+        assert_eq!((r.kind, slot), (RedirectKind::Moved, Some(3999)));
+        assert_eq!(r.target.as_deref(), Some("127.0.0.1:6381"));
+        let (r, _) = redirect_of(&reply(b"-ASK 12 node-b.example:7000\r\n"), "n:1").unwrap();
+        assert_eq!(
+            (r.kind, r.target.as_deref()),
+            (RedirectKind::Ask, Some("node-b.example:7000"))
+        );
+        // An unknown endpoint: the answering node's host.
+        let (r, _) = redirect_of(&reply(b"-MOVED 1 ?:7002\r\n"), "10.0.0.5:7000").unwrap();
+        assert_eq!(r.target.as_deref(), Some("10.0.0.5:7002"));
+        let (r, _) = redirect_of(&reply(b"-MOVED 1 :7002\r\n"), "10.0.0.5:7000").unwrap();
+        assert_eq!(r.target.as_deref(), Some("10.0.0.5:7002"));
+        for (text, kind) in [
+            (
+                &b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n"[..],
+                RedirectKind::TryAgain,
+            ),
+            (
+                b"-CLUSTERDOWN The cluster is down\r\n",
+                RedirectKind::ClusterDown,
+            ),
+            (
+                b"-READONLY You can't write against a read only replica.\r\n",
+                RedirectKind::ReadOnly,
+            ),
+        ] {
+            assert_eq!(redirect_of(&reply(text), "n:1").unwrap().0.kind, kind);
+        }
+        assert!(redirect_of(&reply(b"-ERR no\r\n"), "n:1").is_none());
+        assert!(redirect_of(&reply(b"+OK\r\n"), "n:1").is_none());
+    }
+
+    #[test]
+    fn command_name_and_slot_of_frames() {
+        let frame = Request::from_args(&[b"EXEC".as_slice()]).frame().clone();
+        assert_eq!(command_name(&frame), b"EXEC");
+        let frame = Request::from_args(&[b"set".as_slice(), b"foo", b"x"])
+            .frame()
+            .clone();
+        assert_eq!(command_name(&frame), b"set");
+        assert_eq!(slot_of_frame(&frame), Some(12182));
+        assert_eq!(command_name(b"garbage"), b"");
+    }
+
+    #[test]
+    fn node_id_is_stable_and_hex() {
+        let id = proxy_node_id("127.0.0.1:6380");
+        assert_eq!(id.len(), 40);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(id, proxy_node_id("127.0.0.1:6380"));
+        assert_ne!(id, proxy_node_id("127.0.0.1:6381"));
+    }
+}
