@@ -656,3 +656,29 @@ async fn pubsub_blocking_and_resp3_through_the_cluster() {
         assert_eq!(r3.call(&["GET", "missing:{k}"]).await, b"_\r\n");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_cluster_through_the_proxy() {
+    let Some(bin) = support::valkey_server() else {
+        eprintln!("skipped: no valkey-server (scripts/test.sh installs one)");
+        return;
+    };
+    let cluster = RedisCluster::start_bin(&bin, 3, 0).await;
+    let p = proxy(&cluster).await;
+    let mut via = Conn::open(&p.addr.to_string()).await;
+    let mut node = Conn::open(&cluster.nodes[0].addr()).await;
+    for k in spread_keys(30) {
+        assert_eq!(via.call(&["SET", &k, &k]).await, b"+OK\r\n");
+    }
+    for k in spread_keys(30) {
+        assert_eq!(
+            via.call(&["GET", &k]).await,
+            format!("${}\r\n{k}\r\n", k.len()).into_bytes()
+        );
+    }
+    let mget = via.call(&["MGET", "key:1", "key:2", "nope"]).await;
+    assert_eq!(mget, b"*3\r\n$5\r\nkey:1\r\n$5\r\nkey:2\r\n$-1\r\n");
+    assert_eq!(via.call(&["DBSIZE"]).await, b":30\r\n");
+    let cross = node.call(&["MSETNX", "a", "1", "b", "2"]).await;
+    assert_eq!(via.call(&["MSETNX", "a", "1", "b", "2"]).await, cross);
+}

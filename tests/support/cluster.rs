@@ -53,9 +53,18 @@ impl RedisCluster {
     /// Start `masters` masters with `replicas` replicas each and wait until every node
     /// says `cluster_state:ok` and knows every other node.
     pub async fn start(masters: usize, replicas: usize) -> RedisCluster {
+        RedisCluster::start_bin("redis-server", masters, replicas).await
+    }
+
+    /// The same with another server binary (valkey-server).
+    pub async fn start_bin(bin: &str, masters: usize, replicas: usize) -> RedisCluster {
         let n = masters * (1 + replicas);
         let nodes: Vec<RedisServer> = (0..n)
-            .map(|_| RedisServer::start_on(cluster_port(), &node_args()))
+            .map(|_| {
+                (0..5)
+                    .find_map(|_| RedisServer::try_start_bin(bin, cluster_port(), &node_args()))
+                    .unwrap_or_else(|| panic!("{bin} did not start in cluster mode"))
+            })
             .collect();
         let mut create = Command::new("redis-cli");
         create.arg("--cluster").arg("create");
