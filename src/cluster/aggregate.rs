@@ -43,6 +43,10 @@ fn array(elements: impl IntoIterator<Item = Bytes>) -> Bytes {
     out.freeze()
 }
 
+fn is_null(b: &[u8]) -> bool {
+    matches!(b, b"$-1\r\n" | b"*-1\r\n" | b"_\r\n")
+}
+
 fn bytes_of(p: &Part) -> Bytes {
     match p {
         Part::Error(b) | Part::Other(b) => b.clone(),
@@ -137,7 +141,12 @@ pub fn combine(policy: ResponsePolicy, parts: &[Part]) -> Bytes {
                     _ => Vec::new(),
                 })))
             } else {
-                None
+                // One reply stands for all (RANDOMKEY): the first that is not null, as
+                // a server holding every shard's keys would find one.
+                parts
+                    .iter()
+                    .find(|p| !matches!(p, Part::Other(b) if is_null(b)))
+                    .map(bytes_of)
             }
         }
         ResponsePolicy::AllSucceeded | ResponsePolicy::OneSucceeded | ResponsePolicy::Special => {
@@ -195,6 +204,11 @@ mod tests {
         assert_eq!(
             &combine(ResponsePolicy::Default, &keys)[..],
             b"*2\r\n$1\r\na\r\n$1\r\nb\r\n"
+        );
+        let random = [Part::Other(b("$-1\r\n")), Part::Other(b("$1\r\nk\r\n"))];
+        assert_eq!(
+            &combine(ResponsePolicy::Default, &random)[..],
+            b"$1\r\nk\r\n"
         );
         let exists = [
             Part::Array(vec![b(":1\r\n"), b(":0\r\n")]),
