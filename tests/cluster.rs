@@ -268,6 +268,42 @@ async fn cross_slot_and_multi_key_commands_answer_as_redis() {
     );
     assert_eq!(via.reply().await.unwrap(), b"$1\r\nx\r\n");
 
+    // SCAN walks every shard, the shard carried in the cursor: each key once.
+    let mut c = p.client().await;
+    let mut cursor: u64 = 0;
+    let mut scanned = std::collections::BTreeSet::new();
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(5)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        for k in keys {
+            assert!(scanned.insert(k.clone()), "{k} twice");
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let mut all = std::collections::BTreeSet::new();
+    for n in &cluster.nodes {
+        let mut d = n.direct().await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut d)
+            .await
+            .unwrap();
+        all.extend(keys);
+    }
+    assert_eq!(scanned, all);
+    assert!(via
+        .call(&["SCAN", "abc"])
+        .await
+        .starts_with(b"-ERR invalid cursor"));
+
     // A transaction stays on one slot: a cross-slot command while queuing gets CROSSSLOT
     // and EXEC EXECABORT, as Redis does.
     assert_eq!(via.call(&["MULTI"]).await, b"+OK\r\n");

@@ -103,9 +103,23 @@ impl ClusterSession {
 pub(super) struct Gather {
     spec: &'static CommandSpec,
     req: Request,
-    /// Split by slot (`multi_shard`) or sent to every master.
-    split: bool,
+    how: GatherKind,
 }
+
+/// How a gathered request reaches the nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GatherKind {
+    /// Split by slot (`request_policy:multi_shard`).
+    Split,
+    /// Sent to every master (`all_shards`, `all_nodes`).
+    FanOut,
+    /// `SCAN`: one shard at a time, the shard in the cursor.
+    Scan,
+}
+
+/// Shards a SCAN cursor can name: the cursor the client sees is
+/// `node cursor × SCAN_SHARDS + shard index`.
+const SCAN_SHARDS: u64 = 1024;
 
 /// A redirect a node answered (Redis `src/cluster.c` `clusterRedirectClient`), kept
 /// with the request until it is re-sent.
@@ -266,12 +280,21 @@ impl Session {
         }
         let slot = route::request_slot(spec, req);
         let in_txn = self.txn.is_some();
+        if spec.name == "scan" && spec.request_policy == RequestPolicy::Special && !in_txn {
+            // The cursor names the shard (request_policy:special).
+            self.cl.parked = Some(Gather {
+                spec,
+                req: req.clone(),
+                how: GatherKind::Scan,
+            });
+            return true;
+        }
         match slot {
             KeySlot::CrossSlot if spec.request_policy == RequestPolicy::MultiShard && !in_txn => {
                 self.cl.parked = Some(Gather {
                     spec,
                     req: req.clone(),
-                    split: true,
+                    how: GatherKind::Split,
                 });
                 return true;
             }
@@ -297,7 +320,7 @@ impl Session {
                 self.cl.parked = Some(Gather {
                     spec,
                     req: req.clone(),
-                    split: false,
+                    how: GatherKind::FanOut,
                 });
                 return true;
             }
@@ -839,7 +862,10 @@ impl Session {
         // Parts: (slot, request, key positions).
         let mut parts: Vec<(Option<u16>, Request, Vec<usize>)> = Vec::new();
         let mut total = 0;
-        if g.split {
+        if g.how == GatherKind::Scan {
+            return self.scan(g, &cluster).await;
+        }
+        if g.how == GatherKind::Split {
             let all: Vec<usize> = route::key_positions(g.spec, g.req.argc()).collect();
             total = all.len();
             for p in route::split_by_slot(g.spec, &g.req) {
@@ -871,12 +897,81 @@ impl Session {
                 Err(e) => Part::Error(e.clone()),
             })
             .collect();
-        if g.split && g.spec.response_policy == crate::command::ResponsePolicy::Default {
+        if g.how == GatherKind::Split
+            && g.spec.response_policy == crate::command::ResponsePolicy::Default
+        {
             let positions: Vec<Vec<usize>> = parts.iter().map(|p| p.2.clone()).collect();
             aggregate::reassemble(&parts_out, &positions, total)
         } else {
             aggregate::combine(g.spec.response_policy, &parts_out)
         }
+    }
+
+    /// `SCAN cursor [options]` over the shards in map order: the cursor's low part is the
+    /// shard, the rest that shard's own cursor; a shard's end moves to the next shard.
+    async fn scan(&mut self, g: &Gather, cluster: &ClusterStore) -> Bytes {
+        let cursor = g
+            .req
+            .arg(1)
+            .and_then(|c| std::str::from_utf8(c).ok())
+            .and_then(|c| c.parse::<u64>().ok());
+        let Some(cursor) = cursor else {
+            // Redis's own text (db.c scanGenericCommand via parseScanCursorOrReply).
+            return texts::error("ERR invalid cursor");
+        };
+        let shards: Vec<Option<u16>> = match cluster.load().map.clone() {
+            Some(map) => map
+                .shards
+                .iter()
+                .map(|s| s.ranges.first().map(|r| r.0))
+                .collect(),
+            None => return Bytes::from_static(texts::CLUSTER_NO_MASTER),
+        };
+        let shard = usize::try_from(cursor % SCAN_SHARDS).unwrap_or(usize::MAX);
+        let node_cursor = cursor / SCAN_SHARDS;
+        let Some(&slot) = shards.get(shard) else {
+            return texts::error("ERR invalid cursor");
+        };
+        let mut args: Vec<&[u8]> = g.req.args().collect();
+        let node_cursor_text = node_cursor.to_string();
+        if let Some(a) = args.get_mut(1) {
+            *a = node_cursor_text.as_bytes();
+        }
+        let req = Request::from_args(&args);
+        let reply = match self.call_slot(slot, &req).await {
+            Ok(r) => r,
+            Err(e) => return e,
+        };
+        let limits = self.rt.reply_limits();
+        let Some((_, elements)) = state::split_array(&reply, limits) else {
+            return reply.into_frame();
+        };
+        let [next, keys] = elements.as_slice() else {
+            return reply.into_frame();
+        };
+        let next = std::str::from_utf8(next)
+            .ok()
+            .and_then(|t| t.split("\r\n").nth(1))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        let out = if next != 0 {
+            next.checked_mul(SCAN_SHARDS)
+                .and_then(|n| n.checked_add(shard as u64))
+        } else if shard + 1 < shards.len() {
+            Some(shard as u64 + 1)
+        } else {
+            Some(0)
+        };
+        let Some(out) = out else {
+            return texts::error(
+                "ERR portcullis: a node's SCAN cursor is too large to carry its shard",
+            );
+        };
+        let out = out.to_string();
+        let mut b = BytesMut::new();
+        b.extend_from_slice(format!("*2\r\n${}\r\n{out}\r\n", out.len()).as_bytes());
+        b.extend_from_slice(keys);
+        b.freeze()
     }
 
     /// Send one request to `slot`'s master and wait for its reply, following redirects
