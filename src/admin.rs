@@ -196,8 +196,10 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     })
                 })
                 .collect();
+            // Cluster mode: masters are per shard (`cluster.shards`), not one for all.
             let master = topo
                 .master_now()
+                .filter(|_| state.cluster.is_none())
                 .and_then(|i| topo.backends.get(i))
                 .map(|b| b.label.clone());
             let shadow = state.shadow.load(std::sync::atomic::Ordering::Relaxed);
@@ -213,7 +215,11 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     "PROTECTION NOT ENFORCED: shadow mode forwards every command the policy would refuse and only logs and counts it",
                 ),
                 "confirmed_master": master,
-                "reason": if master.is_none() { Some(topo.explain()) } else { None },
+                "reason": match (&state.cluster, &master) {
+                    (Some(_), _) => Some("cluster mode: each shard's confirmed master is in cluster.shards".to_string()),
+                    (None, None) => Some(topo.explain()),
+                    (None, Some(_)) => None,
+                },
                 "generation": topo.generation,
                 "down_after_ms": bounds.down_after.as_millis() as u64,
                 "backends": backends,

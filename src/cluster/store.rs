@@ -370,13 +370,24 @@ async fn refresh_once(store: &ClusterStore, settings: &ProbeSettings) {
     candidates.extend(store.config.seeds.iter().cloned());
     let mut seen = std::collections::HashSet::new();
     candidates.retain(|a| seen.insert(a.clone()));
-    let mut views = Vec::new();
-    for address in &candidates {
+    let mut views: Vec<View> = Vec::new();
+    let mut next = 0;
+    while let Some(address) = candidates.get(next).cloned() {
+        next += 1;
         if views.len() >= VIEWS_WANTED {
             break;
         }
-        match read_view(address, store, settings).await {
-            Ok(v) => views.push(v),
+        match read_view(&address, store, settings).await {
+            Ok(v) => {
+                // The nodes it names are asked too (a first refresh knows only the seeds).
+                for n in v.map.nodes() {
+                    let a = n.address();
+                    if seen.insert(a.clone()) {
+                        candidates.push(a);
+                    }
+                }
+                views.push(v);
+            }
             Err(e) => debug!(node = %address, error = %e, "cluster: could not read the slot map"),
         }
     }
