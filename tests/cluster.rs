@@ -56,6 +56,11 @@ fn redirects(cluster: &RedisCluster) -> std::collections::HashMap<String, f64> {
 
 /// The proxy in front of `cluster`, ready: every slot served by a confirmed master.
 async fn proxy(cluster: &RedisCluster) -> Proxy {
+    proxy_with(cluster, |_| {}).await
+}
+
+/// The same, with `tune` applied to the config first.
+async fn proxy_with(cluster: &RedisCluster, tune: impl FnOnce(&mut Config)) -> Proxy {
     prometheus();
     let mut config = Config {
         cluster: Some(ClusterConfig {
@@ -68,6 +73,7 @@ async fn proxy(cluster: &RedisCluster) -> Proxy {
     };
     config.probe.interval = Duration::from_millis(100);
     config.routing.failover_wait = Duration::from_secs(10);
+    tune(&mut config);
     let p = Proxy::start_with(config).await;
     let addr = p.addr.to_string();
     wait_until("the proxy serves every slot", || {
@@ -717,4 +723,47 @@ async fn valkey_cluster_through_the_proxy() {
     assert_eq!(via.call(&["DBSIZE"]).await, b":30\r\n");
     let cross = node.call(&["MSETNX", "a", "1", "b", "2"]).await;
     assert_eq!(via.call(&["MSETNX", "a", "1", "b", "2"]).await, cross);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_mode_keeps_the_connection_budget_per_node() {
+    if support::forced_mode() == Some(portcullis::config::BackendConnections::Dedicated) {
+        eprintln!("skipped: this run forces dedicated connections");
+        return;
+    }
+    let cluster = RedisCluster::start(3, 0).await;
+    let p = proxy_with(&cluster, |c| {
+        c.routing.backend_connections = portcullis::config::BackendConnections::Shared;
+        c.routing.shared_connections = 2;
+    })
+    .await;
+    let clients = 40;
+    let mut conns = Vec::new();
+    for _ in 0..clients {
+        conns.push(Conn::open(&p.addr.to_string()).await);
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        for k in spread_keys(12) {
+            let key = format!("{k}:{i}");
+            assert_eq!(c.call(&["SET", &key, "v"]).await, b"+OK\r\n");
+            assert_eq!(c.call(&["GET", &key]).await, b"$1\r\nv\r\n");
+        }
+    }
+    // Every client reached every shard, over a few shared connections per node (plus the
+    // prober's and the slot-map reader's), not one per client.
+    for n in &cluster.nodes {
+        let text = info(&n.addr(), &["INFO", "clients"]).await;
+        let connected: usize = text
+            .lines()
+            .find_map(|l| l.strip_prefix("connected_clients:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(usize::MAX);
+        assert!(connected <= 6, "{} has {connected} clients", n.addr());
+    }
+    // A stateful command still gets a link of its own, and answers as usual.
+    let c = &mut conns[0];
+    assert_eq!(c.call(&["MULTI"]).await, b"+OK\r\n");
+    assert_eq!(c.call(&["INCR", "{s}n"]).await, b"+QUEUED\r\n");
+    assert_eq!(c.call(&["EXEC"]).await, b"*1\r\n:1\r\n");
+    assert_eq!(c.call(&["GET", "{s}n"]).await, b"$1\r\n1\r\n");
 }

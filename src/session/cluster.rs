@@ -31,6 +31,7 @@ use crate::cluster::{key_hash_slot, ClusterStore, RedirectKind, SlotMasterError,
 use crate::command::{CommandSpec, RequestPolicy, Special};
 use crate::protocol::{texts, Reply, ReplyKind, Request};
 
+use super::pool::{Delivery, SharedLink};
 use super::queue::{Awaiting, Entry, Retained};
 use super::state::{self, OnReply};
 use super::upstream::{Link, LinkEnd, LinkId};
@@ -115,6 +116,17 @@ enum GatherKind {
     FanOut,
     /// `SCAN`: one shard at a time, the shard in the cursor.
     Scan,
+}
+
+/// Which connection to a node a request takes in shared mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SharedRoute {
+    /// The node's shared connection.
+    Shared(LinkId),
+    /// The session's own link to the node.
+    Dedicated,
+    /// After the answers the other path still owes (the request is parked).
+    Wait,
 }
 
 /// Shards a SCAN cursor can name: the cursor the client sees is
@@ -533,6 +545,19 @@ impl Session {
                     }
                 },
             };
+            if !(txn_like || feed || pubsub || ends_txn) {
+                let dedicated = self.upstream.node_link(target);
+                match self.cluster_shared_route(target, dedicated, &out) {
+                    SharedRoute::Shared(shared) => break (target, shared),
+                    SharedRoute::Dedicated => {}
+                    SharedRoute::Wait => {
+                        // The other path to this node still owes answers: send after
+                        // them, so the node runs the session's requests in order.
+                        self.parked = Some(out);
+                        return;
+                    }
+                }
+            }
             match self.cluster_link(target).await {
                 Ok(id) => break (target, id),
                 // A node that refused the connection was reported down (`open_link`): the
@@ -585,6 +610,121 @@ impl Session {
                 self.cl.bound = None;
             }
         }
+    }
+
+    /// Shared mode (`routing.backend_connections = "shared"`): the node's shared
+    /// connection for a request that neither carries nor needs connection state, as in
+    /// single-master shared mode; the session's own link otherwise. Per node, one path at a
+    /// time: switching waits until the other has answered everything.
+    fn cluster_shared_route(
+        &mut self,
+        target: usize,
+        dedicated: Option<LinkId>,
+        out: &Outgoing,
+    ) -> SharedRoute {
+        let routing = &self.rt.config.routing;
+        if routing.backend_connections != crate::config::BackendConnections::Shared {
+            return SharedRoute::Dedicated;
+        }
+        let limits = &self.rt.config.limits;
+        let on_dedicated = dedicated.is_some_and(|id| self.queue.waiting_on(id));
+        let current = self.upstream.shared_node(target);
+        let on_shared = current.is_some_and(|id| self.queue.waiting_on(id));
+        let not_shared = if on_shared {
+            SharedRoute::Wait
+        } else {
+            SharedRoute::Dedicated
+        };
+        let shareable = self.cmd_shareable
+            && !out.blocking
+            && out.frames == 1
+            && matches!(out.on_reply, OnReply::Forward)
+            && self.txn.is_none()
+            && !self.watching
+            && !self.rt.passthrough()
+            && self.state.shareable()
+            && self.to_client.bytes < limits.max_reply_buffer / 2;
+        if !shareable {
+            return not_shared;
+        }
+        if on_dedicated {
+            // Stay on the session's link until it has answered (a pipeline keeps order).
+            return if on_shared {
+                SharedRoute::Wait
+            } else {
+                SharedRoute::Dedicated
+            };
+        }
+        let id = match current {
+            Some(id) => id,
+            None => {
+                let size = routing.shared_connections;
+                let key = usize::from(self.peer.port());
+                let Some(conn) = self.shared.pools.conn(&self.shared, target, size, key) else {
+                    return SharedRoute::Dedicated;
+                };
+                if !conn.usable() {
+                    return SharedRoute::Dedicated;
+                }
+                match self.upstream.add_shared_node(SharedLink::new(target, conn)) {
+                    Some(id) => id,
+                    None => return SharedRoute::Dedicated,
+                }
+            }
+        };
+        match self.upstream.shared_node_mut(id) {
+            Some(s) if s.conn.usable() => {
+                if s.has_room(limits.max_reply_buffer, limits.max_pending) {
+                    // The session's own link to the node is no longer needed: release it.
+                    if let Some(d) = dedicated {
+                        if !self.cl.holds_state(target) {
+                            self.upstream.take(d);
+                        }
+                    }
+                    SharedRoute::Shared(id)
+                } else {
+                    SharedRoute::Wait
+                }
+            }
+            _ => not_shared,
+        }
+    }
+
+    /// What a node's shared connection delivered, and whatever else is already there.
+    pub(super) fn on_node_deliveries(&mut self, id: LinkId, first: Option<Delivery>) {
+        let mut next = first;
+        while let Some(d) = next {
+            self.replies_at = self.now;
+            if let Some(shared) = self.upstream.shared_node_mut(id) {
+                shared.answered(d.answers(), d.bytes());
+            }
+            match d {
+                Delivery::Reply(r) => self.node_shared_reply(id, r),
+                Delivery::Replies(rs) => {
+                    for r in rs {
+                        self.node_shared_reply(id, r);
+                    }
+                }
+                Delivery::Fail { n, reply } => {
+                    self.queue.fail_first(id, n, &reply);
+                    self.queue.drain(&mut self.to_client);
+                }
+            }
+            next = self
+                .upstream
+                .shared_node_mut(id)
+                .and_then(SharedLink::try_recv);
+        }
+    }
+
+    fn node_shared_reply(&mut self, id: LinkId, reply: Reply) {
+        if self.upstream.shared_node_mut(id).is_none() || self.on_reply(reply, id) {
+            return;
+        }
+        tracing::warn!(peer = %self.peer, "shared cluster node connection sent an unexpected reply; closing session");
+        self.upstream.close();
+        self.queue.clear();
+        self.end_after_replies(super::SessionEnd::BackendDesync);
     }
 
     /// Whether node `index` serves `slot` by the current map (keyless: yes).
@@ -671,13 +811,13 @@ impl Session {
         let cluster = self.cluster()?.clone();
         let (node, backend) = self
             .upstream
-            .get(id)
-            .map(|l| (l.label.clone(), Some(l.index)))
+            .node_of(id)
+            .map(|(label, index)| (label, Some(index)))
             .unwrap_or_default();
         let (mut redirect, moved_slot) = redirect_of(reply, &node)?;
         cluster.report_redirect(redirect.kind, &node);
         if redirect.kind == RedirectKind::ReadOnly {
-            if let (LinkId::Node(_), Some(i)) = (id, backend) {
+            if let (LinkId::Node(_) | LinkId::SharedNode(_), Some(i)) = (id, backend) {
                 self.shared.topology.report_readonly(i);
             }
         }

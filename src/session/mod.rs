@@ -311,6 +311,8 @@ enum Event {
     BackendReadable(LinkId),
     /// Replies (or a failure) from the session's shared connection.
     Shared(Option<Delivery>),
+    /// Cluster mode: replies from a node's shared connection.
+    SharedNode(LinkId, Option<Delivery>),
     Writable,
     Idle,
     FrameTimeout,
@@ -396,6 +398,7 @@ impl Session {
                 Event::ClientReadable => self.read_client(client)?,
                 Event::BackendReadable(link) => self.read_backend(link),
                 Event::Shared(delivery) => self.on_deliveries(delivery),
+                Event::SharedNode(id, delivery) => self.on_node_deliveries(id, delivery),
                 Event::Writable => {}
                 Event::Idle => {
                     if self.queue.is_empty() {
@@ -554,6 +557,7 @@ impl Session {
             // Replies from a shared connection are in the proxy already: always taken.
             d = pool::recv(self.upstream.shared.as_mut()), if self.upstream.shared.is_some() => Event::Shared(d),
             id = upstream::node_readable(nodes), if read_replies && !nodes.is_empty() => Event::BackendReadable(id),
+            (id, d) = upstream::shared_node_recv(&mut self.upstream.shared_nodes), if !self.upstream.shared_nodes.is_empty() => Event::SharedNode(id, d),
             r = client.readable(), if read_client => match r {
                 Ok(()) => Event::ClientReadable,
                 Err(e) => return Err(SessionEnd::ClientIo(e)),
@@ -593,6 +597,9 @@ impl Session {
     fn flush(&mut self, client: &mut Stream) -> io::Result<()> {
         self.tally.record(&self.shared.hot);
         if let Some(shared) = &mut self.upstream.shared {
+            shared.flush();
+        }
+        for shared in self.upstream.shared_nodes.iter_mut().flatten() {
             shared.flush();
         }
         // Cluster node links only in cluster mode (no allocation otherwise).
@@ -1313,6 +1320,11 @@ impl Session {
         } = out;
         if id == LinkId::Shared {
             let Some(shared) = &mut self.upstream.shared else {
+                return;
+            };
+            shared.send(&frame);
+        } else if let LinkId::SharedNode(_) = id {
+            let Some(shared) = self.upstream.shared_node_mut(id) else {
                 return;
             };
             shared.send(&frame);

@@ -194,7 +194,7 @@ fn slot(link: LinkId) -> usize {
         LinkId::Master => 0,
         LinkId::Replica => 1,
         LinkId::Shared => 2,
-        LinkId::Node(_) => 3,
+        LinkId::Node(_) | LinkId::SharedNode(_) => 3,
     }
 }
 
@@ -263,7 +263,9 @@ impl ReplyQueue {
     /// Whether any answer is still coming from `link`.
     pub(super) fn waiting_on(&self, link: LinkId) -> bool {
         match link {
-            LinkId::Node(_) => self.on[3] > 0 && self.first_on(link).is_some(),
+            LinkId::Node(_) | LinkId::SharedNode(_) => {
+                self.on[3] > 0 && self.first_on(link).is_some()
+            }
             _ => self.on[slot(link)] > 0,
         }
     }

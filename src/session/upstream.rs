@@ -30,6 +30,8 @@ pub(super) enum LinkId {
     /// Cluster mode: the session's link at this position of `Upstream::nodes` (a byte,
     /// so per-request values stay small).
     Node(u8),
+    /// Cluster mode: the shared connection at this position of `Upstream::shared_nodes`.
+    SharedNode(u8),
 }
 
 /// One open backend connection of a session.
@@ -190,6 +192,9 @@ pub(super) struct Upstream {
     /// Cluster mode: one link per node the session needed, at stable positions
     /// (`LinkId::Node`); `None` where a link ended.
     pub(super) nodes: Vec<Option<Link>>,
+    /// Cluster mode, `backend_connections = "shared"`: the node's shared connection per
+    /// node the session sent stateless requests to (`LinkId::SharedNode`).
+    pub(super) shared_nodes: Vec<Option<SharedLink>>,
 }
 
 impl Upstream {
@@ -200,6 +205,7 @@ impl Upstream {
             LinkId::Replica => self.replica.as_ref(),
             LinkId::Shared => None,
             LinkId::Node(p) => self.nodes.get(usize::from(p))?.as_ref(),
+            LinkId::SharedNode(_) => None,
         }
     }
 
@@ -210,6 +216,7 @@ impl Upstream {
             LinkId::Replica => self.replica.as_mut(),
             LinkId::Shared => None,
             LinkId::Node(p) => self.nodes.get_mut(usize::from(p))?.as_mut(),
+            LinkId::SharedNode(_) => None,
         }
     }
 
@@ -220,6 +227,7 @@ impl Upstream {
             LinkId::Replica => self.replica.take(),
             LinkId::Shared => None,
             LinkId::Node(p) => self.nodes.get_mut(usize::from(p))?.take(),
+            LinkId::SharedNode(_) => None,
         }
     }
 
@@ -234,6 +242,55 @@ impl Upstream {
                 .flatten()
                 .map(Link::queued_bytes)
                 .sum::<usize>()
+            + self
+                .shared_nodes
+                .iter()
+                .flatten()
+                .map(SharedLink::queued_bytes)
+                .sum::<usize>()
+    }
+
+    /// The shared connection `id` (`LinkId::SharedNode`).
+    pub(super) fn shared_node_mut(&mut self, id: LinkId) -> Option<&mut SharedLink> {
+        match id {
+            LinkId::SharedNode(p) => self.shared_nodes.get_mut(usize::from(p))?.as_mut(),
+            _ => None,
+        }
+    }
+
+    /// The shared connection of the node with backend index `index`, when in use.
+    pub(super) fn shared_node(&self, index: usize) -> Option<LinkId> {
+        let p = self
+            .shared_nodes
+            .iter()
+            .position(|l| l.as_ref().is_some_and(|l| l.index == index))?;
+        u8::try_from(p).ok().map(LinkId::SharedNode)
+    }
+
+    /// Keep a node's shared connection at a free position (at most 256 per session).
+    pub(super) fn add_shared_node(&mut self, link: SharedLink) -> Option<LinkId> {
+        let p = match self.shared_nodes.iter().position(Option::is_none) {
+            Some(p) => p,
+            None if self.shared_nodes.len() <= usize::from(u8::MAX) => {
+                self.shared_nodes.push(None);
+                self.shared_nodes.len() - 1
+            }
+            None => return None,
+        };
+        self.shared_nodes[p] = Some(link);
+        u8::try_from(p).ok().map(LinkId::SharedNode)
+    }
+
+    /// Label and backend index of a node link, dedicated or shared.
+    pub(super) fn node_of(&self, id: LinkId) -> Option<(String, usize)> {
+        match id {
+            LinkId::SharedNode(p) => self
+                .shared_nodes
+                .get(usize::from(p))?
+                .as_ref()
+                .map(|l| (l.conn.label.clone(), l.index)),
+            _ => self.get(id).map(|l| (l.label.clone(), l.index)),
+        }
     }
 
     /// The link to the node with backend index `index`, when open.
@@ -265,6 +322,7 @@ impl Upstream {
         self.replica = None;
         self.shared = None;
         self.nodes.clear();
+        self.shared_nodes.clear();
     }
 }
 
@@ -284,6 +342,39 @@ pub(super) async fn node_readable(links: &[Option<Link>]) -> LinkId {
         std::task::Poll::Pending
     })
     .await
+}
+
+/// Wait for a delivery on one of the session's shared node connections; never, when it
+/// has none.
+pub(super) async fn shared_node_recv(
+    links: &mut [Option<SharedLink>],
+) -> (LinkId, Option<super::pool::Delivery>) {
+    if links.iter().all(Option::is_none) {
+        return std::future::pending().await;
+    }
+    loop {
+        for (p, l) in links.iter_mut().enumerate() {
+            if let Some(d) = l.as_mut().and_then(SharedLink::try_recv) {
+                let id = LinkId::SharedNode(u8::try_from(p).unwrap_or(u8::MAX));
+                return (id, Some(d));
+            }
+        }
+        // A delivery pushed after the check leaves a permit: the wait below ends at once.
+        let mut waits: Vec<_> = links
+            .iter()
+            .flatten()
+            .map(|l| Box::pin(l.notified()))
+            .collect();
+        std::future::poll_fn(|cx| {
+            for w in waits.iter_mut() {
+                if std::future::Future::poll(w.as_mut(), cx).is_ready() {
+                    return std::task::Poll::Ready(());
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await;
+    }
 }
 
 /// Wait until a cluster node link with output (or a half-close to do) is writable.
