@@ -767,3 +767,44 @@ async fn shared_mode_keeps_the_connection_budget_per_node() {
     assert_eq!(c.call(&["EXEC"]).await, b"*1\r\n:1\r\n");
     assert_eq!(c.call(&["GET", "{s}n"]).await, b"$1\r\n1\r\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_pop_follows_its_slot_to_the_new_owner() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let p = proxy(&cluster).await;
+    let key = "moving:queue";
+    let slot = portcullis::cluster::key_hash_slot(key.as_bytes());
+    let source = cluster.master_of(slot).await;
+    let target = cluster
+        .nodes
+        .iter()
+        .map(|n| n.addr())
+        .find(|a| *a != source)
+        .unwrap();
+    let target_id = cluster.node_id(&target).await;
+    let mut blocked = Conn::open(&p.addr.to_string()).await;
+    blocked.send(&resp(&[b"BLPOP", key.as_bytes(), b"0"])).await;
+    let mut direct = cluster.node(&source).unwrap().direct().await;
+    support::wait_for_blocked(&mut direct, 1).await;
+    // The (empty) slot is given to another node: Redis unblocks the client with MOVED
+    // (cluster.c clusterRedirectBlockedClientIfNeeded); the proxy re-issues the pop there.
+    let slot_s = slot.to_string();
+    for n in &cluster.nodes {
+        assert_eq!(
+            info(
+                &n.addr(),
+                &["CLUSTER", "SETSLOT", &slot_s, "NODE", &target_id]
+            )
+            .await,
+            "OK"
+        );
+    }
+    let mut on_target = cluster.node(&target).unwrap().direct().await;
+    support::wait_for_blocked(&mut on_target, 1).await;
+    let mut other = Conn::open(&p.addr.to_string()).await;
+    assert_eq!(other.call(&["RPUSH", key, "job"]).await, b":1\r\n");
+    assert_eq!(
+        blocked.reply().await.unwrap(),
+        b"*2\r\n$12\r\nmoving:queue\r\n$3\r\njob\r\n"
+    );
+}

@@ -68,6 +68,7 @@ pub fn request_slot(spec: &CommandSpec, req: &Request) -> KeySlot {
 /// (each key with the `step - 1` arguments after it, as `MSET k v`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotPart {
+    /// The slot all of the part's keys hash to.
     pub slot: u16,
     /// Positions of the keys in the original request, in request order.
     pub keys: Vec<usize>,

@@ -17,6 +17,7 @@ pub struct ClusterNode {
     /// Where to connect: the node's announced endpoint (hostname or IP, as
     /// `cluster-preferred-endpoint-type` says), or its IP.
     pub host: String,
+    /// The port to connect to (the TLS port when `tls`).
     pub port: u16,
     /// The port is the node's TLS port.
     pub tls: bool,
@@ -36,7 +37,9 @@ impl ClusterNode {
 /// A master and its replicas, with the slot ranges the master serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shard {
+    /// The node serving the shard's slots (role master in the reply).
     pub master: ClusterNode,
+    /// Its replicas.
     pub replicas: Vec<ClusterNode>,
     /// Inclusive slot ranges, ascending.
     pub ranges: Vec<(u16, u16)>,
@@ -45,6 +48,7 @@ pub struct Shard {
 /// Which shard serves each slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotMap {
+    /// Every shard that serves slots, in reply order.
     pub shards: Vec<Shard>,
     /// Shard index per slot; `NO_SHARD` where no master serves it.
     owner: Box<[u16]>,
@@ -332,7 +336,9 @@ pub fn parse_nodes(text: &str) -> NodesInfo {
 pub struct View {
     /// Which node gave it (for logs).
     pub from: String,
+    /// Its slot map.
     pub map: SlotMap,
+    /// Its config epochs.
     pub nodes: NodesInfo,
 }
 

@@ -41,8 +41,9 @@ pub struct ClusterState {
     pub masters: Vec<usize>,
     /// The highest config epoch among the map's masters (the map's version).
     pub epoch: u64,
-    /// Which node's view was chosen, and how many views were compared.
+    /// Which node's view was chosen.
     pub from: String,
+    /// How many views were compared.
     pub views: usize,
     /// Increases with every publication.
     pub generation: u64,
@@ -137,6 +138,7 @@ pub struct ClusterStore {
     current: ArcSwap<ClusterState>,
     changed: watch::Sender<u64>,
     refresh: Notify,
+    /// The backend set every node joins (probed by ROLE like any backend).
     pub topology: Arc<TopologyStore>,
     spawn: SpawnProber,
     config: ClusterConfig,
