@@ -808,3 +808,55 @@ async fn a_blocked_pop_follows_its_slot_to_the_new_owner() {
         b"*2\r\n$12\r\nmoving:queue\r\n$3\r\njob\r\n"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_load_reaches_replicas_and_survives_a_failover() {
+    let cluster = RedisCluster::start(3, 1).await;
+    let p = proxy(&cluster).await;
+    let mut via = Conn::open(&p.addr.to_string()).await;
+    let body = "return redis.call('GET', KEYS[1])";
+    let sha = via.call(&["SCRIPT", "LOAD", body]).await;
+    assert_eq!(
+        sha.len(),
+        "$40\r\n".len() + 40 + 2,
+        "{}",
+        String::from_utf8_lossy(&sha)
+    );
+    let sha = String::from_utf8_lossy(&sha[5..45]).into_owned();
+    // all_nodes: every node has it, replicas included.
+    for n in &cluster.nodes {
+        let mut d = Conn::open(&n.addr()).await;
+        assert_eq!(
+            d.call(&["SCRIPT", "EXISTS", &sha]).await,
+            b"*1\r\n:1\r\n",
+            "{}",
+            n.addr()
+        );
+    }
+    assert_eq!(via.call(&["SCRIPT", "EXISTS", &sha]).await, b"*1\r\n:1\r\n");
+    // A replica takes over; EVALSHA on its shard still finds the script.
+    let key = "script:key";
+    let slot = portcullis::cluster::key_hash_slot(key.as_bytes());
+    let master = cluster.master_of(slot).await;
+    let master_id = cluster.node_id(&master).await;
+    let text = info(&cluster.nodes[0].addr(), &["CLUSTER", "NODES"]).await;
+    let replica = text
+        .lines()
+        .find(|l| l.contains(&format!(" {master_id} ")) && l.contains("slave"))
+        .and_then(|l| l.split_ascii_whitespace().nth(1))
+        .and_then(|a| a.split('@').next())
+        .map(str::to_string)
+        .expect("a replica of the key's master");
+    assert_eq!(info(&replica, &["CLUSTER", "FAILOVER"]).await, "OK");
+    wait_until("the replica is master", || {
+        let replica = replica.clone();
+        async move {
+            info(&replica, &["INFO", "replication"])
+                .await
+                .contains("role:master")
+        }
+    })
+    .await;
+    assert_eq!(via.call(&["SET", key, "v"]).await, b"+OK\r\n");
+    assert_eq!(via.call(&["EVALSHA", &sha, "1", key]).await, b"$1\r\nv\r\n");
+}

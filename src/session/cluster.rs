@@ -1030,6 +1030,33 @@ impl Session {
         for (slot, req, _) in &parts {
             replies.push(self.call_slot(*slot, req).await);
         }
+        if g.how == GatherKind::FanOut && g.spec.request_policy == RequestPolicy::AllNodes {
+            // all_nodes: the replicas too (SCRIPT LOAD then survives a failover: Redis 7
+            // does not replicate the script cache). Best effort: a replica that cannot be
+            // reached does not fail the command, whose answer is the masters'.
+            let replicas: Vec<String> = cluster
+                .load()
+                .map
+                .iter()
+                .flat_map(|m| {
+                    m.shards
+                        .iter()
+                        .flat_map(|s| s.replicas.iter().map(|r| r.address()))
+                })
+                .collect();
+            for addr in replicas {
+                let Some(index) = cluster.node_index(&addr) else {
+                    continue;
+                };
+                let result = match self.cluster_link(index).await {
+                    Ok(id) => self.call_on(id, &g.req, false).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = result {
+                    debug!(peer = %self.peer, node = %addr, error = %String::from_utf8_lossy(&e), "cluster: replica missed an all_nodes command");
+                }
+            }
+        }
         let parts_out: Vec<Part> = replies
             .iter()
             .map(|r| match r {
