@@ -108,6 +108,12 @@ impl SlotMap {
         })
     }
 
+    /// Whether the map names a node at `address` (master or replica, with or without
+    /// slots).
+    pub fn has_node(&self, address: &str) -> bool {
+        self.nodes().any(|n| n.address() == address)
+    }
+
     /// Every node of the map (masters first).
     pub fn nodes(&self) -> impl Iterator<Item = &ClusterNode> + '_ {
         self.shards
@@ -226,15 +232,15 @@ pub fn parse_shards(reply: &Value<'_>, tls: bool) -> Result<SlotMap, SlotMapErro
                 _ => {}
             }
         }
+        // A master without slots yet (a node just added, before a reshard gives it
+        // slots) is kept: it is a member, and `ASK` may name it while slots move to it.
         if let Some(master) = master {
-            if !ranges.is_empty() {
-                ranges.sort_unstable();
-                out.push(Shard {
-                    master,
-                    replicas,
-                    ranges,
-                });
-            }
+            ranges.sort_unstable();
+            out.push(Shard {
+                master,
+                replicas,
+                ranges,
+            });
         }
     }
     Ok(SlotMap::new(out))
@@ -483,6 +489,24 @@ mod tests {
                 assert_eq!(map.shard_index(5461), Some(1));
             });
         }
+    }
+
+    #[test]
+    fn a_master_without_slots_is_a_member_serving_nothing() {
+        let reply = shards_reply(
+            false,
+            &[
+                (&[(0, 16383)], &[("a", "127.0.0.1", 7000, "master")]),
+                (&[], &[("n", "127.0.0.1", 7009, "master")]),
+            ],
+        );
+        tree_of(&reply, |t| {
+            let map = parse_shards(t, false).unwrap();
+            assert_eq!(map.covered(), 16384);
+            assert!(map.has_node("127.0.0.1:7009"));
+            assert!(!map.has_node("127.0.0.1:7010"));
+            assert_eq!(map.shard_of(5).unwrap().master.id, "a");
+        });
     }
 
     #[test]

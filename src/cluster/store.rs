@@ -235,6 +235,59 @@ impl ClusterStore {
         }
     }
 
+    /// After `MOVED` from node `moved_from`: wait up to `wait` for the map to name another
+    /// confirmed master for `slot` (a node gets a slot's commands only when the map says
+    /// it serves the slot, whatever a redirect says).
+    pub async fn wait_for_new_owner(
+        &self,
+        slot: u16,
+        moved_from: Option<usize>,
+        wait: Duration,
+    ) -> Option<usize> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut topo_rx = self.topology.subscribe();
+        let mut map_rx = self.subscribe();
+        loop {
+            match self.load().slot_master(slot, &self.topology.load()) {
+                Ok(i) if Some(i) != moved_from => return Some(i),
+                _ => self.request_refresh(),
+            }
+            let woke = tokio::select! {
+                r = topo_rx.changed() => r.is_ok(),
+                r = map_rx.changed() => r.is_ok(),
+                _ = tokio::time::sleep_until(deadline) => false,
+            };
+            if !woke {
+                return None;
+            }
+        }
+    }
+
+    /// After `ASK` naming `address`: wait up to `wait` for the map to list that node as a
+    /// member of the cluster (`ASK` names a master importing the slot).
+    pub async fn wait_for_member(&self, address: &str, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut map_rx = self.subscribe();
+        loop {
+            if self
+                .load()
+                .map
+                .as_ref()
+                .is_some_and(|m| m.has_node(address))
+            {
+                return true;
+            }
+            self.request_refresh();
+            let woke = tokio::select! {
+                r = map_rx.changed() => r.is_ok(),
+                _ = tokio::time::sleep_until(deadline) => false,
+            };
+            if !woke {
+                return false;
+            }
+        }
+    }
+
     /// Wait up to `wait` for any confirmed master (keyless commands).
     pub async fn wait_for_any_master(&self, seed: usize, wait: Duration) -> Option<usize> {
         let deadline = tokio::time::Instant::now() + wait;

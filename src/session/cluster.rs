@@ -877,11 +877,23 @@ impl Session {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let kind = redirect.as_ref().map(|r| r.kind);
             let target = match (&redirect, kind) {
-                (Some(r), Some(RedirectKind::Moved | RedirectKind::Ask)) => {
+                (Some(r), Some(RedirectKind::Moved)) => match slot {
+                    // Where the refreshed map says the slot is now (not where MOVED says).
+                    Some(s) => {
+                        let from = cluster.node_index(&r.node);
+                        cluster.wait_for_new_owner(s, from, left).await
+                    }
+                    None => None,
+                },
+                (Some(r), Some(RedirectKind::Ask)) => {
                     let addr = r.target.clone().unwrap_or_default();
-                    match cluster.node_index(&addr) {
-                        Some(i) => self.wait_confirmed(i, left).await.then_some(i),
-                        None => None,
+                    if cluster.wait_for_member(&addr, left).await {
+                        match cluster.node_index(&addr) {
+                            Some(i) => self.wait_confirmed(i, left).await.then_some(i),
+                            None => None,
+                        }
+                    } else {
+                        None
                     }
                 }
                 _ => {
@@ -1021,9 +1033,11 @@ impl Session {
             let Some(map) = state.map.clone() else {
                 return Bytes::from_static(texts::CLUSTER_NO_MASTER);
             };
+            // Every master that serves slots (one without slots holds no keys).
             for shard in &map.shards {
-                let first = shard.ranges.first().map(|r| r.0);
-                parts.push((first, g.req.clone(), Vec::new()));
+                if let Some(first) = shard.ranges.first().map(|r| r.0) {
+                    parts.push((Some(first), g.req.clone(), Vec::new()));
+                }
             }
         }
         let mut replies = Vec::with_capacity(parts.len());
@@ -1090,7 +1104,7 @@ impl Session {
             Some(map) => map
                 .shards
                 .iter()
-                .map(|s| s.ranges.first().map(|r| r.0))
+                .filter_map(|s| s.ranges.first().map(|r| Some(r.0)))
                 .collect(),
             None => return Bytes::from_static(texts::CLUSTER_NO_MASTER),
         };
@@ -1168,12 +1182,26 @@ impl Session {
                 return Err(texts::cluster_gave_up(slot, &node, &redirect.text));
             }
             asking = redirect.kind == RedirectKind::Ask;
-            target = match &redirect.target {
-                Some(addr) => match cluster.node_index(addr) {
-                    Some(i) if self.wait_confirmed(i, left).await => i,
-                    _ => return Err(texts::cluster_gave_up(slot, &node, &redirect.text)),
+            let gave_up = || texts::cluster_gave_up(slot, &node, &redirect.text);
+            target = match (&redirect.target, redirect.kind) {
+                // Where the refreshed map says the slot is now.
+                (_, RedirectKind::Moved) => match redirect.slot.or(slot) {
+                    Some(s) => cluster
+                        .wait_for_new_owner(s, Some(target), left)
+                        .await
+                        .ok_or_else(gave_up)?,
+                    None => return Err(gave_up()),
                 },
-                None => {
+                (Some(addr), _) => {
+                    if !cluster.wait_for_member(addr, left).await {
+                        return Err(gave_up());
+                    }
+                    match cluster.node_index(addr) {
+                        Some(i) if self.wait_confirmed(i, left).await => i,
+                        _ => return Err(gave_up()),
+                    }
+                }
+                (None, _) => {
                     tokio::time::sleep(RETRY_PAUSE.min(left)).await;
                     self.cluster_target(slot).await?
                 }
