@@ -860,3 +860,58 @@ async fn script_load_reaches_replicas_and_survives_a_failover() {
     assert_eq!(via.call(&["SET", key, "v"]).await, b"+OK\r\n");
     assert_eq!(via.call(&["EVALSHA", &sha, "1", key]).await, b"$1\r\nv\r\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_out_to_a_new_master_under_load() {
+    let mut cluster = RedisCluster::start(3, 0).await;
+    let p = proxy(&cluster).await;
+    let load = Load::start(p.addr, 4);
+    let acked = load.acked.clone();
+    wait_until("some writes", || {
+        let acked = acked.clone();
+        async move { acked.load(Ordering::Relaxed) > 200 }
+    })
+    .await;
+    // A new, empty master joins; slots move to it from every master (ASK while each
+    // slot migrates, MOVED after).
+    let new = cluster.add_master().await;
+    let to = cluster.node_id(&new).await;
+    let seed = cluster.nodes[0].addr();
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("redis-cli")
+            .args(["--cluster", "reshard", &seed])
+            .args(["--cluster-from", "all", "--cluster-to", &to])
+            .args([
+                "--cluster-slots",
+                "600",
+                "--cluster-yes",
+                "--cluster-pipeline",
+                "10",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(status.success(), "redis-cli --cluster reshard failed");
+    let before = acked.load(Ordering::Relaxed);
+    wait_until("writes after the reshard", || {
+        let acked = acked.clone();
+        async move { acked.load(Ordering::Relaxed) > before + 200 }
+    })
+    .await;
+    let (errors, written) = load.finish().await;
+    assert!(errors.is_empty(), "clients saw errors: {errors:?}");
+    every_acknowledged_write_is_readable(&p, &written).await;
+    // The new master holds keys now, reached through the proxy.
+    let n = cluster.node(&new).unwrap();
+    let mut d = n.direct().await;
+    let keys: i64 = redis::cmd("DBSIZE").query_async(&mut d).await.unwrap();
+    assert!(keys > 0);
+    eprintln!(
+        "redirects absorbed during the scale-out: {:?}",
+        redirects(&cluster)
+    );
+}

@@ -83,6 +83,29 @@ impl RedisCluster {
         cluster
     }
 
+    /// Add an empty master (`redis-cli --cluster add-node`) and wait until every node knows
+    /// it; returns its address.
+    pub async fn add_master(&mut self) -> String {
+        let node = RedisServer::start_on(cluster_port(), &node_args());
+        let addr = node.addr();
+        let seed = self.nodes[0].addr();
+        let (a, s) = (addr.clone(), seed.clone());
+        let status = tokio::task::spawn_blocking(move || {
+            Command::new("redis-cli")
+                .args(["--cluster", "add-node", &a, &s])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+        })
+        .await
+        .expect("add-node ran")
+        .expect("redis-cli installed");
+        assert!(status.success(), "redis-cli --cluster add-node failed");
+        self.nodes.push(node);
+        self.wait_ok().await;
+        addr
+    }
+
     /// Wait until every running node reports `cluster_state:ok` and knows all nodes, and
     /// every replica's link to its master is up.
     pub async fn wait_ok(&self) {
