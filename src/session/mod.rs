@@ -1280,7 +1280,7 @@ impl Session {
             let Some(link) = self.upstream.get_mut(id) else {
                 return;
             };
-            link.send(frame.clone());
+            link.send(&frame);
         }
         // Kept for a READONLY retry up to the session's buffer bound; past it a READONLY
         // answer becomes MASTERDOWN (not applied either way), so a big-value pipeline
@@ -1316,7 +1316,7 @@ impl Session {
             *entry = match (&mut self.upstream.master, connected) {
                 (Some(link), true) => {
                     metrics::readonly_retry();
-                    link.send(frame);
+                    link.send(&frame);
                     // No second retry: a master that also says READONLY gets MASTERDOWN.
                     Entry::Upstream(Awaiting {
                         link: LinkId::Master,
