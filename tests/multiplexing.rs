@@ -299,3 +299,45 @@ async fn ten_thousand_clients_use_a_handful_of_backend_connections() {
     assert!(per_client <= 16 * 1024, "{per_client} bytes per client");
     drop(clients);
 }
+
+/// `CLIENT ID` through a `Raw` connection.
+async fn client_id(c: &mut Raw) -> String {
+    c.send(&cmd(&["CLIENT", "ID"])).await;
+    let line = String::from_utf8(c.read_to_line().await).expect("utf-8");
+    assert!(line.starts_with(':'), "CLIENT ID answered {line:?}");
+    line.trim_start_matches(':').trim_end().to_string()
+}
+
+/// Redis keeps one id per connection: once a client has seen its connection's id
+/// (`CLIENT ID`, `CLIENT INFO`, `HELLO`), shared mode keeps it on its own link, so later
+/// stateless commands do not move it to a shared connection and a new id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_saw_its_id_keeps_it() {
+    let redis = RedisServer::start(&[]);
+    let proxy = Proxy::start_with(shared_config(&redis)).await;
+    for first in [&["CLIENT", "ID"][..], &["CLIENT", "INFO"], &["HELLO", "2"]] {
+        let mut c = Raw::connect(proxy.addr).await;
+        c.send(&cmd(first)).await;
+        c.send(&cmd(&["ECHO", "end-of-first"])).await;
+        let seen = c.read_until(b"end-of-first\r\n").await;
+        assert!(!seen.starts_with(b"-"), "{first:?} answered {seen:?}");
+        // Whatever else the first reply holds, the id comes from the link it ran on.
+        let id = client_id(&mut c).await;
+        let mut pipeline = Vec::new();
+        for _ in 0..8 {
+            pipeline.extend(cmd(&["GET", "id-test"]));
+        }
+        c.send(&pipeline).await;
+        c.expect("$-1\r\n".repeat(8).as_bytes()).await;
+        assert_eq!(client_id(&mut c).await, id, "after {first:?}");
+        c.send(&cmd(&["CLIENT", "INFO"])).await;
+        let header = String::from_utf8(c.read_to_line().await).expect("utf-8");
+        let len: usize = header
+            .trim_start_matches('$')
+            .trim_end()
+            .parse()
+            .expect("bulk");
+        let info = String::from_utf8(c.read_exact_len(len + 2).await).expect("utf-8");
+        assert!(info.starts_with(&format!("id={id} ")), "{info}");
+    }
+}

@@ -269,6 +269,10 @@ struct Session {
     replies_at: Instant,
     /// The request being handled may use a shared connection (`pool::shareable_command`).
     cmd_shareable: bool,
+    /// The client has seen its connection's id (`CLIENT ID`, `CLIENT INFO`, `HELLO`):
+    /// Redis keeps one id per connection, so in shared mode it keeps its own link
+    /// (a move to a shared connection and back would change the id). RESET keeps it.
+    id_seen: bool,
     /// Metrics of this wake-up, recorded once per wake-up (`Tally::record`).
     tally: Tally,
     /// Whether the previous wait read the client (see the frame clock in `wait`).
@@ -341,6 +345,7 @@ impl Session {
             read_at: now,
             replies_at: now,
             cmd_shareable: false,
+            id_seen: false,
             tally: Tally::default(),
             client_was_read: true,
         }
@@ -726,6 +731,7 @@ impl Session {
     /// Carry out the plan for an authorized request.
     async fn apply_plan(&mut self, plan: Plan, req: Request, spec: &CommandSpec, class: usize) {
         self.cmd_shareable = pool::shareable_command(spec);
+        self.id_seen |= pool::reveals_connection_id(spec);
         if !self.state.resp3
             && self.state.subscribed()
             && matches!(plan, Plan::ClientReply(_) | Plan::Auth | Plan::Hello)
@@ -1737,6 +1743,7 @@ impl Session {
             Route::Dedicated
         };
         let shareable = self.cmd_shareable
+            && !self.id_seen
             && !out.blocking
             && out.frames == 1
             && matches!(out.on_reply, OnReply::Forward)

@@ -61,6 +61,12 @@ pub(super) fn shareable_command(spec: &CommandSpec) -> bool {
         && (!spec.acl.intersects(AclCategories::CONNECTION) || matches!(spec.name, "ping" | "echo"))
 }
 
+/// Commands whose answer names the connection's id (`CLIENT ID`, `CLIENT INFO`, `HELLO`):
+/// after one, the session stays on its own link so the id it saw stays true.
+pub(super) fn reveals_connection_id(spec: &CommandSpec) -> bool {
+    matches!(spec.name, "client|id" | "client|info" | "hello")
+}
+
 /// What a shared connection sends a session, in the order of its requests.
 #[derive(Debug)]
 pub(super) enum Delivery {
