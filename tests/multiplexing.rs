@@ -341,3 +341,67 @@ async fn a_client_that_saw_its_id_keeps_it() {
         assert!(info.starts_with(&format!("id={id} ")), "{info}");
     }
 }
+
+/// `kill -<sig> <pid>` for a process this test started.
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+/// `WAIT` counts the replicas that acknowledged this connection's writes. In shared mode
+/// a session's writes go through a shared connection and its `WAIT` through a link of its
+/// own, whose write offset knew nothing of them: with the replica frozen, Redis answers
+/// 0 after the timeout, and so must the proxy (it used to answer 1 at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_counts_writes_sent_on_a_shared_connection() {
+    let master = RedisServer::start(&[]);
+    let port = master
+        .addr()
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let replica = RedisServer::start(&["--replicaof", "127.0.0.1", &port]);
+    wait_until("replica in sync", || async {
+        let mut d = replica.direct().await;
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut d)
+            .await
+            .unwrap_or_default();
+        info.contains("master_link_status:up")
+    })
+    .await;
+    let proxy = Proxy::start_with(shared_config(&master)).await;
+    let direct_addr = master.addr().parse().expect("address");
+    // Writes acknowledged by the replica before it stops: its offset is past 0.
+    let mut warm = Raw::connect(direct_addr).await;
+    warm.send(&cmd(&["SET", "wait:warm", "1"])).await;
+    warm.expect(b"+OK\r\n").await;
+    warm.send(&cmd(&["WAIT", "1", "5000"])).await;
+    warm.expect(b":1\r\n").await;
+
+    signal(replica.pid(), "STOP");
+    let mut answers = Vec::new();
+    for addr in [direct_addr, proxy.addr] {
+        let mut c = Raw::connect(addr).await;
+        let mut pipeline = cmd(&["SET", "wait:k", "v"]);
+        pipeline.extend(cmd(&["GET", "wait:k"]));
+        c.send(&pipeline).await;
+        c.expect(b"+OK\r\n$1\r\nv\r\n").await;
+        c.send(&cmd(&["WAIT", "1", "300"])).await;
+        answers.push(String::from_utf8(c.read_to_line().await).expect("utf-8"));
+        // And after it, on the link the session keeps: a write then WAIT again.
+        c.send(&cmd(&["SET", "wait:k", "w"])).await;
+        c.expect(b"+OK\r\n").await;
+        c.send(&cmd(&["WAIT", "1", "300"])).await;
+        answers.push(String::from_utf8(c.read_to_line().await).expect("utf-8"));
+    }
+    signal(replica.pid(), "CONT");
+    assert_eq!(answers[..2], answers[2..], "direct, then through the proxy");
+    assert_eq!(answers[0], ":0\r\n");
+}
