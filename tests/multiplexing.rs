@@ -299,3 +299,109 @@ async fn ten_thousand_clients_use_a_handful_of_backend_connections() {
     assert!(per_client <= 16 * 1024, "{per_client} bytes per client");
     drop(clients);
 }
+
+/// `CLIENT ID` through a `Raw` connection.
+async fn client_id(c: &mut Raw) -> String {
+    c.send(&cmd(&["CLIENT", "ID"])).await;
+    let line = String::from_utf8(c.read_to_line().await).expect("utf-8");
+    assert!(line.starts_with(':'), "CLIENT ID answered {line:?}");
+    line.trim_start_matches(':').trim_end().to_string()
+}
+
+/// Redis keeps one id per connection: once a client has seen its connection's id
+/// (`CLIENT ID`, `CLIENT INFO`, `HELLO`), shared mode keeps it on its own link, so later
+/// stateless commands do not move it to a shared connection and a new id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_saw_its_id_keeps_it() {
+    let redis = RedisServer::start(&[]);
+    let proxy = Proxy::start_with(shared_config(&redis)).await;
+    for first in [&["CLIENT", "ID"][..], &["CLIENT", "INFO"], &["HELLO", "2"]] {
+        let mut c = Raw::connect(proxy.addr).await;
+        c.send(&cmd(first)).await;
+        c.send(&cmd(&["ECHO", "end-of-first"])).await;
+        let seen = c.read_until(b"end-of-first\r\n").await;
+        assert!(!seen.starts_with(b"-"), "{first:?} answered {seen:?}");
+        // Whatever else the first reply holds, the id comes from the link it ran on.
+        let id = client_id(&mut c).await;
+        let mut pipeline = Vec::new();
+        for _ in 0..8 {
+            pipeline.extend(cmd(&["GET", "id-test"]));
+        }
+        c.send(&pipeline).await;
+        c.expect("$-1\r\n".repeat(8).as_bytes()).await;
+        assert_eq!(client_id(&mut c).await, id, "after {first:?}");
+        c.send(&cmd(&["CLIENT", "INFO"])).await;
+        let header = String::from_utf8(c.read_to_line().await).expect("utf-8");
+        let len: usize = header
+            .trim_start_matches('$')
+            .trim_end()
+            .parse()
+            .expect("bulk");
+        let info = String::from_utf8(c.read_exact_len(len + 2).await).expect("utf-8");
+        assert!(info.starts_with(&format!("id={id} ")), "{info}");
+    }
+}
+
+/// `kill -<sig> <pid>` for a process this test started.
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+/// `WAIT` counts the replicas that acknowledged this connection's writes. In shared mode
+/// a session's writes go through a shared connection and its `WAIT` through a link of its
+/// own, whose write offset knew nothing of them: with the replica frozen, Redis answers
+/// 0 after the timeout, and so must the proxy (it used to answer 1 at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_counts_writes_sent_on_a_shared_connection() {
+    let master = RedisServer::start(&[]);
+    let port = master
+        .addr()
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let replica = RedisServer::start(&["--replicaof", "127.0.0.1", &port]);
+    wait_until("replica in sync", || async {
+        let mut d = replica.direct().await;
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut d)
+            .await
+            .unwrap_or_default();
+        info.contains("master_link_status:up")
+    })
+    .await;
+    let proxy = Proxy::start_with(shared_config(&master)).await;
+    let direct_addr = master.addr().parse().expect("address");
+    // Writes acknowledged by the replica before it stops: its offset is past 0.
+    let mut warm = Raw::connect(direct_addr).await;
+    warm.send(&cmd(&["SET", "wait:warm", "1"])).await;
+    warm.expect(b"+OK\r\n").await;
+    warm.send(&cmd(&["WAIT", "1", "5000"])).await;
+    warm.expect(b":1\r\n").await;
+
+    signal(replica.pid(), "STOP");
+    let mut answers = Vec::new();
+    for addr in [direct_addr, proxy.addr] {
+        let mut c = Raw::connect(addr).await;
+        let mut pipeline = cmd(&["SET", "wait:k", "v"]);
+        pipeline.extend(cmd(&["GET", "wait:k"]));
+        c.send(&pipeline).await;
+        c.expect(b"+OK\r\n$1\r\nv\r\n").await;
+        c.send(&cmd(&["WAIT", "1", "300"])).await;
+        answers.push(String::from_utf8(c.read_to_line().await).expect("utf-8"));
+        // And after it, on the link the session keeps: a write then WAIT again.
+        c.send(&cmd(&["SET", "wait:k", "w"])).await;
+        c.expect(b"+OK\r\n").await;
+        c.send(&cmd(&["WAIT", "1", "300"])).await;
+        answers.push(String::from_utf8(c.read_to_line().await).expect("utf-8"));
+    }
+    signal(replica.pid(), "CONT");
+    assert_eq!(answers[..2], answers[2..], "direct, then through the proxy");
+    assert_eq!(answers[0], ":0\r\n");
+}

@@ -955,9 +955,9 @@ impl Session {
                 break;
             };
             if let Some((f, _)) = &asking {
-                link.send(f.clone());
+                link.send(f);
             }
-            link.send(frame);
+            link.send(&frame);
             crate::metrics::readonly_retry();
             debug!(peer = %self.peer, node = %link.label, ?kind, "cluster: request re-sent");
             let entry = Entry::Upstream(Awaiting {
@@ -1218,9 +1218,9 @@ impl Session {
                 return Err(Bytes::from_static(texts::NO_BACKEND));
             };
             if asking {
-                link.send(Request::from_args(&[b"ASKING"]).frame().clone());
+                link.send(Request::from_args(&[b"ASKING"]).frame());
             }
-            link.send(req.frame().clone());
+            link.send(req.frame());
         }
         let mut skip = u32::from(asking);
         loop {

@@ -146,6 +146,9 @@ struct Outgoing {
     retryable: bool,
     /// It can wait indefinitely (`CommandSpec::may_block`).
     blocking: bool,
+    /// `WAIT`/`WAITAOF` after writes that went through a shared connection: a hidden
+    /// propagated no-op goes first on the same link (see `pool::wait_offset_bump`).
+    bump_write_offset: bool,
 }
 
 impl Outgoing {
@@ -158,6 +161,7 @@ impl Outgoing {
             on_reply: OnReply::Forward,
             retryable: false,
             blocking: false,
+            bump_write_offset: false,
         }
     }
 }
@@ -274,6 +278,14 @@ struct Session {
     replies_at: Instant,
     /// The request being handled may use a shared connection (`pool::shareable_command`).
     cmd_shareable: bool,
+    /// Shared mode: the session keeps its own link for good. Set once the client has seen
+    /// its connection's id (`CLIENT ID`, `CLIENT INFO`, `HELLO`: Redis keeps one id per
+    /// connection, and a move to a shared connection and back would change it) or has
+    /// used `WAIT`/`WAITAOF` (they count this connection's writes). RESET keeps it.
+    own_link: bool,
+    /// Shared mode: writes went through a shared connection since the session was last on
+    /// its own link; a `WAIT` must first make its link's write offset cover them.
+    shared_writes: bool,
     /// Metrics of this wake-up, recorded once per wake-up (`Tally::record`).
     tally: Tally,
     /// Whether the previous wait read the client (see the frame clock in `wait`).
@@ -350,6 +362,8 @@ impl Session {
             read_at: now,
             replies_at: now,
             cmd_shareable: false,
+            own_link: false,
+            shared_writes: false,
             tally: Tally::default(),
             client_was_read: true,
             cl: cluster::ClusterSession::default(),
@@ -766,6 +780,7 @@ impl Session {
     /// Carry out the plan for an authorized request.
     async fn apply_plan(&mut self, plan: Plan, req: Request, spec: &CommandSpec, class: usize) {
         self.cmd_shareable = pool::shareable_command(spec);
+        self.own_link |= pool::keeps_own_link(spec);
         if !self.state.resp3
             && self.state.subscribed()
             && matches!(plan, Plan::ClientReply(_) | Plan::Auth | Plan::Hello)
@@ -1001,6 +1016,8 @@ impl Session {
             // A plain write outside MULTI can be retried if the backend says READONLY.
             retryable: plain && spec.is_write(),
             blocking: spec.may_block(),
+            bump_write_offset: pool::counts_own_writes(spec)
+                && std::mem::take(&mut self.shared_writes),
             ..Outgoing::plain(forward, deliver)
         };
         self.send(out).await
@@ -1317,12 +1334,14 @@ impl Session {
             on_reply,
             retryable,
             blocking,
+            bump_write_offset,
         } = out;
         if id == LinkId::Shared {
             let Some(shared) = &mut self.upstream.shared else {
                 return;
             };
             shared.send(&frame);
+            self.shared_writes |= retryable;
         } else if let LinkId::SharedNode(_) = id {
             let Some(shared) = self.upstream.shared_node_mut(id) else {
                 return;
@@ -1332,7 +1351,23 @@ impl Session {
             let Some(link) = self.upstream.get_mut(id) else {
                 return;
             };
-            link.send(frame.clone());
+            if bump_write_offset {
+                link.send(&pool::wait_offset_bump());
+                self.queue.push_upstream(Awaiting {
+                    link: id,
+                    remaining: 1,
+                    deliver: false,
+                    on_reply: OnReply::Forward,
+                    retry: None,
+                    sent: self.read_at,
+                    blocking: false,
+                    acc: BytesMut::new(),
+                });
+            }
+            let Some(link) = self.upstream.get_mut(id) else {
+                return;
+            };
+            link.send(&frame);
         }
         // Kept for a READONLY retry up to the session's buffer bound; past it a READONLY
         // answer becomes MASTERDOWN (not applied either way), so a big-value pipeline
@@ -1374,7 +1409,7 @@ impl Session {
             *entry = match (&mut self.upstream.master, connected) {
                 (Some(link), true) => {
                     metrics::readonly_retry();
-                    link.send(frame);
+                    link.send(&frame);
                     // No second retry: a master that also says READONLY gets MASTERDOWN.
                     Entry::Upstream(Awaiting {
                         link: LinkId::Master,
@@ -1811,6 +1846,7 @@ impl Session {
             Route::Dedicated
         };
         let shareable = self.cmd_shareable
+            && !self.own_link
             && !out.blocking
             && out.frames == 1
             && matches!(out.on_reply, OnReply::Forward)

@@ -25,6 +25,17 @@ pub(super) struct OutQueue {
 }
 
 impl OutQueue {
+    /// Queue `b` after everything queued before, without taking it: a small frame is
+    /// copied (no reference-count traffic), only a big one is shared.
+    pub(super) fn push_ref(&mut self, b: &Bytes) {
+        if b.len() <= COALESCE_MAX {
+            self.bytes += b.len();
+            self.tail.extend_from_slice(b);
+        } else {
+            self.push(b.clone());
+        }
+    }
+
     /// Queue `b` after everything queued before.
     pub(super) fn push(&mut self, b: Bytes) {
         if b.is_empty() {
@@ -130,5 +141,22 @@ mod tests {
         assert_eq!(&q.tail[..], b"+b\r\n");
         q.advance(4);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn push_ref_copies_small_frames_and_shares_big_ones() {
+        let big = Bytes::from(vec![b'y'; COALESCE_MAX + 1]);
+        let mut q = OutQueue::default();
+        q.push_ref(&Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"));
+        q.push_ref(&big);
+        q.push_ref(&Bytes::new());
+        q.push_ref(&Bytes::from_static(b"+c\r\n"));
+        assert_eq!(q.bytes, 14 + COALESCE_MAX + 1 + 4);
+        let mut want = b"*1\r\n$4\r\nPING\r\n".to_vec();
+        want.extend_from_slice(&big);
+        want.extend_from_slice(b"+c\r\n");
+        assert_eq!(q.contents(), want);
+        // The big frame is shared, not copied.
+        assert_eq!(q.chunks[1].as_ptr(), big.as_ptr());
     }
 }

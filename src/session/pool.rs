@@ -61,6 +61,34 @@ pub(super) fn shareable_command(spec: &CommandSpec) -> bool {
         && (!spec.acl.intersects(AclCategories::CONNECTION) || matches!(spec.name, "ping" | "echo"))
 }
 
+/// Commands after which a session keeps its own link in shared mode: those whose answer
+/// names the connection's id (`CLIENT ID`, `CLIENT INFO`, `HELLO`), so the id it saw
+/// stays true, and those that count the connection's own writes (`counts_own_writes`).
+pub(super) fn keeps_own_link(spec: &CommandSpec) -> bool {
+    matches!(spec.name, "client|id" | "client|info" | "hello") || counts_own_writes(spec)
+}
+
+/// `WAIT` and `WAITAOF` wait for the writes of the connection they run on (Redis's
+/// `c->woff`, the replication offset after its last propagated command: `call()` in
+/// server.c).
+pub(super) fn counts_own_writes(spec: &CommandSpec) -> bool {
+    matches!(spec.name, "wait" | "waitaof")
+}
+
+/// A command that changes nothing yet is propagated to replicas (PUBLISH outside cluster
+/// mode: `publishCommand` forces propagation), sent unseen before a `WAIT` on a link
+/// that did not carry the session's writes: it moves that link's write offset to the
+/// current one, which covers the writes the shared connection carried (all answered by
+/// then). Its only trace is a message on this channel.
+pub(super) fn wait_offset_bump() -> Bytes {
+    crate::protocol::Request::from_args(&[
+        b"PUBLISH".as_slice(),
+        b"__portcullis__:wait-offset",
+        b"",
+    ])
+    .into_frame()
+}
+
 /// What a shared connection sends a session, in the order of its requests.
 #[derive(Debug)]
 pub(super) enum Delivery {

@@ -97,8 +97,8 @@ impl Link {
     }
 
     /// Queue a request frame.
-    pub(super) fn send(&mut self, frame: Bytes) {
-        self.out.push(frame);
+    pub(super) fn send(&mut self, frame: &Bytes) {
+        self.out.push_ref(frame);
     }
 
     /// Request bytes not yet written.
