@@ -32,6 +32,8 @@ pub struct AdminState {
     /// `protection.mode = "shadow"` is in force (kept current across reloads): `/topology`
     /// says loudly that nothing is refused.
     pub shadow: Arc<std::sync::atomic::AtomicBool>,
+    /// Cluster mode: the slot map and per-shard masters.
+    pub cluster: Option<Arc<crate::cluster::ClusterStore>>,
 }
 
 /// Serve admin requests until `stop` (after the drain, so `/readyz` reports it).
@@ -74,6 +76,50 @@ fn response(
     r
 }
 
+/// `/topology`'s cluster part: the map's version and, per shard, its slot ranges, the
+/// master the map names and whether its own ROLE confirms it.
+fn cluster_json(
+    state: &crate::cluster::ClusterState,
+    topo: &crate::backend::Topology,
+) -> serde_json::Value {
+    let covered = state.slots_covered(topo);
+    crate::metrics::cluster_slots_covered(covered);
+    let confirmed = state.confirmed_masters(topo);
+    let shards: Vec<_> = state
+        .map
+        .iter()
+        .flat_map(|m| m.shards.iter().zip(&state.masters))
+        .map(|(shard, &index)| {
+            let ranges: Vec<String> = shard
+                .ranges
+                .iter()
+                .map(|&(a, b)| {
+                    if a == b {
+                        a.to_string()
+                    } else {
+                        format!("{a}-{b}")
+                    }
+                })
+                .collect();
+            json!({
+                "slots": ranges,
+                "master": shard.master.address(),
+                "master_id": shard.master.id,
+                "confirmed_master": confirmed.contains(&index).then(|| shard.master.address()),
+                "replicas": shard.replicas.iter().map(|r| r.address()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "epoch": state.epoch,
+        "map_from": state.from,
+        "views_compared": state.views,
+        "slots_mapped": state.map.as_ref().map_or(0, |m| m.covered()),
+        "slots_covered": covered,
+        "shards": shards,
+    })
+}
+
 fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return response(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
@@ -88,6 +134,22 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     "text/plain",
                     "shutting down\n",
                 )
+            } else if let Some(cluster) = &state.cluster {
+                // Cluster mode: every slot served by a confirmed master.
+                let covered = cluster.load().slots_covered(&topo);
+                crate::metrics::cluster_slots_covered(covered);
+                if covered == crate::cluster::SLOTS {
+                    response(StatusCode::OK, "text/plain", "ready\n")
+                } else {
+                    response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        format!(
+                            "{covered} of {} slots served by a confirmed master\n",
+                            crate::cluster::SLOTS
+                        ),
+                    )
+                }
             } else if topo.master_now().is_some() {
                 response(StatusCode::OK, "text/plain", "ready\n")
             } else {
@@ -134,19 +196,30 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     })
                 })
                 .collect();
+            // Cluster mode: masters are per shard (`cluster.shards`), not one for all.
             let master = topo
                 .master_now()
+                .filter(|_| state.cluster.is_none())
                 .and_then(|i| topo.backends.get(i))
                 .map(|b| b.label.clone());
             let shadow = state.shadow.load(std::sync::atomic::Ordering::Relaxed);
+            let cluster = state
+                .cluster
+                .as_ref()
+                .map(|c| cluster_json(&c.load(), &topo));
             let body = json!({
+                "cluster": cluster,
                 "protection_mode": if shadow { "shadow" } else { "enforce" },
                 "protection_enforced": !shadow,
                 "protection_warning": shadow.then_some(
                     "PROTECTION NOT ENFORCED: shadow mode forwards every command the policy would refuse and only logs and counts it",
                 ),
                 "confirmed_master": master,
-                "reason": if master.is_none() { Some(topo.explain()) } else { None },
+                "reason": match (&state.cluster, &master) {
+                    (Some(_), _) => Some("cluster mode: each shard's confirmed master is in cluster.shards".to_string()),
+                    (None, None) => Some(topo.explain()),
+                    (None, Some(_)) => None,
+                },
                 "generation": topo.generation,
                 "down_after_ms": bounds.down_after.as_millis() as u64,
                 "backends": backends,

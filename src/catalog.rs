@@ -11,7 +11,9 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
-use crate::command::{self, AclCategories, CommandSpec, Flags, Special};
+use crate::command::{
+    self, AclCategories, CommandSpec, Flags, RequestPolicy, ResponsePolicy, Special,
+};
 use crate::protocol::{Node, Reply};
 
 /// Most commands (top-level) read from one `COMMAND` reply: Redis 8 with every shipped
@@ -82,7 +84,34 @@ struct Raw {
     last: i32,
     step: i32,
     categories: Vec<String>,
+    request_policy: RequestPolicy,
+    response_policy: ResponsePolicy,
     subs: Vec<Raw>,
+}
+
+/// The request and response policies among a command's tips (element 8 of its
+/// `COMMAND` entry, Redis `src/commands/*.json` `command_tips`).
+fn policies(tips: &[String]) -> (RequestPolicy, ResponsePolicy) {
+    let mut request = RequestPolicy::Default;
+    let mut response = ResponsePolicy::Default;
+    for tip in tips {
+        match tip.as_str() {
+            "request_policy:all_nodes" => request = RequestPolicy::AllNodes,
+            "request_policy:all_shards" => request = RequestPolicy::AllShards,
+            "request_policy:multi_shard" => request = RequestPolicy::MultiShard,
+            "request_policy:special" => request = RequestPolicy::Special,
+            "response_policy:one_succeeded" => response = ResponsePolicy::OneSucceeded,
+            "response_policy:all_succeeded" => response = ResponsePolicy::AllSucceeded,
+            "response_policy:agg_logical_and" => response = ResponsePolicy::AggLogicalAnd,
+            "response_policy:agg_logical_or" => response = ResponsePolicy::AggLogicalOr,
+            "response_policy:agg_min" => response = ResponsePolicy::AggMin,
+            "response_policy:agg_max" => response = ResponsePolicy::AggMax,
+            "response_policy:agg_sum" => response = ResponsePolicy::AggSum,
+            "response_policy:special" => response = ResponsePolicy::Special,
+            _ => {}
+        }
+    }
+    (request, response)
 }
 
 fn text(node: &Node<'_>) -> Option<String> {
@@ -117,8 +146,11 @@ fn raw(node: &Node<'_>) -> Option<Raw> {
         Some(Node::List(items)) => items.iter().filter_map(raw).collect(),
         _ => Vec::new(),
     };
+    let (request_policy, response_policy) = policies(&strings(f.get(7)));
     Some(Raw {
         name,
+        request_policy,
+        response_policy,
         arity: int(f.get(1)?)?,
         flags: strings(f.get(2)),
         first: int(f.get(3)?)?,
@@ -157,6 +189,8 @@ fn spec_of(r: &Raw, subcommands: &'static [CommandSpec]) -> CommandSpec {
         first_key: r.first,
         last_key: r.last,
         step: r.step,
+        request_policy: r.request_policy,
+        response_policy: r.response_policy,
         special: Special::None,
         subcommands,
     }

@@ -23,6 +23,15 @@ pub struct Cli {
     #[arg(long = "backend", env = "PORTCULLIS_BACKEND", value_delimiter = ',')]
     pub backends: Vec<String>,
 
+    /// Redis Cluster seed node HOST:PORT; repeatable (env: comma-separated). Enables
+    /// cluster mode ([cluster] in the file) and replaces the file's seeds.
+    #[arg(
+        long = "cluster-seed",
+        env = "PORTCULLIS_CLUSTER_SEED",
+        value_delimiter = ','
+    )]
+    pub cluster_seeds: Vec<String>,
+
     /// Admin HTTP listen address for /metrics and health [default: 127.0.0.1:9190];
     /// an empty value disables it.
     #[arg(long, env = "PORTCULLIS_ADMIN_LISTEN")]
@@ -71,6 +80,24 @@ impl Cli {
                 .iter()
                 .map(|a| BackendConfig::from_address(a.trim()))
                 .collect();
+        }
+        if !self.cluster_seeds.is_empty() {
+            let seeds = self
+                .cluster_seeds
+                .iter()
+                .map(|a| a.trim().to_string())
+                .collect();
+            match &mut config.cluster {
+                Some(c) => c.seeds = seeds,
+                None => {
+                    config.cluster = Some(crate::config::ClusterConfig {
+                        seeds,
+                        refresh_interval: crate::config::DEFAULT_CLUSTER_REFRESH,
+                        username: None,
+                        password: None,
+                    })
+                }
+            }
         }
         if let Some(admin) = &self.admin_listen {
             config.admin.listen = admin.clone();
@@ -124,6 +151,21 @@ mod tests {
         assert_eq!(c.backends.len(), 2);
         assert_eq!(c.admin.listen, "");
         assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn cluster_seed_flag_enables_cluster_mode() {
+        let c = load(&[
+            "--cluster-seed",
+            "127.0.0.1:7000",
+            "--cluster-seed",
+            "127.0.0.1:7001",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.cluster.unwrap().seeds,
+            vec!["127.0.0.1:7000", "127.0.0.1:7001"]
+        );
     }
 
     #[test]

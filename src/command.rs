@@ -283,6 +283,47 @@ bit_set! {
     }
 }
 
+/// Where a cluster client sends a command: the `request_policy:*` command tip (Redis
+/// `src/commands/*.json`, documented in Redis's "command tips" page).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RequestPolicy {
+    /// No tip: a keyed command goes to its keys' slot, a keyless one to any shard.
+    Default,
+    /// Every node, masters and replicas (`SCRIPT LOAD`, `CONFIG SET`).
+    AllNodes,
+    /// Every master (`DBSIZE`, `KEYS`, `FLUSHALL`).
+    AllShards,
+    /// Split by slot, each part to its owner (`MGET`, `MSET`, `DEL`).
+    MultiShard,
+    /// Needs command-specific handling (`SCAN`).
+    Special,
+}
+
+/// How a cluster client combines the replies of a split or fanned-out command: the
+/// `response_policy:*` command tip (Redis `src/commands/*.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResponsePolicy {
+    /// No tip: multi_shard replies are reassembled in key order, all_shards ones
+    /// concatenated (arrays) or, for one reply, taken as is.
+    Default,
+    /// The first non-error reply; an error only when every part failed.
+    OneSucceeded,
+    /// The first error when any part failed, else one of the (equal) replies.
+    AllSucceeded,
+    /// Logical AND of the integer replies, element-wise for arrays.
+    AggLogicalAnd,
+    /// Logical OR of the integer replies, element-wise for arrays.
+    AggLogicalOr,
+    /// The least integer reply.
+    AggMin,
+    /// The greatest integer reply.
+    AggMax,
+    /// The sum of the integer replies.
+    AggSum,
+    /// Needs command-specific handling.
+    Special,
+}
+
 /// One Redis command or subcommand, as Redis's own metadata describes it.
 #[derive(Debug, PartialEq, Eq)]
 pub struct CommandSpec {
@@ -300,6 +341,10 @@ pub struct CommandSpec {
     pub last_key: i32,
     /// Distance between keys (2 for `MSET k v k v`).
     pub step: i32,
+    /// Which shards a cluster client sends it to (`request_policy:*` tip).
+    pub request_policy: RequestPolicy,
+    /// How the parts' replies combine (`response_policy:*` tip).
+    pub response_policy: ResponsePolicy,
     /// What the session must do specially (proxy's own tag, not Redis metadata).
     pub special: Special,
     /// Subcommands, sorted by name; non-empty only for container commands.
@@ -316,6 +361,8 @@ pub static UNKNOWN: CommandSpec = CommandSpec {
     first_key: 0,
     last_key: 0,
     step: 0,
+    request_policy: RequestPolicy::Default,
+    response_policy: ResponsePolicy::Default,
     special: Special::None,
     subcommands: &[],
 };
@@ -630,6 +677,26 @@ mod tests {
             .names()
             .collect();
         assert_eq!(names, ["read", "fast"]);
+    }
+
+    #[test]
+    fn cluster_tips_from_redis_metadata() {
+        let policies = |name: &str| {
+            let s = lookup_name(name).unwrap();
+            (s.request_policy, s.response_policy)
+        };
+        use RequestPolicy as Rq;
+        use ResponsePolicy as Rs;
+        assert_eq!(policies("mget"), (Rq::MultiShard, Rs::Default));
+        assert_eq!(policies("mset"), (Rq::MultiShard, Rs::AllSucceeded));
+        assert_eq!(policies("del"), (Rq::MultiShard, Rs::AggSum));
+        assert_eq!(policies("dbsize"), (Rq::AllShards, Rs::AggSum));
+        assert_eq!(policies("keys"), (Rq::AllShards, Rs::Default));
+        assert_eq!(policies("script|load"), (Rq::AllNodes, Rs::AllSucceeded));
+        assert_eq!(policies("scan"), (Rq::Special, Rs::Default));
+        assert_eq!(policies("get"), (Rq::Default, Rs::Default));
+        // Newer Redis dropped MSETNX's multi_shard (tools/commands-newer.json).
+        assert_eq!(policies("msetnx"), (Rq::Default, Rs::Default));
     }
 
     #[test]

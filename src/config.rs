@@ -80,6 +80,9 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// Sentinel mode: the master (and replicas) come from Sentinel, still confirmed by ROLE.
     pub sentinel: Option<SentinelConfig>,
+    /// Redis Cluster mode: the slot map comes from the cluster's nodes, each shard's master
+    /// still confirmed by its own ROLE probe. Exclusive with `[[backends]]` and Sentinel.
+    pub cluster: Option<ClusterConfig>,
     /// TLS for clients: when set, `listen` accepts TLS connections only.
     pub tls: Option<TlsConfig>,
     /// TLS to the backends (managed Redis with in-transit encryption).
@@ -101,6 +104,7 @@ impl Default for Config {
             auth: crate::auth::AuthConfig::default(),
             shutdown: ShutdownConfig::default(),
             sentinel: None,
+            cluster: None,
             tls: None,
             backend_tls: None,
         }
@@ -305,6 +309,53 @@ impl std::fmt::Debug for SentinelConfig {
     }
 }
 
+/// How often the slot map is re-read when nothing asks for it sooner.
+pub const DEFAULT_CLUSTER_REFRESH: Duration = Duration::from_secs(5);
+
+/// `[cluster]`: serve a Redis Cluster (or Valkey cluster) behind one endpoint.
+#[derive(Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `host:port`s of some nodes; the rest are learned from the slot map.
+    pub seeds: Vec<String>,
+    /// How often the slot map is re-read (at once, too, after a redirect).
+    #[serde(default = "default_cluster_refresh", with = "humantime_serde")]
+    pub refresh_interval: Duration,
+    /// ACL user the proxy authenticates as on every node; none = `default`.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password for every node; never shown to clients or logged.
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+fn default_cluster_refresh() -> Duration {
+    DEFAULT_CLUSTER_REFRESH
+}
+
+impl ClusterConfig {
+    /// The backend settings of a node at `address` (credentials shared by every node).
+    pub fn node(&self, address: String) -> BackendConfig {
+        BackendConfig {
+            address,
+            name: None,
+            username: self.username.clone(),
+            password: self.password.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("seeds", &self.seeds)
+            .field("refresh_interval", &self.refresh_interval)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
 /// `[shutdown]`: draining.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -505,7 +556,36 @@ impl Config {
                 ));
             }
         }
-        if self.backends.is_empty() && self.sentinel.is_none() {
+        if let Some(c) = &self.cluster {
+            if !self.backends.is_empty() || self.sentinel.is_some() {
+                return Err(invalid(
+                    "cluster",
+                    "[cluster] replaces [[backends]] and [sentinel]: the nodes come from the cluster's slot map",
+                ));
+            }
+            if c.seeds.is_empty() {
+                return Err(invalid("cluster.seeds", "at least one node is required"));
+            }
+            for (i, a) in c.seeds.iter().enumerate() {
+                check_host_port(&format!("cluster.seeds[{i}]"), a)?;
+            }
+            if c.refresh_interval.is_zero() {
+                return Err(invalid(
+                    "cluster.refresh_interval",
+                    "must be greater than 0",
+                ));
+            }
+            if c.username.is_some() && c.password.is_none() {
+                return Err(invalid("cluster.password", "a username needs a password"));
+            }
+            if self.routing.reads != ReadPolicy::Master {
+                return Err(invalid(
+                    "routing.reads",
+                    "cluster mode reads from each slot's master only (replica reads are not supported yet)",
+                ));
+            }
+        }
+        if self.backends.is_empty() && self.sentinel.is_none() && self.cluster.is_none() {
             return Err(invalid(
                 "backends",
                 "at least one backend is required (--backend HOST:PORT or [[backends]])",
@@ -656,6 +736,43 @@ mod tests {
             backends: vec![BackendConfig::from_address("127.0.0.1:6379")],
             ..Config::default()
         }
+    }
+
+    #[test]
+    fn cluster_section_is_validated() {
+        let c = Config::from_toml(
+            "[cluster]\nseeds = [\"127.0.0.1:7000\", \"node-b.example:7001\"]\nrefresh_interval = \"2s\"\n",
+            "test",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let cluster = c.cluster.clone().unwrap();
+        assert_eq!(cluster.refresh_interval, Duration::from_secs(2));
+        assert_eq!(cluster.seeds.len(), 2);
+        let err = |text: &str| {
+            Config::from_toml(text, "test")
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("[cluster]\nseeds = []\n").contains("cluster.seeds"));
+        assert!(err("[cluster]\nseeds = [\"nope\"]\n").contains("cluster.seeds[0]"));
+        assert!(err(
+            "[[backends]]\naddress = \"127.0.0.1:6379\"\n[cluster]\nseeds = [\"127.0.0.1:7000\"]\n"
+        )
+        .contains("replaces [[backends]]"));
+        assert!(
+            err("[cluster]\nseeds = [\"127.0.0.1:7000\"]\n[routing]\nreads = \"replica\"\n")
+                .contains("routing.reads")
+        );
+        assert!(
+            err("[cluster]\nseeds = [\"127.0.0.1:7000\"]\nusername = \"u\"\n")
+                .contains("cluster.password")
+        );
+        // Defaults.
+        let c = Config::from_toml("[cluster]\nseeds = [\"127.0.0.1:7000\"]\n", "test").unwrap();
+        assert_eq!(c.cluster.unwrap().refresh_interval, DEFAULT_CLUSTER_REFRESH);
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod backend;
 pub mod catalog;
 pub mod cli;
+pub mod cluster;
 pub mod command;
 pub mod config;
 pub mod metrics;

@@ -137,6 +137,24 @@ pub fn readonly_retry() {
     counter!(READONLY_RETRIES_TOTAL).increment(1);
 }
 
+/// Count a cluster redirect (`MOVED`, `ASK`, `TRYAGAIN`, `CLUSTERDOWN`, `READONLY`) a node
+/// answered, by node and kind; the proxy retried it and the client never saw it.
+pub fn cluster_redirect(node: &str, kind: &'static str) {
+    counter!("portcullis_cluster_redirects_total", "node" => node.to_string(), "kind" => kind)
+        .increment(1);
+}
+
+/// Publish the slot map's version (highest master config epoch) and the slots it covers.
+pub fn cluster_map(epoch: u64, slots: usize) {
+    gauge!("portcullis_cluster_slot_map_epoch").set(epoch as f64);
+    gauge!("portcullis_cluster_slots_mapped").set(slots as f64);
+}
+
+/// Publish the slots served by a confirmed master (16384 when the proxy is ready).
+pub fn cluster_slots_covered(slots: usize) {
+    gauge!("portcullis_cluster_slots_covered").set(slots as f64);
+}
+
 /// Count a failed AUTH at the proxy.
 pub fn auth_failure() {
     counter!(AUTH_FAILURES_TOTAL).increment(1);

@@ -217,6 +217,26 @@ impl Stream {
         }
     }
 
+    /// Poll form of `readable` (waiting on several streams at once).
+    pub fn poll_readable(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self {
+            Stream::Plain(s) => s.poll_read_ready(cx),
+            Stream::Tls(t) if t.plaintext => std::task::Poll::Ready(Ok(())),
+            Stream::Tls(t) => t.tcp.poll_read_ready(cx),
+        }
+    }
+
+    /// Poll form of `writable`.
+    pub fn poll_writable(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        self.tcp().poll_write_ready(cx)
+    }
+
     /// Wait until the socket takes bytes.
     pub async fn writable(&self) -> io::Result<()> {
         self.tcp().writable().await

@@ -131,6 +131,10 @@ fn restart_needed(old: &Config, new: &mut Config) -> Vec<&'static str> {
         fields.push("admin.listen");
         new.admin = old.admin.clone();
     }
+    if old.cluster != new.cluster {
+        fields.push("cluster");
+        new.cluster = old.cluster.clone();
+    }
     if old.sentinel != new.sentinel {
         fields.push("sentinel");
         new.sentinel = old.sentinel.clone();

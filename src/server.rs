@@ -99,6 +99,15 @@ pub async fn run(
     for (index, backend) in config.backends.iter().enumerate() {
         spawner(index, backend.clone());
     }
+    let cluster = config.cluster.clone().map(|cfg| {
+        let store = crate::cluster::ClusterStore::new(cfg, topology.clone(), spawner.clone());
+        probers.spawn(crate::cluster::store::run(
+            store.clone(),
+            settings.clone(),
+            shutdown.clone(),
+        ));
+        store
+    });
     if let Some(sentinel_cfg) = config.sentinel.clone() {
         topology.update_all(|t| t.sentinel_master = Some(None));
         probers.spawn(sentinel::run(
@@ -122,6 +131,7 @@ pub async fn run(
             metrics: metrics_handle,
             draining: shutdown.clone(),
             shadow: shadow.clone(),
+            cluster: cluster.clone(),
         });
         probers.spawn(admin::serve(admin_listener, state, admin_stop.clone()));
     }
@@ -130,6 +140,7 @@ pub async fn run(
         hot: Hot::register(),
         topology,
         pools: session::Pools::default(),
+        cluster,
     });
     if let Some(mut rx) = reloads {
         let shared = shared.clone();

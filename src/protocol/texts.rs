@@ -145,6 +145,58 @@ pub fn link_lost(backend: &str) -> Bytes {
     ))
 }
 
+/// Redis's answer to a request whose keys hash to different slots (`cluster.c`
+/// `clusterRedirectClient`, `CLUSTER_REDIR_CROSS_SLOT`).
+pub const CROSSSLOT: &[u8] = b"-CROSSSLOT Keys in request don't hash to the same slot\r\n";
+
+/// Redis's answer when the cluster cannot serve a slot (`cluster.c`
+/// `clusterRedirectClient`, `CLUSTER_REDIR_DOWN_UNBOUND`), with the slot named.
+pub fn cluster_slot_unserved(slot: u16, why: &str) -> Bytes {
+    error(&format!(
+        "CLUSTERDOWN Hash slot {slot} not served: portcullis has no confirmed master for it ({why})"
+    ))
+}
+
+/// No shard has a confirmed master for a keyless command.
+pub const CLUSTER_NO_MASTER: &[u8] =
+    b"-CLUSTERDOWN portcullis has no confirmed master on any shard of the cluster\r\n";
+
+/// A cluster redirect (MOVED, ASK, TRYAGAIN, CLUSTERDOWN, READONLY) kept coming past
+/// `routing.failover_wait`: the proxy stops retrying; nothing cluster-internal is shown.
+pub fn cluster_gave_up(slot: Option<u16>, node: &str, last: &str) -> Bytes {
+    let slot = slot.map_or_else(|| "no slot".to_string(), |s| format!("slot {s}"));
+    error(&format!(
+        "TRYAGAIN portcullis could not complete the command on the cluster within routing.failover_wait ({slot}, node {node}, last answer: {last})"
+    ))
+}
+
+/// A node moved the slot of a command that cannot be retried (inside MULTI, or while the
+/// session is bound to one node by WATCH, pub/sub or a blocking command).
+pub fn cluster_moved_while_bound(slot: Option<u16>, node: &str) -> Bytes {
+    let slot = slot.map_or_else(|| "no slot".to_string(), |s| format!("slot {s}"));
+    error(&format!(
+        "TRYAGAIN portcullis: {slot} is no longer served by node {node}, to which this connection is bound (transaction, WATCH or subscription); retry"
+    ))
+}
+
+/// A `CLUSTER` subcommand the proxy does not answer as a single node.
+pub fn cluster_subcommand_refused(sub: &str) -> Bytes {
+    error(&format!(
+        "ERR portcullis answers the CLUSTER namespace as a single node; CLUSTER {sub} is not available through it"
+    ))
+}
+
+/// `ASKING`, `READONLY`, `READWRITE` from a client in cluster mode: the proxy handles
+/// redirects and routing itself.
+pub fn cluster_client_redirect_refused(command: &str) -> Bytes {
+    error(&format!(
+        "ERR portcullis handles cluster redirects and replica routing itself; {command} is not available through it"
+    ))
+}
+
+/// Redis's answer to a nested MULTI (`multi.c` `multiCommand`).
+pub const MULTI_NESTED: &[u8] = b"-ERR MULTI calls can not be nested\r\n";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,6 +24,7 @@
 //! Must not block on one direction while the other could make progress: all socket I/O is
 //! readiness-driven and non-blocking.
 
+mod cluster;
 mod out;
 mod plan;
 mod pool;
@@ -81,6 +82,8 @@ pub struct Shared {
     pub topology: Arc<TopologyStore>,
     /// Shared backend connections (`routing.backend_connections = "shared"`).
     pub pools: Pools,
+    /// Cluster mode (`[cluster]`): the slot map and per-shard masters.
+    pub cluster: Option<Arc<crate::cluster::ClusterStore>>,
 }
 
 impl Shared {
@@ -190,6 +193,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let tls = shared.runtime.load().client_tls.clone();
+    let local = client.local_addr().ok();
     let mut client = match tls {
         None => Stream::Plain(client),
         Some(tls) => {
@@ -208,6 +212,7 @@ pub async fn run(
         }
     };
     let mut session = Session::new(peer, shared);
+    session.cl.local = local;
     let end = match session.serve(&mut client, &shutdown).await {
         Ok(never) => match never {},
         Err(end) => end,
@@ -285,6 +290,8 @@ struct Session {
     tally: Tally,
     /// Whether the previous wait read the client (see the frame clock in `wait`).
     client_was_read: bool,
+    /// Cluster mode: routing state of this session (`cluster.rs`).
+    cl: cluster::ClusterSession,
 }
 
 /// Per-wake-up metrics: counted in the session, handed to the recorder once per wake-up
@@ -316,6 +323,8 @@ enum Event {
     BackendReadable(LinkId),
     /// Replies (or a failure) from the session's shared connection.
     Shared(Option<Delivery>),
+    /// Cluster mode: replies from a node's shared connection.
+    SharedNode(LinkId, Option<Delivery>),
     Writable,
     Idle,
     FrameTimeout,
@@ -357,6 +366,7 @@ impl Session {
             shared_writes: false,
             tally: Tally::default(),
             client_was_read: true,
+            cl: cluster::ClusterSession::default(),
         }
     }
 
@@ -380,6 +390,7 @@ impl Session {
         ) && self.parked.is_none()
             && self.queue.retries() == 0
             && !self.barrier
+            && self.cl.parked.is_none()
             && self.queue.len() < self.rt.config.limits.max_pending
     }
 
@@ -401,6 +412,7 @@ impl Session {
                 Event::ClientReadable => self.read_client(client)?,
                 Event::BackendReadable(link) => self.read_backend(link),
                 Event::Shared(delivery) => self.on_deliveries(delivery),
+                Event::SharedNode(id, delivery) => self.on_node_deliveries(id, delivery),
                 Event::Writable => {}
                 Event::Idle => {
                     if self.queue.is_empty() {
@@ -429,6 +441,7 @@ impl Session {
         if self.queue.retries() > 0
             && !self.queue.waiting_on(LinkId::Master)
             && !self.queue.waiting_on(LinkId::Shared)
+            && !self.queue.waiting_on_nodes()
         {
             self.run_retries().await;
         }
@@ -438,6 +451,12 @@ impl Session {
             }
         }
         self.parse_buffered().await?;
+        // Cluster mode: a split or fan-out request held until the answers before it were
+        // in; what follows it is parsed once it is answered.
+        while self.cl.parked.is_some() && self.queue.is_empty() {
+            self.run_gather().await;
+            self.parse_buffered().await?;
+        }
         match self.phase {
             Phase::InputClosed if self.parked.is_none() && self.queue.retries() == 0 => {
                 // Everything the client sent is with the backends. Answers still coming
@@ -445,7 +464,8 @@ impl Session {
                 // outlive its client: pass the half-close on, and Redis frees the client
                 // as it would a half-closed direct one (nothing popped, nothing after it
                 // run).
-                for id in [LinkId::Master, LinkId::Replica] {
+                let nodes = cluster::node_ids(&self.upstream.nodes);
+                for id in [LinkId::Master, LinkId::Replica].into_iter().chain(nodes) {
                     if self.queue.blocking_on(id) {
                         if let Some(link) = self.upstream.get_mut(id) {
                             link.shutdown_when_flushed();
@@ -535,6 +555,11 @@ impl Session {
         let replica = self.upstream.replica.as_ref();
         let out = |l: Option<&Link>| l.is_some_and(|l| l.has_output() || l.wants_shutdown());
         let (master_out, replica_out) = (out(master), out(replica));
+        let nodes = &self.upstream.nodes;
+        let nodes_out = nodes
+            .iter()
+            .flatten()
+            .any(|l| l.has_output() || l.wants_shutdown());
         let client_out = !self.to_client.is_empty() || client.wants_flush();
         let draining = !matches!(self.phase, Phase::Open);
         Ok(tokio::select! {
@@ -545,6 +570,8 @@ impl Session {
             _ = upstream::readable(replica), if read_replies && replica.is_some() => Event::BackendReadable(LinkId::Replica),
             // Replies from a shared connection are in the proxy already: always taken.
             d = pool::recv(self.upstream.shared.as_mut()), if self.upstream.shared.is_some() => Event::Shared(d),
+            id = upstream::node_readable(nodes), if read_replies && !nodes.is_empty() => Event::BackendReadable(id),
+            (id, d) = upstream::shared_node_recv(&mut self.upstream.shared_nodes), if !self.upstream.shared_nodes.is_empty() => Event::SharedNode(id, d),
             r = client.readable(), if read_client => match r {
                 Ok(()) => Event::ClientReadable,
                 Err(e) => return Err(SessionEnd::ClientIo(e)),
@@ -552,6 +579,7 @@ impl Session {
             _ = client.writable(), if client_out => Event::Writable,
             _ = upstream::writable(master), if master_out => Event::Writable,
             _ = upstream::writable(replica), if replica_out => Event::Writable,
+            _ = upstream::node_writable(nodes), if nodes_out => Event::Writable,
             _ = tokio::time::sleep(idle), if !idle.is_zero() => Event::Idle,
             _ = frame_sleep(frame_deadline), if frame_deadline.is_some() => Event::FrameTimeout,
             // Once draining, the token stays cancelled: polling it again would spin.
@@ -585,7 +613,16 @@ impl Session {
         if let Some(shared) = &mut self.upstream.shared {
             shared.flush();
         }
-        for id in [LinkId::Master, LinkId::Replica] {
+        for shared in self.upstream.shared_nodes.iter_mut().flatten() {
+            shared.flush();
+        }
+        // Cluster node links only in cluster mode (no allocation otherwise).
+        let nodes = if self.upstream.nodes.is_empty() {
+            Vec::new()
+        } else {
+            cluster::node_ids(&self.upstream.nodes)
+        };
+        for id in [LinkId::Master, LinkId::Replica].into_iter().chain(nodes) {
             if let Some(link) = self.upstream.get_mut(id) {
                 if let Err(e) = link.flush() {
                     debug!(peer = %self.peer, error = %e, "backend write failed");
@@ -730,6 +767,9 @@ impl Session {
             let user = self.user.as_ref().map_or("default", |u| u.name.as_str());
             warn!(peer = %self.peer, user, command, reason = reason.text(), "refused command");
             self.refuse(texts::refused(command, reason.text()));
+            return Ok(());
+        }
+        if self.shared.cluster.is_some() && self.cluster_intercept(spec, &req).await {
             return Ok(());
         }
         self.apply_plan(plan::plan(spec, &req), req, spec, class)
@@ -961,7 +1001,11 @@ impl Session {
             return self.forward_to_script(index, forward, class).await;
         }
         let plain = matches!(on_reply, OnReply::Forward) && self.txn.is_none();
-        if plain && self.rt.config.routing.reads != ReadPolicy::Master && self.replica_read(spec) {
+        if plain
+            && self.rt.config.routing.reads != ReadPolicy::Master
+            && self.shared.cluster.is_none()
+            && self.replica_read(spec)
+        {
             let deliver = self.mode.next_command();
             return self.forward_read(forward, deliver, class).await;
         }
@@ -1221,6 +1265,9 @@ impl Session {
     /// Send a request to the confirmed master (connecting, or moving to a new master
     /// first, if needed) and queue its answer.
     async fn send(&mut self, out: Outgoing) {
+        if self.shared.cluster.is_some() {
+            return self.cluster_send(out).await;
+        }
         match self.shared_route(&out) {
             pool::Route::Shared => return self.push_to(LinkId::Shared, out),
             pool::Route::Wait => {
@@ -1295,6 +1342,11 @@ impl Session {
             };
             shared.send(&frame);
             self.shared_writes |= retryable;
+        } else if let LinkId::SharedNode(_) = id {
+            let Some(shared) = self.upstream.shared_node_mut(id) else {
+                return;
+            };
+            shared.send(&frame);
         } else {
             let Some(link) = self.upstream.get_mut(id) else {
                 return;
@@ -1339,12 +1391,18 @@ impl Session {
     /// Re-send the writes refused with READONLY to the confirmed master, in order; if no
     /// master appears within the failover wait, answer them `-MASTERDOWN`.
     async fn run_retries(&mut self) {
+        if self.shared.cluster.is_some() {
+            return self.cluster_retries().await;
+        }
         self.upstream.master = None;
         let connected = self.connect_to_master().await.is_ok();
         let masterdown = self.shared.masterdown();
         let read_at = self.read_at;
         for entry in self.queue.retries_mut() {
-            let Entry::Retry { retained, deliver } = entry else {
+            let Entry::Retry {
+                retained, deliver, ..
+            } = entry
+            else {
                 continue;
             };
             let (frame, deliver) = (retained.frame.clone(), *deliver);
@@ -1551,7 +1609,17 @@ impl Session {
                     .report_not_master(link.index, "-MASTERDOWN");
             }
         }
-        let mut out = if reply.error_code() == Some(b"READONLY".as_slice()) {
+        let cluster_answer = if self.shared.cluster.is_some() && reply.is_error() {
+            match self.cluster_on_error(index, id, &reply) {
+                Some(None) => return true,
+                other => other.flatten(),
+            }
+        } else {
+            None
+        };
+        let mut out = if let Some(answer) = cluster_answer {
+            answer
+        } else if reply.error_code() == Some(b"READONLY".as_slice()) {
             // Redis did not apply it. Stop routing writes there, and retry or explain.
             if let (LinkId::Master, Some(link)) = (id, &self.upstream.master) {
                 self.shared.topology.report_readonly(link.index);
@@ -1747,7 +1815,13 @@ impl Session {
             self.mode.command_done();
         }
         self.queue.drain(&mut self.to_client);
-        if id == LinkId::Master && (self.txn.is_some() || self.watching || self.state.pinned()) {
+        let bound_here = matches!(id, LinkId::Node(_)) && self.cl.holds_state(link.index);
+        if let LinkId::Node(_) = id {
+            self.cl.forget(link.index);
+        }
+        if (id == LinkId::Master || bound_here)
+            && (self.txn.is_some() || self.watching || self.state.pinned())
+        {
             // Its state cannot be given to a new connection: close, as Redis would.
             self.end_after_replies(SessionEnd::BackendLost);
         }

@@ -411,6 +411,11 @@ impl SharedLink {
         }
     }
 
+    /// Completes when a delivery may be there (cluster mode waits on several links).
+    pub(super) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.mailbox.ready.notified()
+    }
+
     /// The next delivery, when one is there.
     pub(super) fn try_recv(&mut self) -> Option<Delivery> {
         let d = self.mailbox.take();

@@ -166,7 +166,12 @@ pub(super) enum Entry {
     Upstream(Awaiting),
     /// A write the backend refused with `-READONLY`: not applied, to be retried on the
     /// confirmed master once this link has answered everything before it.
-    Retry { retained: Retained, deliver: bool },
+    Retry {
+        retained: Retained,
+        deliver: bool,
+        /// Cluster mode: the redirect a node answered (where the retry goes).
+        redirect: Option<Box<super::cluster::Redirect>>,
+    },
     /// An answer ready to be written once everything before it is (`None`: answered, but
     /// not delivered under `CLIENT REPLY`).
     Ready(Option<Bytes>),
@@ -178,8 +183,9 @@ pub(super) struct ReplyQueue {
     entries: VecDeque<Entry>,
     /// `Entry::Retry` entries in the queue.
     retries: usize,
-    /// `Entry::Upstream` entries per link (`slot`): `waiting_on` without a scan.
-    on: [usize; 3],
+    /// `Entry::Upstream` entries per link (`slot`; every cluster node link counts in the
+    /// last one): `waiting_on` without a scan.
+    on: [usize; 4],
 }
 
 /// Index of `link` in `ReplyQueue::on`.
@@ -188,6 +194,7 @@ fn slot(link: LinkId) -> usize {
         LinkId::Master => 0,
         LinkId::Replica => 1,
         LinkId::Shared => 2,
+        LinkId::Node(_) | LinkId::SharedNode(_) => 3,
     }
 }
 
@@ -226,7 +233,7 @@ impl ReplyQueue {
 
     /// Count the entries per link again (after entries were replaced in place).
     pub(super) fn recount(&mut self) {
-        self.on = [0; 3];
+        self.on = [0; 4];
         for e in &self.entries {
             if let Entry::Upstream(a) = e {
                 self.on[slot(a.link)] += 1;
@@ -255,7 +262,45 @@ impl ReplyQueue {
 
     /// Whether any answer is still coming from `link`.
     pub(super) fn waiting_on(&self, link: LinkId) -> bool {
-        self.on[slot(link)] > 0
+        match link {
+            LinkId::Node(_) | LinkId::SharedNode(_) => {
+                self.on[3] > 0 && self.first_on(link).is_some()
+            }
+            _ => self.on[slot(link)] > 0,
+        }
+    }
+
+    /// Whether any answer is still coming from a cluster node link.
+    pub(super) fn waiting_on_nodes(&self) -> bool {
+        self.on[3] > 0
+    }
+
+    /// Index of the first READONLY/cluster retry waiting.
+    pub(super) fn first_retry(&self) -> Option<usize> {
+        if self.retries == 0 {
+            return None;
+        }
+        self.entries
+            .iter()
+            .position(|e| matches!(e, Entry::Retry { .. }))
+    }
+
+    /// The entry at `index`.
+    pub(super) fn entry_mut(&mut self, index: usize) -> Option<&mut Entry> {
+        self.entries.get_mut(index)
+    }
+
+    /// Put `entry` at `index`, and `before` (a request whose answer nobody gets, such as
+    /// `ASKING`) just ahead of it; the counts follow.
+    pub(super) fn replace_with(&mut self, index: usize, before: Option<Awaiting>, entry: Entry) {
+        if index >= self.entries.len() {
+            return;
+        }
+        self.entries[index] = entry;
+        if let Some(b) = before {
+            self.entries.insert(index, Entry::Upstream(b));
+        }
+        self.recount();
     }
 
     /// The entry at `index`, when it waits on a backend.
@@ -286,6 +331,15 @@ impl ReplyQueue {
 
     /// Turn the awaiting entry at `index` into a READONLY retry of its frame.
     pub(super) fn mark_retry(&mut self, index: usize) -> bool {
+        self.mark_redirect(index, None)
+    }
+
+    /// Turn the awaiting entry at `index` into a retry of its frame, after `redirect`.
+    pub(super) fn mark_redirect(
+        &mut self,
+        index: usize,
+        redirect: Option<Box<super::cluster::Redirect>>,
+    ) -> bool {
         let Some(Entry::Upstream(a)) = self.entries.get_mut(index) else {
             return false;
         };
@@ -294,7 +348,11 @@ impl ReplyQueue {
         };
         let deliver = a.deliver;
         self.on[slot(a.link)] = self.on[slot(a.link)].saturating_sub(1);
-        self.entries[index] = Entry::Retry { retained, deliver };
+        self.entries[index] = Entry::Retry {
+            retained,
+            deliver,
+            redirect,
+        };
         self.retries += 1;
         true
     }
@@ -366,7 +424,7 @@ impl ReplyQueue {
     pub(super) fn clear(&mut self) {
         self.entries.clear();
         self.retries = 0;
-        self.on = [0; 3];
+        self.on = [0; 4];
     }
 
     /// Write the answers that reached the head, in order.

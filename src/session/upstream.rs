@@ -27,6 +27,11 @@ pub(super) enum LinkId {
     /// The master through a shared connection (`routing.backend_connections = "shared"`):
     /// replies arrive in the session's inbox.
     Shared,
+    /// Cluster mode: the session's link at this position of `Upstream::nodes` (a byte,
+    /// so per-request values stay small).
+    Node(u8),
+    /// Cluster mode: the shared connection at this position of `Upstream::shared_nodes`.
+    SharedNode(u8),
 }
 
 /// One open backend connection of a session.
@@ -184,6 +189,12 @@ pub(super) struct Upstream {
     pub(super) replica_stale: bool,
     /// The master's shared connection, while the session uses it.
     pub(super) shared: Option<SharedLink>,
+    /// Cluster mode: one link per node the session needed, at stable positions
+    /// (`LinkId::Node`); `None` where a link ended.
+    pub(super) nodes: Vec<Option<Link>>,
+    /// Cluster mode, `backend_connections = "shared"`: the node's shared connection per
+    /// node the session sent stateless requests to (`LinkId::SharedNode`).
+    pub(super) shared_nodes: Vec<Option<SharedLink>>,
 }
 
 impl Upstream {
@@ -193,6 +204,8 @@ impl Upstream {
             LinkId::Master => self.master.as_ref(),
             LinkId::Replica => self.replica.as_ref(),
             LinkId::Shared => None,
+            LinkId::Node(p) => self.nodes.get(usize::from(p))?.as_ref(),
+            LinkId::SharedNode(_) => None,
         }
     }
 
@@ -202,6 +215,8 @@ impl Upstream {
             LinkId::Master => self.master.as_mut(),
             LinkId::Replica => self.replica.as_mut(),
             LinkId::Shared => None,
+            LinkId::Node(p) => self.nodes.get_mut(usize::from(p))?.as_mut(),
+            LinkId::SharedNode(_) => None,
         }
     }
 
@@ -211,6 +226,8 @@ impl Upstream {
             LinkId::Master => self.master.take(),
             LinkId::Replica => self.replica.take(),
             LinkId::Shared => None,
+            LinkId::Node(p) => self.nodes.get_mut(usize::from(p))?.take(),
+            LinkId::SharedNode(_) => None,
         }
     }
 
@@ -219,6 +236,84 @@ impl Upstream {
         self.master.as_ref().map_or(0, Link::queued_bytes)
             + self.replica.as_ref().map_or(0, Link::queued_bytes)
             + self.shared.as_ref().map_or(0, SharedLink::queued_bytes)
+            + self
+                .nodes
+                .iter()
+                .flatten()
+                .map(Link::queued_bytes)
+                .sum::<usize>()
+            + self
+                .shared_nodes
+                .iter()
+                .flatten()
+                .map(SharedLink::queued_bytes)
+                .sum::<usize>()
+    }
+
+    /// The shared connection `id` (`LinkId::SharedNode`).
+    pub(super) fn shared_node_mut(&mut self, id: LinkId) -> Option<&mut SharedLink> {
+        match id {
+            LinkId::SharedNode(p) => self.shared_nodes.get_mut(usize::from(p))?.as_mut(),
+            _ => None,
+        }
+    }
+
+    /// The shared connection of the node with backend index `index`, when in use.
+    pub(super) fn shared_node(&self, index: usize) -> Option<LinkId> {
+        let p = self
+            .shared_nodes
+            .iter()
+            .position(|l| l.as_ref().is_some_and(|l| l.index == index))?;
+        u8::try_from(p).ok().map(LinkId::SharedNode)
+    }
+
+    /// Keep a node's shared connection at a free position (at most 256 per session).
+    pub(super) fn add_shared_node(&mut self, link: SharedLink) -> Option<LinkId> {
+        let p = match self.shared_nodes.iter().position(Option::is_none) {
+            Some(p) => p,
+            None if self.shared_nodes.len() <= usize::from(u8::MAX) => {
+                self.shared_nodes.push(None);
+                self.shared_nodes.len() - 1
+            }
+            None => return None,
+        };
+        self.shared_nodes[p] = Some(link);
+        u8::try_from(p).ok().map(LinkId::SharedNode)
+    }
+
+    /// Label and backend index of a node link, dedicated or shared.
+    pub(super) fn node_of(&self, id: LinkId) -> Option<(String, usize)> {
+        match id {
+            LinkId::SharedNode(p) => self
+                .shared_nodes
+                .get(usize::from(p))?
+                .as_ref()
+                .map(|l| (l.conn.label.clone(), l.index)),
+            _ => self.get(id).map(|l| (l.label.clone(), l.index)),
+        }
+    }
+
+    /// The link to the node with backend index `index`, when open.
+    pub(super) fn node_link(&self, index: usize) -> Option<LinkId> {
+        let p = self
+            .nodes
+            .iter()
+            .position(|l| l.as_ref().is_some_and(|l| l.index == index))?;
+        u8::try_from(p).ok().map(LinkId::Node)
+    }
+
+    /// Keep a new node link at a free position (at most 256 per session).
+    pub(super) fn add_node(&mut self, link: Link) -> Option<LinkId> {
+        let p = match self.nodes.iter().position(Option::is_none) {
+            Some(p) => p,
+            None if self.nodes.len() <= usize::from(u8::MAX) => {
+                self.nodes.push(None);
+                self.nodes.len() - 1
+            }
+            None => return None,
+        };
+        self.nodes[p] = Some(link);
+        u8::try_from(p).ok().map(LinkId::Node)
     }
 
     /// Close every link.
@@ -226,7 +321,73 @@ impl Upstream {
         self.master = None;
         self.replica = None;
         self.shared = None;
+        self.nodes.clear();
+        self.shared_nodes.clear();
     }
+}
+
+/// Wait until one of the cluster node links is readable (or has an error); never, when
+/// none is open. Returns its `LinkId::Node`.
+pub(super) async fn node_readable(links: &[Option<Link>]) -> LinkId {
+    if links.iter().all(Option::is_none) {
+        return std::future::pending().await;
+    }
+    std::future::poll_fn(|cx| {
+        for (p, l) in links.iter().enumerate() {
+            let Some(l) = l else { continue };
+            if l.stream.poll_readable(cx).is_ready() {
+                return std::task::Poll::Ready(LinkId::Node(u8::try_from(p).unwrap_or(u8::MAX)));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// Wait for a delivery on one of the session's shared node connections; never, when it
+/// has none.
+pub(super) async fn shared_node_recv(
+    links: &mut [Option<SharedLink>],
+) -> (LinkId, Option<super::pool::Delivery>) {
+    if links.iter().all(Option::is_none) {
+        return std::future::pending().await;
+    }
+    loop {
+        for (p, l) in links.iter_mut().enumerate() {
+            if let Some(d) = l.as_mut().and_then(SharedLink::try_recv) {
+                let id = LinkId::SharedNode(u8::try_from(p).unwrap_or(u8::MAX));
+                return (id, Some(d));
+            }
+        }
+        // A delivery pushed after the check leaves a permit: the wait below ends at once.
+        let mut waits: Vec<_> = links
+            .iter()
+            .flatten()
+            .map(|l| Box::pin(l.notified()))
+            .collect();
+        std::future::poll_fn(|cx| {
+            for w in waits.iter_mut() {
+                if std::future::Future::poll(w.as_mut(), cx).is_ready() {
+                    return std::task::Poll::Ready(());
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await;
+    }
+}
+
+/// Wait until a cluster node link with output (or a half-close to do) is writable.
+pub(super) async fn node_writable(links: &[Option<Link>]) {
+    std::future::poll_fn(|cx| {
+        for l in links.iter().flatten() {
+            if (l.has_output() || l.wants_shutdown()) && l.stream.poll_writable(cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// Wait until link `link` is readable; never, when it is not open.

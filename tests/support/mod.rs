@@ -13,6 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+pub mod cluster;
+
 /// Environment variable that runs a suite with `routing.backend_connections` set to its
 /// value (`dedicated` or `shared`) in every proxy this harness starts; unset: the config's
 /// own. `tests/shared_mode.rs` re-runs the key suites with it set to `shared`.

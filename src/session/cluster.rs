@@ -1,0 +1,1362 @@
+//! The session in cluster mode (`[cluster]`): each request goes to the confirmed master
+//! of its slot over a link per node; nothing cluster-internal reaches the client.
+//!
+//! - Routing: a keyed request to its slot's confirmed master (`ClusterState::slot_master`),
+//!   a keyless one to any confirmed master; keys in several slots get Redis's `-CROSSSLOT`
+//!   unless the command is `request_policy:multi_shard`, which is split by slot
+//!   (`gather`); `all_shards`/`all_nodes` commands are sent to every master and combined
+//!   as their `response_policy` says.
+//! - Redirects: `MOVED` (map refreshed, request re-sent to the named node once its ROLE
+//!   confirms it master), `ASK` (`ASKING` + the request to the named node, no map change),
+//!   `TRYAGAIN`, `CLUSTERDOWN` and `READONLY` are retried in request order on the same
+//!   queue machinery as the single-master READONLY retry, bounded by
+//!   `routing.failover_wait`; past it the client gets an error naming the slot and node.
+//! - Binding: a transaction, WATCH, pub/sub, tracking or MONITOR binds the session to one
+//!   node (the first keyed command's slot master); MULTI is held back until that command
+//!   names the node.
+//! - The `CLUSTER` namespace is the proxy's: it presents itself as one node serving all
+//!   16384 slots, so cluster-aware clients never learn node addresses.
+//!
+//! Must not: forward `ASKING`/`READONLY`/`READWRITE` from a client, or show a redirect.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use tracing::debug;
+
+use crate::cluster::aggregate::{self, Part};
+use crate::cluster::route::{self, KeySlot};
+use crate::cluster::{key_hash_slot, ClusterStore, RedirectKind, SlotMasterError, SLOTS};
+use crate::command::{CommandSpec, RequestPolicy, Special};
+use crate::protocol::{texts, Reply, ReplyKind, Request};
+
+use super::pool::{Delivery, SharedLink};
+use super::queue::{Awaiting, Entry, Retained};
+use super::state::{self, OnReply};
+use super::upstream::{Link, LinkEnd, LinkId};
+use super::{Outgoing, Session};
+
+/// Pause before re-sending after `TRYAGAIN` or `CLUSTERDOWN` (a migration or failover in
+/// progress): paces the retries within `routing.failover_wait`.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// A cluster session's own state.
+#[derive(Debug)]
+pub(super) struct ClusterSession {
+    /// Slot of the request being handled (set before it is planned).
+    pub(super) slot: KeySlot,
+    /// The node a transaction, WATCH, tracking or MONITOR binds the session to.
+    pub(super) bound: Option<usize>,
+    /// The node holding the session's channel and pattern subscriptions.
+    pubsub: Option<usize>,
+    /// A connection-state change (HELLO, CLIENT SETNAME, ...) ran on this node: the other
+    /// node links predate it and are reopened (with the new state) once idle.
+    state_changed_on: Option<usize>,
+    /// MULTI was answered and not sent yet: it goes to the first queued command's node.
+    multi_pending: bool,
+    /// MULTI was sent to `bound`.
+    multi_sent: bool,
+    /// The slot a transaction (or WATCH) works on: another slot gets `-CROSSSLOT`.
+    txn_slot: Option<u16>,
+    /// The address the client connected to: the one node the proxy presents.
+    pub(super) local: Option<SocketAddr>,
+    /// A split or fanned-out request waiting for the answers in flight before it.
+    pub(super) parked: Option<Gather>,
+}
+
+impl Default for ClusterSession {
+    fn default() -> Self {
+        ClusterSession {
+            slot: KeySlot::NoKeys,
+            bound: None,
+            pubsub: None,
+            state_changed_on: None,
+            multi_pending: false,
+            multi_sent: false,
+            txn_slot: None,
+            local: None,
+            parked: None,
+        }
+    }
+}
+
+impl ClusterSession {
+    /// Whether the link to node `index` holds state a new link would not have (the
+    /// bound node of a transaction, WATCH, tracking or MONITOR; the subscriptions' node).
+    pub(super) fn holds_state(&self, index: usize) -> bool {
+        self.bound == Some(index) || self.pubsub == Some(index)
+    }
+
+    /// Forget node `index` as a holder of state (its link ended).
+    pub(super) fn forget(&mut self, index: usize) {
+        if self.bound == Some(index) {
+            self.bound = None;
+        }
+        if self.pubsub == Some(index) {
+            self.pubsub = None;
+        }
+    }
+}
+
+/// A request answered from several nodes.
+#[derive(Debug)]
+pub(super) struct Gather {
+    spec: &'static CommandSpec,
+    req: Request,
+    how: GatherKind,
+}
+
+/// How a gathered request reaches the nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GatherKind {
+    /// Split by slot (`request_policy:multi_shard`).
+    Split,
+    /// Sent to every master (`all_shards`, `all_nodes`).
+    FanOut,
+    /// `SCAN`: one shard at a time, the shard in the cursor.
+    Scan,
+}
+
+/// Which connection to a node a request takes in shared mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SharedRoute {
+    /// The node's shared connection.
+    Shared(LinkId),
+    /// The session's own link to the node.
+    Dedicated,
+    /// After the answers the other path still owes (the request is parked).
+    Wait,
+}
+
+/// Shards a SCAN cursor can name: the cursor the client sees is
+/// `node cursor × SCAN_SHARDS + shard index`.
+const SCAN_SHARDS: u64 = 1024;
+
+/// A redirect a node answered (Redis `src/cluster.c` `clusterRedirectClient`), kept
+/// with the request until it is re-sent.
+#[derive(Debug, Clone)]
+pub(super) struct Redirect {
+    kind: RedirectKind,
+    /// The request's slot (from `MOVED`/`ASK`, else from its keys).
+    slot: Option<u16>,
+    /// When the client's request was read: `routing.failover_wait` runs from there.
+    since: Instant,
+    /// The node `MOVED`/`ASK` names.
+    target: Option<String>,
+    /// Who answered, and what (for the give-up text).
+    node: String,
+    text: String,
+}
+
+/// Parse a redirect error: `MOVED <slot> <host:port>`, `ASK <slot> <host:port>`,
+/// `TRYAGAIN ...`, `CLUSTERDOWN ...`, `READONLY ...`. An empty or `?` host (unknown
+/// endpoint) means the answering node's host.
+fn redirect_of(reply: &Reply, node: &str) -> Option<(Redirect, Option<u16>)> {
+    let code = reply.error_code()?;
+    let kind = match code {
+        b"MOVED" => RedirectKind::Moved,
+        b"ASK" => RedirectKind::Ask,
+        b"TRYAGAIN" => RedirectKind::TryAgain,
+        b"CLUSTERDOWN" => RedirectKind::ClusterDown,
+        b"READONLY" => RedirectKind::ReadOnly,
+        _ => return None,
+    };
+    let text = String::from_utf8_lossy(reply.text().unwrap_or_default()).into_owned();
+    let mut slot = None;
+    let mut target = None;
+    if matches!(kind, RedirectKind::Moved | RedirectKind::Ask) {
+        let mut words = text.split_ascii_whitespace().skip(1);
+        slot = words.next().and_then(|s| s.parse::<u16>().ok());
+        let addr = words.next()?;
+        let (host, port) = addr.rsplit_once(':')?;
+        let host = if host.is_empty() || host == "?" {
+            node.rsplit_once(':').map_or("", |(h, _)| h)
+        } else {
+            host
+        };
+        target = Some(format!("{host}:{port}"));
+    }
+    Some((
+        Redirect {
+            kind,
+            slot,
+            since: Instant::now(),
+            target,
+            node: node.to_string(),
+            text,
+        },
+        slot,
+    ))
+}
+
+/// The slot of a retained request frame (its keys' slot), for retries whose redirect
+/// does not name it (`TRYAGAIN`, `CLUSTERDOWN`, `READONLY`).
+fn slot_of_frame(frame: &Bytes) -> Option<u16> {
+    let mut buf = BytesMut::from(&frame[..]);
+    let req = crate::protocol::RequestParser::new(crate::protocol::RequestLimits::default())
+        .parse(&mut buf)
+        .ok()??;
+    let crate::command::Lookup::Known(spec) =
+        crate::command::lookup(req.arg(0).unwrap_or_default(), req.arg(1))
+    else {
+        return None;
+    };
+    match route::request_slot(spec, &req) {
+        KeySlot::Slot(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// The command name of a canonical request frame (`*N\r\n$L\r\nNAME\r\n...`); empty
+/// when the frame is not in that shape.
+fn command_name(frame: &[u8]) -> &[u8] {
+    let mut lines = frame.splitn(4, |&b| b == b'\n');
+    let (_, Some(len), Some(name)) = (lines.next(), lines.next(), lines.next()) else {
+        return &[];
+    };
+    let len = std::str::from_utf8(len.strip_prefix(b"$").unwrap_or_default())
+        .ok()
+        .and_then(|l| l.trim_end().parse::<usize>().ok())
+        .unwrap_or(0);
+    name.get(..len).unwrap_or_default()
+}
+
+/// A stable 40-hex node id for the proxy at `addr` (what `CLUSTER MYID` answers).
+fn proxy_node_id(addr: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("portcullis {addr}").as_bytes());
+    digest.iter().take(20).map(|b| format!("{b:02x}")).collect()
+}
+
+fn bulk(out: &mut BytesMut, s: &[u8]) {
+    out.extend_from_slice(format!("${}\r\n", s.len()).as_bytes());
+    out.extend_from_slice(s);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A text reply as Redis sends `CLUSTER INFO`/`NODES` (`addReplyVerbatim`): a bulk string
+/// in RESP2, a `txt` verbatim string in RESP3.
+fn verbatim(text: &str, resp3: bool) -> Bytes {
+    if resp3 {
+        Bytes::from(format!("={}\r\ntxt:{text}\r\n", text.len() + 4))
+    } else {
+        Bytes::from(format!("${}\r\n{text}\r\n", text.len()))
+    }
+}
+
+/// One element of a split reply, as `aggregate` takes it.
+fn part_of(reply: &Reply, limits: crate::protocol::ReplyLimits) -> Part {
+    match reply.kind() {
+        ReplyKind::Error | ReplyKind::BlobError => Part::Error(reply.frame().clone()),
+        ReplyKind::Integer => {
+            let frame = reply.frame();
+            std::str::from_utf8(
+                frame
+                    .get(1..frame.len().saturating_sub(2))
+                    .unwrap_or_default(),
+            )
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map_or_else(|| Part::Other(frame.clone()), Part::Int)
+        }
+        ReplyKind::Array => match state::split_array(reply, limits) {
+            Some((_, elements)) => Part::Array(elements),
+            None => Part::Other(reply.frame().clone()),
+        },
+        _ => Part::Other(reply.frame().clone()),
+    }
+}
+
+impl Session {
+    fn cluster(&self) -> Option<&std::sync::Arc<ClusterStore>> {
+        self.shared.cluster.as_ref()
+    }
+
+    /// Cluster mode, before a request is planned: answer the `CLUSTER` namespace, refuse
+    /// client redirect commands and cross-slot requests, hold split and fan-out requests;
+    /// `true` when the request was handled here.
+    pub(super) async fn cluster_intercept(
+        &mut self,
+        spec: &'static CommandSpec,
+        req: &Request,
+    ) -> bool {
+        self.cl.slot = KeySlot::NoKeys;
+        if let Some(sub) = spec.name.strip_prefix("cluster|") {
+            return self.cluster_namespace(sub, req);
+        }
+        if matches!(spec.special, Special::ReadOnly | Special::ReadWrite) || spec.name == "asking" {
+            let name = spec.name.to_ascii_uppercase();
+            self.refuse(texts::cluster_client_redirect_refused(&name));
+            return true;
+        }
+        let slot = route::request_slot(spec, req);
+        let in_txn = self.txn.is_some();
+        if spec.name == "scan" && spec.request_policy == RequestPolicy::Special && !in_txn {
+            // The cursor names the shard (request_policy:special).
+            self.cl.parked = Some(Gather {
+                spec,
+                req: req.clone(),
+                how: GatherKind::Scan,
+            });
+            return true;
+        }
+        match slot {
+            KeySlot::CrossSlot if spec.request_policy == RequestPolicy::MultiShard && !in_txn => {
+                self.cl.parked = Some(Gather {
+                    spec,
+                    req: req.clone(),
+                    how: GatherKind::Split,
+                });
+                return true;
+            }
+            KeySlot::CrossSlot => {
+                self.refuse(Bytes::from_static(texts::CROSSSLOT));
+                return true;
+            }
+            KeySlot::Slot(s) if in_txn || self.watching || spec.special == Special::Watch => {
+                if self.cl.txn_slot.is_some_and(|t| t != s) {
+                    self.refuse(Bytes::from_static(texts::CROSSSLOT));
+                    return true;
+                }
+                self.cl.txn_slot = Some(s);
+            }
+            KeySlot::NoKeys
+                if matches!(
+                    spec.request_policy,
+                    RequestPolicy::AllShards | RequestPolicy::AllNodes
+                ) && !in_txn
+                    && self.cl.bound.is_none()
+                    && spec.special == Special::None =>
+            {
+                self.cl.parked = Some(Gather {
+                    spec,
+                    req: req.clone(),
+                    how: GatherKind::FanOut,
+                });
+                return true;
+            }
+            _ => {}
+        }
+        self.cl.slot = slot;
+        false
+    }
+
+    /// `CLUSTER <sub>`: the proxy as one node serving every slot.
+    fn cluster_namespace(&mut self, sub: &str, req: &Request) -> bool {
+        let addr = self
+            .cl
+            .local
+            .map_or_else(|| "127.0.0.1:6379".to_string(), |a| a.to_string());
+        let (ip, port) = addr.rsplit_once(':').unwrap_or(("127.0.0.1", "6379"));
+        let ip = ip.trim_start_matches('[').trim_end_matches(']').to_string();
+        let port_n: u16 = port.parse().unwrap_or(6379);
+        let id = proxy_node_id(&addr);
+        let resp3 = self.state.resp3;
+        let ready = match self.cluster() {
+            Some(c) => c.load().ready(&self.shared.topology.load()),
+            None => false,
+        };
+        let epoch = self.cluster().map_or(0, |c| c.load().epoch).max(1);
+        let reply = match sub {
+            "myid" | "myshardid" => {
+                let mut out = BytesMut::new();
+                bulk(&mut out, id.as_bytes());
+                out.freeze()
+            }
+            "keyslot" => match req.arg(2) {
+                Some(key) => Bytes::from(format!(":{}\r\n", key_hash_slot(key))),
+                None => texts::wrong_arity("cluster|keyslot"),
+            },
+            "slots" => {
+                let mut out = BytesMut::new();
+                out.extend_from_slice(
+                    format!("*1\r\n*3\r\n:0\r\n:{}\r\n*3\r\n", SLOTS - 1).as_bytes(),
+                );
+                bulk(&mut out, ip.as_bytes());
+                out.extend_from_slice(format!(":{port_n}\r\n").as_bytes());
+                bulk(&mut out, id.as_bytes());
+                out.freeze()
+            }
+            "shards" => {
+                let map = |n: usize| {
+                    if resp3 {
+                        format!("%{n}\r\n")
+                    } else {
+                        format!("*{}\r\n", n * 2)
+                    }
+                };
+                let mut out = BytesMut::new();
+                out.extend_from_slice(b"*1\r\n");
+                out.extend_from_slice(map(2).as_bytes());
+                bulk(&mut out, b"slots");
+                out.extend_from_slice(format!("*2\r\n:0\r\n:{}\r\n", SLOTS - 1).as_bytes());
+                bulk(&mut out, b"nodes");
+                out.extend_from_slice(b"*1\r\n");
+                out.extend_from_slice(map(7).as_bytes());
+                for (k, v) in [
+                    ("id", id.as_str()),
+                    ("port", ""),
+                    ("ip", ip.as_str()),
+                    ("endpoint", ip.as_str()),
+                    ("role", "master"),
+                    ("replication-offset", ""),
+                    ("health", if ready { "online" } else { "failed" }),
+                ] {
+                    bulk(&mut out, k.as_bytes());
+                    match k {
+                        "port" => out.extend_from_slice(format!(":{port_n}\r\n").as_bytes()),
+                        "replication-offset" => out.extend_from_slice(b":0\r\n"),
+                        _ => bulk(&mut out, v.as_bytes()),
+                    }
+                }
+                out.freeze()
+            }
+            "nodes" => {
+                let text = format!(
+                    "{id} {ip}:{port_n}@0 myself,master - 0 0 {epoch} connected 0-{}\n",
+                    SLOTS - 1
+                );
+                verbatim(&text, resp3)
+            }
+            "info" => {
+                let state = if ready { "ok" } else { "fail" };
+                let ok = if ready { SLOTS } else { 0 };
+                let text = format!(
+                    "cluster_enabled:1\r\ncluster_state:{state}\r\ncluster_slots_assigned:{SLOTS}\r\ncluster_slots_ok:{ok}\r\ncluster_slots_pfail:0\r\ncluster_slots_fail:{}\r\ncluster_known_nodes:1\r\ncluster_size:1\r\ncluster_current_epoch:{epoch}\r\ncluster_my_epoch:{epoch}\r\ncluster_stats_messages_sent:0\r\ncluster_stats_messages_received:0\r\ntotal_cluster_links_buffer_limit_exceeded:0\r\n",
+                    SLOTS - ok
+                );
+                verbatim(&text, resp3)
+            }
+            "countkeysinslot" | "getkeysinslot" => {
+                // Answered by the slot's owner (an invalid slot by any master, which
+                // gives Redis's own error).
+                let slot = req
+                    .arg(2)
+                    .and_then(|s| std::str::from_utf8(s).ok())
+                    .and_then(|s| s.parse::<u16>().ok())
+                    .filter(|&s| usize::from(s) < SLOTS);
+                self.cl.slot = slot.map_or(KeySlot::NoKeys, KeySlot::Slot);
+                return false;
+            }
+            "help" => return false,
+            other => {
+                self.refuse(texts::cluster_subcommand_refused(
+                    &other.to_ascii_uppercase(),
+                ));
+                return true;
+            }
+        };
+        self.answer(reply);
+        true
+    }
+
+    /// Cluster mode's `send`: pick the node, open its link, queue the request.
+    pub(super) async fn cluster_send(&mut self, mut out: Outgoing) {
+        let name = command_name(&out.frame).to_ascii_lowercase();
+        let deliver = out.deliver;
+        let ends_txn = matches!(name.as_slice(), b"exec" | b"discard" | b"reset");
+        if name == b"multi" {
+            if self.cl.multi_pending {
+                self.push_local(deliver.then(|| Bytes::from_static(texts::MULTI_NESTED)));
+                return;
+            }
+            if !self.cl.multi_sent && (self.cl.bound.is_none() || !self.watching) {
+                // Held back until the first queued command names the node.
+                self.cl.multi_pending = true;
+                self.push_local(deliver.then(|| Bytes::from_static(texts::OK)));
+                return;
+            }
+        }
+        if ends_txn && self.cl.multi_pending {
+            // Nothing was queued anywhere: answer as Redis does for an empty transaction.
+            self.cl.multi_pending = false;
+            self.cl.txn_slot = None;
+            let reply = match &out.on_reply {
+                OnReply::Replace(r) => r.clone(),
+                _ if name == b"exec" => Bytes::from_static(b"*0\r\n"),
+                _ => Bytes::from_static(texts::OK),
+            };
+            if !(self.state.tracking || self.state.monitor) {
+                self.cl.bound = None;
+            }
+            if name != b"reset" {
+                self.push_local(deliver.then_some(reply));
+                return;
+            }
+        }
+        if let Some(changed) = self.cl.state_changed_on {
+            if self.queue.is_empty() {
+                // The change is answered: links opened before it carry the old state.
+                let (bound, pubsub) = (self.cl.bound, self.cl.pubsub);
+                for slot in self.upstream.nodes.iter_mut() {
+                    let keep = slot.as_ref().is_some_and(|l| {
+                        l.index == changed || Some(l.index) == bound || Some(l.index) == pubsub
+                    });
+                    if !keep {
+                        *slot = None;
+                    }
+                }
+                self.cl.state_changed_on = None;
+            }
+        }
+        let slot = match self.cl.slot {
+            KeySlot::Slot(s) => Some(s),
+            _ => None,
+        };
+        // What ties this request to one node: a transaction or WATCH (to the bound node,
+        // for the slot it holds), tracking or MONITOR (their feed is one node's), pub/sub
+        // (channel subscriptions live on one node; shard channels on their slot's owner).
+        let txn_like = self.txn.is_some()
+            || self.watching
+            || self.cl.multi_sent
+            || (self.cl.bound.is_some() && (ends_txn || name == b"unwatch"));
+        let feed = self.state.tracking || self.state.monitor;
+        let pubsub = matches!(out.on_reply, OnReply::PubSub { .. });
+        let deadline = tokio::time::Instant::now() + self.rt.config.routing.failover_wait;
+        let (target, id) = loop {
+            let pick = if txn_like || (feed && slot.is_none()) {
+                self.cl.bound
+            } else if pubsub && slot.is_none() {
+                self.cl.pubsub
+            } else {
+                None
+            };
+            let target = match pick {
+                Some(b) => {
+                    if txn_like && !self.cluster_serves(b, slot) {
+                        // Another node serves it: the transaction's node cannot run it.
+                        if let Some(txn) = &mut self.txn {
+                            txn.dirty = true;
+                        }
+                        self.push_local(deliver.then(|| Bytes::from_static(texts::CROSSSLOT)));
+                        return;
+                    }
+                    b
+                }
+                None => match self.cluster_target(slot).await {
+                    Ok(i) => i,
+                    Err(reply) => {
+                        if let Some(txn) = &mut self.txn {
+                            txn.dirty = true;
+                        }
+                        self.push_local(deliver.then_some(reply));
+                        return;
+                    }
+                },
+            };
+            if !(txn_like || feed || pubsub || ends_txn) {
+                let dedicated = self.upstream.node_link(target);
+                match self.cluster_shared_route(target, dedicated, &out) {
+                    SharedRoute::Shared(shared) => break (target, shared),
+                    SharedRoute::Dedicated => {}
+                    SharedRoute::Wait => {
+                        // The other path to this node still owes answers: send after
+                        // them, so the node runs the session's requests in order.
+                        self.parked = Some(out);
+                        return;
+                    }
+                }
+            }
+            match self.cluster_link(target).await {
+                Ok(id) => break (target, id),
+                // A node that refused the connection was reported down (`open_link`): the
+                // next pick waits for its shard's new master, within the failover wait.
+                Err(_)
+                    if pick.is_none()
+                        && !matches!(self.phase, super::Phase::Ending(_))
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(super::RECONNECT_PAUSE).await;
+                }
+                Err(reply) => {
+                    self.push_local(deliver.then_some(reply));
+                    return;
+                }
+            }
+        };
+        if (txn_like || feed) && self.cl.bound.is_none() {
+            self.cl.bound = Some(target);
+        }
+        if pubsub && slot.is_none() && self.cl.pubsub.is_none() {
+            self.cl.pubsub = Some(target);
+        }
+        if self.cl.multi_pending && self.txn.is_some() {
+            self.cl.multi_pending = false;
+            self.cl.multi_sent = true;
+            self.push_to(id, Outgoing::plain(Request::from_args(&[b"MULTI"]), false));
+        } else if name == b"multi" {
+            self.cl.multi_sent = true;
+        }
+        if matches!(out.on_reply, OnReply::Apply(_)) && self.txn.is_none() {
+            // Parse nothing more until it is answered; then the other links are reopened.
+            self.barrier = true;
+            self.cl.state_changed_on = Some(target);
+        }
+        // Plain requests outside a transaction can be re-sent after a redirect.
+        out.retryable = matches!(out.on_reply, OnReply::Forward) && self.txn.is_none() && !ends_txn;
+        self.cl.slot = slot.map_or(KeySlot::NoKeys, KeySlot::Slot);
+        self.push_to(id, out);
+        if ends_txn {
+            self.cl.multi_sent = false;
+            self.cl.multi_pending = false;
+        }
+        if name == b"reset" {
+            self.cl.pubsub = None;
+        }
+        if self.txn.is_none() && !self.watching && !self.cl.multi_sent {
+            self.cl.txn_slot = None;
+            if !feed || name == b"reset" {
+                self.cl.bound = None;
+            }
+        }
+    }
+
+    /// Shared mode (`routing.backend_connections = "shared"`): the node's shared
+    /// connection for a request that neither carries nor needs connection state, as in
+    /// single-master shared mode; the session's own link otherwise. Per node, one path at a
+    /// time: switching waits until the other has answered everything.
+    fn cluster_shared_route(
+        &mut self,
+        target: usize,
+        dedicated: Option<LinkId>,
+        out: &Outgoing,
+    ) -> SharedRoute {
+        let routing = &self.rt.config.routing;
+        if routing.backend_connections != crate::config::BackendConnections::Shared {
+            return SharedRoute::Dedicated;
+        }
+        let limits = &self.rt.config.limits;
+        let on_dedicated = dedicated.is_some_and(|id| self.queue.waiting_on(id));
+        let current = self.upstream.shared_node(target);
+        let on_shared = current.is_some_and(|id| self.queue.waiting_on(id));
+        let not_shared = if on_shared {
+            SharedRoute::Wait
+        } else {
+            SharedRoute::Dedicated
+        };
+        let shareable = self.cmd_shareable
+            && !out.blocking
+            && out.frames == 1
+            && matches!(out.on_reply, OnReply::Forward)
+            && self.txn.is_none()
+            && !self.watching
+            && !self.rt.passthrough()
+            && self.state.shareable()
+            && self.to_client.bytes < limits.max_reply_buffer / 2;
+        if !shareable {
+            return not_shared;
+        }
+        if on_dedicated {
+            // Stay on the session's link until it has answered (a pipeline keeps order).
+            return if on_shared {
+                SharedRoute::Wait
+            } else {
+                SharedRoute::Dedicated
+            };
+        }
+        let id = match current {
+            Some(id) => id,
+            None => {
+                let size = routing.shared_connections;
+                let key = usize::from(self.peer.port());
+                let Some(conn) = self.shared.pools.conn(&self.shared, target, size, key) else {
+                    return SharedRoute::Dedicated;
+                };
+                if !conn.usable() {
+                    return SharedRoute::Dedicated;
+                }
+                match self.upstream.add_shared_node(SharedLink::new(target, conn)) {
+                    Some(id) => id,
+                    None => return SharedRoute::Dedicated,
+                }
+            }
+        };
+        match self.upstream.shared_node_mut(id) {
+            Some(s) if s.conn.usable() => {
+                if s.has_room(limits.max_reply_buffer, limits.max_pending) {
+                    // The session's own link to the node is no longer needed: release it.
+                    if let Some(d) = dedicated {
+                        if !self.cl.holds_state(target) {
+                            self.upstream.take(d);
+                        }
+                    }
+                    SharedRoute::Shared(id)
+                } else {
+                    SharedRoute::Wait
+                }
+            }
+            _ => not_shared,
+        }
+    }
+
+    /// What a node's shared connection delivered, and whatever else is already there.
+    pub(super) fn on_node_deliveries(&mut self, id: LinkId, first: Option<Delivery>) {
+        let mut next = first;
+        while let Some(d) = next {
+            self.replies_at = self.now;
+            if let Some(shared) = self.upstream.shared_node_mut(id) {
+                shared.answered(d.answers(), d.bytes());
+            }
+            match d {
+                Delivery::Reply(r) => self.node_shared_reply(id, r),
+                Delivery::Replies(rs) => {
+                    for r in rs {
+                        self.node_shared_reply(id, r);
+                    }
+                }
+                Delivery::Fail { n, reply } => {
+                    self.queue.fail_first(id, n, &reply);
+                    self.queue.drain(&mut self.to_client);
+                }
+            }
+            next = self
+                .upstream
+                .shared_node_mut(id)
+                .and_then(SharedLink::try_recv);
+        }
+    }
+
+    fn node_shared_reply(&mut self, id: LinkId, reply: Reply) {
+        if self.upstream.shared_node_mut(id).is_none() || self.on_reply(reply, id) {
+            return;
+        }
+        tracing::warn!(peer = %self.peer, "shared cluster node connection sent an unexpected reply; closing session");
+        self.upstream.close();
+        self.queue.clear();
+        self.end_after_replies(super::SessionEnd::BackendDesync);
+    }
+
+    /// Whether node `index` serves `slot` by the current map (keyless: yes).
+    fn cluster_serves(&self, index: usize, slot: Option<u16>) -> bool {
+        let (Some(s), Some(c)) = (slot, self.cluster()) else {
+            return true;
+        };
+        match c.load().slot_master(s, &self.shared.topology.load()) {
+            Ok(owner) => owner == index,
+            // No confirmed owner now: the bound node answers (MOVED/CLUSTERDOWN if not).
+            Err(_) => true,
+        }
+    }
+
+    /// The confirmed master for `slot` (any confirmed master for none), waiting up to
+    /// `routing.failover_wait` for one; the error reply names the slot and why.
+    async fn cluster_target(&self, slot: Option<u16>) -> Result<usize, Bytes> {
+        let Some(cluster) = self.cluster().cloned() else {
+            return Err(Bytes::from_static(texts::NO_BACKEND));
+        };
+        let wait = self.rt.config.routing.failover_wait;
+        match slot {
+            Some(s) => cluster.wait_for_slot_master(s, wait).await.map_err(|e| {
+                let why = match e {
+                    SlotMasterError::NoMap => {
+                        "no node has answered with the slot map yet".to_string()
+                    }
+                    SlotMasterError::Uncovered => "the slot map names no master for it".to_string(),
+                    SlotMasterError::Unconfirmed { node } => {
+                        format!("node {node} is not confirmed master by its own ROLE")
+                    }
+                };
+                texts::cluster_slot_unserved(s, &why)
+            }),
+            None => {
+                // A node the session is already connected to, when one is confirmed.
+                let state = cluster.load();
+                let confirmed = state.confirmed_masters(&self.shared.topology.load());
+                if let Some(l) = self
+                    .upstream
+                    .nodes
+                    .iter()
+                    .flatten()
+                    .find(|l| confirmed.contains(&l.index))
+                {
+                    return Ok(l.index);
+                }
+                let seed = usize::from(self.peer.port());
+                cluster
+                    .wait_for_any_master(seed, wait)
+                    .await
+                    .ok_or_else(|| Bytes::from_static(texts::CLUSTER_NO_MASTER))
+            }
+        }
+    }
+
+    /// The session's link to node `index`, opened when needed.
+    async fn cluster_link(&mut self, index: usize) -> Result<LinkId, Bytes> {
+        if let Some(id) = self.upstream.node_link(index) {
+            return Ok(id);
+        }
+        match self.open_link(index).await {
+            Ok(link) => self.upstream.add_node(link).ok_or_else(|| {
+                texts::error("ERR portcullis: this connection reaches too many cluster nodes")
+            }),
+            Err(failure) => {
+                if failure.credentials_refused {
+                    self.close_for_credentials();
+                }
+                Err(failure.reply)
+            }
+        }
+    }
+
+    /// A node answered request `index` (in the queue) on link `id` with `reply`: when it
+    /// is a cluster redirect, arrange its retry. `None`: not a redirect; `Some(None)`:
+    /// retried; `Some(Some(error))`: cannot be retried, answer this instead.
+    pub(super) fn cluster_on_error(
+        &mut self,
+        index: usize,
+        id: LinkId,
+        reply: &Reply,
+    ) -> Option<Option<Bytes>> {
+        let cluster = self.cluster()?.clone();
+        let (node, backend) = self
+            .upstream
+            .node_of(id)
+            .map(|(label, index)| (label, Some(index)))
+            .unwrap_or_default();
+        let (mut redirect, moved_slot) = redirect_of(reply, &node)?;
+        cluster.report_redirect(redirect.kind, &node);
+        if redirect.kind == RedirectKind::ReadOnly {
+            if let (LinkId::Node(_) | LinkId::SharedNode(_), Some(i)) = (id, backend) {
+                self.shared.topology.report_readonly(i);
+            }
+        }
+        if let Some(target) = &redirect.target {
+            // Learned from the redirect: probed like every node.
+            cluster.node_index(target);
+        }
+        let wait = self.rt.config.routing.failover_wait;
+        let a = self.queue.awaiting(index)?;
+        let Some(retained) = a.retry.as_ref() else {
+            let slot = moved_slot.or(self.cl.txn_slot);
+            return Some(Some(texts::cluster_moved_while_bound(slot, &node)));
+        };
+        redirect.since = a.sent;
+        if redirect.slot.is_none() {
+            redirect.slot = slot_of_frame(&retained.frame);
+        }
+        if redirect.since.elapsed() > wait {
+            return Some(Some(texts::cluster_gave_up(
+                redirect.slot,
+                &node,
+                &redirect.text,
+            )));
+        }
+        let slot = redirect.slot;
+        if self.queue.mark_redirect(index, Some(Box::new(redirect))) {
+            Some(None)
+        } else {
+            Some(Some(texts::cluster_gave_up(slot, &node, "not retryable")))
+        }
+    }
+
+    /// Re-send the redirected requests, in order, each where its redirect says; past
+    /// `routing.failover_wait` answer it with an error naming the slot and node.
+    pub(super) async fn cluster_retries(&mut self) {
+        let Some(cluster) = self.cluster().cloned() else {
+            return;
+        };
+        let wait = self.rt.config.routing.failover_wait;
+        while let Some(pos) = self.queue.first_retry() {
+            let Some(Entry::Retry {
+                retained,
+                deliver,
+                redirect,
+            }) = self.queue.entry_mut(pos)
+            else {
+                break;
+            };
+            let deliver = *deliver;
+            let frame = retained.frame.clone();
+            let redirect = redirect.as_deref().cloned();
+            let (slot, since) = match &redirect {
+                Some(r) => (r.slot, r.since),
+                None => (slot_of_frame(&frame), Instant::now()),
+            };
+            let deadline = tokio::time::Instant::from_std(since + wait);
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let kind = redirect.as_ref().map(|r| r.kind);
+            let target = match (&redirect, kind) {
+                (Some(r), Some(RedirectKind::Moved)) => match slot {
+                    // Where the refreshed map says the slot is now (not where MOVED says).
+                    Some(s) => {
+                        let from = cluster.node_index(&r.node);
+                        cluster.wait_for_new_owner(s, from, left).await
+                    }
+                    None => None,
+                },
+                (Some(r), Some(RedirectKind::Ask)) => {
+                    let addr = r.target.clone().unwrap_or_default();
+                    if cluster.wait_for_member(&addr, left).await {
+                        match cluster.node_index(&addr) {
+                            Some(i) => self.wait_confirmed(i, left).await.then_some(i),
+                            None => None,
+                        }
+                    } else {
+                        None
+                    }
+                }
+                _ => {
+                    if matches!(
+                        kind,
+                        Some(RedirectKind::TryAgain | RedirectKind::ClusterDown)
+                    ) {
+                        tokio::time::sleep(RETRY_PAUSE.min(left)).await;
+                    }
+                    match slot {
+                        Some(s) => cluster.wait_for_slot_master(s, left).await.ok(),
+                        None => {
+                            cluster
+                                .wait_for_any_master(usize::from(self.peer.port()), left)
+                                .await
+                        }
+                    }
+                }
+            };
+            let node = redirect
+                .as_ref()
+                .map_or_else(String::new, |r| r.node.clone());
+            let last = redirect
+                .as_ref()
+                .map_or_else(String::new, |r| r.text.clone());
+            let linked = match target {
+                Some(t) => self.cluster_link(t).await.ok(),
+                None => None,
+            };
+            let Some(id) = linked else {
+                let reply = texts::cluster_gave_up(slot, &node, &last);
+                self.queue
+                    .replace_with(pos, None, Entry::Ready(deliver.then_some(reply)));
+                continue;
+            };
+            // Take the retained frame (with its retry state) out of the entry.
+            let Some(Entry::Retry { retained, .. }) = self.queue.entry_mut(pos) else {
+                break;
+            };
+            let retained: Retained =
+                std::mem::replace(retained, Retained::new(Bytes::new(), &self.retained));
+            let asking = (kind == Some(RedirectKind::Ask)).then(|| {
+                let req = Request::from_args(&[b"ASKING"]);
+                (
+                    req.frame().clone(),
+                    Awaiting {
+                        link: id,
+                        remaining: 1,
+                        deliver: false,
+                        on_reply: OnReply::Forward,
+                        retry: None,
+                        sent: self.read_at,
+                        blocking: false,
+                        acc: BytesMut::new(),
+                    },
+                )
+            });
+            let Some(link) = self.upstream.get_mut(id) else {
+                break;
+            };
+            if let Some((f, _)) = &asking {
+                link.send(f);
+            }
+            link.send(&frame);
+            crate::metrics::readonly_retry();
+            debug!(peer = %self.peer, node = %link.label, ?kind, "cluster: request re-sent");
+            let entry = Entry::Upstream(Awaiting {
+                link: id,
+                remaining: 1,
+                deliver,
+                on_reply: OnReply::Forward,
+                retry: Some(retained),
+                // A further redirect's failover-wait bound runs from the first read.
+                sent: since,
+                blocking: false,
+                acc: BytesMut::new(),
+            });
+            self.queue.replace_with(pos, asking.map(|(_, a)| a), entry);
+        }
+        self.queue.drain(&mut self.to_client);
+    }
+
+    /// Wait up to `left` for node `index`'s own ROLE to confirm it master.
+    async fn wait_confirmed(&self, index: usize, left: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + left;
+        let mut rx = self.shared.topology.subscribe();
+        loop {
+            let topo = self.shared.topology.load();
+            if topo.backends.get(index).is_some_and(|b| {
+                b.writable(tokio::time::Instant::now(), topo.bounds()) && !b.hijacked
+            }) {
+                return true;
+            }
+            self.shared.topology.request_probe(index);
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return false,
+            }
+        }
+    }
+
+    /// Carry out a held split or fan-out request once nothing is in flight before it.
+    pub(super) async fn run_gather(&mut self) {
+        let Some(g) = self.cl.parked.take() else {
+            return;
+        };
+        let deliver = self.mode.next_command();
+        self.shared.hot.forwarded[crate::metrics::class_of(g.spec)].increment(1);
+        let reply = self.gather(&g).await;
+        self.push_local(deliver.then_some(reply));
+    }
+
+    async fn gather(&mut self, g: &Gather) -> Bytes {
+        let limits = self.rt.reply_limits();
+        let Some(cluster) = self.cluster().cloned() else {
+            return Bytes::from_static(texts::NO_BACKEND);
+        };
+        // Parts: (slot, request, key positions).
+        let mut parts: Vec<(Option<u16>, Request, Vec<usize>)> = Vec::new();
+        let mut total = 0;
+        if g.how == GatherKind::Scan {
+            return self.scan(g, &cluster).await;
+        }
+        if g.how == GatherKind::Split {
+            let all: Vec<usize> = route::key_positions(g.spec, g.req.argc()).collect();
+            total = all.len();
+            for p in route::split_by_slot(g.spec, &g.req) {
+                let order: Vec<usize> = p
+                    .keys
+                    .iter()
+                    .filter_map(|k| all.iter().position(|x| x == k))
+                    .collect();
+                parts.push((Some(p.slot), route::part_request(g.spec, &g.req, &p), order));
+            }
+        } else {
+            let state = cluster.load();
+            let Some(map) = state.map.clone() else {
+                return Bytes::from_static(texts::CLUSTER_NO_MASTER);
+            };
+            // Every master that serves slots (one without slots holds no keys).
+            for shard in &map.shards {
+                if let Some(first) = shard.ranges.first().map(|r| r.0) {
+                    parts.push((Some(first), g.req.clone(), Vec::new()));
+                }
+            }
+        }
+        let mut replies = Vec::with_capacity(parts.len());
+        for (slot, req, _) in &parts {
+            replies.push(self.call_slot(*slot, req).await);
+        }
+        if g.how == GatherKind::FanOut && g.spec.request_policy == RequestPolicy::AllNodes {
+            // all_nodes: the replicas too (SCRIPT LOAD then survives a failover: Redis 7
+            // does not replicate the script cache). Best effort: a replica that cannot be
+            // reached does not fail the command, whose answer is the masters'.
+            let replicas: Vec<String> = cluster
+                .load()
+                .map
+                .iter()
+                .flat_map(|m| {
+                    m.shards
+                        .iter()
+                        .flat_map(|s| s.replicas.iter().map(|r| r.address()))
+                })
+                .collect();
+            for addr in replicas {
+                let Some(index) = cluster.node_index(&addr) else {
+                    continue;
+                };
+                let result = match self.cluster_link(index).await {
+                    Ok(id) => self.call_on(id, &g.req, false).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = result {
+                    debug!(peer = %self.peer, node = %addr, error = %String::from_utf8_lossy(&e), "cluster: replica missed an all_nodes command");
+                }
+            }
+        }
+        let parts_out: Vec<Part> = replies
+            .iter()
+            .map(|r| match r {
+                Ok(reply) => part_of(reply, limits),
+                Err(e) => Part::Error(e.clone()),
+            })
+            .collect();
+        if g.how == GatherKind::Split
+            && g.spec.response_policy == crate::command::ResponsePolicy::Default
+        {
+            let positions: Vec<Vec<usize>> = parts.iter().map(|p| p.2.clone()).collect();
+            aggregate::reassemble(&parts_out, &positions, total)
+        } else {
+            aggregate::combine(g.spec.response_policy, &parts_out)
+        }
+    }
+
+    /// `SCAN cursor [options]` over the shards in map order: the cursor's low part is the
+    /// shard, the rest that shard's own cursor; a shard's end moves to the next shard.
+    async fn scan(&mut self, g: &Gather, cluster: &ClusterStore) -> Bytes {
+        let cursor = g
+            .req
+            .arg(1)
+            .and_then(|c| std::str::from_utf8(c).ok())
+            .and_then(|c| c.parse::<u64>().ok());
+        let Some(cursor) = cursor else {
+            // Redis's own text (db.c scanGenericCommand via parseScanCursorOrReply).
+            return texts::error("ERR invalid cursor");
+        };
+        let shards: Vec<Option<u16>> = match cluster.load().map.clone() {
+            Some(map) => map
+                .shards
+                .iter()
+                .filter_map(|s| s.ranges.first().map(|r| Some(r.0)))
+                .collect(),
+            None => return Bytes::from_static(texts::CLUSTER_NO_MASTER),
+        };
+        let shard = usize::try_from(cursor % SCAN_SHARDS).unwrap_or(usize::MAX);
+        let node_cursor = cursor / SCAN_SHARDS;
+        let Some(&slot) = shards.get(shard) else {
+            return texts::error("ERR invalid cursor");
+        };
+        let mut args: Vec<&[u8]> = g.req.args().collect();
+        let node_cursor_text = node_cursor.to_string();
+        if let Some(a) = args.get_mut(1) {
+            *a = node_cursor_text.as_bytes();
+        }
+        let req = Request::from_args(&args);
+        let reply = match self.call_slot(slot, &req).await {
+            Ok(r) => r,
+            Err(e) => return e,
+        };
+        let limits = self.rt.reply_limits();
+        let Some((_, elements)) = state::split_array(&reply, limits) else {
+            return reply.into_frame();
+        };
+        let [next, keys] = elements.as_slice() else {
+            return reply.into_frame();
+        };
+        let next = std::str::from_utf8(next)
+            .ok()
+            .and_then(|t| t.split("\r\n").nth(1))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        let out = if next != 0 {
+            next.checked_mul(SCAN_SHARDS)
+                .and_then(|n| n.checked_add(shard as u64))
+        } else if shard + 1 < shards.len() {
+            Some(shard as u64 + 1)
+        } else {
+            Some(0)
+        };
+        let Some(out) = out else {
+            return texts::error(
+                "ERR portcullis: a node's SCAN cursor is too large to carry its shard",
+            );
+        };
+        let out = out.to_string();
+        let mut b = BytesMut::new();
+        b.extend_from_slice(format!("*2\r\n${}\r\n{out}\r\n", out.len()).as_bytes());
+        b.extend_from_slice(keys);
+        b.freeze()
+    }
+
+    /// Send one request to `slot`'s master and wait for its reply, following redirects
+    /// within `routing.failover_wait`. Only while nothing else is in flight.
+    async fn call_slot(&mut self, slot: Option<u16>, req: &Request) -> Result<Reply, Bytes> {
+        let Some(cluster) = self.cluster().cloned() else {
+            return Err(Bytes::from_static(texts::NO_BACKEND));
+        };
+        let wait = self.rt.config.routing.failover_wait;
+        let started = Instant::now();
+        let mut target = self.cluster_target(slot).await?;
+        let mut asking = false;
+        loop {
+            let id = self.cluster_link(target).await?;
+            let node = self
+                .upstream
+                .get(id)
+                .map(|l| l.label.clone())
+                .unwrap_or_default();
+            let reply = self.call_on(id, req, asking).await?;
+            let Some((redirect, _)) = redirect_of(&reply, &node) else {
+                return Ok(reply);
+            };
+            cluster.report_redirect(redirect.kind, &node);
+            let left = wait.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                return Err(texts::cluster_gave_up(slot, &node, &redirect.text));
+            }
+            asking = redirect.kind == RedirectKind::Ask;
+            let gave_up = || texts::cluster_gave_up(slot, &node, &redirect.text);
+            target = match (&redirect.target, redirect.kind) {
+                // Where the refreshed map says the slot is now.
+                (_, RedirectKind::Moved) => match redirect.slot.or(slot) {
+                    Some(s) => cluster
+                        .wait_for_new_owner(s, Some(target), left)
+                        .await
+                        .ok_or_else(gave_up)?,
+                    None => return Err(gave_up()),
+                },
+                (Some(addr), _) => {
+                    if !cluster.wait_for_member(addr, left).await {
+                        return Err(gave_up());
+                    }
+                    match cluster.node_index(addr) {
+                        Some(i) if self.wait_confirmed(i, left).await => i,
+                        _ => return Err(gave_up()),
+                    }
+                }
+                (None, _) => {
+                    tokio::time::sleep(RETRY_PAUSE.min(left)).await;
+                    self.cluster_target(slot).await?
+                }
+            };
+        }
+    }
+
+    /// One request on node link `id` (nothing else in flight there), its reply read in
+    /// place; pushes that arrive meanwhile go to the client.
+    async fn call_on(&mut self, id: LinkId, req: &Request, asking: bool) -> Result<Reply, Bytes> {
+        let resp3 = self.state.resp3;
+        {
+            let Some(link) = self.upstream.get_mut(id) else {
+                return Err(Bytes::from_static(texts::NO_BACKEND));
+            };
+            if asking {
+                link.send(Request::from_args(&[b"ASKING"]).frame());
+            }
+            link.send(req.frame());
+        }
+        let mut skip = u32::from(asking);
+        loop {
+            let step = self.call_step(id).await;
+            match step {
+                Ok(Some(reply)) => {
+                    if resp3 && reply.is_push() {
+                        self.to_client.push(reply.into_frame());
+                        continue;
+                    }
+                    if skip > 0 {
+                        skip -= 1;
+                        continue;
+                    }
+                    return Ok(reply);
+                }
+                Ok(None) => {}
+                Err(end) => {
+                    let label = self.upstream.take(id).map(|l| l.label).unwrap_or_default();
+                    debug!(peer = %self.peer, node = %label, error = ?end, "cluster: node link lost");
+                    return Err(texts::link_lost(&label));
+                }
+            }
+        }
+    }
+
+    /// Flush, wait, read: one reply when there is one.
+    async fn call_step(&mut self, id: LinkId) -> Result<Option<Reply>, LinkEnd> {
+        let Some(link) = self.upstream.get_mut(id) else {
+            return Err(LinkEnd::Closed);
+        };
+        link.flush().map_err(LinkEnd::Io)?;
+        if let Some(r) = link.next_reply()? {
+            return Ok(Some(r));
+        }
+        if link.has_output() {
+            link.writable().await;
+            return Ok(None);
+        }
+        let timeout = self
+            .rt
+            .config
+            .limits
+            .connect_timeout
+            .max(self.rt.config.routing.failover_wait);
+        if tokio::time::timeout(timeout, link.readable())
+            .await
+            .is_err()
+        {
+            return Err(LinkEnd::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no reply in time",
+            )));
+        }
+        link.read(Instant::now())?;
+        link.next_reply()
+    }
+}
+
+/// The id of every open node link (for the session's `flush` and half-close loops).
+pub(super) fn node_ids(links: &[Option<Link>]) -> Vec<LinkId> {
+    links
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.is_some())
+        .filter_map(|(p, _)| u8::try_from(p).ok().map(LinkId::Node))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{ReplyLimits, ReplyScanner};
+
+    fn reply(bytes: &[u8]) -> Reply {
+        let mut buf = BytesMut::from(bytes);
+        ReplyScanner::new(ReplyLimits::default())
+            .next(&mut buf)
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn redirects_as_redis_writes_them() {
+        // Redis src/cluster.c clusterRedirectClient.
+        let (r, slot) = redirect_of(&reply(b"-MOVED 3999 127.0.0.1:6381\r\n"), "n:1").unwrap();
+        assert_eq!((r.kind, slot), (RedirectKind::Moved, Some(3999)));
+        assert_eq!(r.target.as_deref(), Some("127.0.0.1:6381"));
+        let (r, _) = redirect_of(&reply(b"-ASK 12 node-b.example:7000\r\n"), "n:1").unwrap();
+        assert_eq!(
+            (r.kind, r.target.as_deref()),
+            (RedirectKind::Ask, Some("node-b.example:7000"))
+        );
+        // An unknown endpoint: the answering node's host.
+        let (r, _) = redirect_of(&reply(b"-MOVED 1 ?:7002\r\n"), "10.0.0.5:7000").unwrap();
+        assert_eq!(r.target.as_deref(), Some("10.0.0.5:7002"));
+        let (r, _) = redirect_of(&reply(b"-MOVED 1 :7002\r\n"), "10.0.0.5:7000").unwrap();
+        assert_eq!(r.target.as_deref(), Some("10.0.0.5:7002"));
+        for (text, kind) in [
+            (
+                &b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n"[..],
+                RedirectKind::TryAgain,
+            ),
+            (
+                b"-CLUSTERDOWN The cluster is down\r\n",
+                RedirectKind::ClusterDown,
+            ),
+            (
+                b"-READONLY You can't write against a read only replica.\r\n",
+                RedirectKind::ReadOnly,
+            ),
+        ] {
+            assert_eq!(redirect_of(&reply(text), "n:1").unwrap().0.kind, kind);
+        }
+        assert!(redirect_of(&reply(b"-ERR no\r\n"), "n:1").is_none());
+        assert!(redirect_of(&reply(b"+OK\r\n"), "n:1").is_none());
+    }
+
+    #[test]
+    fn command_name_and_slot_of_frames() {
+        let frame = Request::from_args(&[b"EXEC".as_slice()]).frame().clone();
+        assert_eq!(command_name(&frame), b"EXEC");
+        let frame = Request::from_args(&[b"set".as_slice(), b"foo", b"x"])
+            .frame()
+            .clone();
+        assert_eq!(command_name(&frame), b"set");
+        assert_eq!(slot_of_frame(&frame), Some(12182));
+        assert_eq!(command_name(b"garbage"), b"");
+    }
+
+    #[test]
+    fn node_id_is_stable_and_hex() {
+        let id = proxy_node_id("127.0.0.1:6380");
+        assert_eq!(id.len(), 40);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(id, proxy_node_id("127.0.0.1:6380"));
+        assert_ne!(id, proxy_node_id("127.0.0.1:6381"));
+    }
+}

@@ -1,0 +1,917 @@
+//! Cluster mode against a real Redis Cluster on loopback (`support::cluster`): a plain
+//! client through the proxy reaches every shard; cross-slot and multi-key commands answer
+//! byte for byte as Redis does; the proxy answers the CLUSTER namespace as one node;
+//! resharding and failover under load show no client a redirect and lose no acknowledged
+//! write.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use portcullis::config::{ClusterConfig, Config};
+use support::cluster::{info, RedisCluster};
+use support::{resp, wait_until, Conn, Proxy, RedisServer};
+
+/// One Prometheus recorder per test binary; counters are told apart by node address.
+fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static H: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    H.get_or_init(|| {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .expect("recorder")
+    })
+}
+
+/// Redirects the proxy absorbed from this cluster's nodes, by kind.
+fn redirects(cluster: &RedisCluster) -> std::collections::HashMap<String, f64> {
+    let mut out = std::collections::HashMap::new();
+    for line in prometheus().render().lines() {
+        if !line.starts_with("portcullis_cluster_redirects_total{") {
+            continue;
+        }
+        if !cluster
+            .nodes
+            .iter()
+            .any(|n| line.contains(&format!("node=\"{}\"", n.addr())))
+        {
+            continue;
+        }
+        let kind = line
+            .split("kind=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("");
+        let n: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        *out.entry(kind.to_string()).or_insert(0.0) += n;
+    }
+    out
+}
+
+/// The proxy in front of `cluster`, ready: every slot served by a confirmed master.
+async fn proxy(cluster: &RedisCluster) -> Proxy {
+    proxy_with(cluster, |_| {}).await
+}
+
+/// The same, with `tune` applied to the config first.
+async fn proxy_with(cluster: &RedisCluster, tune: impl FnOnce(&mut Config)) -> Proxy {
+    prometheus();
+    let mut config = Config {
+        cluster: Some(ClusterConfig {
+            seeds: cluster.seeds(),
+            refresh_interval: Duration::from_millis(500),
+            username: None,
+            password: None,
+        }),
+        ..Config::default()
+    };
+    config.probe.interval = Duration::from_millis(100);
+    config.routing.failover_wait = Duration::from_secs(10);
+    tune(&mut config);
+    let p = Proxy::start_with(config).await;
+    let addr = p.addr.to_string();
+    wait_until("the proxy serves every slot", || {
+        let addr = addr.clone();
+        async move {
+            info(&addr, &["CLUSTER", "INFO"])
+                .await
+                .contains("cluster_state:ok")
+        }
+    })
+    .await;
+    p
+}
+
+/// Keys that hash to many different slots (and so to every shard).
+fn spread_keys(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("key:{i}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_client_reaches_every_shard_and_the_cluster_namespace_is_the_proxy() {
+    let cluster = RedisCluster::start(3, 1).await;
+    let p = proxy(&cluster).await;
+    let mut c = p.client().await;
+    for k in spread_keys(60) {
+        let _: () = redis::cmd("SET")
+            .arg(&k)
+            .arg(format!("v-{k}"))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    for k in spread_keys(60) {
+        let v: String = redis::cmd("GET").arg(&k).query_async(&mut c).await.unwrap();
+        assert_eq!(v, format!("v-{k}"));
+        // Written on the slot's master, as a cluster client would have.
+        let slot = portcullis::cluster::key_hash_slot(k.as_bytes());
+        let master = cluster.master_of(slot).await;
+        assert!(
+            cluster.node(&master).unwrap().has_key(&k).await,
+            "{k} on {master}"
+        );
+    }
+    // Keyless commands and all_shards fan-out behave as one server.
+    let pong: String = redis::cmd("PING").query_async(&mut c).await.unwrap();
+    assert_eq!(pong, "PONG");
+    let n: i64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
+    assert_eq!(n, 60);
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg("key:*")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    keys.sort();
+    let mut want = spread_keys(60);
+    want.sort();
+    assert_eq!(keys, want);
+
+    // The CLUSTER namespace: the proxy as the one node serving every slot.
+    let mut raw = Conn::open(&p.addr.to_string()).await;
+    let port = p.addr.port();
+    let slots = raw.call(&["CLUSTER", "SLOTS"]).await;
+    let text = String::from_utf8_lossy(&slots).into_owned();
+    assert!(
+        text.starts_with("*1\r\n*3\r\n:0\r\n:16383\r\n*3\r\n$9\r\n127.0.0.1\r\n"),
+        "{text}"
+    );
+    assert!(text.contains(&format!(":{port}\r\n")), "{text}");
+    let myid = raw.call(&["CLUSTER", "MYID"]).await;
+    assert_eq!(
+        myid.len(),
+        "$40\r\n".len() + 40 + 2,
+        "{}",
+        String::from_utf8_lossy(&myid)
+    );
+    assert_eq!(
+        raw.call(&["CLUSTER", "KEYSLOT", "foo"]).await,
+        b":12182\r\n"
+    );
+    let nodes = String::from_utf8_lossy(&raw.call(&["CLUSTER", "NODES"]).await).into_owned();
+    assert!(
+        nodes.contains(&format!("127.0.0.1:{port}@0 myself,master - 0 0 ")),
+        "{nodes}"
+    );
+    assert!(nodes.contains(" connected 0-16383\n"), "{nodes}");
+    let shards = String::from_utf8_lossy(&raw.call(&["CLUSTER", "SHARDS"]).await).into_owned();
+    assert!(
+        shards.contains("$6\r\nhealth\r\n$6\r\nonline\r\n"),
+        "{shards}"
+    );
+    // Nothing tells a client about the real nodes.
+    for n in &cluster.nodes {
+        for reply in [&text, &nodes, &shards] {
+            assert!(!reply.contains(&format!(":{}", n.port)), "{reply}");
+        }
+    }
+    for cmd in [&["ASKING"][..], &["READONLY"], &["READWRITE"]] {
+        let r = raw.call(cmd).await;
+        assert!(
+            r.starts_with(b"-ERR portcullis handles cluster redirects"),
+            "{}",
+            String::from_utf8_lossy(&r)
+        );
+    }
+    let r = raw.call(&["CLUSTER", "LINKS"]).await;
+    assert!(
+        r.starts_with(b"-ERR portcullis answers the CLUSTER namespace"),
+        "{}",
+        String::from_utf8_lossy(&r)
+    );
+    let r = raw.call(&["CLUSTER", "MEET", "127.0.0.1", "1"]).await;
+    assert!(r.starts_with(b"-NOPERM"), "{}", String::from_utf8_lossy(&r));
+    // COUNTKEYSINSLOT goes to the slot's owner.
+    let slot = portcullis::cluster::key_hash_slot(b"key:1").to_string();
+    assert_eq!(
+        raw.call(&["CLUSTER", "COUNTKEYSINSLOT", &slot]).await,
+        b":1\r\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_slot_and_multi_key_commands_answer_as_redis() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let p = proxy(&cluster).await;
+    let single = RedisServer::start(&[]);
+    let mut via = Conn::open(&p.addr.to_string()).await;
+    let mut one = Conn::open(&single.addr()).await;
+    let mut node = Conn::open(&cluster.nodes[0].addr()).await;
+
+    // Cross-slot: Redis's own CROSSSLOT, byte for byte with a cluster node.
+    for cmd in [
+        &["MSETNX", "a", "1", "b", "2"][..],
+        &["RENAME", "a", "b"],
+        &["SINTERSTORE", "a", "b", "c"],
+    ] {
+        let want = node.call(cmd).await;
+        assert!(
+            want.starts_with(b"-CROSSSLOT"),
+            "{}",
+            String::from_utf8_lossy(&want)
+        );
+        assert_eq!(via.call(cmd).await, want, "{cmd:?}");
+    }
+    // MSETNX in one slot works, all or nothing.
+    assert_eq!(
+        via.call(&["MSETNX", "{t}a", "1", "{t}b", "2"]).await,
+        b":1\r\n"
+    );
+
+    // multi_shard commands split by slot, compared with one plain Redis holding the same
+    // data, including a wrong-type key in MGET (nil, as Redis gives).
+    let keys = spread_keys(20);
+    for conn in [&mut via, &mut one] {
+        let mut args: Vec<&str> = vec!["MSET"];
+        for k in &keys {
+            args.push(k);
+            args.push(k);
+        }
+        assert_eq!(conn.call(&args).await, b"+OK\r\n");
+        assert_eq!(conn.call(&["LPUSH", "list:1", "x"]).await, b":1\r\n");
+        assert_eq!(
+            conn.call(&["MSETNX", "{t}a", "1", "{t}b", "2"]).await.len(),
+            4
+        );
+    }
+    let probes: Vec<Vec<&str>> = vec![
+        std::iter::once("MGET")
+            .chain(keys.iter().map(|s| s.as_str()))
+            .chain(["list:1", "missing", "key:3"])
+            .collect(),
+        vec!["EXISTS", "key:1", "key:2", "nope", "key:1", "list:1"],
+        vec!["TOUCH", "key:4", "key:5", "nope"],
+        vec!["DEL", "key:6", "key:7", "key:8", "nope"],
+        vec!["UNLINK", "key:9", "key:10", "nope"],
+        vec!["MGET", "key:6", "key:9", "key:11"],
+        vec!["DBSIZE"],
+    ];
+    for cmd in &probes {
+        let want = one.call(cmd).await;
+        let got = via.call(cmd).await;
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want),
+            "{:?}",
+            cmd[0]
+        );
+    }
+    // Pipelined: a split command waits for the answers before it, and answers in order.
+    let mut batch = Vec::new();
+    batch.extend(resp(&[b"SET", b"key:100", b"x"]));
+    batch.extend(resp(&[b"MGET", b"key:100", b"key:1"]));
+    batch.extend(resp(&[b"GET", b"key:100"]));
+    via.send(&batch).await;
+    assert_eq!(via.reply().await.unwrap(), b"+OK\r\n");
+    assert_eq!(
+        via.reply().await.unwrap(),
+        b"*2\r\n$1\r\nx\r\n$5\r\nkey:1\r\n"
+    );
+    assert_eq!(via.reply().await.unwrap(), b"$1\r\nx\r\n");
+
+    // SCAN walks every shard, the shard carried in the cursor: each key once.
+    let mut c = p.client().await;
+    let mut cursor: u64 = 0;
+    let mut scanned = std::collections::BTreeSet::new();
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(5)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        for k in keys {
+            assert!(scanned.insert(k.clone()), "{k} twice");
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let mut all = std::collections::BTreeSet::new();
+    for n in &cluster.nodes {
+        let mut d = n.direct().await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut d)
+            .await
+            .unwrap();
+        all.extend(keys);
+    }
+    assert_eq!(scanned, all);
+    assert!(via
+        .call(&["SCAN", "abc"])
+        .await
+        .starts_with(b"-ERR invalid cursor"));
+
+    // A transaction stays on one slot: a cross-slot command while queuing gets CROSSSLOT
+    // and EXEC EXECABORT, as Redis does.
+    assert_eq!(via.call(&["MULTI"]).await, b"+OK\r\n");
+    assert_eq!(via.call(&["SET", "{u}1", "a"]).await, b"+QUEUED\r\n");
+    assert_eq!(via.call(&["INCR", "{u}2"]).await, b"+QUEUED\r\n");
+    assert_eq!(via.call(&["EXEC"]).await, b"*2\r\n+OK\r\n:1\r\n");
+    assert_eq!(via.call(&["MULTI"]).await, b"+OK\r\n");
+    assert_eq!(via.call(&["SET", "{u}1", "b"]).await, b"+QUEUED\r\n");
+    assert!(via
+        .call(&["SET", "a", "b"])
+        .await
+        .starts_with(b"-CROSSSLOT"));
+    assert!(via
+        .call(&["MSET", "x", "1", "y", "2"])
+        .await
+        .starts_with(b"-CROSSSLOT"));
+    assert!(via.call(&["EXEC"]).await.starts_with(b"-EXECABORT"));
+    assert_eq!(via.call(&["GET", "{u}1"]).await, b"$1\r\na\r\n");
+    // An empty transaction and WATCH on the key's node.
+    assert_eq!(via.call(&["MULTI"]).await, b"+OK\r\n");
+    assert_eq!(via.call(&["EXEC"]).await, b"*0\r\n");
+    assert_eq!(via.call(&["WATCH", "{u}1"]).await, b"+OK\r\n");
+    assert_eq!(via.call(&["MULTI"]).await, b"+OK\r\n");
+    assert_eq!(via.call(&["SET", "{u}1", "c"]).await, b"+QUEUED\r\n");
+    assert_eq!(via.call(&["EXEC"]).await, b"*1\r\n+OK\r\n");
+}
+
+/// Writers through the proxy, each remembering what was acknowledged.
+struct Load {
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Load {
+    fn start(addr: std::net::SocketAddr, writers: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicU64::new(0));
+        let tasks = (0..writers)
+            .map(|w| {
+                let (stop, acked) = (stop.clone(), acked.clone());
+                tokio::spawn(async move {
+                    let mut c = support::client(&addr.to_string()).await;
+                    let mut errors = Vec::new();
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let key = format!("load:{w}:{i}");
+                        let r: redis::RedisResult<()> =
+                            redis::cmd("SET").arg(&key).arg(i).query_async(&mut c).await;
+                        match r {
+                            Ok(()) => {
+                                acked.fetch_add(1, Ordering::Relaxed);
+                                i += 1;
+                            }
+                            Err(e) => errors.push(format!("{key}: {e}")),
+                        }
+                    }
+                    errors.push(format!("written:{w}:{i}"));
+                    errors
+                })
+            })
+            .collect();
+        Load { stop, acked, tasks }
+    }
+
+    /// Stop; the errors clients saw, and per writer how many keys were acknowledged.
+    async fn finish(mut self) -> (Vec<String>, Vec<(usize, u64)>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut errors = Vec::new();
+        let mut written = Vec::new();
+        for t in std::mem::take(&mut self.tasks) {
+            for line in t.await.unwrap() {
+                if let Some(rest) = line.strip_prefix("written:") {
+                    let (w, n) = rest.split_once(':').unwrap();
+                    written.push((w.parse().unwrap(), n.parse().unwrap()));
+                } else {
+                    errors.push(line);
+                }
+            }
+        }
+        (errors, written)
+    }
+}
+
+async fn every_acknowledged_write_is_readable(p: &Proxy, written: &[(usize, u64)]) {
+    let mut c = p.client().await;
+    for &(w, n) in written {
+        for i in 0..n {
+            let key = format!("load:{w}:{i}");
+            let v: Option<u64> = redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            assert_eq!(v, Some(i), "{key} lost");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resharding_under_load_shows_no_redirect_and_loses_nothing() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let p = proxy(&cluster).await;
+    let load = Load::start(p.addr, 4);
+    let acked = load.acked.clone();
+    wait_until("some writes", || {
+        let acked = acked.clone();
+        async move { acked.load(Ordering::Relaxed) > 200 }
+    })
+    .await;
+    let from = cluster.node_id(&cluster.nodes[0].addr()).await;
+    let to = cluster.node_id(&cluster.nodes[1].addr()).await;
+    let seed = cluster.nodes[0].addr();
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("redis-cli")
+            .args(["--cluster", "reshard", &seed])
+            .args(["--cluster-from", &from, "--cluster-to", &to])
+            .args([
+                "--cluster-slots",
+                "300",
+                "--cluster-yes",
+                "--cluster-pipeline",
+                "10",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(status.success(), "redis-cli --cluster reshard failed");
+    let before = acked.load(Ordering::Relaxed);
+    wait_until("writes after the reshard", || {
+        let acked = acked.clone();
+        async move { acked.load(Ordering::Relaxed) > before + 200 }
+    })
+    .await;
+    let (errors, written) = load.finish().await;
+    assert!(errors.is_empty(), "clients saw errors: {errors:?}");
+    every_acknowledged_write_is_readable(&p, &written).await;
+    // The reshard did redirect the proxy (and no client saw it).
+    let seen = redirects(&cluster);
+    assert!(
+        seen.get("moved").copied().unwrap_or(0.0) + seen.get("ask").copied().unwrap_or(0.0) > 0.0,
+        "{seen:?}"
+    );
+    eprintln!("redirects absorbed during the reshard: {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_under_load_resumes_writes_without_readonly() {
+    let cluster = RedisCluster::start(3, 1).await;
+    let p = proxy(&cluster).await;
+    let load = Load::start(p.addr, 4);
+    let acked = load.acked.clone();
+    wait_until("some writes", || {
+        let acked = acked.clone();
+        async move { acked.load(Ordering::Relaxed) > 200 }
+    })
+    .await;
+    // A replica takes over its master's shard.
+    let mut replica = None;
+    for n in &cluster.nodes {
+        if info(&n.addr(), &["INFO", "replication"])
+            .await
+            .contains("role:slave")
+        {
+            replica = Some(n.addr());
+            break;
+        }
+    }
+    let replica = replica.expect("a replica");
+    let r = info(&replica, &["CLUSTER", "FAILOVER"]).await;
+    assert_eq!(r, "OK");
+    wait_until("the replica is master", || {
+        let replica = replica.clone();
+        async move {
+            info(&replica, &["INFO", "replication"])
+                .await
+                .contains("role:master")
+        }
+    })
+    .await;
+    let before = acked.load(Ordering::Relaxed);
+    wait_until("writes after the failover", || {
+        let acked = acked.clone();
+        async move { acked.load(Ordering::Relaxed) > before + 200 }
+    })
+    .await;
+    let (errors, written) = load.finish().await;
+    assert!(errors.is_empty(), "clients saw errors: {errors:?}");
+    every_acknowledged_write_is_readable(&p, &written).await;
+    eprintln!(
+        "redirects absorbed during the failover: {:?}",
+        redirects(&cluster)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ask_during_a_slot_migration_is_followed_without_a_map_change() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let p = proxy(&cluster).await;
+    let key = "ask:key";
+    let slot = portcullis::cluster::key_hash_slot(key.as_bytes());
+    let source = cluster.master_of(slot).await;
+    let target = cluster
+        .nodes
+        .iter()
+        .map(|n| n.addr())
+        .find(|a| *a != source)
+        .unwrap();
+    let (source_id, target_id) = (
+        cluster.node_id(&source).await,
+        cluster.node_id(&target).await,
+    );
+    let slot_s = slot.to_string();
+    assert_eq!(
+        info(
+            &target,
+            &["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", &source_id]
+        )
+        .await,
+        "OK"
+    );
+    assert_eq!(
+        info(
+            &source,
+            &["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", &target_id]
+        )
+        .await,
+        "OK"
+    );
+    // A new key in a migrating slot: the source answers ASK; the proxy sends ASKING and
+    // the command to the target, and the client sees Redis's plain answer.
+    let mut via = Conn::open(&p.addr.to_string()).await;
+    assert_eq!(via.call(&["SET", key, "v"]).await, b"+OK\r\n");
+    assert_eq!(via.call(&["GET", key]).await, b"$1\r\nv\r\n");
+    // Not on the source (the target holds it; it answers for it once the slot is its).
+    assert!(!cluster.node(&source).unwrap().has_key(key).await);
+    let seen = redirects(&cluster);
+    assert!(seen.get("ask").copied().unwrap_or(0.0) >= 2.0, "{seen:?}");
+    // The migration ends: the slot is the target's; MOVED is followed too.
+    for n in &cluster.nodes {
+        assert_eq!(
+            info(
+                &n.addr(),
+                &["CLUSTER", "SETSLOT", &slot_s, "NODE", &target_id]
+            )
+            .await,
+            "OK"
+        );
+    }
+    assert!(cluster.node(&target).unwrap().has_key(key).await);
+    assert_eq!(via.call(&["GET", key]).await, b"$1\r\nv\r\n");
+    assert_eq!(via.call(&["SET", key, "w"]).await, b"+OK\r\n");
+    assert_eq!(via.call(&["GET", key]).await, b"$1\r\nw\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn master_killed_under_load_writes_resume_on_the_promoted_replica() {
+    let mut cluster = RedisCluster::start(3, 1).await;
+    let p = proxy(&cluster).await;
+    let load = Load::start(p.addr, 4);
+    let acked = load.acked.clone();
+    wait_until("some writes", || {
+        let acked = acked.clone();
+        async move { acked.load(Ordering::Relaxed) > 200 }
+    })
+    .await;
+    let victim = cluster.master_of(0).await;
+    let replica_of_victim = {
+        let id = cluster.node_id(&victim).await;
+        let text = info(&cluster.nodes[1].addr(), &["CLUSTER", "NODES"]).await;
+        text.lines()
+            .find(|l| l.contains(&format!(" {id} ")) && l.contains("slave"))
+            .and_then(|l| l.split_ascii_whitespace().nth(1))
+            .and_then(|a| a.split('@').next())
+            .map(str::to_string)
+            .expect("the victim's replica")
+    };
+    let pos = cluster
+        .nodes
+        .iter()
+        .position(|n| n.addr() == victim)
+        .unwrap();
+    cluster.nodes[pos].kill();
+    wait_until("the replica took over", || {
+        let r = replica_of_victim.clone();
+        async move {
+            info(&r, &["INFO", "replication"])
+                .await
+                .contains("role:master")
+        }
+    })
+    .await;
+    let before = acked.load(Ordering::Relaxed);
+    wait_until("writes after the failover", || {
+        let acked = acked.clone();
+        async move { acked.load(Ordering::Relaxed) > before + 200 }
+    })
+    .await;
+    let (errors, _) = load.finish().await;
+    // Requests in flight on the killed node's connections may or may not have run: those
+    // get the proxy's "lost the connection" answer (as a direct client gets a dropped
+    // connection). Nothing else: no READONLY, no redirect, no CLUSTERDOWN.
+    for e in &errors {
+        assert!(e.contains("lost the connection"), "{errors:?}");
+    }
+    assert!(errors.len() <= 4 * 2, "{errors:?}");
+    let mut c = p.client().await;
+    let _: () = redis::cmd("SET")
+        .arg("{x}after")
+        .arg(1)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_blocking_and_resp3_through_the_cluster() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let p = proxy(&cluster).await;
+    let addr = p.addr.to_string();
+    // A blocking pop waits on its key's node and is woken by a push from another client.
+    let mut blocked = Conn::open(&addr).await;
+    blocked.send(&resp(&[b"BLPOP", b"queue:1", b"5"])).await;
+    let mut other = Conn::open(&addr).await;
+    let key_slot = portcullis::cluster::key_hash_slot(b"queue:1");
+    let owner = cluster.master_of(key_slot).await;
+    let mut direct = cluster.node(&owner).unwrap().direct().await;
+    support::wait_for_blocked(&mut direct, 1).await;
+    assert_eq!(other.call(&["RPUSH", "queue:1", "job"]).await, b":1\r\n");
+    assert_eq!(
+        blocked.reply().await.unwrap(),
+        b"*2\r\n$7\r\nqueue:1\r\n$3\r\njob\r\n"
+    );
+    // SUBSCRIBE on one node; PUBLISH reaches it through the cluster bus.
+    let mut sub = Conn::open(&addr).await;
+    assert_eq!(
+        sub.call(&["SUBSCRIBE", "news"]).await,
+        b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n"
+    );
+    // Shard channels live on their slot's owner.
+    let mut ssub = Conn::open(&addr).await;
+    assert_eq!(
+        ssub.call(&["SSUBSCRIBE", "orders{7}"]).await,
+        b"*3\r\n$10\r\nssubscribe\r\n$9\r\norders{7}\r\n:1\r\n"
+    );
+    wait_until("PUBLISH reaches the subscriber", || {
+        let addr = addr.clone();
+        async move {
+            let mut c = Conn::open(&addr).await;
+            c.call(&["PUBLISH", "news", "hi"]).await == b":1\r\n"
+        }
+    })
+    .await;
+    assert_eq!(
+        sub.reply().await.unwrap(),
+        b"*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$2\r\nhi\r\n"
+    );
+    assert_eq!(other.call(&["SPUBLISH", "orders{7}", "x"]).await, b":1\r\n");
+    assert_eq!(
+        ssub.reply().await.unwrap(),
+        b"*3\r\n$8\r\nsmessage\r\n$9\r\norders{7}\r\n$1\r\nx\r\n"
+    );
+    // RESP3 after links to several nodes exist: every node answers in RESP3.
+    let mut r3 = Conn::open(&addr).await;
+    for k in spread_keys(10) {
+        assert_eq!(r3.call(&["SET", &k, "1"]).await, b"+OK\r\n");
+    }
+    let hello = r3.call(&["HELLO", "3"]).await;
+    assert!(
+        hello.starts_with(b"%7\r\n"),
+        "{}",
+        String::from_utf8_lossy(&hello)
+    );
+    for k in spread_keys(10) {
+        assert_eq!(r3.call(&["HGET", &k, "f"]).await[..5], *b"-WRON");
+        assert_eq!(r3.call(&["GET", "missing:{k}"]).await, b"_\r\n");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_cluster_through_the_proxy() {
+    let Some(bin) = support::valkey_server() else {
+        eprintln!("skipped: no valkey-server (scripts/test.sh installs one)");
+        return;
+    };
+    let cluster = RedisCluster::start_bin(&bin, 3, 0).await;
+    let p = proxy(&cluster).await;
+    let mut via = Conn::open(&p.addr.to_string()).await;
+    let mut node = Conn::open(&cluster.nodes[0].addr()).await;
+    for k in spread_keys(30) {
+        assert_eq!(via.call(&["SET", &k, &k]).await, b"+OK\r\n");
+    }
+    for k in spread_keys(30) {
+        assert_eq!(
+            via.call(&["GET", &k]).await,
+            format!("${}\r\n{k}\r\n", k.len()).into_bytes()
+        );
+    }
+    let mget = via.call(&["MGET", "key:1", "key:2", "nope"]).await;
+    assert_eq!(mget, b"*3\r\n$5\r\nkey:1\r\n$5\r\nkey:2\r\n$-1\r\n");
+    assert_eq!(via.call(&["DBSIZE"]).await, b":30\r\n");
+    let cross = node.call(&["MSETNX", "a", "1", "b", "2"]).await;
+    assert_eq!(via.call(&["MSETNX", "a", "1", "b", "2"]).await, cross);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_mode_keeps_the_connection_budget_per_node() {
+    if support::forced_mode() == Some(portcullis::config::BackendConnections::Dedicated) {
+        eprintln!("skipped: this run forces dedicated connections");
+        return;
+    }
+    let cluster = RedisCluster::start(3, 0).await;
+    let p = proxy_with(&cluster, |c| {
+        c.routing.backend_connections = portcullis::config::BackendConnections::Shared;
+        c.routing.shared_connections = 2;
+    })
+    .await;
+    let clients = 40;
+    let mut conns = Vec::new();
+    for _ in 0..clients {
+        conns.push(Conn::open(&p.addr.to_string()).await);
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        for k in spread_keys(12) {
+            let key = format!("{k}:{i}");
+            assert_eq!(c.call(&["SET", &key, "v"]).await, b"+OK\r\n");
+            assert_eq!(c.call(&["GET", &key]).await, b"$1\r\nv\r\n");
+        }
+    }
+    // Every client reached every shard, over a few shared connections per node (plus the
+    // prober's and the slot-map reader's), not one per client.
+    for n in &cluster.nodes {
+        let text = info(&n.addr(), &["INFO", "clients"]).await;
+        let connected: usize = text
+            .lines()
+            .find_map(|l| l.strip_prefix("connected_clients:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(usize::MAX);
+        assert!(connected <= 6, "{} has {connected} clients", n.addr());
+    }
+    // A stateful command still gets a link of its own, and answers as usual.
+    let c = &mut conns[0];
+    assert_eq!(c.call(&["MULTI"]).await, b"+OK\r\n");
+    assert_eq!(c.call(&["INCR", "{s}n"]).await, b"+QUEUED\r\n");
+    assert_eq!(c.call(&["EXEC"]).await, b"*1\r\n:1\r\n");
+    assert_eq!(c.call(&["GET", "{s}n"]).await, b"$1\r\n1\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_pop_follows_its_slot_to_the_new_owner() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let p = proxy(&cluster).await;
+    let key = "moving:queue";
+    let slot = portcullis::cluster::key_hash_slot(key.as_bytes());
+    let source = cluster.master_of(slot).await;
+    let target = cluster
+        .nodes
+        .iter()
+        .map(|n| n.addr())
+        .find(|a| *a != source)
+        .unwrap();
+    let target_id = cluster.node_id(&target).await;
+    let mut blocked = Conn::open(&p.addr.to_string()).await;
+    blocked.send(&resp(&[b"BLPOP", key.as_bytes(), b"0"])).await;
+    let mut direct = cluster.node(&source).unwrap().direct().await;
+    support::wait_for_blocked(&mut direct, 1).await;
+    // The (empty) slot is given to another node: Redis unblocks the client with MOVED
+    // (cluster.c clusterRedirectBlockedClientIfNeeded); the proxy re-issues the pop there.
+    let slot_s = slot.to_string();
+    for n in &cluster.nodes {
+        assert_eq!(
+            info(
+                &n.addr(),
+                &["CLUSTER", "SETSLOT", &slot_s, "NODE", &target_id]
+            )
+            .await,
+            "OK"
+        );
+    }
+    let mut on_target = cluster.node(&target).unwrap().direct().await;
+    support::wait_for_blocked(&mut on_target, 1).await;
+    let mut other = Conn::open(&p.addr.to_string()).await;
+    assert_eq!(other.call(&["RPUSH", key, "job"]).await, b":1\r\n");
+    assert_eq!(
+        blocked.reply().await.unwrap(),
+        b"*2\r\n$12\r\nmoving:queue\r\n$3\r\njob\r\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_load_reaches_replicas_and_survives_a_failover() {
+    let cluster = RedisCluster::start(3, 1).await;
+    let p = proxy(&cluster).await;
+    let mut via = Conn::open(&p.addr.to_string()).await;
+    let body = "return redis.call('GET', KEYS[1])";
+    let sha = via.call(&["SCRIPT", "LOAD", body]).await;
+    assert_eq!(
+        sha.len(),
+        "$40\r\n".len() + 40 + 2,
+        "{}",
+        String::from_utf8_lossy(&sha)
+    );
+    let sha = String::from_utf8_lossy(&sha[5..45]).into_owned();
+    // all_nodes: every node has it, replicas included.
+    for n in &cluster.nodes {
+        let mut d = Conn::open(&n.addr()).await;
+        assert_eq!(
+            d.call(&["SCRIPT", "EXISTS", &sha]).await,
+            b"*1\r\n:1\r\n",
+            "{}",
+            n.addr()
+        );
+    }
+    assert_eq!(via.call(&["SCRIPT", "EXISTS", &sha]).await, b"*1\r\n:1\r\n");
+    // A replica takes over; EVALSHA on its shard still finds the script.
+    let key = "script:key";
+    let slot = portcullis::cluster::key_hash_slot(key.as_bytes());
+    let master = cluster.master_of(slot).await;
+    let master_id = cluster.node_id(&master).await;
+    let text = info(&cluster.nodes[0].addr(), &["CLUSTER", "NODES"]).await;
+    let replica = text
+        .lines()
+        .find(|l| l.contains(&format!(" {master_id} ")) && l.contains("slave"))
+        .and_then(|l| l.split_ascii_whitespace().nth(1))
+        .and_then(|a| a.split('@').next())
+        .map(str::to_string)
+        .expect("a replica of the key's master");
+    assert_eq!(info(&replica, &["CLUSTER", "FAILOVER"]).await, "OK");
+    wait_until("the replica is master", || {
+        let replica = replica.clone();
+        async move {
+            info(&replica, &["INFO", "replication"])
+                .await
+                .contains("role:master")
+        }
+    })
+    .await;
+    assert_eq!(via.call(&["SET", key, "v"]).await, b"+OK\r\n");
+    assert_eq!(via.call(&["EVALSHA", &sha, "1", key]).await, b"$1\r\nv\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_out_to_a_new_master_under_load() {
+    let mut cluster = RedisCluster::start(3, 0).await;
+    let p = proxy(&cluster).await;
+    let load = Load::start(p.addr, 4);
+    let acked = load.acked.clone();
+    wait_until("some writes", || {
+        let acked = acked.clone();
+        async move { acked.load(Ordering::Relaxed) > 200 }
+    })
+    .await;
+    // A new, empty master joins; slots move to it from every master (ASK while each
+    // slot migrates, MOVED after).
+    let new = cluster.add_master().await;
+    let to = cluster.node_id(&new).await;
+    let seed = cluster.nodes[0].addr();
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("redis-cli")
+            .args(["--cluster", "reshard", &seed])
+            .args(["--cluster-from", "all", "--cluster-to", &to])
+            .args([
+                "--cluster-slots",
+                "600",
+                "--cluster-yes",
+                "--cluster-pipeline",
+                "10",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(status.success(), "redis-cli --cluster reshard failed");
+    let before = acked.load(Ordering::Relaxed);
+    wait_until("writes after the reshard", || {
+        let acked = acked.clone();
+        async move { acked.load(Ordering::Relaxed) > before + 200 }
+    })
+    .await;
+    let (errors, written) = load.finish().await;
+    assert!(errors.is_empty(), "clients saw errors: {errors:?}");
+    every_acknowledged_write_is_readable(&p, &written).await;
+    // The new master holds keys now, reached through the proxy.
+    let n = cluster.node(&new).unwrap();
+    let mut d = n.direct().await;
+    let keys: i64 = redis::cmd("DBSIZE").query_async(&mut d).await.unwrap();
+    assert!(keys > 0);
+    eprintln!(
+        "redirects absorbed during the scale-out: {:?}",
+        redirects(&cluster)
+    );
+}
