@@ -62,7 +62,8 @@ pub(super) struct ClusterSession {
     /// The address the client connected to: the one node the proxy presents.
     pub(super) local: Option<SocketAddr>,
     /// A split or fanned-out request waiting for the answers in flight before it.
-    pub(super) parked: Option<Gather>,
+    /// (Boxed: every session carries this struct, cluster mode or not.)
+    pub(super) parked: Option<Box<Gather>>,
 }
 
 impl Default for ClusterSession {
@@ -294,20 +295,20 @@ impl Session {
         let in_txn = self.txn.is_some();
         if spec.name == "scan" && spec.request_policy == RequestPolicy::Special && !in_txn {
             // The cursor names the shard (request_policy:special).
-            self.cl.parked = Some(Gather {
+            self.cl.parked = Some(Box::new(Gather {
                 spec,
                 req: req.clone(),
                 how: GatherKind::Scan,
-            });
+            }));
             return true;
         }
         match slot {
             KeySlot::CrossSlot if spec.request_policy == RequestPolicy::MultiShard && !in_txn => {
-                self.cl.parked = Some(Gather {
+                self.cl.parked = Some(Box::new(Gather {
                     spec,
                     req: req.clone(),
                     how: GatherKind::Split,
-                });
+                }));
                 return true;
             }
             KeySlot::CrossSlot => {
@@ -329,11 +330,11 @@ impl Session {
                     && self.cl.bound.is_none()
                     && spec.special == Special::None =>
             {
-                self.cl.parked = Some(Gather {
+                self.cl.parked = Some(Box::new(Gather {
                     spec,
                     req: req.clone(),
                     how: GatherKind::FanOut,
-                });
+                }));
                 return true;
             }
             _ => {}

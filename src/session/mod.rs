@@ -454,7 +454,8 @@ impl Session {
         // Cluster mode: a split or fan-out request held until the answers before it were
         // in; what follows it is parsed once it is answered.
         while self.cl.parked.is_some() && self.queue.is_empty() {
-            self.run_gather().await;
+            // Boxed (cluster mode only): the session's future stays small otherwise.
+            Box::pin(self.run_gather()).await;
             self.parse_buffered().await?;
         }
         match self.phase {
@@ -769,7 +770,7 @@ impl Session {
             self.refuse(texts::refused(command, reason.text()));
             return Ok(());
         }
-        if self.shared.cluster.is_some() && self.cluster_intercept(spec, &req).await {
+        if self.shared.cluster.is_some() && Box::pin(self.cluster_intercept(spec, &req)).await {
             return Ok(());
         }
         self.apply_plan(plan::plan(spec, &req), req, spec, class)
@@ -1266,7 +1267,7 @@ impl Session {
     /// first, if needed) and queue its answer.
     async fn send(&mut self, out: Outgoing) {
         if self.shared.cluster.is_some() {
-            return self.cluster_send(out).await;
+            return Box::pin(self.cluster_send(out)).await;
         }
         match self.shared_route(&out) {
             pool::Route::Shared => return self.push_to(LinkId::Shared, out),
@@ -1392,7 +1393,7 @@ impl Session {
     /// master appears within the failover wait, answer them `-MASTERDOWN`.
     async fn run_retries(&mut self) {
         if self.shared.cluster.is_some() {
-            return self.cluster_retries().await;
+            return Box::pin(self.cluster_retries()).await;
         }
         self.upstream.master = None;
         let connected = self.connect_to_master().await.is_ok();
