@@ -75,11 +75,6 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-HZ=$(getconf CLK_TCK 2>/dev/null || echo 100)
-cpu_ms() {  # cpu_ms PID: utime+stime of the process (all threads), ms
-  awk -v hz="$HZ" '{ sub(/^.*\) /, ""); printf "%d\n", ($12 + $13) * 1000 / hz }' "/proc/$1/stat"
-}
-
 REDIS_PORT=$(free_port)
 "${SRV_PIN[@]}" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no \
   --daemonize no --dir "$TMP" --logfile "$TMP/redis.log" >/dev/null 2>&1 &
@@ -166,30 +161,6 @@ done
 echo
 echo "portcullis vs direct Redis, CPU per request: $ROUNDS rounds, median; pin=$PIN; $(redis-server --version | awk '{print $3}'); modes: $MODES"
 echo
-awk -F'\t' -v tests="$TESTS" -v targets="$(for tp in "${TARGETS[@]}"; do printf '%s ' "${tp%%:*}"; done)" '
-function med(s,   a, n, i, j, x) {
-  n = split(s, a, " ")
-  for (i = 2; i <= n; i++) { x = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > x + 0; j--) a[j+1] = a[j]; a[j+1] = x }
-  return (n % 2) ? a[(n + 1) / 2] : (a[n/2] + a[n/2 + 1]) / 2
-}
-{ R[$1, $2, $3, "rps"] = $4; R[$1, $2, $3, "p50"] = $5; R[$1, $2, $3, "pu"] = $6; R[$1, $2, $3, "ru"] = $7; rounds[$1] = 1 }
-END {
-  print "| test | target | rps | x direct | proxy µs/req | redis µs/req | p50 µs | added p50 µs |"
-  print "|---|---|---:|---:|---:|---:|---:|---:|"
-  nt = split(tests, T, " "); ng = split(targets, G, " ")
-  for (ti = 1; ti <= nt; ti++) for (gi = 1; gi <= ng; gi++) {
-    t = T[ti]; g = G[gi]
-    rp = ra = pu = ru = p5 = ad = ""
-    for (r in rounds) {
-      if (!((r, g, t, "rps") in R) || !((r, "direct", t, "rps") in R)) continue
-      d = R[r, "direct", t, "rps"]
-      rp = rp " " R[r, g, t, "rps"]; if (d > 0) ra = ra " " R[r, g, t, "rps"] / d
-      pu = pu " " R[r, g, t, "pu"]; ru = ru " " R[r, g, t, "ru"]
-      p5 = p5 " " R[r, g, t, "p50"] * 1000; ad = ad " " (R[r, g, t, "p50"] - R[r, "direct", t, "p50"]) * 1000
-    }
-    if (rp == "") continue
-    printf "| %s | %s | %.0f | %.2f | %s | %.2f | %.0f | %+.0f |\n", t, g, med(rp), med(ra), (g == "direct" ? "-" : sprintf("%.2f", med(pu))), med(ru), med(p5), med(ad)
-  }
-}' "$TMP/raw.tsv"
+cpu_table "$TMP/raw.tsv" "$TESTS" "$(for tp in "${TARGETS[@]}"; do printf '%s ' "${tp%%:*}"; done)"
 echo
 echo "tests: c50_P1 = -c 50 -n $N_P1 -P 1; c50_P16 = -c 50 -n $N_P16 -P 16; c50_P128 = -c 50 -n $N_P128 -P 128; c1_P1 = -c 1 -n $N_LAT -P 1 (-t set,get; n per op)"

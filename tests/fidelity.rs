@@ -1178,7 +1178,29 @@ fn message(channel: &str, payload: &str) -> Vec<u8> {
 /// Send `bytes` on a fresh connection, read the confirmations (through `confirmations`
 /// bytes as Redis sends them directly), publish `payload` to `channel` from another
 /// client of the same side, and read through the message.
+/// Wait until Redis at `server` has no subscriber to `channel` left: the previous case's
+/// subscriber closes asynchronously (through the proxy its backend link closes a moment
+/// later), and PUBLISH's answer counts subscribers.
+async fn no_subscribers(server: SocketAddr, channel: &str) {
+    let addr = server.to_string();
+    support::wait_until("no subscribers left from the previous case", || {
+        let addr = addr.clone();
+        async move {
+            let mut c = support::client(&addr).await;
+            let counts: Vec<redis::Value> = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(channel)
+                .query_async(&mut c)
+                .await
+                .unwrap_or_default();
+            matches!(counts.last(), Some(redis::Value::Int(0)))
+        }
+    })
+    .await;
+}
+
 async fn subscribed(side: Side, bytes: &[u8], settle: &[u8], channel: &str) -> Seen {
+    no_subscribers(side.server, channel).await;
     let mut w = Wire::connect(side.client).await;
     w.send(bytes).await;
     let mut seen = w.until(settle, WAIT).await;
