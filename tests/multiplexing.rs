@@ -386,22 +386,85 @@ async fn wait_counts_writes_sent_on_a_shared_connection() {
     warm.expect(b":1\r\n").await;
 
     signal(replica.pid(), "STOP");
-    let mut answers = Vec::new();
-    for addr in [direct_addr, proxy.addr] {
-        let mut c = Raw::connect(addr).await;
-        let mut pipeline = cmd(&["SET", "wait:k", "v"]);
-        pipeline.extend(cmd(&["GET", "wait:k"]));
-        c.send(&pipeline).await;
-        c.expect(b"+OK\r\n$1\r\nv\r\n").await;
-        c.send(&cmd(&["WAIT", "1", "300"])).await;
-        answers.push(String::from_utf8(c.read_to_line().await).expect("utf-8"));
-        // And after it, on the link the session keeps: a write then WAIT again.
-        c.send(&cmd(&["SET", "wait:k", "w"])).await;
-        c.expect(b"+OK\r\n").await;
-        c.send(&cmd(&["WAIT", "1", "300"])).await;
-        answers.push(String::from_utf8(c.read_to_line().await).expect("utf-8"));
+    // Writes of each kind, each followed by a read that goes through the shared
+    // connection: a plain SET, a script's write (no WRITE flag on EVAL), and a write
+    // inside a transaction, whose own link is released when the session goes back to
+    // the shared connection.
+    let cases: &[&[&[&str]]] = &[
+        &[&["SET", "wait:k", "v"], &["GET", "wait:k"]],
+        &[
+            &[
+                "EVAL",
+                "return redis.call('SET', KEYS[1], 'v')",
+                "1",
+                "wait:e",
+            ],
+            &["GET", "wait:e"],
+        ],
+        &[
+            &["MULTI"],
+            &["SET", "wait:m", "v"],
+            &["EXEC"],
+            &["GET", "wait:m"],
+        ],
+    ];
+    for case in cases {
+        let mut answers = Vec::new();
+        for addr in [direct_addr, proxy.addr] {
+            let mut c = Raw::connect(addr).await;
+            let mut writes = Vec::new();
+            for args in *case {
+                writes.extend(cmd(args));
+            }
+            writes.extend(cmd(&["ECHO", "written"]));
+            c.send(&writes).await;
+            let seen = c.read_until(b"$7\r\nwritten\r\n").await;
+            assert!(!seen.contains(&b'-'), "{case:?}: {seen:?}");
+            c.send(&cmd(&["WAIT", "1", "300"])).await;
+            answers.push(String::from_utf8(c.read_to_line().await).expect("utf-8"));
+            // And after it, on the link the session keeps: a write then WAIT again.
+            c.send(&cmd(&["SET", "wait:k", "w"])).await;
+            c.expect(b"+OK\r\n").await;
+            c.send(&cmd(&["WAIT", "1", "300"])).await;
+            answers.push(String::from_utf8(c.read_to_line().await).expect("utf-8"));
+        }
+        assert_eq!(
+            answers[..2],
+            answers[2..],
+            "{case:?}: direct, then through the proxy"
+        );
+        assert_eq!(answers[0], ":0\r\n", "{case:?}");
     }
     signal(replica.pid(), "CONT");
-    assert_eq!(answers[..2], answers[2..], "direct, then through the proxy");
-    assert_eq!(answers[0], ":0\r\n");
+}
+
+/// Inside MULTI, WAIT is only queued: nothing may be added to the transaction (the
+/// offset bump would be an extra element in EXEC's array).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_inside_multi_after_shared_writes_answers_as_redis() {
+    let redis = RedisServer::start(&[]);
+    let proxy = Proxy::start_with(shared_config(&redis)).await;
+    let mut seen = Vec::new();
+    for addr in [redis.addr().parse().expect("address"), proxy.addr] {
+        let mut c = Raw::connect(addr).await;
+        let mut bytes = Vec::new();
+        for args in [
+            &["SET", "wm:k", "1"][..],
+            &["GET", "wm:k"],
+            &["MULTI"],
+            &["WAIT", "0", "0"],
+            &["INCR", "wm:k"],
+            &["EXEC"],
+            &["ECHO", "end"],
+        ] {
+            bytes.extend(cmd(args));
+        }
+        c.send(&bytes).await;
+        seen.push(c.read_until(b"$3\r\nend\r\n").await);
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&seen[1]),
+        String::from_utf8_lossy(&seen[0])
+    );
+    assert!(seen[0].ends_with(b"*2\r\n:0\r\n:2\r\n$3\r\nend\r\n"));
 }

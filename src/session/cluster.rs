@@ -644,6 +644,8 @@ impl Session {
             && !self.watching
             && !self.rt.passthrough()
             && self.state.shareable()
+            // A client that saw its connection id (or uses WAIT) keeps its own links.
+            && !self.own_link
             && self.to_client.bytes < limits.max_reply_buffer / 2;
         if !shareable {
             return not_shared;
@@ -678,8 +680,9 @@ impl Session {
                 if s.has_room(limits.max_reply_buffer, limits.max_pending) {
                     // The session's own link to the node is no longer needed: release it.
                     if let Some(d) = dedicated {
-                        if !self.cl.holds_state(target) {
-                            self.upstream.take(d);
+                        if !self.cl.holds_state(target) && self.upstream.take(d).is_some() {
+                            // Its write offset goes with it.
+                            self.wait_needs_bump = true;
                         }
                     }
                     SharedRoute::Shared(id)

@@ -283,9 +283,11 @@ struct Session {
     /// connection, and a move to a shared connection and back would change it) or has
     /// used `WAIT`/`WAITAOF` (they count this connection's writes). RESET keeps it.
     own_link: bool,
-    /// Shared mode: writes went through a shared connection since the session was last on
-    /// its own link; a `WAIT` must first make its link's write offset cover them.
-    shared_writes: bool,
+    /// Shared mode: requests went through a shared connection, or the session's own link
+    /// was released, since the last offset bump: the next `WAIT`/`WAITAOF` outside MULTI
+    /// must first make its link's write offset cover them (any command may write: a
+    /// script, a blocking move).
+    wait_needs_bump: bool,
     /// Metrics of this wake-up, recorded once per wake-up (`Tally::record`).
     tally: Tally,
     /// Whether the previous wait read the client (see the frame clock in `wait`).
@@ -363,7 +365,7 @@ impl Session {
             replies_at: now,
             cmd_shareable: false,
             own_link: false,
-            shared_writes: false,
+            wait_needs_bump: false,
             tally: Tally::default(),
             client_was_read: true,
             cl: cluster::ClusterSession::default(),
@@ -1017,8 +1019,8 @@ impl Session {
             // A plain write outside MULTI can be retried if the backend says READONLY.
             retryable: plain && spec.is_write(),
             blocking: spec.may_block(),
-            bump_write_offset: pool::counts_own_writes(spec)
-                && std::mem::take(&mut self.shared_writes),
+            // Not inside MULTI: there the PUBLISH would be queued into the transaction.
+            bump_write_offset: pool::counts_own_writes(spec) && self.txn.is_none(),
             ..Outgoing::plain(forward, deliver)
         };
         self.send(out).await
@@ -1312,7 +1314,11 @@ impl Session {
                 return;
             }
             self.upstream.master = None;
-            if let Err(reply) = self.connect_to_master().await {
+            let connected = self.connect_to_master().await;
+            // Connecting may have waited: later requests of this wake-up check the master
+            // against the clock as it is now.
+            self.now = Instant::now();
+            if let Err(reply) = connected {
                 self.push_local(deliver.then_some(reply));
                 if let OnReply::Exec(_) = out.on_reply {
                     // Not sent: nothing ran.
@@ -1342,7 +1348,7 @@ impl Session {
                 return;
             };
             shared.send(&frame);
-            self.shared_writes |= retryable;
+            self.wait_needs_bump = true;
         } else if let LinkId::SharedNode(_) = id {
             let Some(shared) = self.upstream.shared_node_mut(id) else {
                 return;
@@ -1352,7 +1358,8 @@ impl Session {
             let Some(link) = self.upstream.get_mut(id) else {
                 return;
             };
-            if bump_write_offset {
+            // Taken only when sent: a WAIT that never reached a link leaves it owed.
+            if bump_write_offset && std::mem::take(&mut self.wait_needs_bump) {
                 link.send(&pool::wait_offset_bump());
                 self.queue.push_upstream(Awaiting {
                     link: id,
@@ -1897,7 +1904,10 @@ impl Session {
             return Route::Dedicated;
         }
         // The state that needed a connection of its own has ended: release it.
-        self.upstream.master = None;
+        if self.upstream.master.take().is_some() {
+            // Its write offset goes with it.
+            self.wait_needs_bump = true;
+        }
         Route::Shared
     }
 
