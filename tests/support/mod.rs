@@ -446,10 +446,17 @@ pub fn start_sentinel_with(name: &str, master_port: u16, extra_conf: &str) -> Re
 
 /// The backend's `ROLE` first element (`master`, `slave`, `sentinel`), read directly.
 pub async fn role(r: &RedisServer) -> String {
+    try_role(r).await.expect("ROLE")
+}
+
+/// As `role`, `None` when the query fails: during a Sentinel failover the promoted
+/// server kills its normal clients (`CLIENT KILL TYPE normal` in Sentinel's
+/// reconfiguration), this query's connection included.
+pub async fn try_role(r: &RedisServer) -> Option<String> {
     let mut c = r.direct().await;
-    let v: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut c).await.expect("ROLE");
+    let v: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut c).await.ok()?;
     match v.first() {
-        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+        Some(redis::Value::BulkString(b)) => Some(String::from_utf8_lossy(b).into_owned()),
         other => panic!("ROLE: {other:?}"),
     }
 }
