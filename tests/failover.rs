@@ -64,20 +64,6 @@ async fn promote(new: &RedisServer, old: &RedisServer) {
         .unwrap();
 }
 
-/// Wait until a replica's link to its master is up.
-async fn wait_linked(r: &RedisServer) {
-    wait_until("replica link up", || async {
-        let mut c = r.direct().await;
-        let info: String = redis::cmd("INFO")
-            .arg("replication")
-            .query_async(&mut c)
-            .await
-            .unwrap();
-        info.contains("master_link_status:up")
-    })
-    .await;
-}
-
 /// Writes through the proxy until stopped; returns (ok, error codes seen).
 fn writer(
     proxy_addr: String,
@@ -118,8 +104,8 @@ async fn hijack_while_writing_is_detected_and_healed() {
     let r1 = RedisServer::start(&["--replicaof", "127.0.0.1", &mp]);
     let r2 = RedisServer::start(&["--replicaof", "127.0.0.1", &mp]);
     let attacker = RedisServer::start(&[]);
-    wait_linked(&r1).await;
-    wait_linked(&r2).await;
+    support::wait_replica_linked(&r1).await;
+    support::wait_replica_linked(&r2).await;
     let proxy = Proxy::start_with(config(
         &[("hj-master", &master), ("hj-r1", &r1), ("hj-r2", &r2)],
         true,
@@ -235,7 +221,7 @@ async fn promotion_moves_writes_to_the_new_master() {
     let metrics = prometheus();
     let old = RedisServer::start(&[]);
     let new = RedisServer::start(&["--replicaof", "127.0.0.1", &old.port.to_string()]);
-    wait_linked(&new).await;
+    support::wait_replica_linked(&new).await;
     let proxy = Proxy::start_with(config(&[("pm-old", &old), ("pm-new", &new)], false)).await;
     // A session with state (db 3, a name) that must survive the move.
     let mut stateful = proxy.raw().await;
@@ -326,7 +312,7 @@ async fn master_killed_and_restarted() {
 async fn prefer_replica_reads_hit_the_replica_in_order() {
     let master = RedisServer::start(&[]);
     let replica = RedisServer::start(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
-    wait_linked(&replica).await;
+    support::wait_replica_linked(&replica).await;
     let mut direct = master.direct().await;
     for i in 0..100 {
         let _: () = direct.set(format!("k{i}"), i).await.unwrap();
@@ -385,7 +371,7 @@ async fn prefer_replica_reads_hit_the_replica_in_order() {
 async fn transaction_across_a_failover_is_aborted_not_split() {
     let old = RedisServer::start(&[]);
     let new = RedisServer::start(&["--replicaof", "127.0.0.1", &old.port.to_string()]);
-    wait_linked(&new).await;
+    support::wait_replica_linked(&new).await;
     let proxy = Proxy::start_with(config(&[("tx-old", &old), ("tx-new", &new)], false)).await;
     let mut tx = proxy.raw().await;
     tx.send(
@@ -449,7 +435,7 @@ async fn transaction_across_a_failover_is_aborted_not_split() {
 async fn client_reply_off_session_follows_a_master_change() {
     let old = RedisServer::start(&[]);
     let new = RedisServer::start(&["--replicaof", "127.0.0.1", &old.port.to_string()]);
-    wait_linked(&new).await;
+    support::wait_replica_linked(&new).await;
     let proxy = Proxy::start_with(config(&[("ro-old", &old), ("ro-new", &new)], false)).await;
     // A bulk loader: replies off, writes flowing to the old master.
     let mut loader = proxy.raw().await;

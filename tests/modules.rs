@@ -64,23 +64,6 @@ fn noperm(reply: &str) -> bool {
     reply.starts_with("-NOPERM ") && reply.contains("portcullis")
 }
 
-async fn wait_linked(replica: &RedisServer) {
-    let addr = replica.addr();
-    wait_until("replica linked", || {
-        let addr = addr.clone();
-        async move {
-            let mut d = support::client(&addr).await;
-            let info: String = redis::cmd("INFO")
-                .arg("replication")
-                .query_async(&mut d)
-                .await
-                .expect("INFO");
-            info.contains("master_link_status:up")
-        }
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_module_is_refused_until_allowed() {
     let module = test_module();
@@ -130,7 +113,7 @@ async fn allowed_module_commands_are_routed_by_their_learned_flags() {
         "127.0.0.1",
         &master.port.to_string(),
     ]);
-    wait_linked(&replica).await;
+    support::wait_replica_linked(&replica).await;
     let mut dm = raw(&master).await;
     assert_eq!(call(&mut dm, &["SET", "mk", "mv"]).await, "+OK\r\n");
     assert_eq!(call(&mut dm, &["WAIT", "1", "5000"]).await, ":1\r\n");
@@ -268,7 +251,7 @@ async fn core_commands_only_the_server_knows_are_learned() {
     let master = RedisServer::start_bin(&valkey, &[]);
     let mp = master.port.to_string();
     let replica = RedisServer::start_bin(&valkey, &["--replicaof", "127.0.0.1", &mp]);
-    wait_linked(&replica).await;
+    support::wait_replica_linked(&replica).await;
     let mut dm = raw(&master).await;
     let mut dr = raw(&replica).await;
     assert_eq!(call(&mut dm, &["SET", "a", "1"]).await, "+OK\r\n");

@@ -366,16 +366,7 @@ async fn wait_counts_writes_sent_on_a_shared_connection() {
         .unwrap_or_default()
         .to_string();
     let replica = RedisServer::start(&["--replicaof", "127.0.0.1", &port]);
-    wait_until("replica in sync", || async {
-        let mut d = replica.direct().await;
-        let info: String = redis::cmd("INFO")
-            .arg("replication")
-            .query_async(&mut d)
-            .await
-            .unwrap_or_default();
-        info.contains("master_link_status:up")
-    })
-    .await;
+    wait_replica_linked(&replica).await;
     let proxy = Proxy::start_with(shared_config(&master)).await;
     let direct_addr = master.addr().parse().expect("address");
     // Writes acknowledged by the replica before it stops: its offset is past 0.

@@ -412,16 +412,7 @@ async fn killed_master_is_down_at_once() {
 async fn pair(master_args: &[&str]) -> (RedisServer, RedisServer, ProxyProcess) {
     let master = RedisServer::start(master_args);
     let replica = RedisServer::start(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
-    wait_until("replica link up", || async {
-        let mut c = replica.direct().await;
-        let info: String = redis::cmd("INFO")
-            .arg("replication")
-            .query_async(&mut c)
-            .await
-            .unwrap_or_default();
-        info.contains("master_link_status:up")
-    })
-    .await;
+    support::wait_replica_linked(&replica).await;
     let proxy = ProxyProcess::start(
         &master,
         &format!("{PROBES}[[backends]]\naddress = \"{}\"\n", replica.addr()),

@@ -461,6 +461,20 @@ pub async fn try_role(r: &RedisServer) -> Option<String> {
     }
 }
 
+/// Wait until replica `r`'s link to its master is up (`master_link_status:up`).
+pub async fn wait_replica_linked(r: &RedisServer) {
+    wait_until("replica link up", || async {
+        let mut c = r.direct().await;
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut c)
+            .await
+            .unwrap_or_default();
+        info.contains("master_link_status:up")
+    })
+    .await;
+}
+
 /// Poll `f` until it holds; fails the test after three `WAIT`s.
 pub async fn wait_until<F, Fut>(what: &str, mut f: F)
 where
