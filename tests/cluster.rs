@@ -915,3 +915,31 @@ async fn scale_out_to_a_new_master_under_load() {
         redirects(&cluster)
     );
 }
+
+/// A fanned-out command waits for a slow node as a client of that node would: DBSIZE
+/// while one master is paused for 3 s (longer than `routing.failover_wait` and
+/// `limits.connect_timeout`, 1 s here) is answered once the pause ends, not with a link
+/// error: the bound is `probe.down_after` (10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_waits_for_a_paused_node() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let p = proxy_with(&cluster, |c| {
+        c.routing.failover_wait = Duration::from_secs(1);
+        c.limits.connect_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut c = Conn::open(&p.addr.to_string()).await;
+    for k in spread_keys(30) {
+        assert_eq!(c.call(&["SET", &k, "v"]).await, b"+OK\r\n");
+    }
+    let paused = cluster.nodes[0].addr();
+    assert_eq!(
+        info(&paused, &["CLIENT", "PAUSE", "3000", "ALL"])
+            .await
+            .trim(),
+        "OK"
+    );
+    let started = std::time::Instant::now();
+    assert_eq!(c.call(&["DBSIZE"]).await, b":30\r\n");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(2500));
+}

@@ -1264,12 +1264,15 @@ impl Session {
             link.writable().await;
             return Ok(None);
         }
-        let timeout = self
-            .rt
-            .config
+        // A node slower than this (a long FLUSHALL or KEYS, a paused node) is still
+        // answering: the bound is the proxy's own for a silent backend,
+        // `probe.down_after`, as for a single master (a slow master is not a lost one).
+        let config = &self.rt.config;
+        let timeout = config
             .limits
             .connect_timeout
-            .max(self.rt.config.routing.failover_wait);
+            .max(config.routing.failover_wait)
+            .max(config.probe.down_after());
         if tokio::time::timeout(timeout, link.readable())
             .await
             .is_err()
