@@ -766,6 +766,14 @@ async fn shared_mode_keeps_the_connection_budget_per_node() {
     assert_eq!(c.call(&["INCR", "{s}n"]).await, b"+QUEUED\r\n");
     assert_eq!(c.call(&["EXEC"]).await, b"*1\r\n:1\r\n");
     assert_eq!(c.call(&["GET", "{s}n"]).await, b"$1\r\n1\r\n");
+    // A client that saw its connection id keeps its link: stateless commands after it do
+    // not move it to the shared connection (and a new id), as Redis keeps one id.
+    let mut d = Conn::open(&p.addr.to_string()).await;
+    let id = d.call(&["CLIENT", "ID"]).await;
+    assert!(id.starts_with(b":"), "{id:?}");
+    assert_eq!(d.call(&["PING"]).await, b"+PONG\r\n");
+    assert_eq!(d.call(&["ECHO", "x"]).await, b"$1\r\nx\r\n");
+    assert_eq!(d.call(&["CLIENT", "ID"]).await, id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
