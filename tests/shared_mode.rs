@@ -170,3 +170,8 @@ fn shadow_in_shared_mode() {
 fn modules_in_shared_mode() {
     run_suite("modules");
 }
+
+#[test]
+fn cluster_in_shared_mode() {
+    run_suite("cluster");
+}
