@@ -60,20 +60,7 @@ done
 set_pinning
 [[ -x "$PORTCULLIS_BIN" ]] || die "no binary at $PORTCULLIS_BIN (cargo build --release)"
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/bench-cpu.XXXXXX")
-PIDS=()
-BENCH_PID=
-cleanup() {
-  local rc=$? i
-  trap - EXIT INT TERM
-  [[ -n "$BENCH_PID" ]] && stop_pid "$BENCH_PID"
-  for ((i=${#PIDS[@]}-1; i>=0; i--)); do stop_pid "${PIDS[$i]}"; done
-  if [[ "$KEEP_TMP" == 1 ]]; then log "kept $TMP"; else rm -rf "$TMP"; fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+start_run bench-cpu
 
 REDIS_PORT=$(free_port)
 "${SRV_PIN[@]}" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no \

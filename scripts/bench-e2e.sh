@@ -62,21 +62,7 @@ if [[ ! -x "$PORTCULLIS_BIN" ]]; then
   [[ -x "$PORTCULLIS_BIN" ]] || die "no binary at $PORTCULLIS_BIN after the build"
 fi
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/bench-e2e.XXXXXX")
-PIDS=()
-BENCH_PID=
-
-cleanup() {
-  local rc=$? i
-  trap - EXIT INT TERM
-  [[ -n "$BENCH_PID" ]] && stop_pid "$BENCH_PID"
-  for ((i=${#PIDS[@]}-1; i>=0; i--)); do stop_pid "${PIDS[$i]}"; done
-  if [[ "$KEEP_TMP" == 1 ]]; then log "kept $TMP"; else rm -rf "$TMP"; fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+start_run bench-e2e
 
 
 

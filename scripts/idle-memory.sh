@@ -51,18 +51,7 @@ if [[ ! -x "$PORTCULLIS_BIN" ]]; then
   (cd "$ROOT" && cargo build --release) || die "cargo build --release failed"
 fi
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/idle-memory.XXXXXX")
-PIDS=()
-cleanup() {
-  local rc=$? i
-  trap - EXIT INT TERM
-  for ((i=${#PIDS[@]}-1; i>=0; i--)); do stop_pid "${PIDS[$i]}"; done
-  if [[ "$KEEP_TMP" == 1 ]]; then log "kept $TMP"; else rm -rf "$TMP"; fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+start_run idle-memory
 
 
 REDIS_PORT=$(free_port)

@@ -94,3 +94,24 @@ END {
   }
 }' "$1"
 }
+
+# start_run NAME: TMP (a new temp dir), PIDS (processes started, in order) and BENCH_PID
+# (a running benchmark, when set); at exit, INT or TERM, every one of them is stopped by
+# pid, newest first, and TMP is removed unless KEEP_TMP=1. The caller defines log().
+start_run() {
+  TMP=$(mktemp -d "${TMPDIR:-/tmp}/$1.XXXXXX")
+  PIDS=()
+  BENCH_PID=
+  trap run_cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+}
+
+run_cleanup() {
+  local rc=$? i
+  trap - EXIT INT TERM
+  [[ -n "${BENCH_PID:-}" ]] && stop_pid "$BENCH_PID"
+  for ((i=${#PIDS[@]}-1; i>=0; i--)); do stop_pid "${PIDS[$i]}"; done
+  if [[ "${KEEP_TMP:-0}" == 1 ]]; then log "kept $TMP"; else rm -rf "$TMP"; fi
+  exit "$rc"
+}
