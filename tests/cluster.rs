@@ -415,6 +415,37 @@ async fn every_acknowledged_write_is_readable(p: &Proxy, written: &[(usize, u64)
     }
 }
 
+/// `redis-cli --cluster reshard` of `slots` slots from `from` (a node id, or `all`) to
+/// `to`, then wait until the load has 200 more acknowledged writes.
+async fn reshard_under_load(
+    seed: String,
+    from: String,
+    to: String,
+    slots: u32,
+    acked: &Arc<AtomicU64>,
+) {
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("redis-cli")
+            .args(["--cluster", "reshard", &seed])
+            .args(["--cluster-from", &from, "--cluster-to", &to])
+            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .args(["--cluster-pipeline", "10"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+    })
+    .await
+    .expect("reshard task")
+    .expect("redis-cli");
+    assert!(status.success(), "redis-cli --cluster reshard failed");
+    let before = acked.load(Ordering::Relaxed);
+    wait_until("writes after the reshard", || {
+        let acked = acked.clone();
+        async move { acked.load(Ordering::Relaxed) > before + 200 }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resharding_under_load_shows_no_redirect_and_loses_nothing() {
     let cluster = RedisCluster::start(3, 0).await;
@@ -429,31 +460,7 @@ async fn resharding_under_load_shows_no_redirect_and_loses_nothing() {
     let from = cluster.node_id(&cluster.nodes[0].addr()).await;
     let to = cluster.node_id(&cluster.nodes[1].addr()).await;
     let seed = cluster.nodes[0].addr();
-    let status = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("redis-cli")
-            .args(["--cluster", "reshard", &seed])
-            .args(["--cluster-from", &from, "--cluster-to", &to])
-            .args([
-                "--cluster-slots",
-                "300",
-                "--cluster-yes",
-                "--cluster-pipeline",
-                "10",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(status.success(), "redis-cli --cluster reshard failed");
-    let before = acked.load(Ordering::Relaxed);
-    wait_until("writes after the reshard", || {
-        let acked = acked.clone();
-        async move { acked.load(Ordering::Relaxed) > before + 200 }
-    })
-    .await;
+    reshard_under_load(seed, from, to, 300, &acked).await;
     let (errors, written) = load.finish().await;
     assert!(errors.is_empty(), "clients saw errors: {errors:?}");
     every_acknowledged_write_is_readable(&p, &written).await;
@@ -885,31 +892,7 @@ async fn scale_out_to_a_new_master_under_load() {
     let new = cluster.add_master().await;
     let to = cluster.node_id(&new).await;
     let seed = cluster.nodes[0].addr();
-    let status = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("redis-cli")
-            .args(["--cluster", "reshard", &seed])
-            .args(["--cluster-from", "all", "--cluster-to", &to])
-            .args([
-                "--cluster-slots",
-                "600",
-                "--cluster-yes",
-                "--cluster-pipeline",
-                "10",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(status.success(), "redis-cli --cluster reshard failed");
-    let before = acked.load(Ordering::Relaxed);
-    wait_until("writes after the reshard", || {
-        let acked = acked.clone();
-        async move { acked.load(Ordering::Relaxed) > before + 200 }
-    })
-    .await;
+    reshard_under_load(seed, "all".to_string(), to, 600, &acked).await;
     let (errors, written) = load.finish().await;
     assert!(errors.is_empty(), "clients saw errors: {errors:?}");
     every_acknowledged_write_is_readable(&p, &written).await;
