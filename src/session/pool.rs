@@ -535,12 +535,15 @@ async fn run_conn(
                 shared.topology.report_connect_error(index, e.evidence());
                 // Batches waiting here were never written. With no confirmed master
                 // left they get the answer the dedicated path gives then (MASTERDOWN);
-                // otherwise the connect error.
-                let reply = if shared.topology.load().master_now().is_none() {
-                    shared.masterdown()
-                } else {
-                    texts::unreachable(cfg.label(), &e)
-                };
+                // otherwise, and always in cluster mode (where the single-master
+                // decision does not apply: its text would name a split brain), the
+                // connect error.
+                let reply =
+                    if shared.cluster.is_none() && shared.topology.load().master_now().is_none() {
+                        shared.masterdown()
+                    } else {
+                        texts::unreachable(cfg.label(), &e)
+                    };
                 fail_all(waiting.take(), &mut rx, &reply);
                 tokio::select! {
                     _ = tokio::time::sleep(RETRY_AFTER) => {}
