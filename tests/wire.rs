@@ -528,9 +528,17 @@ async fn unknown_command_text_edge_cases_match_redis() {
     let mut mismatches = Vec::new();
     for input in cases {
         direct.send(input).await;
-        let want = direct.read_to_line().await;
+        let mut want = direct.read_to_line().await;
         c.send(input).await;
         let got = c.read_to_line().await;
+        if input.starts_with(b"*3\r\n$8\r\nSLAVEOF\x00") && !want.starts_with(b"-ERR unknown") {
+            // Redis finds a command by a hash over all 8 bytes, then compares names as C
+            // strings (strcasecmp stops at the NUL): with a per-process random hash seed,
+            // when "SLAVEOF\0" falls in "slaveof"'s bucket Redis runs SLAVEOF (seen once in CI).
+            // The proxy never does: it answers what Redis answers when the lookup misses.
+            want =
+                b"-ERR unknown command 'SLAVEOF', with args beginning with: 'a' 'b' \r\n".to_vec();
+        }
         if got != want {
             mismatches.push(format!(
                 "input {:?}\n  proxy {:?}\n  redis {:?}",
