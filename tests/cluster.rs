@@ -415,6 +415,26 @@ async fn every_acknowledged_write_is_readable(p: &Proxy, written: &[(usize, u64)
     }
 }
 
+/// Wait until the load has 200 more acknowledged writes than now.
+async fn more_writes(acked: &Arc<AtomicU64>, what: &str) {
+    let before = acked.load(Ordering::Relaxed);
+    wait_until(what, || {
+        let acked = acked.clone();
+        async move { acked.load(Ordering::Relaxed) > before + 200 }
+    })
+    .await;
+}
+
+/// Wait until the node at `addr` reports `role:master`.
+async fn wait_role_master(addr: &str, what: &str) {
+    wait_until(what, || async move {
+        info(addr, &["INFO", "replication"])
+            .await
+            .contains("role:master")
+    })
+    .await;
+}
+
 /// `redis-cli --cluster reshard` of `slots` slots from `from` (a node id, or `all`) to
 /// `to`, then wait until the load has 200 more acknowledged writes.
 async fn reshard_under_load(
@@ -438,12 +458,7 @@ async fn reshard_under_load(
     .expect("reshard task")
     .expect("redis-cli");
     assert!(status.success(), "redis-cli --cluster reshard failed");
-    let before = acked.load(Ordering::Relaxed);
-    wait_until("writes after the reshard", || {
-        let acked = acked.clone();
-        async move { acked.load(Ordering::Relaxed) > before + 200 }
-    })
-    .await;
+    more_writes(acked, "writes after the reshard").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -498,21 +513,8 @@ async fn failover_under_load_resumes_writes_without_readonly() {
     let replica = replica.expect("a replica");
     let r = info(&replica, &["CLUSTER", "FAILOVER"]).await;
     assert_eq!(r, "OK");
-    wait_until("the replica is master", || {
-        let replica = replica.clone();
-        async move {
-            info(&replica, &["INFO", "replication"])
-                .await
-                .contains("role:master")
-        }
-    })
-    .await;
-    let before = acked.load(Ordering::Relaxed);
-    wait_until("writes after the failover", || {
-        let acked = acked.clone();
-        async move { acked.load(Ordering::Relaxed) > before + 200 }
-    })
-    .await;
+    wait_role_master(&replica, "the replica is master").await;
+    more_writes(&acked, "writes after the failover").await;
     let (errors, written) = load.finish().await;
     assert!(errors.is_empty(), "clients saw errors: {errors:?}");
     every_acknowledged_write_is_readable(&p, &written).await;
@@ -610,21 +612,8 @@ async fn master_killed_under_load_writes_resume_on_the_promoted_replica() {
         .position(|n| n.addr() == victim)
         .unwrap();
     cluster.nodes[pos].kill();
-    wait_until("the replica took over", || {
-        let r = replica_of_victim.clone();
-        async move {
-            info(&r, &["INFO", "replication"])
-                .await
-                .contains("role:master")
-        }
-    })
-    .await;
-    let before = acked.load(Ordering::Relaxed);
-    wait_until("writes after the failover", || {
-        let acked = acked.clone();
-        async move { acked.load(Ordering::Relaxed) > before + 200 }
-    })
-    .await;
+    wait_role_master(&replica_of_victim, "the replica took over").await;
+    more_writes(&acked, "writes after the failover").await;
     let (errors, _) = load.finish().await;
     // Requests in flight on the killed node's connections may or may not have run: those
     // get the proxy's "lost the connection" answer (as a direct client gets a dropped
@@ -869,15 +858,7 @@ async fn script_load_reaches_replicas_and_survives_a_failover() {
         .map(str::to_string)
         .expect("a replica of the key's master");
     assert_eq!(info(&replica, &["CLUSTER", "FAILOVER"]).await, "OK");
-    wait_until("the replica is master", || {
-        let replica = replica.clone();
-        async move {
-            info(&replica, &["INFO", "replication"])
-                .await
-                .contains("role:master")
-        }
-    })
-    .await;
+    wait_role_master(&replica, "the replica is master").await;
     assert_eq!(via.call(&["SET", key, "v"]).await, b"+OK\r\n");
     assert_eq!(via.call(&["EVALSHA", &sha, "1", key]).await, b"$1\r\nv\r\n");
 }

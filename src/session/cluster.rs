@@ -941,19 +941,7 @@ impl Session {
                 std::mem::replace(retained, Retained::new(Bytes::new(), &self.retained));
             let asking = (kind == Some(RedirectKind::Ask)).then(|| {
                 let req = Request::from_args(&[b"ASKING"]);
-                (
-                    req.frame().clone(),
-                    Awaiting {
-                        link: id,
-                        remaining: 1,
-                        deliver: false,
-                        on_reply: OnReply::Forward,
-                        retry: None,
-                        sent: self.read_at,
-                        blocking: false,
-                        acc: BytesMut::new(),
-                    },
-                )
+                (req.frame().clone(), Awaiting::hidden(id, self.read_at))
             });
             let Some(link) = self.upstream.get_mut(id) else {
                 break;

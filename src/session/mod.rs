@@ -1361,16 +1361,7 @@ impl Session {
             // Taken only when sent: a WAIT that never reached a link leaves it owed.
             if bump_write_offset && std::mem::take(&mut self.wait_needs_bump) {
                 link.send(&pool::wait_offset_bump());
-                self.queue.push_upstream(Awaiting {
-                    link: id,
-                    remaining: 1,
-                    deliver: false,
-                    on_reply: OnReply::Forward,
-                    retry: None,
-                    sent: self.read_at,
-                    blocking: false,
-                    acc: BytesMut::new(),
-                });
+                self.queue.push_upstream(Awaiting::hidden(id, self.read_at));
             }
             let Some(link) = self.upstream.get_mut(id) else {
                 return;

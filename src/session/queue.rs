@@ -159,6 +159,23 @@ pub(super) struct Awaiting {
     pub(super) acc: BytesMut,
 }
 
+impl Awaiting {
+    /// A request the proxy adds on its own (`ASKING` before an ASK retry, the offset
+    /// bump before `WAIT`): one frame, answered by Redis, never delivered.
+    pub(super) fn hidden(link: LinkId, sent: Instant) -> Awaiting {
+        Awaiting {
+            link,
+            remaining: 1,
+            deliver: false,
+            on_reply: OnReply::Forward,
+            retry: None,
+            sent,
+            blocking: false,
+            acc: BytesMut::new(),
+        }
+    }
+}
+
 /// One entry of the in-order reply queue.
 #[derive(Debug)]
 pub(super) enum Entry {
