@@ -65,10 +65,21 @@ impl ClusterState {
     /// its own ROLE probe confirms it master (Redis `src/cluster.c` `getNodeByQuery`
     /// routes by the slot's owner; the proxy also wants the owner's word).
     pub fn slot_master(&self, slot: u16, topo: &Topology) -> Result<usize, SlotMasterError> {
+        self.slot_master_at(slot, topo, tokio::time::Instant::now())
+    }
+
+    /// As `slot_master`, at `now` (a session reads the clock once per wake-up, not per
+    /// command).
+    pub fn slot_master_at(
+        &self,
+        slot: u16,
+        topo: &Topology,
+        now: tokio::time::Instant,
+    ) -> Result<usize, SlotMasterError> {
         let map = self.map.as_ref().ok_or(SlotMasterError::NoMap)?;
         let shard = map.shard_index(slot).ok_or(SlotMasterError::Uncovered)?;
         let index = *self.masters.get(shard).ok_or(SlotMasterError::Uncovered)?;
-        confirmed(index, topo).ok_or_else(|| SlotMasterError::Unconfirmed {
+        confirmed_at(index, topo, now).ok_or_else(|| SlotMasterError::Unconfirmed {
             node: map.shards[shard].master.address(),
         })
     }
@@ -106,8 +117,13 @@ impl ClusterState {
 
 /// A backend confirmed master by its own ROLE and not hijacked.
 fn confirmed(index: usize, topo: &Topology) -> Option<usize> {
+    confirmed_at(index, topo, tokio::time::Instant::now())
+}
+
+/// As `confirmed`, at `now`.
+fn confirmed_at(index: usize, topo: &Topology, now: tokio::time::Instant) -> Option<usize> {
     let b = topo.backends.get(index)?;
-    (b.writable(tokio::time::Instant::now(), topo.bounds()) && !b.hijacked).then_some(index)
+    (b.writable(now, topo.bounds()) && !b.hijacked).then_some(index)
 }
 
 /// Kinds of redirect a node can answer with (metrics label).
@@ -216,6 +232,11 @@ impl ClusterStore {
         slot: u16,
         wait: Duration,
     ) -> Result<usize, SlotMasterError> {
+        // The common case first: no clock read, no watch subscription.
+        let result = self.load().slot_master(slot, &self.topology.load());
+        if result.is_ok() {
+            return result;
+        }
         let deadline = tokio::time::Instant::now() + wait;
         let mut topo_rx = self.topology.subscribe();
         let mut map_rx = self.subscribe();

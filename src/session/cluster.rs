@@ -751,18 +751,30 @@ impl Session {
         };
         let wait = self.rt.config.routing.failover_wait;
         match slot {
-            Some(s) => cluster.wait_for_slot_master(s, wait).await.map_err(|e| {
-                let why = match e {
-                    SlotMasterError::NoMap => {
-                        "no node has answered with the slot map yet".to_string()
-                    }
-                    SlotMasterError::Uncovered => "the slot map names no master for it".to_string(),
-                    SlotMasterError::Unconfirmed { node } => {
-                        format!("node {node} is not confirmed master by its own ROLE")
-                    }
-                };
-                texts::cluster_slot_unserved(s, &why)
-            }),
+            Some(s) => {
+                // The common case: confirmed now (the clock read once per wake-up).
+                let now = tokio::time::Instant::from_std(self.now);
+                if let Ok(i) = cluster
+                    .load()
+                    .slot_master_at(s, &self.shared.topology.load(), now)
+                {
+                    return Ok(i);
+                }
+                cluster.wait_for_slot_master(s, wait).await.map_err(|e| {
+                    let why = match e {
+                        SlotMasterError::NoMap => {
+                            "no node has answered with the slot map yet".to_string()
+                        }
+                        SlotMasterError::Uncovered => {
+                            "the slot map names no master for it".to_string()
+                        }
+                        SlotMasterError::Unconfirmed { node } => {
+                            format!("node {node} is not confirmed master by its own ROLE")
+                        }
+                    };
+                    texts::cluster_slot_unserved(s, &why)
+                })
+            }
             None => {
                 // A node the session is already connected to, when one is confirmed.
                 let state = cluster.load();

@@ -401,6 +401,9 @@ impl Session {
         client: &mut Stream,
         shutdown: &CancellationToken,
     ) -> Result<Never, SessionEnd> {
+        // One wait on the token for the whole session: a new `cancelled()` per wake-up
+        // would join and leave the token's waiter list (a lock each) every time.
+        let mut shutdown = std::pin::pin!(shutdown.cancelled());
         loop {
             self.flush(client).map_err(SessionEnd::ClientIo)?;
             self.progress(client).await?;
@@ -408,7 +411,7 @@ impl Session {
             if let Some(end) = self.finished(client) {
                 return Err(end);
             }
-            let event = self.wait(client, shutdown).await?;
+            let event = self.wait(client, shutdown.as_mut()).await?;
             self.now = Instant::now();
             match event {
                 Event::ClientReadable => self.read_client(client)?,
@@ -527,7 +530,7 @@ impl Session {
     async fn wait(
         &mut self,
         client: &Stream,
-        shutdown: &CancellationToken,
+        shutdown: std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
     ) -> Result<Event, SessionEnd> {
         let limits = &self.rt.config.limits;
         let idle = limits.idle_timeout;
@@ -575,18 +578,20 @@ impl Session {
             d = pool::recv(self.upstream.shared.as_mut()), if self.upstream.shared.is_some() => Event::Shared(d),
             id = upstream::node_readable(nodes), if read_replies && !nodes.is_empty() => Event::BackendReadable(id),
             (id, d) = upstream::shared_node_recv(&mut self.upstream.shared_nodes), if !self.upstream.shared_nodes.is_empty() => Event::SharedNode(id, d),
-            r = client.readable(), if read_client => match r {
+            // Poll forms: they keep the stream's one waker slot, where `readable()` joins
+            // and leaves a waiter list under a lock at every wake-up.
+            r = std::future::poll_fn(|cx| client.poll_readable(cx)), if read_client => match r {
                 Ok(()) => Event::ClientReadable,
                 Err(e) => return Err(SessionEnd::ClientIo(e)),
             },
-            _ = client.writable(), if client_out => Event::Writable,
+            _ = std::future::poll_fn(|cx| client.poll_writable(cx)), if client_out => Event::Writable,
             _ = upstream::writable(master), if master_out => Event::Writable,
             _ = upstream::writable(replica), if replica_out => Event::Writable,
             _ = upstream::node_writable(nodes), if nodes_out => Event::Writable,
             _ = tokio::time::sleep(idle), if !idle.is_zero() => Event::Idle,
             _ = frame_sleep(frame_deadline), if frame_deadline.is_some() => Event::FrameTimeout,
             // Once draining, the token stays cancelled: polling it again would spin.
-            _ = shutdown.cancelled(), if !draining => Event::Shutdown,
+            _ = shutdown, if !draining => Event::Shutdown,
         })
     }
 

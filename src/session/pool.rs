@@ -17,8 +17,10 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use atomic_waker::AtomicWaker;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc::{self, error::TryRecvError, UnboundedReceiver, UnboundedSender};
 use tokio::sync::Notify;
@@ -112,10 +114,13 @@ const FIRST_WINDOW: usize = 32;
 /// A session's address at its shared connection.
 #[derive(Debug)]
 struct Mailbox {
-    /// Deliveries not taken by the session yet (a plain queue and a `Notify`: far smaller
+    /// Deliveries not taken by the session yet (a plain queue and a waker: far smaller
     /// per session than a channel, which allocates a block of slots up front).
     inbox: Mutex<VecDeque<Delivery>>,
-    ready: Notify,
+    /// The session's task. An `AtomicWaker`, not a `Notify`: registering is an atomic
+    /// swap that keeps the same task's waker, where each `Notify` wait links and unlinks a
+    /// waiter under a lock (measured: 3 % of the proxy's CPU at pipeline 1).
+    ready: AtomicWaker,
     /// The session ended: deliveries are dropped.
     closed: AtomicBool,
     /// Request bytes handed to the connection and not written to the backend yet: the
@@ -138,7 +143,7 @@ impl Mailbox {
         self.undelivered.fetch_add(bytes, Ordering::Relaxed);
         inbox.push_back(d);
         drop(inbox);
-        self.ready.notify_one();
+        self.ready.wake();
     }
 
     /// The next delivery, when one is there.
@@ -313,7 +318,7 @@ impl SharedLink {
             count: 0,
             mailbox: Arc::new(Mailbox {
                 inbox: Mutex::new(VecDeque::new()),
-                ready: Notify::new(),
+                ready: AtomicWaker::new(),
                 closed: AtomicBool::new(false),
                 unwritten: AtomicUsize::new(0),
                 undelivered: AtomicUsize::new(0),
@@ -401,19 +406,18 @@ impl SharedLink {
 
     /// Wait for the next delivery.
     pub(super) async fn recv(&mut self) -> Option<Delivery> {
-        loop {
-            // `notify_one` keeps a permit when nobody waits: a delivery pushed between
-            // the check and the wait is not missed.
-            if let Some(d) = self.try_recv() {
-                return Some(d);
-            }
-            self.mailbox.ready.notified().await;
-        }
+        std::future::poll_fn(|cx| self.poll_recv(cx).map(Some)).await
     }
 
-    /// Completes when a delivery may be there (cluster mode waits on several links).
-    pub(super) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
-        self.mailbox.ready.notified()
+    /// The next delivery, or `Pending` with the task registered to be woken by the next
+    /// one (cluster mode polls several links in one wait).
+    pub(super) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Delivery> {
+        // Registered before the check: a delivery pushed after it wakes the task.
+        self.mailbox.ready.register(cx.waker());
+        match self.try_recv() {
+            Some(d) => Poll::Ready(d),
+            None => Poll::Pending,
+        }
     }
 
     /// The next delivery, when one is there.

@@ -203,6 +203,18 @@ pub(super) struct ReplyQueue {
     /// `Entry::Upstream` entries per link (`slot`; every cluster node link counts in the
     /// last one): `waiting_on` without a scan.
     on: [usize; 4],
+    /// Cluster mode: `Entry::Upstream` entries per node link (`node_slot`), so asking
+    /// about one node costs no scan either (empty outside cluster mode).
+    nodes: Vec<u32>,
+}
+
+/// Index of a cluster node link in `ReplyQueue::nodes`.
+fn node_slot(link: LinkId) -> Option<usize> {
+    match link {
+        LinkId::Node(p) => Some(2 * usize::from(p)),
+        LinkId::SharedNode(p) => Some(2 * usize::from(p) + 1),
+        _ => None,
+    }
 }
 
 /// Index of `link` in `ReplyQueue::on`.
@@ -216,6 +228,25 @@ fn slot(link: LinkId) -> usize {
 }
 
 impl ReplyQueue {
+    /// One more entry waits on `link`.
+    fn count_up(&mut self, link: LinkId) {
+        self.on[slot(link)] += 1;
+        if let Some(i) = node_slot(link) {
+            if self.nodes.len() <= i {
+                self.nodes.resize(i + 1, 0);
+            }
+            self.nodes[i] += 1;
+        }
+    }
+
+    /// One entry less waits on `link`.
+    fn count_down(&mut self, link: LinkId) {
+        self.on[slot(link)] = self.on[slot(link)].saturating_sub(1);
+        if let Some(n) = node_slot(link).and_then(|i| self.nodes.get_mut(i)) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
     /// Nothing is owed.
     pub(super) fn is_empty(&self) -> bool {
         self.entries.is_empty()
@@ -244,17 +275,24 @@ impl ReplyQueue {
 
     /// A forwarded request's answer, to come from `awaiting.link`.
     pub(super) fn push_upstream(&mut self, awaiting: Awaiting) {
-        self.on[slot(awaiting.link)] += 1;
+        self.count_up(awaiting.link);
         self.entries.push_back(Entry::Upstream(awaiting));
     }
 
     /// Count the entries per link again (after entries were replaced in place).
     pub(super) fn recount(&mut self) {
         self.on = [0; 4];
-        for e in &self.entries {
-            if let Entry::Upstream(a) = e {
-                self.on[slot(a.link)] += 1;
-            }
+        self.nodes.iter_mut().for_each(|n| *n = 0);
+        let links: Vec<LinkId> = self
+            .entries
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Upstream(a) => Some(a.link),
+                _ => None,
+            })
+            .collect();
+        for link in links {
+            self.count_up(link);
         }
         self.retries = self
             .entries
@@ -280,9 +318,9 @@ impl ReplyQueue {
     /// Whether any answer is still coming from `link`.
     pub(super) fn waiting_on(&self, link: LinkId) -> bool {
         match link {
-            LinkId::Node(_) | LinkId::SharedNode(_) => {
-                self.on[3] > 0 && self.first_on(link).is_some()
-            }
+            LinkId::Node(_) | LinkId::SharedNode(_) => node_slot(link)
+                .and_then(|i| self.nodes.get(i))
+                .is_some_and(|&n| n > 0),
             _ => self.on[slot(link)] > 0,
         }
     }
@@ -341,7 +379,8 @@ impl ReplyQueue {
         let entry = self.entries.get_mut(index)?;
         let old = std::mem::replace(entry, Entry::Ready(answer));
         if let Entry::Upstream(a) = &old {
-            self.on[slot(a.link)] = self.on[slot(a.link)].saturating_sub(1);
+            let link = a.link;
+            self.count_down(link);
         }
         Some(old)
     }
@@ -363,8 +402,8 @@ impl ReplyQueue {
         let Some(retained) = a.retry.take() else {
             return false;
         };
-        let deliver = a.deliver;
-        self.on[slot(a.link)] = self.on[slot(a.link)].saturating_sub(1);
+        let (deliver, link) = (a.deliver, a.link);
+        self.count_down(link);
         self.entries[index] = Entry::Retry {
             retained,
             deliver,
@@ -386,7 +425,7 @@ impl ReplyQueue {
     /// Answer every entry still waiting on `link` with `answer` (its link was lost);
     /// returns how many there were.
     pub(super) fn fail_link(&mut self, link: LinkId, answer: &Bytes) -> usize {
-        let mut n = 0;
+        let mut n = 0u32;
         for entry in self.entries.iter_mut() {
             if let Entry::Upstream(a) = entry {
                 if a.link == link {
@@ -397,11 +436,13 @@ impl ReplyQueue {
                     }
                     *entry = Entry::Ready((!out.is_empty()).then(|| out.freeze()));
                     n += 1;
-                    self.on[slot(link)] = self.on[slot(link)].saturating_sub(1);
                 }
             }
         }
-        n
+        for _ in 0..n {
+            self.count_down(link);
+        }
+        n as usize
     }
 
     /// Answer the first `n` entries still waiting on `link` with `answer` (a shared
@@ -421,9 +462,11 @@ impl ReplyQueue {
                     }
                     *entry = Entry::Ready((!out.is_empty()).then(|| out.freeze()));
                     left -= 1;
-                    self.on[slot(link)] = self.on[slot(link)].saturating_sub(1);
                 }
             }
+        }
+        for _ in 0..n - left {
+            self.count_down(link);
         }
     }
 
@@ -442,6 +485,7 @@ impl ReplyQueue {
         self.entries.clear();
         self.retries = 0;
         self.on = [0; 4];
+        self.nodes.clear();
     }
 
     /// Write the answers that reached the head, in order.
@@ -470,6 +514,33 @@ mod tests {
             blocking: false,
             acc: BytesMut::new(),
         }
+    }
+
+    #[test]
+    fn waiting_on_counts_each_cluster_node_link() {
+        let on = |link| Awaiting {
+            link,
+            ..awaiting(true)
+        };
+        let mut q = ReplyQueue::default();
+        q.push_upstream(on(LinkId::Node(2)));
+        q.push_upstream(on(LinkId::SharedNode(2)));
+        q.push_upstream(on(LinkId::SharedNode(0)));
+        assert!(q.waiting_on(LinkId::Node(2)));
+        assert!(!q.waiting_on(LinkId::Node(0)));
+        assert!(!q.waiting_on(LinkId::Node(7)));
+        assert!(q.waiting_on(LinkId::SharedNode(0)));
+        assert!(!q.waiting_on(LinkId::Master));
+        q.complete(0, None);
+        assert!(!q.waiting_on(LinkId::Node(2)));
+        assert!(q.waiting_on(LinkId::SharedNode(2)));
+        q.fail_first(LinkId::SharedNode(2), 5, &Bytes::from_static(b"-ERR x\r\n"));
+        assert!(!q.waiting_on(LinkId::SharedNode(2)));
+        assert_eq!(q.fail_link(LinkId::SharedNode(0), &Bytes::new()), 1);
+        assert!(!q.waiting_on_nodes());
+        q.push_upstream(on(LinkId::Node(1)));
+        q.abandon_from(LinkId::Node(1));
+        assert!(!q.waiting_on(LinkId::Node(1)));
     }
 
     fn out_bytes(out: &mut OutQueue) -> Vec<u8> {

@@ -145,12 +145,13 @@ impl Link {
 
     /// Wait until the socket is readable (or has an error).
     pub(super) async fn readable(&self) {
-        let _ = self.stream.readable().await;
+        // The poll form keeps the stream's one reader waker slot (see `Session::wait`).
+        let _ = std::future::poll_fn(|cx| self.stream.poll_readable(cx)).await;
     }
 
     /// Wait until the socket is writable.
     pub(super) async fn writable(&self) {
-        let _ = self.stream.writable().await;
+        let _ = std::future::poll_fn(|cx| self.stream.poll_writable(cx)).await;
     }
 
     /// Read what the socket has (bytes read at `now` are the backend's proof of life).
@@ -352,29 +353,16 @@ pub(super) async fn shared_node_recv(
     if links.iter().all(Option::is_none) {
         return std::future::pending().await;
     }
-    loop {
+    std::future::poll_fn(|cx| {
         for (p, l) in links.iter_mut().enumerate() {
-            if let Some(d) = l.as_mut().and_then(SharedLink::try_recv) {
+            if let Some(std::task::Poll::Ready(d)) = l.as_mut().map(|l| l.poll_recv(cx)) {
                 let id = LinkId::SharedNode(u8::try_from(p).unwrap_or(u8::MAX));
-                return (id, Some(d));
+                return std::task::Poll::Ready((id, Some(d)));
             }
         }
-        // A delivery pushed after the check leaves a permit: the wait below ends at once.
-        let mut waits: Vec<_> = links
-            .iter()
-            .flatten()
-            .map(|l| Box::pin(l.notified()))
-            .collect();
-        std::future::poll_fn(|cx| {
-            for w in waits.iter_mut() {
-                if std::future::Future::poll(w.as_mut(), cx).is_ready() {
-                    return std::task::Poll::Ready(());
-                }
-            }
-            std::task::Poll::Pending
-        })
-        .await;
-    }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// Wait until a cluster node link with output (or a half-close to do) is writable.
