@@ -13,7 +13,8 @@
 //!   `routing.failover_wait`; past it the client gets an error naming the slot and node.
 //! - Binding: a transaction, WATCH, pub/sub, tracking or MONITOR binds the session to one
 //!   node (the first keyed command's slot master); MULTI is held back until that command
-//!   names the node.
+//!   names the node. Inside MULTI a command for another slot is answered `+QUEUED` by the
+//!   proxy and EXEC `-CROSSSLOT` (discarded on the node), as one node serving every slot.
 //! - The `CLUSTER` namespace is the proxy's: it presents itself as one node serving all
 //!   16384 slots, so cluster-aware clients never learn node addresses.
 //!
@@ -28,7 +29,7 @@ use tracing::debug;
 use crate::cluster::aggregate::{self, Part};
 use crate::cluster::route::{self, KeySlot};
 use crate::cluster::{key_hash_slot, ClusterStore, RedirectKind, SlotMasterError, SLOTS};
-use crate::command::{CommandSpec, RequestPolicy, Special};
+use crate::command::{CommandSpec, Flags, RequestPolicy, Special};
 use crate::protocol::{texts, Reply, ReplyKind, Request};
 
 use super::pool::{Delivery, SharedLink};
@@ -291,8 +292,22 @@ impl Session {
             self.refuse(texts::cluster_client_redirect_refused(&name));
             return true;
         }
-        let slot = route::request_slot(spec, req);
         let in_txn = self.txn.is_some();
+        if !spec.arity_allows(req.argc()) {
+            // Redis checks the argument count first. Inside MULTI the proxy answers it
+            // (the refusal dooms the transaction, which decides EXEC's answer).
+            if in_txn {
+                self.refuse(texts::wrong_arity(spec.name));
+                return true;
+            }
+            return false;
+        }
+        if in_txn && spec.special == Special::Watch {
+            // Redis answers it before looking at the keys' node; the transaction goes on.
+            self.answer(Bytes::from_static(texts::WATCH_IN_MULTI));
+            return true;
+        }
+        let slot = route::request_slot(spec, req);
         if spec.name == "scan" && spec.request_policy == RequestPolicy::Special && !in_txn {
             // The cursor names the shard (request_policy:special).
             self.cl.parked = Some(Box::new(Gather {
@@ -315,9 +330,16 @@ impl Session {
                 self.refuse(Bytes::from_static(texts::CROSSSLOT));
                 return true;
             }
-            KeySlot::Slot(s) if in_txn || self.watching || spec.special == Special::Watch => {
-                if self.cl.txn_slot.is_some_and(|t| t != s) {
-                    self.refuse(Bytes::from_static(texts::CROSSSLOT));
+            KeySlot::Slot(s) if in_txn => {
+                // One node serving every slot queues a command for any slot and checks
+                // the transaction's slots at EXEC: the bound node cannot run this one.
+                let elsewhere = self.cl.txn_slot.is_some_and(|t| t != s)
+                    || self
+                        .cl
+                        .bound
+                        .is_some_and(|b| !self.cluster_serves(b, Some(s)));
+                if elsewhere {
+                    self.queue_cross_slot(spec);
                     return true;
                 }
                 self.cl.txn_slot = Some(s);
@@ -341,6 +363,24 @@ impl Session {
         }
         self.cl.slot = slot;
         false
+    }
+
+    /// A command inside MULTI for a slot the transaction cannot hold (its arity already
+    /// checked): refused if `no_multi`, as Redis checks before the cluster, else answered
+    /// `+QUEUED` with the transaction marked cross-slot unless already doomed (Redis
+    /// `src/server.c` `processCommand`, `src/multi.c` `queueMultiCommand`).
+    fn queue_cross_slot(&mut self, spec: &CommandSpec) {
+        if spec.flags.contains(Flags::NO_MULTI) {
+            self.refuse(Bytes::from_static(texts::NOT_IN_MULTI));
+            return;
+        }
+        if let Some(txn) = &mut self.txn {
+            // Once a command was refused, Redis answers QUEUED but keeps no more
+            // commands (`multi.c` `queueMultiCommand`): EXEC then answers EXECABORT.
+            txn.cross_slot |= !txn.dirty;
+            txn.queue(None);
+        }
+        self.answer(Bytes::from_static(texts::QUEUED));
     }
 
     /// `CLUSTER <sub>`: the proxy as one node serving every slot.
