@@ -1166,6 +1166,32 @@ async fn transactions_answer_as_one_node_serving_every_slot() {
             vec!["SET", k3, "c"],
             vec!["EXEC"],
         ],
+        // Keyless commands first: they follow the first keyed command's node (one of
+        // the two nodes is not the one a keyless command alone would pick).
+        vec![
+            vec!["MULTI"],
+            vec!["PING"],
+            vec!["ECHO", "x"],
+            vec!["SET", k3, "c"],
+            vec!["GET", k3],
+            vec!["EXEC"],
+        ],
+        vec![
+            vec!["MULTI"],
+            vec!["PING"],
+            vec!["SET", k1, "c"],
+            vec!["EXEC"],
+        ],
+        vec![
+            vec!["MULTI"],
+            vec!["PING"],
+            vec!["SET", k1, "a"],
+            vec!["SET", k3, "c"],
+            vec!["EXEC"],
+        ],
+        vec![vec!["MULTI"], vec!["PING"], vec!["ECHO", "y"], vec!["EXEC"]],
+        vec![vec!["MULTI"], vec!["PING"], vec!["DISCARD"], vec!["EXEC"]],
+        vec![vec!["MULTI"], vec!["PING"], vec!["NOSUCH"], vec!["EXEC"]],
         // Cross-slot wins over an error while queuing; a refused command is not queued.
         vec![
             vec!["MULTI"],
@@ -1213,6 +1239,22 @@ async fn transactions_answer_as_one_node_serving_every_slot() {
             vec!["WATCH", k1, k2],
             vec!["MULTI"],
             vec!["GET", k2],
+            vec!["EXEC"],
+        ],
+        // While watching, commands for other nodes' slots run there; a write to a
+        // watched key fails the transaction.
+        vec![
+            vec!["WATCH", k1],
+            vec!["GET", k3],
+            vec!["SET", k3, "z"],
+            vec!["PING"],
+            vec!["MULTI"],
+            vec!["SET", k1, "q"],
+            vec!["EXEC"],
+            vec!["WATCH", k1],
+            vec!["SET", k1, "touched"],
+            vec!["MULTI"],
+            vec!["SET", k1, "r"],
             vec!["EXEC"],
         ],
         // CLIENT REPLY OFF queued in a transaction that EXEC discards: it never applies.
