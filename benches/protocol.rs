@@ -1,5 +1,6 @@
 //! Hot-path micro-benchmarks: request parsing (client → proxy), reply scanning
-//! (backend → proxy), and command lookup + policy decision, through the public API only.
+//! (backend → proxy), command lookup + policy decision, and a request's cluster slot,
+//! through the public API only.
 //!
 //! Run: `cargo bench --bench protocol` (whole run < 1 minute). Each case reports
 //! throughput in elements (requests / replies / decisions) or bytes (large bulk).
@@ -12,7 +13,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
-use portcullis::command::lookup;
+use portcullis::cluster::request_slot;
+use portcullis::command::{lookup, lookup_name};
 use portcullis::policy::{decide, Policy, ProtectionConfig};
 use portcullis::protocol::{ReplyLimits, ReplyScanner, Request, RequestLimits, RequestParser};
 
@@ -182,6 +184,32 @@ fn lookup_and_policy(c: &mut Criterion) {
     g.finish();
 }
 
+/// The cluster slot of a request (legacy key range for plain commands, key specs for
+/// `movablekeys` ones), per request in cluster mode.
+fn cluster_slot(c: &mut Criterion) {
+    let mut g = c.benchmark_group("route");
+    g.warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    g.throughput(Throughput::Elements(1));
+    let cases: [(&str, &[&str]); 4] = [
+        ("get", &["GET", "key:000001"]),
+        ("set", &["SET", "key:000001", "xxx"]),
+        (
+            "mset_4",
+            &["MSET", "{k}1", "a", "{k}2", "b", "{k}3", "c", "{k}4", "d"],
+        ),
+        ("eval_2", &["EVAL", "return 1", "2", "{k}1", "{k}2", "x"]),
+    ];
+    for (name, args) in cases {
+        let req = Request::from_args(args);
+        let spec = lookup_name(&args[0].to_ascii_lowercase()).expect("known command");
+        g.bench_function(format!("slot_{name}"), |b| {
+            b.iter(|| request_slot(black_box(spec), black_box(&req)))
+        });
+    }
+    g.finish();
+}
+
 /// Sanity: the frames above parse to what they claim (fails fast if the API drifts).
 fn check_inputs() {
     let mut p = RequestParser::new(RequestLimits::default());
@@ -195,6 +223,7 @@ fn benches(c: &mut Criterion) {
     request_parser(c);
     reply_scanner(c);
     lookup_and_policy(c);
+    cluster_slot(c);
 }
 
 criterion_group!(protocol, benches);

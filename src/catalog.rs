@@ -189,6 +189,8 @@ fn spec_of(r: &Raw, subcommands: &'static [CommandSpec]) -> CommandSpec {
         first_key: r.first,
         last_key: r.last,
         step: r.step,
+        // Module key specs are not read yet: legacy range only.
+        key_specs: &[],
         request_policy: r.request_policy,
         response_policy: r.response_policy,
         special: Special::None,

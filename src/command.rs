@@ -324,6 +324,55 @@ pub enum ResponsePolicy {
     Special,
 }
 
+/// One key specification of a command (Redis `src/server.h` `keySpec`, as `COMMAND`
+/// reports it): where the search for its keys begins and how the keys are found there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeySpec {
+    /// Where the search begins.
+    pub begin_search: BeginSearch,
+    /// How the keys are found from there.
+    pub find_keys: FindKeys,
+    /// `incomplete`: the spec may miss keys (Redis then asks the command's own getkeys).
+    pub incomplete: bool,
+    /// `not_key`: the arguments are not keys (shard channels), though they hash to slots.
+    pub not_key: bool,
+}
+
+/// A key spec's `begin_search` (Redis `src/server.h` `kspec_bs_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BeginSearch {
+    /// At this argument.
+    Index(i32),
+    /// After `keyword`, searched from `startfrom` (negative: backwards from the end).
+    Keyword {
+        keyword: &'static str,
+        startfrom: i32,
+    },
+    /// Not describable (SORT's STORE): the spec names no key.
+    Unknown,
+}
+
+/// A key spec's `find_keys` (Redis `src/server.h` `kspec_fk_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FindKeys {
+    /// Keys up to `lastkey` (relative to the start; negative: from the end, or with
+    /// `limit` the 1/limit part of the rest), every `keystep` arguments.
+    Range {
+        lastkey: i32,
+        keystep: i32,
+        limit: i32,
+    },
+    /// The key count at `keynumidx`, keys from `firstkey`, every `keystep` arguments
+    /// (both relative to the start).
+    Keynum {
+        keynumidx: i32,
+        firstkey: i32,
+        keystep: i32,
+    },
+    /// Not describable: the spec names no key.
+    Unknown,
+}
+
 /// One Redis command or subcommand, as Redis's own metadata describes it.
 #[derive(Debug, PartialEq, Eq)]
 pub struct CommandSpec {
@@ -341,6 +390,9 @@ pub struct CommandSpec {
     pub last_key: i32,
     /// Distance between keys (2 for `MSET k v k v`).
     pub step: i32,
+    /// Key specs, in Redis's order (the legacy range above is derived from them; only
+    /// `movablekeys` commands need them).
+    pub key_specs: &'static [KeySpec],
     /// Which shards a cluster client sends it to (`request_policy:*` tip).
     pub request_policy: RequestPolicy,
     /// How the parts' replies combine (`response_policy:*` tip).
@@ -361,6 +413,7 @@ pub static UNKNOWN: CommandSpec = CommandSpec {
     first_key: 0,
     last_key: 0,
     step: 0,
+    key_specs: &[],
     request_policy: RequestPolicy::Default,
     response_policy: ResponsePolicy::Default,
     special: Special::None,

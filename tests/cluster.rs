@@ -310,18 +310,22 @@ async fn cross_slot_and_multi_key_commands_answer_as_redis() {
         .await
         .starts_with(b"-ERR invalid cursor"));
 
-    // A transaction stays on one slot: a cross-slot command while queuing gets CROSSSLOT
-    // and EXEC EXECABORT, as Redis does.
+    // A transaction stays on one slot: a command for another slot is queued and EXEC
+    // answers CROSSSLOT; a cross-slot command while queuing gets CROSSSLOT (then EXEC
+    // EXECABORT when nothing else decided it), as one node serving every slot does.
     assert_eq!(via.call(&["MULTI"]).await, b"+OK\r\n");
     assert_eq!(via.call(&["SET", "{u}1", "a"]).await, b"+QUEUED\r\n");
     assert_eq!(via.call(&["INCR", "{u}2"]).await, b"+QUEUED\r\n");
     assert_eq!(via.call(&["EXEC"]).await, b"*2\r\n+OK\r\n:1\r\n");
     assert_eq!(via.call(&["MULTI"]).await, b"+OK\r\n");
     assert_eq!(via.call(&["SET", "{u}1", "b"]).await, b"+QUEUED\r\n");
+    assert_eq!(via.call(&["SET", "a", "b"]).await, b"+QUEUED\r\n");
     assert!(via
-        .call(&["SET", "a", "b"])
+        .call(&["MSET", "x", "1", "y", "2"])
         .await
         .starts_with(b"-CROSSSLOT"));
+    assert!(via.call(&["EXEC"]).await.starts_with(b"-CROSSSLOT"));
+    assert_eq!(via.call(&["MULTI"]).await, b"+OK\r\n");
     assert!(via
         .call(&["MSET", "x", "1", "y", "2"])
         .await
@@ -920,4 +924,372 @@ async fn a_fan_out_waits_for_a_paused_node() {
     let started = std::time::Instant::now();
     assert_eq!(c.call(&["DBSIZE"]).await, b":30\r\n");
     assert!(started.elapsed() >= std::time::Duration::from_millis(2500));
+}
+
+/// The keys of `movablekeys` commands come from Redis's key specs: each request answers
+/// as it does on one cluster node serving every slot (the proxy's face), and keys in one
+/// slot go straight to that slot's master (no redirect followed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn movable_keys_route_by_key_specs_as_redis() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let p = proxy(&cluster).await;
+    let reference = support::cluster::one_node_cluster().await;
+    let mut via = Conn::open(&p.addr.to_string()).await;
+    let mut one = Conn::open(&reference.addr()).await;
+
+    // The proxy finds the keys Redis finds (COMMAND GETKEYS on the reference), for
+    // every kind of key spec: keynum, keyword + range with limit, keyword from a start,
+    // two specs (destination + counted sources).
+    for cmd in [
+        &["EVAL", "return 1", "2", "a", "b", "x"][..],
+        &["EVALSHA", "0123", "1", "a"],
+        &["EVAL_RO", "return 1", "1", "a", "b"],
+        &["FCALL", "f", "2", "a", "b"],
+        &["ZUNIONSTORE", "d", "2", "a", "b", "WEIGHTS", "1", "2"],
+        &["ZINTERSTORE", "d", "1", "a"],
+        &["ZDIFFSTORE", "d", "2", "a", "b"],
+        &["ZUNION", "2", "a", "b"],
+        &["ZINTERCARD", "2", "a", "b", "LIMIT", "1"],
+        &["SINTERCARD", "3", "a", "b", "c"],
+        &["LMPOP", "2", "a", "b", "LEFT"],
+        &["BLMPOP", "0", "2", "a", "b", "RIGHT", "COUNT", "2"],
+        &["ZMPOP", "1", "a", "MIN"],
+        &["BZMPOP", "1", "2", "a", "b", "MAX"],
+        &["XREAD", "COUNT", "2", "STREAMS", "a", "b", "0", "0"],
+        &[
+            "XREADGROUP",
+            "GROUP",
+            "g",
+            "c",
+            "BLOCK",
+            "1",
+            "STREAMS",
+            "a",
+            ">",
+        ],
+        &["GEORADIUS", "a", "0", "0", "1", "km", "STORE", "d"],
+        &["GEORADIUS", "a", "0", "0", "1", "km", "STOREDIST", "d"],
+        &["GEORADIUSBYMEMBER", "a", "m", "1", "km", "STORE", "d"],
+    ] {
+        let mut getkeys = vec!["COMMAND", "GETKEYS"];
+        getkeys.extend_from_slice(cmd);
+        let want = one.call(&getkeys).await;
+        let spec = portcullis::command::lookup_name(&cmd[0].to_ascii_lowercase()).unwrap();
+        let req = portcullis::protocol::Request::from_args(cmd);
+        let mut keys: Vec<&[u8]> = Vec::new();
+        portcullis::cluster::route::for_each_key(spec, &req, |pos| {
+            keys.push(cmd[pos].as_bytes());
+            std::ops::ControlFlow::Continue(())
+        });
+        assert_eq!(
+            String::from_utf8_lossy(&resp(&keys)),
+            String::from_utf8_lossy(&want),
+            "{cmd:?}"
+        );
+    }
+
+    let before = redirects(&cluster);
+    let script = "return {KEYS[1], redis.call('SET', KEYS[1], ARGV[1])}";
+    let cases: Vec<Vec<&str>> = vec![
+        // keynum: keys in one slot run on its master; across slots CROSSSLOT; no keys,
+        // any master; a count the arguments do not hold is the command's own error.
+        vec!["EVAL", script, "2", "{e}a", "{e}b", "v"],
+        vec!["EVAL", "return #KEYS", "2", "{e}a", "{e}b"],
+        vec!["EVAL", "return #KEYS", "2", "a", "b"],
+        vec!["EVAL_RO", "return #KEYS", "2", "a", "b"],
+        vec!["EVAL", "return 1", "0", "a", "b"],
+        vec!["EVAL", "return 1", "3", "a"],
+        vec!["EVAL", "return 1", "-1", "a"],
+        vec!["EVAL", "return 1", "x", "a"],
+        vec!["FCALL", "nosuch", "2", "a", "b"],
+        // destination + counted sources.
+        vec!["ZUNIONSTORE", "{z}d", "2", "{z}a", "{z}b"],
+        vec!["ZUNIONSTORE", "{z}d", "2", "{z}a", "b"],
+        vec!["ZUNIONSTORE", "d", "1", "{z}a"],
+        vec!["ZUNIONSTORE", "{z}d", "5", "{z}a"],
+        vec!["ZINTERSTORE", "d", "2", "a", "b"],
+        vec!["ZDIFFSTORE", "{z}d", "1", "{z}a"],
+        vec!["ZUNION", "2", "a", "b"],
+        vec!["ZINTERCARD", "2", "a", "b"],
+        vec!["SINTERCARD", "2", "{s}a", "{s}b"],
+        vec!["SINTERCARD", "2", "a", "b"],
+        vec!["LMPOP", "2", "{l}a", "{l}b", "LEFT"],
+        vec!["LMPOP", "2", "a", "b", "LEFT"],
+        vec!["BLMPOP", "0.01", "2", "a", "b", "LEFT"],
+        vec!["ZMPOP", "2", "a", "b", "MIN"],
+        vec!["BZMPOP", "0.01", "2", "a", "b", "MIN"],
+        // keyword + range with a limit: the stream names, not the IDs.
+        vec!["XADD", "{x}a", "1-1", "f", "v"],
+        vec!["XREAD", "STREAMS", "{x}a", "{x}b", "0", "0"],
+        vec!["XREAD", "COUNT", "1", "STREAMS", "a", "b", "0", "0"],
+        vec!["XREAD", "STREAMS", "{x}a", "b"],
+        vec![
+            "XREADGROUP",
+            "GROUP",
+            "g",
+            "c",
+            "STREAMS",
+            "a",
+            "b",
+            ">",
+            ">",
+        ],
+        // keyword from a start (STORE/STOREDIST).
+        vec!["GEOADD", "{g}a", "0", "0", "m"],
+        vec!["GEORADIUS", "{g}a", "0", "0", "1", "km", "STORE", "{g}d"],
+        vec!["GEORADIUS", "{g}a", "0", "0", "1", "km", "STORE", "d"],
+        vec![
+            "GEORADIUSBYMEMBER",
+            "{g}a",
+            "m",
+            "1",
+            "km",
+            "STOREDIST",
+            "d",
+        ],
+        // SORT's STORE is an unknown spec: the source's node finds it and answers.
+        vec!["RPUSH", "{o}a", "3", "1", "2"],
+        vec!["SORT", "{o}a", "STORE", "{o}d"],
+        vec!["SORT", "{o}a", "STORE", "d"],
+        vec!["SORT", "{o}a", "LIMIT", "0", "1", "STORE", "d"],
+        vec!["SORT_RO", "{o}a"],
+    ];
+    for cmd in &cases {
+        let want = one.call(cmd).await;
+        let got = via.call(cmd).await;
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want),
+            "{cmd:?}"
+        );
+    }
+    // Inside MULTI too (no MOVED to follow there): a cross-slot EVAL is refused while
+    // queuing, one in a slot is queued on its node.
+    for conn in [&mut via, &mut one] {
+        let mut replies = Vec::new();
+        for cmd in [
+            &["MULTI"][..],
+            &["EVAL", "return #KEYS", "2", "{m}a", "{m}b"],
+            &["LMPOP", "2", "{m}a", "{m}b", "LEFT"],
+            &["EXEC"],
+            &["MULTI"],
+            &["EVAL", "return #KEYS", "2", "{e}a", "b"],
+            &["EXEC"],
+        ] {
+            replies.push(String::from_utf8_lossy(&conn.call(cmd).await).into_owned());
+        }
+        assert_eq!(
+            replies,
+            [
+                "+OK\r\n",
+                "+QUEUED\r\n",
+                "+QUEUED\r\n",
+                "*2\r\n:2\r\n*-1\r\n",
+                "+OK\r\n",
+                "-CROSSSLOT Keys in request don't hash to the same slot\r\n",
+                "-EXECABORT Transaction discarded because of previous errors.\r\n",
+            ]
+        );
+    }
+    // Every keyed request went straight to its slot's master.
+    let after = redirects(&cluster);
+    assert_eq!(after.get("moved"), before.get("moved"), "{after:?}");
+    assert_eq!(after.get("ask"), before.get("ask"), "{after:?}");
+}
+
+/// Keys on the proxy's cluster for transaction tests: two in different slots of one
+/// node, and one on another node.
+async fn txn_keys(cluster: &RedisCluster) -> (String, String, String) {
+    let mut seen: Vec<(String, u16, String)> = Vec::new();
+    for i in 0.. {
+        let key = format!("t:{i}");
+        let slot = portcullis::cluster::key_hash_slot(key.as_bytes());
+        let master = cluster.master_of(slot).await;
+        seen.push((key, slot, master));
+        let (k1, s1, m1) = &seen[0];
+        let same = seen.iter().find(|(_, s, m)| m == m1 && s != s1);
+        let other = seen.iter().find(|(_, _, m)| m != m1);
+        if let (Some(same), Some(other)) = (same, other) {
+            return (k1.clone(), same.0.clone(), other.0.clone());
+        }
+    }
+    unreachable!()
+}
+
+/// Transactions answer as one cluster node serving every slot (the proxy's face): a
+/// command whose own keys span slots is refused while queuing (EXEC: EXECABORT);
+/// commands in different slots, on one node or two behind the proxy, are queued and
+/// EXEC answers CROSSSLOT, discarding them. Compared byte for byte with a real one-node
+/// cluster, in RESP2 and RESP3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_answer_as_one_node_serving_every_slot() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let p = proxy(&cluster).await;
+    let reference = support::cluster::one_node_cluster().await;
+    let (k1, k2, k3) = txn_keys(&cluster).await;
+    let (k1, k2, k3) = (k1.as_str(), k2.as_str(), k3.as_str());
+    let scripts: Vec<Vec<Vec<&str>>> = vec![
+        // Own keys across slots: CROSSSLOT while queuing, EXECABORT.
+        vec![
+            vec!["MULTI"],
+            vec!["SET", k1, "a"],
+            vec!["MSET", k1, "1", k3, "2"],
+            vec!["EXEC"],
+        ],
+        // Different slots of one node, then of two nodes: QUEUED, EXEC CROSSSLOT.
+        vec![
+            vec!["MULTI"],
+            vec!["SET", k1, "a"],
+            vec!["SET", k2, "b"],
+            vec!["EXEC"],
+        ],
+        vec![
+            vec!["MULTI"],
+            vec!["SET", k1, "a"],
+            vec!["INCR", k3],
+            vec!["GET", k2],
+            vec!["EXEC"],
+        ],
+        // Keyless commands after a keyed one stay in the transaction.
+        vec![
+            vec!["MULTI"],
+            vec!["SET", k1, "a"],
+            vec!["PING"],
+            vec!["ECHO", "x"],
+            vec!["GET", k1],
+            vec!["EXEC"],
+        ],
+        vec![
+            vec!["MULTI"],
+            vec!["SET", k1, "a"],
+            vec!["ECHO", "x"],
+            vec!["SET", k3, "c"],
+            vec!["EXEC"],
+        ],
+        // Keyless commands first: they follow the first keyed command's node (one of
+        // the two nodes is not the one a keyless command alone would pick).
+        vec![
+            vec!["MULTI"],
+            vec!["PING"],
+            vec!["ECHO", "x"],
+            vec!["SET", k3, "c"],
+            vec!["GET", k3],
+            vec!["EXEC"],
+        ],
+        vec![
+            vec!["MULTI"],
+            vec!["PING"],
+            vec!["SET", k1, "c"],
+            vec!["EXEC"],
+        ],
+        vec![
+            vec!["MULTI"],
+            vec!["PING"],
+            vec!["SET", k1, "a"],
+            vec!["SET", k3, "c"],
+            vec!["EXEC"],
+        ],
+        vec![vec!["MULTI"], vec!["PING"], vec!["ECHO", "y"], vec!["EXEC"]],
+        vec![vec!["MULTI"], vec!["PING"], vec!["DISCARD"], vec!["EXEC"]],
+        vec![vec!["MULTI"], vec!["PING"], vec!["NOSUCH"], vec!["EXEC"]],
+        // Cross-slot wins over an error while queuing; a refused command is not queued.
+        vec![
+            vec!["MULTI"],
+            vec!["SET", k1, "a"],
+            vec!["SET", k3, "c"],
+            vec!["NOSUCHCOMMAND"],
+            vec!["EXEC"],
+        ],
+        vec![
+            vec!["MULTI"],
+            vec!["SET", k1, "a"],
+            vec!["MSET", k1, "1", k3, "2"],
+            vec!["SET", k2, "c"],
+            vec!["EXEC"],
+        ],
+        vec![
+            vec!["MULTI"],
+            vec!["SET", k1, "a"],
+            vec!["SET", k3],
+            vec!["GET", k3, "x"],
+            vec!["EXEC"],
+        ],
+        vec![
+            vec!["MULTI"],
+            vec!["SET", k1, "a"],
+            vec!["GET", k1, "x"],
+            vec!["SET", k3, "c"],
+            vec!["EXEC"],
+        ],
+        // DISCARD, WATCH inside MULTI, EXEC without MULTI.
+        vec![
+            vec!["MULTI"],
+            vec!["SET", k1, "a"],
+            vec!["SET", k3, "c"],
+            vec!["WATCH", k3],
+            vec!["DISCARD"],
+            vec!["EXEC"],
+        ],
+        // WATCH on one slot, the transaction on another slot of the same node.
+        vec![
+            vec!["WATCH", k1],
+            vec!["MULTI"],
+            vec!["SET", k2, "w"],
+            vec!["EXEC"],
+            vec!["WATCH", k1, k2],
+            vec!["MULTI"],
+            vec!["GET", k2],
+            vec!["EXEC"],
+        ],
+        // While watching, commands for other nodes' slots run there; a write to a
+        // watched key fails the transaction.
+        vec![
+            vec!["WATCH", k1],
+            vec!["GET", k3],
+            vec!["SET", k3, "z"],
+            vec!["PING"],
+            vec!["MULTI"],
+            vec!["SET", k1, "q"],
+            vec!["EXEC"],
+            vec!["WATCH", k1],
+            vec!["SET", k1, "touched"],
+            vec!["MULTI"],
+            vec!["SET", k1, "r"],
+            vec!["EXEC"],
+        ],
+        // CLIENT REPLY OFF queued in a transaction that EXEC discards: it never applies.
+        vec![
+            vec!["MULTI"],
+            vec!["SET", k1, "a"],
+            vec!["CLIENT", "REPLY", "OFF"],
+            vec!["SET", k3, "c"],
+            vec!["EXEC"],
+            vec!["GET", k1],
+        ],
+    ];
+    let addr = p.addr.to_string();
+    for resp3 in [false, true] {
+        let mut via = Conn::open(&addr).await;
+        let mut one = Conn::open(&reference.addr()).await;
+        if resp3 {
+            via.call(&["HELLO", "3"]).await;
+            one.call(&["HELLO", "3"]).await;
+        }
+        for script in &scripts {
+            let mut got = Vec::new();
+            let mut want = Vec::new();
+            for (conn, out) in [(&mut via, &mut got), (&mut one, &mut want)] {
+                for k in [k1, k2, k3] {
+                    assert_eq!(conn.call(&["DEL", k]).await.len(), 4);
+                }
+                for cmd in script {
+                    out.push(String::from_utf8_lossy(&conn.call(cmd).await).into_owned());
+                }
+                for k in [k1, k2, k3] {
+                    out.push(String::from_utf8_lossy(&conn.call(&["GET", k]).await).into_owned());
+                }
+            }
+            assert_eq!(got, want, "resp3 {resp3}: {script:?}");
+        }
+    }
 }

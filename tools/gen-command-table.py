@@ -12,7 +12,10 @@ Usage:
 
 The base JSON is the raw RESP2 reply of `COMMAND` (one array per command: name, arity,
 flags, first key, last key, step, ACL categories, tips, key specs, subcommands) plus the
-server version. Its ACL categories are the effective ones (the file's acl_categories plus
+server version. Key specs are kept (begin_search index/keyword/unknown, find_keys
+range/keynum/unknown, and the incomplete and not_key flags): cluster routing reads the
+keys of `movablekeys` commands from them. Entries of tools/commands-newer.json may carry
+`key_specs` in the same flat shape; without them only the legacy range is known. Its ACL categories are the effective ones (the file's acl_categories plus
 the implicit ones Redis derives from flags). Core commands added after the base server
 come from tools/commands-newer.json: data taken from redis/redis src/commands/*.json of
 the release that added them and from valkey-server 9.1.2's COMMAND, each entry naming its
@@ -231,6 +234,47 @@ def effective_acl(flags, file_cats):
     return ["@" + c for c in cats]
 
 
+def _pairs(flat):
+    """A RESP2 map as COMMAND sends it (a flat [name, value, ...] list) as a dict."""
+    return dict(zip(flat[::2], flat[1::2]))
+
+
+def key_specs(raw, entry):
+    """COMMAND's key specs (Redis src/server.c addReplyCommandKeySpecs) as
+    (begin_search, find_keys, incomplete, not_key) tuples of Rust expressions."""
+    out = []
+    for flat in raw:
+        spec = _pairs(flat)
+        flags = [f.lower() for f in spec.get("flags", [])]
+        bs = _pairs(spec["begin_search"])
+        bs_spec = _pairs(bs.get("spec", []))
+        if bs["type"] == "index":
+            begin = "BeginSearch::Index(%d)" % bs_spec["index"]
+        elif bs["type"] == "keyword":
+            begin = "BeginSearch::Keyword { keyword: %s, startfrom: %d }" % (
+                json.dumps(bs_spec["keyword"]), bs_spec["startfrom"])
+        else:
+            if bs["type"] != "unknown":
+                print("note: unknown begin_search %r on %s" % (bs["type"], entry),
+                      file=sys.stderr)
+            begin = "BeginSearch::Unknown"
+        fk = _pairs(spec["find_keys"])
+        fk_spec = _pairs(fk.get("spec", []))
+        if fk["type"] == "range":
+            find = "FindKeys::Range { lastkey: %d, keystep: %d, limit: %d }" % (
+                fk_spec["lastkey"], fk_spec["keystep"], fk_spec["limit"])
+        elif fk["type"] == "keynum":
+            find = "FindKeys::Keynum { keynumidx: %d, firstkey: %d, keystep: %d }" % (
+                fk_spec["keynumidx"], fk_spec["firstkey"], fk_spec["keystep"])
+        else:
+            if fk["type"] != "unknown":
+                print("note: unknown find_keys %r on %s" % (fk["type"], entry),
+                      file=sys.stderr)
+            find = "FindKeys::Unknown"
+        out.append((begin, find, "incomplete" in flags, "not_key" in flags))
+    return out
+
+
 def load(base=DATA):
     with open(base) as f:
         data = json.load(f)
@@ -240,10 +284,11 @@ def load(base=DATA):
             continue
         table[c[0]] = {
             "name": c[0], "arity": c[1], "flags": list(c[2]), "first": c[3], "last": c[4],
-            "step": c[5], "acl": list(c[6]), "tips": list(c[7]), "subs": {
+            "step": c[5], "acl": list(c[6]), "tips": list(c[7]),
+            "key_specs": key_specs(c[8], c[0]), "subs": {
                 s[0]: {"name": s[0], "arity": s[1], "flags": list(s[2]), "first": s[3],
                        "last": s[4], "step": s[5], "acl": list(s[6]), "tips": list(s[7]),
-                       "subs": {}}
+                       "key_specs": key_specs(s[8], s[0]), "subs": {}}
                 for s in c[9]
             },
         }
@@ -261,7 +306,8 @@ def load(base=DATA):
         entry = {"name": name, "arity": n["arity"], "flags": flags, "first": n["first_key"],
                  "last": n["last_key"], "step": n["step"],
                  "acl": effective_acl(flags, n["acl_categories"]),
-                 "tips": [t.lower() for t in n.get("command_tips", [])], "subs": {}}
+                 "tips": [t.lower() for t in n.get("command_tips", [])],
+                 "key_specs": key_specs(n.get("key_specs", []), name), "subs": {}}
         if "|" in name:
             parent = table[name.split("|")[0]]["subs"]
         else:
@@ -326,6 +372,19 @@ def emit(entry, out, indent):
     out.append(pad + "    first_key: %d," % entry["first"])
     out.append(pad + "    last_key: %d," % entry["last"])
     out.append(pad + "    step: %d," % entry["step"])
+    specs = entry.get("key_specs", [])
+    if specs:
+        out.append(pad + "    key_specs: &[")
+        for begin, find, incomplete, not_key in specs:
+            out.append(pad + "        KeySpec {")
+            out.append(pad + "            begin_search: %s," % begin)
+            out.append(pad + "            find_keys: %s," % find)
+            out.append(pad + "            incomplete: %s," % ("true" if incomplete else "false"))
+            out.append(pad + "            not_key: %s," % ("true" if not_key else "false"))
+            out.append(pad + "        },")
+        out.append(pad + "    ],")
+    else:
+        out.append(pad + "    key_specs: &[],")
     tips = entry.get("tips", [])
     out.append(pad + "    request_policy: RequestPolicy::%s,"
                % policy(tips, "request_policy", REQUEST_POLICY, name))
@@ -354,7 +413,8 @@ def generate(base=DATA):
         "// Do not edit: change the sources or the script and re-run it.",
         "",
         "use super::{",
-        "    AclCategories, CommandSpec, Flags, PubSubKind, RequestPolicy, ResponsePolicy, Special,",
+        "    AclCategories, BeginSearch, CommandSpec, FindKeys, Flags, KeySpec, PubSubKind,",
+        "    RequestPolicy, ResponsePolicy, Special,",
         "};",
         "",
         "/// Every known top-level command, sorted by name (binary search relies on it).",

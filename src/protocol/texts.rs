@@ -149,6 +149,15 @@ pub fn link_lost(backend: &str) -> Bytes {
 /// `clusterRedirectClient`, `CLUSTER_REDIR_CROSS_SLOT`).
 pub const CROSSSLOT: &[u8] = b"-CROSSSLOT Keys in request don't hash to the same slot\r\n";
 
+/// Redis's answer to a command queued inside MULTI (`multi.c` `queueMultiCommand`).
+pub const QUEUED: &[u8] = b"+QUEUED\r\n";
+
+/// Redis's answer to WATCH inside MULTI (`multi.c` `watchCommand`).
+pub const WATCH_IN_MULTI: &[u8] = b"-ERR WATCH inside MULTI is not allowed\r\n";
+
+/// Redis's answer to a `no_multi` command inside MULTI (`server.c` `processCommand`).
+pub const NOT_IN_MULTI: &[u8] = b"-ERR Command not allowed inside a transaction\r\n";
+
 /// Redis's answer when the cluster cannot serve a slot (`cluster.c`
 /// `clusterRedirectClient`, `CLUSTER_REDIR_DOWN_UNBOUND`), with the slot named.
 pub fn cluster_slot_unserved(slot: u16, why: &str) -> Bytes {

@@ -13,7 +13,9 @@
 //!   `routing.failover_wait`; past it the client gets an error naming the slot and node.
 //! - Binding: a transaction, WATCH, pub/sub, tracking or MONITOR binds the session to one
 //!   node (the first keyed command's slot master); MULTI is held back until that command
-//!   names the node.
+//!   names the node (keyless commands before it are answered `+QUEUED` and follow it).
+//!   Inside MULTI a command for another slot is answered `+QUEUED` by the proxy and EXEC
+//!   `-CROSSSLOT` (discarded on the node), as one node serving every slot.
 //! - The `CLUSTER` namespace is the proxy's: it presents itself as one node serving all
 //!   16384 slots, so cluster-aware clients never learn node addresses.
 //!
@@ -28,7 +30,7 @@ use tracing::debug;
 use crate::cluster::aggregate::{self, Part};
 use crate::cluster::route::{self, KeySlot};
 use crate::cluster::{key_hash_slot, ClusterStore, RedirectKind, SlotMasterError, SLOTS};
-use crate::command::{CommandSpec, RequestPolicy, Special};
+use crate::command::{CommandSpec, Flags, RequestPolicy, Special};
 use crate::protocol::{texts, Reply, ReplyKind, Request};
 
 use super::pool::{Delivery, SharedLink};
@@ -36,6 +38,10 @@ use super::queue::{Awaiting, Entry, Retained};
 use super::state::{self, OnReply};
 use super::upstream::{Link, LinkEnd, LinkId};
 use super::{Outgoing, Session};
+
+/// Keyless commands a held-back MULTI defers at most; past it the transaction binds to
+/// any master (bounds what a client can make the proxy hold).
+const MAX_DEFERRED: usize = 1024;
 
 /// Pause before re-sending after `TRYAGAIN` or `CLUSTERDOWN` (a migration or failover in
 /// progress): paces the retries within `routing.failover_wait`.
@@ -57,6 +63,10 @@ pub(super) struct ClusterSession {
     multi_pending: bool,
     /// MULTI was sent to `bound`.
     multi_sent: bool,
+    /// Keyless commands queued while MULTI is held back (answered `+QUEUED` by the
+    /// proxy): they follow MULTI to the node the first keyed command names (or any, at
+    /// EXEC), so they never decide the transaction's node.
+    deferred: Vec<Bytes>,
     /// The slot a transaction (or WATCH) works on: another slot gets `-CROSSSLOT`.
     txn_slot: Option<u16>,
     /// The address the client connected to: the one node the proxy presents.
@@ -75,6 +85,7 @@ impl Default for ClusterSession {
             state_changed_on: None,
             multi_pending: false,
             multi_sent: false,
+            deferred: Vec::new(),
             txn_slot: None,
             local: None,
             parked: None,
@@ -291,8 +302,27 @@ impl Session {
             self.refuse(texts::cluster_client_redirect_refused(&name));
             return true;
         }
-        let slot = route::request_slot(spec, req);
         let in_txn = self.txn.is_some();
+        if !spec.arity_allows(req.argc()) {
+            // Redis checks the argument count first. Inside MULTI the proxy answers it
+            // (the refusal dooms the transaction, which decides EXEC's answer).
+            if in_txn {
+                self.refuse(texts::wrong_arity(spec.name));
+                return true;
+            }
+            return false;
+        }
+        if in_txn && spec.flags.contains(Flags::NO_MULTI) {
+            // Checked before the cluster, so before the proxy picks a node.
+            self.refuse(Bytes::from_static(texts::NOT_IN_MULTI));
+            return true;
+        }
+        if in_txn && spec.special == Special::Watch {
+            // Redis answers it before looking at the keys' node; the transaction goes on.
+            self.answer(Bytes::from_static(texts::WATCH_IN_MULTI));
+            return true;
+        }
+        let slot = route::request_slot(spec, req);
         if spec.name == "scan" && spec.request_policy == RequestPolicy::Special && !in_txn {
             // The cursor names the shard (request_policy:special).
             self.cl.parked = Some(Box::new(Gather {
@@ -315,9 +345,16 @@ impl Session {
                 self.refuse(Bytes::from_static(texts::CROSSSLOT));
                 return true;
             }
-            KeySlot::Slot(s) if in_txn || self.watching || spec.special == Special::Watch => {
-                if self.cl.txn_slot.is_some_and(|t| t != s) {
-                    self.refuse(Bytes::from_static(texts::CROSSSLOT));
+            KeySlot::Slot(s) if in_txn => {
+                // One node serving every slot queues a command for any slot and checks
+                // the transaction's slots at EXEC: the bound node cannot run this one.
+                let elsewhere = self.cl.txn_slot.is_some_and(|t| t != s)
+                    || self
+                        .cl
+                        .bound
+                        .is_some_and(|b| !self.cluster_serves(b, Some(s)));
+                if elsewhere {
+                    self.queue_cross_slot();
                     return true;
                 }
                 self.cl.txn_slot = Some(s);
@@ -341,6 +378,20 @@ impl Session {
         }
         self.cl.slot = slot;
         false
+    }
+
+    /// A command inside MULTI for a slot the transaction cannot hold (its arity and
+    /// `no_multi` already checked, as Redis checks them before the cluster): answered
+    /// `+QUEUED`, the transaction marked cross-slot unless already doomed (Redis
+    /// `src/server.c` `processCommand`, `src/multi.c` `queueMultiCommand`).
+    fn queue_cross_slot(&mut self) {
+        if let Some(txn) = &mut self.txn {
+            // Once a command was refused, Redis answers QUEUED but keeps no more
+            // commands (`multi.c` `queueMultiCommand`): EXEC then answers EXECABORT.
+            txn.cross_slot |= !txn.dirty;
+            txn.queue(None);
+        }
+        self.answer(Bytes::from_static(texts::QUEUED));
     }
 
     /// `CLUSTER <sub>`: the proxy as one node serving every slot.
@@ -469,8 +520,12 @@ impl Session {
                 return;
             }
         }
-        if ends_txn && self.cl.multi_pending {
+        let deferred_exec = name == b"exec"
+            && !self.cl.deferred.is_empty()
+            && !matches!(out.on_reply, OnReply::Replace(_));
+        if ends_txn && self.cl.multi_pending && !deferred_exec {
             // Nothing was queued anywhere: answer as Redis does for an empty transaction.
+            self.cl.deferred.clear();
             self.cl.multi_pending = false;
             self.cl.txn_slot = None;
             let reply = match &out.on_reply {
@@ -505,11 +560,23 @@ impl Session {
             KeySlot::Slot(s) => Some(s),
             _ => None,
         };
+        if self.cl.multi_pending
+            && self.txn.is_some()
+            && slot.is_none()
+            && self.cl.deferred.len() < MAX_DEFERRED
+        {
+            // Keyless: Redis queues it; it follows MULTI to the first keyed command's node.
+            self.cl.deferred.push(out.frame);
+            self.push_local(deliver.then(|| Bytes::from_static(texts::QUEUED)));
+            return;
+        }
         // What ties this request to one node: a transaction or WATCH (to the bound node,
         // for the slot it holds), tracking or MONITOR (their feed is one node's), pub/sub
         // (channel subscriptions live on one node; shard channels on their slot's owner).
+        // While WATCH is active only WATCH itself (and MULTI, EXEC, ...) needs the watched
+        // node: other commands go to their own slot's node, as on one node.
         let txn_like = self.txn.is_some()
-            || self.watching
+            || (self.watching && name == b"watch")
             || self.cl.multi_sent
             || (self.cl.bound.is_some() && (ends_txn || name == b"unwatch"));
         let feed = self.state.tracking || self.state.monitor;
@@ -582,10 +649,18 @@ impl Session {
         if pubsub && slot.is_none() && self.cl.pubsub.is_none() {
             self.cl.pubsub = Some(target);
         }
-        if self.cl.multi_pending && self.txn.is_some() {
+        if self.cl.multi_pending && (self.txn.is_some() || deferred_exec) {
             self.cl.multi_pending = false;
             self.cl.multi_sent = true;
             self.push_to(id, Outgoing::plain(Request::from_args(&[b"MULTI"]), false));
+            for frame in std::mem::take(&mut self.cl.deferred) {
+                // Answered `+QUEUED` already: the node's answer is not delivered.
+                let queued = Outgoing {
+                    frame,
+                    ..Outgoing::plain(Request::from_args(&[b"PING"]), false)
+                };
+                self.push_to(id, queued);
+            }
         } else if name == b"multi" {
             self.cl.multi_sent = true;
         }

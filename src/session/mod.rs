@@ -913,7 +913,13 @@ impl Session {
             Plan::Exec | Plan::Discard => {
                 if let Some(txn) = self.txn.take() {
                     self.watching = false;
-                    if txn.dirty {
+                    if txn.cross_slot && is_exec {
+                        // Cluster mode: queued over several slots. One node serving them
+                        // all checks every queued command's keys at EXEC (before any
+                        // queuing error) and discards: so does the proxy, on the node.
+                        forward = Request::from_args(&[b"DISCARD"]);
+                        on_reply = OnReply::Replace(Bytes::from_static(texts::CROSSSLOT));
+                    } else if txn.dirty {
                         // Redis never saw the refused command: discard what it queued
                         // and answer as Redis does for commands refused while queuing.
                         let reply = if is_exec {

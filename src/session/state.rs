@@ -191,6 +191,10 @@ pub(super) enum Effect {
 pub(super) struct Transaction {
     /// A command was refused while queuing: EXEC must answer EXECABORT.
     pub(super) dirty: bool,
+    /// Cluster mode: a command for another slot than the transaction's was answered
+    /// `+QUEUED` by the proxy; EXEC answers `-CROSSSLOT` and discards, as one cluster node
+    /// serving every slot does (Redis `src/cluster.c` `getNodeByQuery` over `mstate`).
+    pub(super) cross_slot: bool,
     /// Commands Redis queued: one element each in EXEC's array.
     pub(super) queued: usize,
     /// What EXEC will do to the session, by element index, in order.

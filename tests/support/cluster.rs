@@ -32,6 +32,30 @@ pub fn cluster_port() -> u16 {
     panic!("no free port pair for a cluster node");
 }
 
+/// One cluster node serving all 16384 slots (`CLUSTER ADDSLOTSRANGE 0 16383`): what the
+/// proxy presents itself as, so the reference for what it answers. Waits for
+/// `cluster_state:ok`.
+pub async fn one_node_cluster() -> RedisServer {
+    let node = (0..5)
+        .find_map(|_| RedisServer::try_start_bin("redis-server", cluster_port(), &node_args()))
+        .expect("redis-server did not start in cluster mode");
+    let addr = node.addr();
+    assert_eq!(
+        info(&addr, &["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]).await,
+        "OK"
+    );
+    wait_until(&format!("cluster_state:ok on {addr}"), || {
+        let addr = addr.clone();
+        async move {
+            info(&addr, &["CLUSTER", "INFO"])
+                .await
+                .contains("cluster_state:ok")
+        }
+    })
+    .await;
+    node
+}
+
 /// The cluster's nodes.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
