@@ -1265,6 +1265,8 @@ async fn client_reply_off_and_skip_with_pubsub() {
         let send = &send;
         bench
             .compare(name, |side| async move {
+                // PUBLISH's count is compared: the previous case's subscriber must be gone.
+                no_subscribers(side.server, "a").await;
                 let mut w = Wire::connect(side.client).await;
                 w.send(send).await;
                 // Under OFF the PING answer may never come: settle on the subscribe

@@ -235,6 +235,18 @@ fn command_name(frame: &[u8]) -> &[u8] {
 }
 
 /// A stable 40-hex node id for the proxy at `addr` (what `CLUSTER MYID` answers).
+/// `name` lowercased into `buf`; empty when longer than `buf` (no name `cluster_send`
+/// compares with is).
+fn lowercase_into<'b>(name: &[u8], buf: &'b mut [u8; 8]) -> &'b [u8] {
+    let Some(dst) = buf.get_mut(..name.len()) else {
+        return &[];
+    };
+    for (d, s) in dst.iter_mut().zip(name) {
+        *d = s.to_ascii_lowercase();
+    }
+    dst
+}
+
 fn proxy_node_id(addr: &str) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(format!("portcullis {addr}").as_bytes());
@@ -288,11 +300,7 @@ impl Session {
     /// Cluster mode, before a request is planned: answer the `CLUSTER` namespace, refuse
     /// client redirect commands and cross-slot requests, hold split and fan-out requests;
     /// `true` when the request was handled here.
-    pub(super) async fn cluster_intercept(
-        &mut self,
-        spec: &'static CommandSpec,
-        req: &Request,
-    ) -> bool {
+    pub(super) fn cluster_intercept(&mut self, spec: &'static CommandSpec, req: &Request) -> bool {
         self.cl.slot = KeySlot::NoKeys;
         if let Some(sub) = spec.name.strip_prefix("cluster|") {
             return self.cluster_namespace(sub, req);
@@ -505,9 +513,11 @@ impl Session {
 
     /// Cluster mode's `send`: pick the node, open its link, queue the request.
     pub(super) async fn cluster_send(&mut self, mut out: Outgoing) {
-        let name = command_name(&out.frame).to_ascii_lowercase();
+        // Lowercased on the stack: this runs per request.
+        let mut buf = [0u8; 8];
+        let name = lowercase_into(command_name(&out.frame), &mut buf);
         let deliver = out.deliver;
-        let ends_txn = matches!(name.as_slice(), b"exec" | b"discard" | b"reset");
+        let ends_txn = matches!(name, b"exec" | b"discard" | b"reset");
         if name == b"multi" {
             if self.cl.multi_pending {
                 self.push_local(deliver.then(|| Bytes::from_static(texts::MULTI_NESTED)));
@@ -821,35 +831,33 @@ impl Session {
     /// The confirmed master for `slot` (any confirmed master for none), waiting up to
     /// `routing.failover_wait` for one; the error reply names the slot and why.
     async fn cluster_target(&self, slot: Option<u16>) -> Result<usize, Bytes> {
+        if let (Some(s), Some(cluster)) = (slot, self.cluster()) {
+            // The common case: confirmed now (the clock read once per wake-up).
+            let now = tokio::time::Instant::from_std(self.now);
+            if let Ok(i) = cluster
+                .load()
+                .slot_master_at(s, &self.shared.topology.load(), now)
+            {
+                return Ok(i);
+            }
+        }
         let Some(cluster) = self.cluster().cloned() else {
             return Err(Bytes::from_static(texts::NO_BACKEND));
         };
         let wait = self.rt.config.routing.failover_wait;
         match slot {
-            Some(s) => {
-                // The common case: confirmed now (the clock read once per wake-up).
-                let now = tokio::time::Instant::from_std(self.now);
-                if let Ok(i) = cluster
-                    .load()
-                    .slot_master_at(s, &self.shared.topology.load(), now)
-                {
-                    return Ok(i);
-                }
-                cluster.wait_for_slot_master(s, wait).await.map_err(|e| {
-                    let why = match e {
-                        SlotMasterError::NoMap => {
-                            "no node has answered with the slot map yet".to_string()
-                        }
-                        SlotMasterError::Uncovered => {
-                            "the slot map names no master for it".to_string()
-                        }
-                        SlotMasterError::Unconfirmed { node } => {
-                            format!("node {node} is not confirmed master by its own ROLE")
-                        }
-                    };
-                    texts::cluster_slot_unserved(s, &why)
-                })
-            }
+            Some(s) => cluster.wait_for_slot_master(s, wait).await.map_err(|e| {
+                let why = match e {
+                    SlotMasterError::NoMap => {
+                        "no node has answered with the slot map yet".to_string()
+                    }
+                    SlotMasterError::Uncovered => "the slot map names no master for it".to_string(),
+                    SlotMasterError::Unconfirmed { node } => {
+                        format!("node {node} is not confirmed master by its own ROLE")
+                    }
+                };
+                texts::cluster_slot_unserved(s, &why)
+            }),
             None => {
                 // A node the session is already connected to, when one is confirmed.
                 let state = cluster.load();
@@ -1431,6 +1439,16 @@ mod tests {
         assert_eq!(command_name(&frame), b"set");
         assert_eq!(slot_of_frame(&frame), Some(12182));
         assert_eq!(command_name(b"garbage"), b"");
+    }
+
+    #[test]
+    fn names_lowercase_on_the_stack() {
+        let mut buf = [0u8; 8];
+        assert_eq!(lowercase_into(b"MuLtI", &mut buf), b"multi");
+        assert_eq!(lowercase_into(b"UNWATCH", &mut buf), b"unwatch");
+        assert_eq!(lowercase_into(b"", &mut buf), b"");
+        // Longer than any compared name: matches none.
+        assert_eq!(lowercase_into(b"EXECEXECX", &mut buf), b"");
     }
 
     #[test]

@@ -777,7 +777,7 @@ impl Session {
             self.refuse(texts::refused(command, reason.text()));
             return Ok(());
         }
-        if self.shared.cluster.is_some() && Box::pin(self.cluster_intercept(spec, &req)).await {
+        if self.shared.cluster.is_some() && self.cluster_intercept(spec, &req) {
             return Ok(());
         }
         self.apply_plan(plan::plan(spec, &req), req, spec, class)
