@@ -32,7 +32,7 @@ use crate::command::{CommandSpec, RequestPolicy, Special};
 use crate::protocol::{texts, Reply, ReplyKind, Request};
 
 use super::pool::{Delivery, SharedLink};
-use super::queue::{Awaiting, Entry, Retained};
+use super::queue::{Awaiting, Entry, Retained, Unsent};
 use super::state::{self, OnReply};
 use super::upstream::{Link, LinkEnd, LinkId};
 use super::{Outgoing, Session};
@@ -64,6 +64,9 @@ pub(super) struct ClusterSession {
     /// A split or fanned-out request waiting for the answers in flight before it.
     /// (Boxed: every session carries this struct, cluster mode or not.)
     pub(super) parked: Option<Box<Gather>>,
+    /// The slot map generation (`ClusterState::generation`) the requests in flight were
+    /// routed by.
+    routed_generation: u64,
 }
 
 impl Default for ClusterSession {
@@ -78,6 +81,7 @@ impl Default for ClusterSession {
             txn_slot: None,
             local: None,
             parked: None,
+            routed_generation: 0,
         }
     }
 }
@@ -138,7 +142,9 @@ const SCAN_SHARDS: u64 = 1024;
 /// with the request until it is re-sent.
 #[derive(Debug, Clone)]
 pub(super) struct Redirect {
-    kind: RedirectKind,
+    /// `None`: no node answered; the request was never written (its node's connection
+    /// was lost or could not be opened) and goes to its slot's confirmed master.
+    kind: Option<RedirectKind>,
     /// The request's slot (from `MOVED`/`ASK`, else from its keys).
     slot: Option<u16>,
     /// When the client's request was read: `routing.failover_wait` runs from there.
@@ -148,6 +154,21 @@ pub(super) struct Redirect {
     /// Who answered, and what (for the give-up text).
     node: String,
     text: String,
+}
+
+impl Redirect {
+    /// A request never written to `node` (read from the client at `since`): retried on
+    /// its slot's confirmed master within `routing.failover_wait` from `since`.
+    pub(super) fn unsent(since: Instant, node: &str) -> Box<Redirect> {
+        Box::new(Redirect {
+            kind: None,
+            slot: None,
+            since,
+            target: None,
+            node: node.to_string(),
+            text: "the connection was lost before the request was sent".to_string(),
+        })
+    }
 }
 
 /// Parse a redirect error: `MOVED <slot> <host:port>`, `ASK <slot> <host:port>`,
@@ -180,7 +201,7 @@ fn redirect_of(reply: &Reply, node: &str) -> Option<(Redirect, Option<u16>)> {
     }
     Some((
         Redirect {
-            kind,
+            kind: Some(kind),
             slot,
             since: Instant::now(),
             target,
@@ -547,6 +568,18 @@ impl Session {
                 },
             };
             if !(txn_like || feed || pubsub || ends_txn) {
+                // The map changed since the requests in flight were routed: one of them
+                // may be for this slot on its old owner, and be retried from there (after
+                // a redirect, or never written when that node died). Send after them, so
+                // a slot's requests run in the order they were read.
+                let generation = self.cluster().map_or(0, |c| c.load().generation);
+                if generation != self.cl.routed_generation {
+                    if self.queue.waiting_on_nodes() || self.queue.retries() > 0 {
+                        self.parked = Some(out);
+                        return;
+                    }
+                    self.cl.routed_generation = generation;
+                }
                 let dedicated = self.upstream.node_link(target);
                 match self.cluster_shared_route(target, dedicated, &out) {
                     SharedRoute::Shared(shared) => break (target, shared),
@@ -713,6 +746,19 @@ impl Session {
                     self.queue.fail_first(id, n, &reply);
                     self.queue.drain(&mut self.to_client);
                 }
+                Delivery::Unsent { n, reply } => {
+                    // Never written: retried on the slot's confirmed master within the
+                    // failover wait, in order, as after a redirect.
+                    let node = self
+                        .upstream
+                        .node_of(id)
+                        .map(|(label, _)| label)
+                        .unwrap_or_default();
+                    self.queue.unsent(id, Unsent::First(n), &reply, |a| {
+                        Some(Redirect::unsent(a.sent, &node))
+                    });
+                    self.queue.drain(&mut self.to_client);
+                }
             }
             next = self
                 .upstream
@@ -819,8 +865,9 @@ impl Session {
             .map(|(label, index)| (label, Some(index)))
             .unwrap_or_default();
         let (mut redirect, moved_slot) = redirect_of(reply, &node)?;
-        cluster.report_redirect(redirect.kind, &node);
-        if redirect.kind == RedirectKind::ReadOnly {
+        let kind = redirect.kind?;
+        cluster.report_redirect(kind, &node);
+        if kind == RedirectKind::ReadOnly {
             if let (LinkId::Node(_) | LinkId::SharedNode(_), Some(i)) = (id, backend) {
                 self.shared.topology.report_readonly(i);
             }
@@ -874,47 +921,64 @@ impl Session {
             let frame = retained.frame.clone();
             let redirect = redirect.as_deref().cloned();
             let (slot, since) = match &redirect {
-                Some(r) => (r.slot, r.since),
+                Some(r) => (r.slot.or_else(|| slot_of_frame(&frame)), r.since),
                 None => (slot_of_frame(&frame), Instant::now()),
             };
             let deadline = tokio::time::Instant::from_std(since + wait);
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let kind = redirect.as_ref().map(|r| r.kind);
-            let target = match (&redirect, kind) {
-                (Some(r), Some(RedirectKind::Moved)) => match slot {
-                    // Where the refreshed map says the slot is now (not where MOVED says).
-                    Some(s) => {
-                        let from = cluster.node_index(&r.node);
-                        cluster.wait_for_new_owner(s, from, left).await
-                    }
-                    None => None,
-                },
-                (Some(r), Some(RedirectKind::Ask)) => {
-                    let addr = r.target.clone().unwrap_or_default();
-                    if cluster.wait_for_member(&addr, left).await {
-                        match cluster.node_index(&addr) {
-                            Some(i) => self.wait_confirmed(i, left).await.then_some(i),
-                            None => None,
+            let kind = redirect.as_ref().and_then(|r| r.kind);
+            // A target that refuses the connection is reported down (`open_link`): the
+            // next pick waits for its shard's new master, within the failover wait.
+            let linked = loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let target = match (&redirect, kind) {
+                    (Some(r), Some(RedirectKind::Moved)) => match slot {
+                        // Where the refreshed map says the slot is now (not where MOVED says).
+                        Some(s) => {
+                            let from = cluster.node_index(&r.node);
+                            cluster.wait_for_new_owner(s, from, left).await
                         }
-                    } else {
-                        None
-                    }
-                }
-                _ => {
-                    if matches!(
-                        kind,
-                        Some(RedirectKind::TryAgain | RedirectKind::ClusterDown)
-                    ) {
-                        tokio::time::sleep(RETRY_PAUSE.min(left)).await;
-                    }
-                    match slot {
-                        Some(s) => cluster.wait_for_slot_master(s, left).await.ok(),
-                        None => {
-                            cluster
-                                .wait_for_any_master(usize::from(self.peer.port()), left)
-                                .await
+                        None => None,
+                    },
+                    (Some(r), Some(RedirectKind::Ask)) => {
+                        let addr = r.target.clone().unwrap_or_default();
+                        if cluster.wait_for_member(&addr, left).await {
+                            match cluster.node_index(&addr) {
+                                Some(i) => self.wait_confirmed(i, left).await.then_some(i),
+                                None => None,
+                            }
+                        } else {
+                            None
                         }
                     }
+                    _ => {
+                        if matches!(
+                            kind,
+                            Some(RedirectKind::TryAgain | RedirectKind::ClusterDown)
+                        ) {
+                            tokio::time::sleep(RETRY_PAUSE.min(left)).await;
+                        }
+                        match slot {
+                            Some(s) => cluster.wait_for_slot_master(s, left).await.ok(),
+                            None => {
+                                cluster
+                                    .wait_for_any_master(usize::from(self.peer.port()), left)
+                                    .await
+                            }
+                        }
+                    }
+                };
+                let Some(t) = target else {
+                    break None;
+                };
+                match self.cluster_link(t).await {
+                    Ok(id) => break Some(id),
+                    Err(_)
+                        if !matches!(self.phase, super::Phase::Ending(_))
+                            && tokio::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(super::RECONNECT_PAUSE).await;
+                    }
+                    Err(_) => break None,
                 }
             };
             let node = redirect
@@ -923,10 +987,6 @@ impl Session {
             let last = redirect
                 .as_ref()
                 .map_or_else(String::new, |r| r.text.clone());
-            let linked = match target {
-                Some(t) => self.cluster_link(t).await.ok(),
-                None => None,
-            };
             let Some(id) = linked else {
                 let reply = texts::cluster_gave_up(slot, &node, &last);
                 self.queue
@@ -1168,14 +1228,17 @@ impl Session {
             let Some((redirect, _)) = redirect_of(&reply, &node) else {
                 return Ok(reply);
             };
-            cluster.report_redirect(redirect.kind, &node);
+            let Some(kind) = redirect.kind else {
+                return Ok(reply);
+            };
+            cluster.report_redirect(kind, &node);
             let left = wait.saturating_sub(started.elapsed());
             if left.is_zero() {
                 return Err(texts::cluster_gave_up(slot, &node, &redirect.text));
             }
-            asking = redirect.kind == RedirectKind::Ask;
+            asking = kind == RedirectKind::Ask;
             let gave_up = || texts::cluster_gave_up(slot, &node, &redirect.text);
-            target = match (&redirect.target, redirect.kind) {
+            target = match (&redirect.target, kind) {
                 // Where the refreshed map says the slot is now.
                 (_, RedirectKind::Moved) => match redirect.slot.or(slot) {
                     Some(s) => cluster
@@ -1302,12 +1365,12 @@ mod tests {
     fn redirects_as_redis_writes_them() {
         // Redis src/cluster.c clusterRedirectClient.
         let (r, slot) = redirect_of(&reply(b"-MOVED 3999 127.0.0.1:6381\r\n"), "n:1").unwrap();
-        assert_eq!((r.kind, slot), (RedirectKind::Moved, Some(3999)));
+        assert_eq!((r.kind, slot), (Some(RedirectKind::Moved), Some(3999)));
         assert_eq!(r.target.as_deref(), Some("127.0.0.1:6381"));
         let (r, _) = redirect_of(&reply(b"-ASK 12 node-b.example:7000\r\n"), "n:1").unwrap();
         assert_eq!(
             (r.kind, r.target.as_deref()),
-            (RedirectKind::Ask, Some("node-b.example:7000"))
+            (Some(RedirectKind::Ask), Some("node-b.example:7000"))
         );
         // An unknown endpoint: the answering node's host.
         let (r, _) = redirect_of(&reply(b"-MOVED 1 ?:7002\r\n"), "10.0.0.5:7000").unwrap();
@@ -1328,7 +1391,7 @@ mod tests {
                 RedirectKind::ReadOnly,
             ),
         ] {
-            assert_eq!(redirect_of(&reply(text), "n:1").unwrap().0.kind, kind);
+            assert_eq!(redirect_of(&reply(text), "n:1").unwrap().0.kind, Some(kind));
         }
         assert!(redirect_of(&reply(b"-ERR no\r\n"), "n:1").is_none());
         assert!(redirect_of(&reply(b"+OK\r\n"), "n:1").is_none());

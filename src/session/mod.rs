@@ -59,7 +59,7 @@ use out::OutQueue;
 use plan::Plan;
 pub use pool::Pools;
 use pool::{Delivery, SharedLink};
-use queue::{Awaiting, Entry, ReplyMode, ReplyQueue, Retained};
+use queue::{Awaiting, Entry, ReplyMode, ReplyQueue, Retained, Unsent};
 use state::{ConnState, Effect, ExecPlan, OnReply, StateChange, Transaction};
 use upstream::{Link, LinkEnd, LinkId, Upstream};
 
@@ -405,6 +405,11 @@ impl Session {
             self.flush(client).map_err(SessionEnd::ClientIo)?;
             self.progress(client).await?;
             self.flush(client).map_err(SessionEnd::ClientIo)?;
+            if self.retries_ready() {
+                // A link lost while writing left requests it never wrote, to retry now:
+                // no event would come for them.
+                continue;
+            }
             if let Some(end) = self.finished(client) {
                 return Err(end);
             }
@@ -440,11 +445,7 @@ impl Session {
         if self.barrier && self.queue.is_empty() {
             self.barrier = false;
         }
-        if self.queue.retries() > 0
-            && !self.queue.waiting_on(LinkId::Master)
-            && !self.queue.waiting_on(LinkId::Shared)
-            && !self.queue.waiting_on_nodes()
-        {
+        if self.retries_ready() {
             self.run_retries().await;
         }
         if self.queue.is_empty() {
@@ -494,6 +495,14 @@ impl Session {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Retries are waiting and every link has answered what was sent before them.
+    fn retries_ready(&self) -> bool {
+        self.queue.retries() > 0
+            && !self.queue.waiting_on(LinkId::Master)
+            && !self.queue.waiting_on(LinkId::Shared)
+            && !self.queue.waiting_on_nodes()
     }
 
     /// Nothing owed to the client and nothing of it buffered or in progress.
@@ -1784,7 +1793,7 @@ impl Session {
     /// the client if nothing stateful was lost. Writes refused with READONLY keep their
     /// retry.
     fn link_lost(&mut self, id: LinkId, end: LinkEnd) {
-        let Some(link) = self.upstream.take(id) else {
+        let Some(mut link) = self.upstream.take(id) else {
             return;
         };
         match &end {
@@ -1804,7 +1813,18 @@ impl Session {
             self.queue.drain(&mut self.to_client);
             return;
         }
-        let in_flight = self.queue.fail_link(id, &texts::link_lost(&link.label));
+        let lost = texts::link_lost(&link.label);
+        // What never reached the socket never ran: retried where a retry would go after
+        // READONLY (cluster: the slot's confirmed master), within the failover wait.
+        let unwritten = link.unwritten_requests();
+        if unwritten > 0 {
+            let cluster = self.shared.cluster.is_some();
+            let retried = self.queue.unsent(id, Unsent::Last(unwritten), &lost, |a| {
+                cluster.then(|| cluster::Redirect::unsent(a.sent, &link.label))
+            });
+            debug!(peer = %self.peer, backend = %link.label, unwritten, retried, "requests never written to a lost backend connection");
+        }
+        let in_flight = self.queue.fail_link(id, &lost);
         if in_flight > 0 {
             metrics::backend_lost(&link.label);
             warn!(peer = %self.peer, backend = %link.label, in_flight, "backend connection lost with requests in flight");
@@ -1919,6 +1939,13 @@ impl Session {
                 }
                 Delivery::Fail { n, reply } => {
                     self.queue.fail_first(LinkId::Shared, n, &reply);
+                    self.queue.drain(&mut self.to_client);
+                }
+                Delivery::Unsent { n, reply } => {
+                    // Never written: writes are retried on the confirmed master, as
+                    // after READONLY.
+                    self.queue
+                        .unsent(LinkId::Shared, Unsent::First(n), &reply, |_| None);
                     self.queue.drain(&mut self.to_client);
                 }
             }
