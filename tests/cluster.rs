@@ -1026,3 +1026,31 @@ async fn requests_never_written_to_a_killed_master_run_on_its_successor() {
     }
     eprintln!("lost {lost} of {N} requests; the rest ran on {successor}");
 }
+
+/// WAIT counts the writes of the connection it runs on. Through the proxy in shared mode,
+/// a session's writes go over the nodes' shared connections and its WAIT over links of
+/// its own (sent to every master), whose write offsets knew nothing of them: with the
+/// key's replica frozen (SIGSTOP) WAIT answered 1 at once. A hidden propagated no-op now
+/// goes first on each master's link, and WAIT answers 0 as Redis does for a client that
+/// wrote on its own connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_counts_writes_sent_on_shared_node_connections() {
+    let cluster = RedisCluster::start(3, 1).await;
+    let p = proxy_with(&cluster, |c| {
+        c.routing.backend_connections = portcullis::config::BackendConnections::Shared;
+    })
+    .await;
+    let key = "wait:k";
+    let master = cluster
+        .master_of(portcullis::cluster::key_hash_slot(key.as_bytes()))
+        .await;
+    let replica = replica_of(&cluster, &master).await;
+    let frozen = cluster.node(&replica).expect("the replica").pid();
+    let mut c = Conn::open(&p.addr.to_string()).await;
+    signal(frozen, "STOP");
+    assert_eq!(c.call(&["SET", key, "v"]).await, b"+OK\r\n");
+    let during = c.call(&["WAIT", "1", "300"]).await;
+    signal(frozen, "CONT");
+    assert_eq!(during, b":0\r\n", "{}", String::from_utf8_lossy(&during));
+    assert_eq!(c.call(&["WAIT", "1", "5000"]).await, b":1\r\n");
+}

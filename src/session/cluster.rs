@@ -244,6 +244,26 @@ fn command_name(frame: &[u8]) -> &[u8] {
     name.get(..len).unwrap_or_default()
 }
 
+/// The empty function library as `FUNCTION DUMP` writes it (no library, then the RDB
+/// version, 10 as of Redis 7.0, little-endian, and the CRC64 of both: `verifyDumpPayload`
+/// accepts any version up to the server's own).
+const EMPTY_FUNCTION_DUMP: &[u8] = b"\x0a\x00\x5d\x9b\x5c\x40\x0f\x7f\xa2\xda";
+
+/// The write-offset bump of cluster mode: `FUNCTION RESTORE <empty> APPEND` restores no
+/// library yet is propagated to the replicas (Redis counts it as a change), so it moves
+/// the write offset of the link it runs on (Redis's `c->woff`) to the current one. The
+/// single-master bump (`pool::wait_offset_bump`, a PUBLISH) is not propagated in cluster
+/// mode: Redis sends PUBLISH over the cluster bus instead of the replication stream.
+fn cluster_wait_offset_bump() -> Bytes {
+    Request::from_args(&[
+        b"FUNCTION".as_slice(),
+        b"RESTORE",
+        EMPTY_FUNCTION_DUMP,
+        b"APPEND",
+    ])
+    .into_frame()
+}
+
 /// A stable 40-hex node id for the proxy at `addr` (what `CLUSTER MYID` answers).
 fn proxy_node_id(addr: &str) -> String {
     use sha2::Digest;
@@ -1092,9 +1112,15 @@ impl Session {
                 }
             }
         }
+        // WAIT/WAITAOF count the writes of the link they run on: after requests went
+        // through shared node connections, a hidden propagated no-op goes first on each
+        // master's link, so its write offset covers them (`cluster_wait_offset_bump`).
+        let bump = g.how == GatherKind::FanOut
+            && super::pool::counts_own_writes(g.spec)
+            && std::mem::take(&mut self.wait_needs_bump);
         let mut replies = Vec::with_capacity(parts.len());
         for (slot, req, _) in &parts {
-            replies.push(self.call_slot(*slot, req).await);
+            replies.push(self.call_slot(*slot, req, bump).await);
         }
         if g.how == GatherKind::FanOut && g.spec.request_policy == RequestPolicy::AllNodes {
             // all_nodes: the replicas too (SCRIPT LOAD then survives a failover: Redis 7
@@ -1115,7 +1141,7 @@ impl Session {
                     continue;
                 };
                 let result = match self.cluster_link(index).await {
-                    Ok(id) => self.call_on(id, &g.req, false).await,
+                    Ok(id) => self.call_on(id, &g.req, false, false).await,
                     Err(e) => Err(e),
                 };
                 if let Err(e) = result {
@@ -1171,7 +1197,7 @@ impl Session {
             *a = node_cursor_text.as_bytes();
         }
         let req = Request::from_args(&args);
-        let reply = match self.call_slot(slot, &req).await {
+        let reply = match self.call_slot(slot, &req, false).await {
             Ok(r) => r,
             Err(e) => return e,
         };
@@ -1208,8 +1234,14 @@ impl Session {
     }
 
     /// Send one request to `slot`'s master and wait for its reply, following redirects
-    /// within `routing.failover_wait`. Only while nothing else is in flight.
-    async fn call_slot(&mut self, slot: Option<u16>, req: &Request) -> Result<Reply, Bytes> {
+    /// within `routing.failover_wait` (`bump`: the write-offset bump goes first). Only
+    /// while nothing else is in flight.
+    async fn call_slot(
+        &mut self,
+        slot: Option<u16>,
+        req: &Request,
+        bump: bool,
+    ) -> Result<Reply, Bytes> {
         let Some(cluster) = self.cluster().cloned() else {
             return Err(Bytes::from_static(texts::NO_BACKEND));
         };
@@ -1224,7 +1256,7 @@ impl Session {
                 .get(id)
                 .map(|l| l.label.clone())
                 .unwrap_or_default();
-            let reply = self.call_on(id, req, asking).await?;
+            let reply = self.call_on(id, req, asking, bump).await?;
             let Some((redirect, _)) = redirect_of(&reply, &node) else {
                 return Ok(reply);
             };
@@ -1265,19 +1297,30 @@ impl Session {
     }
 
     /// One request on node link `id` (nothing else in flight there), its reply read in
-    /// place; pushes that arrive meanwhile go to the client.
-    async fn call_on(&mut self, id: LinkId, req: &Request, asking: bool) -> Result<Reply, Bytes> {
+    /// place; pushes that arrive meanwhile go to the client. Hidden requests go first,
+    /// their answers unseen: the write-offset bump (`bump`), then `ASKING` (`asking`,
+    /// which applies to the next command only).
+    async fn call_on(
+        &mut self,
+        id: LinkId,
+        req: &Request,
+        asking: bool,
+        bump: bool,
+    ) -> Result<Reply, Bytes> {
         let resp3 = self.state.resp3;
         {
             let Some(link) = self.upstream.get_mut(id) else {
                 return Err(Bytes::from_static(texts::NO_BACKEND));
             };
+            if bump {
+                link.send(&cluster_wait_offset_bump());
+            }
             if asking {
                 link.send(Request::from_args(&[b"ASKING"]).frame());
             }
             link.send(req.frame());
         }
-        let mut skip = u32::from(asking);
+        let mut skip = u32::from(asking) + u32::from(bump);
         loop {
             let step = self.call_step(id).await;
             match step {

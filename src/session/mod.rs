@@ -1363,6 +1363,7 @@ impl Session {
                 return;
             };
             shared.send(&frame);
+            self.wait_needs_bump = true;
         } else {
             let Some(link) = self.upstream.get_mut(id) else {
                 return;
