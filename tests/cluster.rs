@@ -1054,3 +1054,52 @@ async fn wait_counts_writes_sent_on_shared_node_connections() {
     assert_eq!(during, b":0\r\n", "{}", String::from_utf8_lossy(&during));
     assert_eq!(c.call(&["WAIT", "1", "5000"]).await, b":1\r\n");
 }
+
+/// Redis's script cache is per server and not replicated. A replica that did not see a
+/// SCRIPT LOAD (its cache flushed directly here, as after a restart or a late join)
+/// answers NOSCRIPT once promoted; the proxy remembers the bodies it saw (SCRIPT LOAD and
+/// EVAL), loads the script there unseen and runs the EVALSHA again, so the client sees
+/// what one Redis that never failed over answers. SCRIPT FLUSH through the proxy forgets
+/// them: EVALSHA then answers NOSCRIPT, byte for byte as Redis does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evalsha_after_a_failover_to_a_node_that_never_saw_the_script() {
+    let cluster = RedisCluster::start(3, 1).await;
+    let p = proxy(&cluster).await;
+    let mut via = Conn::open(&p.addr.to_string()).await;
+    let key = "script:lost";
+    let master = cluster
+        .master_of(portcullis::cluster::key_hash_slot(key.as_bytes()))
+        .await;
+    let replica = replica_of(&cluster, &master).await;
+    let body = "return redis.call('GET', KEYS[1])";
+    let loaded = via.call(&["SCRIPT", "LOAD", body]).await;
+    let sha = redis::Script::new(body).get_hash().to_string();
+    assert_eq!(loaded, format!("$40\r\n{sha}\r\n").as_bytes());
+    // Run once by EVAL only: Redis caches its body too.
+    let evaled = "return 'evaled'";
+    assert_eq!(via.call(&["EVAL", evaled, "0"]).await, b"$6\r\nevaled\r\n");
+    let evaled_sha = redis::Script::new(evaled).get_hash().to_string();
+    assert_eq!(info(&replica, &["SCRIPT", "FLUSH"]).await, "OK");
+    assert_eq!(info(&replica, &["CLUSTER", "FAILOVER"]).await, "OK");
+    wait_role_master(&replica, "the replica is master").await;
+    assert_eq!(via.call(&["SET", key, "v"]).await, b"+OK\r\n");
+    assert_eq!(via.call(&["EVALSHA", &sha, "1", key]).await, b"$1\r\nv\r\n");
+    // EVALSHA_RO, and an upper-case SHA, as Redis accepts it.
+    assert_eq!(
+        via.call(&["EVALSHA_RO", &sha.to_uppercase(), "1", key])
+            .await,
+        b"$1\r\nv\r\n"
+    );
+    // The EVAL'd body, on the node that never ran it.
+    assert_eq!(info(&replica, &["SCRIPT", "FLUSH"]).await, "OK");
+    assert_eq!(
+        via.call(&["EVALSHA", &evaled_sha, "1", key]).await,
+        b"$6\r\nevaled\r\n"
+    );
+    // SCRIPT FLUSH through the proxy: forgotten, as Redis forgets.
+    assert_eq!(via.call(&["SCRIPT", "FLUSH"]).await, b"+OK\r\n");
+    let mut direct = Conn::open(&replica).await;
+    let expected = direct.call(&["EVALSHA", &sha, "1", key]).await;
+    assert!(expected.starts_with(b"-NOSCRIPT"), "{expected:?}");
+    assert_eq!(via.call(&["EVALSHA", &sha, "1", key]).await, expected);
+}

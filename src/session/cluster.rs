@@ -169,6 +169,19 @@ impl Redirect {
             text: "the connection was lost before the request was sent".to_string(),
         })
     }
+
+    /// An `EVALSHA` that `node` answered `-NOSCRIPT`: re-sent there (its key's owner), the
+    /// script loaded first.
+    pub(super) fn noscript(since: Instant, node: &str) -> Box<Redirect> {
+        Box::new(Redirect {
+            kind: None,
+            slot: None,
+            since,
+            target: Some(node.to_string()),
+            node: node.to_string(),
+            text: "NOSCRIPT".to_string(),
+        })
+    }
 }
 
 /// Parse a redirect error: `MOVED <slot> <host:port>`, `ASK <slot> <host:port>`,
@@ -933,11 +946,13 @@ impl Session {
                 retained,
                 deliver,
                 redirect,
+                script,
             }) = self.queue.entry_mut(pos)
             else {
                 break;
             };
             let deliver = *deliver;
+            let script = script.take();
             let frame = retained.frame.clone();
             let redirect = redirect.as_deref().cloned();
             let (slot, since) = match &redirect {
@@ -959,6 +974,14 @@ impl Session {
                         }
                         None => None,
                     },
+                    (Some(r), None) if r.target.is_some() => {
+                        // NOSCRIPT: the node that answered, while it is a confirmed master.
+                        let addr = r.target.clone().unwrap_or_default();
+                        match cluster.node_index(&addr) {
+                            Some(i) => self.wait_confirmed(i, left).await.then_some(i),
+                            None => None,
+                        }
+                    }
                     (Some(r), Some(RedirectKind::Ask)) => {
                         let addr = r.target.clone().unwrap_or_default();
                         if cluster.wait_for_member(&addr, left).await {
@@ -1019,10 +1042,20 @@ impl Session {
             };
             let retained: Retained =
                 std::mem::replace(retained, Retained::new(Bytes::new(), &self.retained));
-            let asking = (kind == Some(RedirectKind::Ask)).then(|| {
-                let req = Request::from_args(&[b"ASKING"]);
-                (req.frame().clone(), Awaiting::hidden(id, self.read_at))
-            });
+            // Hidden first: the script an EVALSHA answered NOSCRIPT for, or ASKING (a
+            // NOSCRIPT retry follows no redirect).
+            let asking = match &script {
+                Some(body) => Some((
+                    super::scripts::load_frame(body),
+                    Awaiting::hidden(id, self.read_at),
+                )),
+                None => (kind == Some(RedirectKind::Ask)).then(|| {
+                    let req = Request::from_args(&[b"ASKING"]);
+                    (req.frame().clone(), Awaiting::hidden(id, self.read_at))
+                }),
+            };
+            // Loaded once: an EVALSHA that still meets NOSCRIPT gets that answer.
+            let retained = script.is_none().then_some(retained);
             let Some(link) = self.upstream.get_mut(id) else {
                 break;
             };
@@ -1037,7 +1070,7 @@ impl Session {
                 remaining: 1,
                 deliver,
                 on_reply: OnReply::Forward,
-                retry: Some(retained),
+                retry: retained,
                 // A further redirect's failover-wait bound runs from the first read.
                 sent: since,
                 blocking: false,

@@ -29,6 +29,7 @@ mod out;
 mod plan;
 mod pool;
 mod queue;
+mod scripts;
 mod state;
 mod upstream;
 
@@ -60,6 +61,7 @@ use plan::Plan;
 pub use pool::Pools;
 use pool::{Delivery, SharedLink};
 use queue::{Awaiting, Entry, ReplyMode, ReplyQueue, Retained, Unsent};
+pub use scripts::ScriptCache;
 use state::{ConnState, Effect, ExecPlan, OnReply, StateChange, Transaction};
 use upstream::{Link, LinkEnd, LinkId, Upstream};
 
@@ -84,6 +86,8 @@ pub struct Shared {
     pub pools: Pools,
     /// Cluster mode (`[cluster]`): the slot map and per-shard masters.
     pub cluster: Option<Arc<crate::cluster::ClusterStore>>,
+    /// Script bodies seen, loaded again where `EVALSHA` meets `-NOSCRIPT`.
+    pub scripts: ScriptCache,
 }
 
 impl Shared {
@@ -781,6 +785,11 @@ impl Session {
             self.refuse(texts::refused(command, reason.text()));
             return Ok(());
         }
+        if self.txn.is_none() {
+            // Inside MULTI a body may never run (DISCARD, EXECABORT).
+            let limit = self.rt.config.limits.script_cache;
+            self.shared.scripts.observe(spec, &req, limit);
+        }
         if self.shared.cluster.is_some() && Box::pin(self.cluster_intercept(spec, &req)).await {
             return Ok(());
         }
@@ -1025,8 +1034,9 @@ impl Session {
         let deliver = self.mode.next_command();
         let out = Outgoing {
             on_reply,
-            // A plain write outside MULTI can be retried if the backend says READONLY.
-            retryable: plain && spec.is_write(),
+            // A plain write outside MULTI can be retried if the backend says READONLY; an
+            // EVALSHA too if it says NOSCRIPT.
+            retryable: plain && (spec.is_write() || matches!(spec.name, "evalsha" | "evalsha_ro")),
             blocking: spec.may_block(),
             // Not inside MULTI: there the PUBLISH would be queued into the transaction.
             bump_write_offset: pool::counts_own_writes(spec) && self.txn.is_none(),
@@ -1397,30 +1407,44 @@ impl Session {
         });
     }
 
-    /// Re-send the writes refused with READONLY to the confirmed master, in order; if no
-    /// master appears within the failover wait, answer them `-MASTERDOWN`.
+    /// Re-send the retries (writes refused with READONLY, requests never written, an
+    /// EVALSHA answered NOSCRIPT with its script loaded first) to the confirmed master,
+    /// in order; if no master appears within the failover wait, answer them `-MASTERDOWN`.
     async fn run_retries(&mut self) {
         if self.shared.cluster.is_some() {
             return Box::pin(self.cluster_retries()).await;
         }
-        self.upstream.master = None;
-        let connected = self.connect_to_master().await.is_ok();
-        let masterdown = self.shared.masterdown();
+        // The session's link stays when it is still the master's (a NOSCRIPT retry).
+        let now = tokio::time::Instant::now();
+        let current = self.upstream.master.as_ref().map(|l| l.index);
+        let connected = if current.is_some() && current == self.shared.topology.master_at(now) {
+            true
+        } else {
+            self.upstream.master = None;
+            self.connect_to_master().await.is_ok()
+        };
         let read_at = self.read_at;
-        for entry in self.queue.retries_mut() {
-            let Entry::Retry {
-                retained, deliver, ..
-            } = entry
+        while let Some(pos) = self.queue.first_retry() {
+            let Some(Entry::Retry {
+                retained,
+                deliver,
+                script,
+                ..
+            }) = self.queue.entry_mut(pos)
             else {
-                continue;
+                break;
             };
-            let (frame, deliver) = (retained.frame.clone(), *deliver);
-            *entry = match (&mut self.upstream.master, connected) {
+            let (frame, deliver, script) = (retained.frame.clone(), *deliver, script.take());
+            let (entry, hidden) = match (&mut self.upstream.master, connected) {
                 (Some(link), true) => {
                     metrics::readonly_retry();
+                    let hidden = script.map(|body| {
+                        link.send(&scripts::load_frame(&body));
+                        Awaiting::hidden(LinkId::Master, read_at)
+                    });
                     link.send(&frame);
                     // No second retry: a master that also says READONLY gets MASTERDOWN.
-                    Entry::Upstream(Awaiting {
+                    let entry = Entry::Upstream(Awaiting {
                         link: LinkId::Master,
                         remaining: 1,
                         deliver,
@@ -1429,12 +1453,16 @@ impl Session {
                         sent: read_at,
                         blocking: false,
                         acc: BytesMut::new(),
-                    })
+                    });
+                    (entry, hidden)
                 }
-                _ => Entry::Ready(deliver.then(|| masterdown.clone())),
+                _ => (
+                    Entry::Ready(deliver.then(|| self.shared.masterdown())),
+                    None,
+                ),
             };
+            self.queue.replace_with(pos, hidden, entry);
         }
-        self.queue.recount();
         self.queue.drain(&mut self.to_client);
     }
 
@@ -1616,6 +1644,30 @@ impl Session {
                 self.shared
                     .topology
                     .report_not_master(link.index, "-MASTERDOWN");
+            }
+        }
+        if reply.error_code() == Some(b"NOSCRIPT".as_slice()) {
+            // The server lacks a script the proxy saw loaded or run (a promoted replica,
+            // a node that joined later): load it there and run the EVALSHA again.
+            let body = self
+                .queue
+                .awaiting(index)
+                .and_then(|a| Some((a.sent, a.retry.as_ref()?)))
+                .and_then(|(sent, r)| {
+                    Some((sent, scripts::body_for(&self.shared.scripts, &r.frame)?))
+                });
+            if let Some((sent, body)) = body {
+                let redirect = match self.shared.cluster {
+                    Some(_) => self
+                        .upstream
+                        .node_of(id)
+                        .map(|(node, _)| cluster::Redirect::noscript(sent, &node)),
+                    None => None,
+                };
+                if self.queue.mark_script_retry(index, body, redirect) {
+                    debug!(peer = %self.peer, "EVALSHA answered NOSCRIPT: loading the script and running it again");
+                    return true;
+                }
             }
         }
         let cluster_answer = if self.shared.cluster.is_some() && reply.is_error() {

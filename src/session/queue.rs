@@ -188,6 +188,8 @@ pub(super) enum Entry {
         deliver: bool,
         /// Cluster mode: the redirect a node answered (where the retry goes).
         redirect: Option<Box<super::cluster::Redirect>>,
+        /// An `EVALSHA` answered `-NOSCRIPT`: this body is loaded (hidden) before it.
+        script: Option<Bytes>,
     },
     /// An answer ready to be written once everything before it is (`None`: answered, but
     /// not delivered under `CLIENT REPLY`).
@@ -366,6 +368,26 @@ impl ReplyQueue {
         index: usize,
         redirect: Option<Box<super::cluster::Redirect>>,
     ) -> bool {
+        self.mark(index, redirect, None)
+    }
+
+    /// Turn the awaiting `EVALSHA` at `index`, answered `-NOSCRIPT`, into a retry with
+    /// `body` loaded first (cluster mode: `redirect` names the node).
+    pub(super) fn mark_script_retry(
+        &mut self,
+        index: usize,
+        body: Bytes,
+        redirect: Option<Box<super::cluster::Redirect>>,
+    ) -> bool {
+        self.mark(index, redirect, Some(body))
+    }
+
+    fn mark(
+        &mut self,
+        index: usize,
+        redirect: Option<Box<super::cluster::Redirect>>,
+        script: Option<Bytes>,
+    ) -> bool {
         let Some(Entry::Upstream(a)) = self.entries.get_mut(index) else {
             return false;
         };
@@ -378,18 +400,10 @@ impl ReplyQueue {
             retained,
             deliver,
             redirect,
+            script,
         };
         self.retries += 1;
         true
-    }
-
-    /// Every READONLY retry, in order, for the caller to replace with the re-sent
-    /// request or its answer (the retry count starts again from zero).
-    pub(super) fn retries_mut(&mut self) -> impl Iterator<Item = &mut Entry> {
-        self.retries = 0;
-        self.entries
-            .iter_mut()
-            .filter(|e| matches!(e, Entry::Retry { .. }))
     }
 
     /// Answer every entry still waiting on `link` with `answer` (its link was lost);
@@ -448,6 +462,7 @@ impl ReplyQueue {
                         retained,
                         deliver,
                         redirect: redirect(a),
+                        script: None,
                     }
                 }
                 _ => {
