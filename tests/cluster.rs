@@ -1103,3 +1103,58 @@ async fn evalsha_after_a_failover_to_a_node_that_never_saw_the_script() {
     assert!(expected.starts_with(b"-NOSCRIPT"), "{expected:?}");
     assert_eq!(via.call(&["EVALSHA", &sha, "1", key]).await, expected);
 }
+
+/// The value of the Prometheus series starting with `series` (0 when absent).
+fn metric(series: &str) -> f64 {
+    prometheus()
+        .render()
+        .lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A server outside the cluster made a replica of a shard master (`REPLICAOF` sent to it
+/// from outside: it receives a copy of every write) shows in that master's own ROLE: the
+/// proxy reports it (metric and log) since no slot map names it, and stops reporting it
+/// once it is gone. The master keeps serving its slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_outside_the_slot_map_is_reported() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let p = proxy(&cluster).await;
+    let key = "copied:key";
+    let master = cluster
+        .master_of(portcullis::cluster::key_hash_slot(key.as_bytes()))
+        .await;
+    let port = master.rsplit(':').next().unwrap().to_string();
+    let foreign = RedisServer::start(&[]);
+    assert_eq!(
+        info(&foreign.addr(), &["REPLICAOF", "127.0.0.1", &port]).await,
+        "OK"
+    );
+    support::wait_replica_linked(&foreign).await;
+    let detected = format!(
+        "portcullis_unexpected_replica_detections_total{{backend=\"{master}\",replica=\"{}\"}}",
+        foreign.addr()
+    );
+    let gauge = format!("portcullis_backend_unexpected_replicas{{backend=\"{master}\"}}");
+    wait_until("the foreign replica is reported", || {
+        let (detected, gauge) = (detected.clone(), gauge.clone());
+        async move { metric(&detected) == 1.0 && metric(&gauge) == 1.0 }
+    })
+    .await;
+    // Still served (what the master holds is unchanged).
+    let mut via = Conn::open(&p.addr.to_string()).await;
+    assert_eq!(via.call(&["SET", key, "v"]).await, b"+OK\r\n");
+    assert_eq!(
+        info(&foreign.addr(), &["REPLICAOF", "NO", "ONE"]).await,
+        "OK"
+    );
+    wait_until("the foreign replica is gone", || {
+        let gauge = gauge.clone();
+        async move { metric(&gauge) == 0.0 }
+    })
+    .await;
+    assert_eq!(metric(&detected), 1.0);
+}
