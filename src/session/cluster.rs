@@ -267,7 +267,7 @@ const EMPTY_FUNCTION_DUMP: &[u8] = b"\x0a\x00\x5d\x9b\x5c\x40\x0f\x7f\xa2\xda";
 /// the write offset of the link it runs on (Redis's `c->woff`) to the current one. The
 /// single-master bump (`pool::wait_offset_bump`, a PUBLISH) is not propagated in cluster
 /// mode: Redis sends PUBLISH over the cluster bus instead of the replication stream.
-fn cluster_wait_offset_bump() -> Bytes {
+pub(super) fn cluster_wait_offset_bump() -> Bytes {
     Request::from_args(&[
         b"FUNCTION".as_slice(),
         b"RESTORE",

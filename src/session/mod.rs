@@ -1380,7 +1380,13 @@ impl Session {
             };
             // Taken only when sent: a WAIT that never reached a link leaves it owed.
             if bump_write_offset && std::mem::take(&mut self.wait_needs_bump) {
-                link.send(&pool::wait_offset_bump());
+                // Cluster mode (a WAIT on the node a WATCH or tracking binds): PUBLISH
+                // is not propagated there.
+                let bump = match self.shared.cluster {
+                    Some(_) => cluster::cluster_wait_offset_bump(),
+                    None => pool::wait_offset_bump(),
+                };
+                link.send(&bump);
                 self.queue.push_upstream(Awaiting::hidden(id, self.read_at));
             }
             let Some(link) = self.upstream.get_mut(id) else {
