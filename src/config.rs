@@ -27,6 +27,8 @@ pub const DEFAULT_MAX_PENDING: usize = 4096;
 /// Bytes a session buffers in each direction: replies for a slow client before it stops
 /// reading its backend, requests for a slow backend before it stops reading its client.
 pub const DEFAULT_MAX_REPLY_BUFFER: usize = 8 * 1024 * 1024;
+/// Script bodies kept for `-NOSCRIPT` replays (`limits.script_cache`): 8 MiB.
+pub const DEFAULT_SCRIPT_CACHE: usize = 8 * 1024 * 1024;
 /// How long a backend connect (TCP + AUTH) may take.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Deepest reply nesting accepted from a backend: above everything Redis produces
@@ -493,6 +495,9 @@ pub struct Limits {
     pub connect_timeout: Duration,
     /// Deepest reply nesting accepted from a backend.
     pub max_reply_depth: usize,
+    /// Bytes of script bodies (SCRIPT LOAD, EVAL) the proxy keeps to load them again on a
+    /// server that answers `-NOSCRIPT` (a promoted replica); 0 keeps none.
+    pub script_cache: usize,
 }
 
 impl Default for Limits {
@@ -508,6 +513,7 @@ impl Default for Limits {
             frame_timeout: DEFAULT_FRAME_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_reply_depth: DEFAULT_MAX_REPLY_DEPTH,
+            script_cache: DEFAULT_SCRIPT_CACHE,
         }
     }
 }

@@ -150,6 +150,17 @@ pub fn cluster_map(epoch: u64, slots: usize) {
     gauge!("portcullis_cluster_slots_mapped").set(slots as f64);
 }
 
+/// Count a replica outside the slot map found in a cluster master's `ROLE`.
+pub fn unexpected_replica(master: &str, replica: &str) {
+    counter!("portcullis_unexpected_replica_detections_total", "backend" => master.to_string(), "replica" => replica.to_string())
+        .increment(1);
+}
+
+/// Publish how many replicas outside the slot map a cluster master feeds now.
+pub fn unexpected_replicas(master: &str, n: usize) {
+    gauge!("portcullis_backend_unexpected_replicas", "backend" => master.to_string()).set(n as f64);
+}
+
 /// Publish the slots served by a confirmed master (16384 when the proxy is ready).
 pub fn cluster_slots_covered(slots: usize) {
     gauge!("portcullis_cluster_slots_covered").set(slots as f64);

@@ -141,6 +141,7 @@ pub async fn run(
         topology,
         pools: session::Pools::default(),
         cluster,
+        scripts: session::ScriptCache::default(),
     });
     if let Some(mut rx) = reloads {
         let shared = shared.clone();

@@ -485,3 +485,41 @@ async fn client_reply_off_session_follows_a_master_change() {
         .await;
     loader.expect(b"+OK\r\n:1\r\n").await;
 }
+
+/// Redis does not replicate its script cache: after a promotion, the new master answers
+/// NOSCRIPT for a script loaded through the proxy on the old one. The proxy remembers the
+/// body, loads it on the new master unseen and runs the EVALSHA again: the client sees
+/// what one Redis that never failed over answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evalsha_after_a_promotion_finds_its_script() {
+    let old = RedisServer::start(&[]);
+    let new = RedisServer::start(&["--replicaof", "127.0.0.1", &old.port.to_string()]);
+    support::wait_replica_linked(&new).await;
+    let proxy = Proxy::start_with(config(&[("sc-old", &old), ("sc-new", &new)], false)).await;
+    let mut c = proxy.raw().await;
+    let body = "return redis.call('GET', KEYS[1])";
+    let sha = redis::Script::new(body).get_hash().to_string();
+    c.send(&support::resp(&[b"SCRIPT", b"LOAD", body.as_bytes()]))
+        .await;
+    c.expect(format!("$40\r\n{sha}\r\n").as_bytes()).await;
+    promote(&new, &old).await;
+    let addr = proxy.addr.to_string();
+    wait_until("writes reach the new master", || {
+        let addr = addr.clone();
+        let new = &new;
+        async move {
+            let mut w = support::client(&addr).await;
+            let r: redis::RedisResult<()> = w.set("sc:key", "v").await;
+            r.is_ok() && new.has_key("sc:key").await
+        }
+    })
+    .await;
+    c.send(&support::resp(&[
+        b"EVALSHA",
+        sha.as_bytes(),
+        b"1",
+        b"sc:key",
+    ]))
+    .await;
+    c.expect(b"$1\r\nv\r\n").await;
+}

@@ -123,16 +123,16 @@ pub async fn run(
                 Ok(r) => r,
                 Err(_) => Err(ProbeError::Timeout(timeout)),
             };
-        let result = result.map(|(role, metadata)| {
+        let result = result.map(|(role, replicas, metadata)| {
             if let Some(m) = metadata {
                 learn(index, &label, &store, m, &mut learned_run_id);
             }
-            role
+            (role, replicas)
         });
         histogram!("portcullis_probe_duration_seconds", "backend" => label.clone())
             .record(started.elapsed().as_secs_f64());
         match result {
-            Ok(role) => {
+            Ok((role, replicas)) => {
                 let requires_auth = if settings.check_auth {
                     check_requires_auth(&mut anon, &backend, &settings).await
                 } else {
@@ -202,6 +202,7 @@ pub async fn run(
                     b.readonly_seen = false;
                     b.contradiction = None;
                     b.hijacked = foreign;
+                    b.replicas.clone_from(&replicas);
                     if requires_auth.is_some() {
                         b.requires_auth = requires_auth;
                     }
@@ -289,12 +290,13 @@ fn set_role_gauges(label: &str, role: Option<&str>) {
     }
 }
 
-/// One ROLE round trip (connecting first when needed).
+/// One ROLE round trip (connecting first when needed): the role, and a master's
+/// replicas.
 async fn probe(
     conn: &mut Option<BackendLink>,
     backend: &BackendConfig,
     settings: &ProbeSettings,
-) -> Result<(Role, Option<Metadata>), ProbeError> {
+) -> Result<(Role, Vec<String>, Option<Metadata>), ProbeError> {
     let limits = settings.reply_limits;
     let fresh = conn.is_none();
     if fresh {
@@ -314,7 +316,7 @@ async fn probe(
     let role = Request::from_args(&[b"ROLE"]);
     if !fresh {
         let reply = c.call(&role).await?;
-        return Ok((parse_role(&reply)?, None));
+        return Ok((parse_role(&reply)?, master_replicas(&reply), None));
     }
     // A new connection (first contact, restart, another server at the address) also
     // reads the command metadata, pipelined before ROLE in one write: the server runs
@@ -328,7 +330,11 @@ async fn probe(
     let info = c.next_reply().await?;
     let commands = c.next_reply().await?;
     let reply = c.next_reply().await?;
-    Ok((parse_role(&reply)?, Some(Metadata { info, commands })))
+    Ok((
+        parse_role(&reply)?,
+        master_replicas(&reply),
+        Some(Metadata { info, commands }),
+    ))
 }
 
 /// The replies to `INFO server` and `COMMAND` read on a new probe connection.
@@ -467,6 +473,73 @@ fn parse_role(reply: &Reply) -> Result<Role, ProbeError> {
     }
 }
 
+/// The replicas a master's `ROLE` lists (`["master", offset, [[ip, port, offset], ...]]`,
+/// the port a bulk string), as `ip:port`; empty for any other reply or shape.
+fn master_replicas(reply: &Reply) -> Vec<String> {
+    let mut r = RespCursor {
+        b: reply.frame(),
+        pos: 0,
+    };
+    let parsed = (|| {
+        if r.header(b'*')? < 3 || r.bulk()? != b"master" {
+            return None;
+        }
+        r.line()?; // :offset
+        let n = r.header(b'*')?;
+        let mut out = Vec::new();
+        for _ in 0..n {
+            if r.header(b'*')? < 2 {
+                return None;
+            }
+            let ip = String::from_utf8_lossy(r.bulk()?).into_owned();
+            let port = std::str::from_utf8(r.bulk()?).ok()?.parse::<u16>().ok()?;
+            out.push(format!("{ip}:{port}"));
+            r.bulk()?; // offset
+        }
+        Some(out)
+    })();
+    parsed.unwrap_or_default()
+}
+
+/// A reader over a validated reply frame, for the one nested shape the prober needs.
+struct RespCursor<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> RespCursor<'a> {
+    /// The next `\r\n`-terminated line, without its terminator.
+    fn line(&mut self) -> Option<&'a [u8]> {
+        let rest = self.b.get(self.pos..)?;
+        let end = memchr::memmem::find(rest, b"\r\n")?;
+        self.pos += end + 2;
+        rest.get(..end)
+    }
+
+    /// An aggregate header of type `kind`: its length.
+    fn header(&mut self, kind: u8) -> Option<usize> {
+        let line = self.line()?;
+        let (&t, n) = line.split_first()?;
+        (t == kind).then_some(())?;
+        std::str::from_utf8(n).ok()?.parse().ok()
+    }
+
+    /// A bulk (or simple) string's bytes.
+    fn bulk(&mut self) -> Option<&'a [u8]> {
+        let line = self.line()?;
+        match line.split_first()? {
+            (b'$', n) => {
+                let len: usize = std::str::from_utf8(n).ok()?.parse().ok()?;
+                let s = self.b.get(self.pos..self.pos.checked_add(len)?)?;
+                self.pos += len + 2;
+                Some(s)
+            }
+            (b'+', s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
 /// Heal a hijacked backend on the prober's own connection: follow the confirmed master
 /// when there is one, else become master again (`REPLICAOF NO ONE`).
 async fn heal(index: usize, label: &str, conn: &mut BackendLink, store: &TopologyStore) {
@@ -534,6 +607,24 @@ mod tests {
         );
         assert_eq!(requires_auth_from(&reply(b"+PONG\r\n")), Some(false));
         assert_eq!(requires_auth_from(&reply(b"-LOADING x\r\n")), None);
+    }
+
+    #[test]
+    fn lists_a_masters_replicas() {
+        assert_eq!(
+            master_replicas(&reply(b"*3\r\n$6\r\nmaster\r\n:0\r\n*2\r\n*3\r\n$9\r\n127.0.0.1\r\n$4\r\n6380\r\n$1\r\n0\r\n*3\r\n$8\r\n10.0.0.9\r\n$4\r\n7001\r\n$3\r\n120\r\n")),
+            vec!["127.0.0.1:6380".to_string(), "10.0.0.9:7001".to_string()]
+        );
+        assert!(master_replicas(&reply(b"*3\r\n$6\r\nmaster\r\n:0\r\n*0\r\n")).is_empty());
+        assert!(master_replicas(&reply(
+            b"*5\r\n$5\r\nslave\r\n$9\r\n10.0.0.99\r\n:8886\r\n$7\r\nconnect\r\n:-1\r\n"
+        ))
+        .is_empty());
+        // A port that is not one: nothing rather than a guess.
+        assert!(master_replicas(&reply(
+            b"*3\r\n$6\r\nmaster\r\n:0\r\n*1\r\n*3\r\n$1\r\nh\r\n$5\r\n70000\r\n$1\r\n0\r\n"
+        ))
+        .is_empty());
     }
 
     #[test]

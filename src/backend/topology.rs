@@ -220,6 +220,9 @@ pub struct BackendState {
     pub last_standing: Standing,
     /// It follows a master outside the configured set.
     pub hijacked: bool,
+    /// The replicas its latest ROLE listed as master (`host:port` as the master sees
+    /// them); empty otherwise. Cluster mode checks them against the slot map.
+    pub replicas: Vec<String>,
     /// Removed from the configuration by a reload: never routed to again.
     pub retired: bool,
     /// Pass-through mode: whether the backend refuses an unauthenticated client
@@ -260,6 +263,7 @@ impl BackendState {
             stall: None,
             last_standing: Standing::Unprobed,
             hijacked: false,
+            replicas: Vec::new(),
             retired: false,
             requires_auth: None,
             commands: None,

@@ -438,6 +438,82 @@ fn parse(
 
 /// Read the views of up to `VIEWS_WANTED` nodes (the current map's masters first, then
 /// its replicas, then the seeds) and publish the newest.
+/// The replicas the shard masters' own `ROLE` lists that are no node of the slot map: a
+/// server made a replica from outside the cluster (`REPLICAOF <master>` on a server an
+/// attacker controls) receives a copy of every write. Reported once per master and
+/// replica (ERROR log, `portcullis_unexpected_replica_detections_total`, the
+/// `portcullis_backend_unexpected_replicas` gauge) when two refreshes in a row find it
+/// (a replica the cluster just added is in the next map). The master keeps its writes:
+/// what it holds is unchanged, and Redis alone would go on serving; refusing them would
+/// let anyone who can reach a master stop its shard.
+#[derive(Debug, Default)]
+struct ReplicaWatch {
+    /// (master's backend index, replica address) found at the previous check.
+    suspects: std::collections::HashSet<(usize, String)>,
+    /// Reported and still there.
+    reported: std::collections::HashSet<(usize, String)>,
+}
+
+impl ReplicaWatch {
+    fn check(&mut self, store: &ClusterStore) {
+        let state = store.load();
+        let Some(map) = state.map.clone() else {
+            return;
+        };
+        let members: Vec<usize> = map
+            .nodes()
+            .filter_map(|n| store.node_index(&n.address()))
+            .collect();
+        let topo = store.topology.load();
+        let known = |replica: &str| {
+            let Some((host, port)) = replica.rsplit_once(':') else {
+                return false;
+            };
+            let Ok(port) = port.parse::<u16>() else {
+                return false;
+            };
+            members
+                .iter()
+                .any(|&i| topo.backends.get(i).is_some_and(|b| b.is(host, port)))
+        };
+        let mut found = std::collections::HashSet::new();
+        for &m in &state.masters {
+            let Some(b) = topo.backends.get(m) else {
+                continue;
+            };
+            if b.role != Some(crate::backend::Role::Master) {
+                continue;
+            }
+            for r in b.replicas.iter().filter(|r| !known(r)) {
+                found.insert((m, r.clone()));
+            }
+        }
+        for key in &found {
+            if self.suspects.contains(key) && self.reported.insert(key.clone()) {
+                let master = topo.backends.get(key.0).map_or("", |b| b.label.as_str());
+                tracing::error!(backend = %master, replica = %key.1,
+                    "UNEXPECTED REPLICA: a cluster master replicates to a node outside the slot map (a copy of its data leaves the cluster)");
+                crate::metrics::unexpected_replica(master, &key.1);
+            }
+        }
+        self.reported.retain(|key| {
+            let still = found.contains(key);
+            if !still {
+                let master = topo.backends.get(key.0).map_or("", |b| b.label.as_str());
+                info!(backend = %master, replica = %key.1, "unexpected replica gone");
+            }
+            still
+        });
+        for &m in &state.masters {
+            if let Some(b) = topo.backends.get(m) {
+                let n = self.reported.iter().filter(|k| k.0 == m).count();
+                crate::metrics::unexpected_replicas(&b.label, n);
+            }
+        }
+        self.suspects = found;
+    }
+}
+
 async fn refresh_once(store: &ClusterStore, settings: &ProbeSettings) {
     let mut candidates: Vec<String> = Vec::new();
     if let Some(map) = store.load().map.clone() {
@@ -493,12 +569,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let interval = store.config.refresh_interval;
+    let mut watch = ReplicaWatch::default();
     loop {
         let s = settings.load_full();
         tokio::select! {
             _ = refresh_once(&store, &s) => {}
             _ = shutdown.cancelled() => return,
         }
+        watch.check(&store);
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = store.refresh.notified() => {

@@ -34,7 +34,7 @@ use crate::command::{CommandSpec, Flags, RequestPolicy, Special};
 use crate::protocol::{texts, Reply, ReplyKind, Request};
 
 use super::pool::{Delivery, SharedLink};
-use super::queue::{Awaiting, Entry, Retained};
+use super::queue::{Awaiting, Entry, Retained, Unsent};
 use super::state::{self, OnReply};
 use super::upstream::{Link, LinkEnd, LinkId};
 use super::{Outgoing, Session};
@@ -74,6 +74,9 @@ pub(super) struct ClusterSession {
     /// A split or fanned-out request waiting for the answers in flight before it.
     /// (Boxed: every session carries this struct, cluster mode or not.)
     pub(super) parked: Option<Box<Gather>>,
+    /// The slot map generation (`ClusterState::generation`) the requests in flight were
+    /// routed by.
+    routed_generation: u64,
 }
 
 impl Default for ClusterSession {
@@ -89,6 +92,7 @@ impl Default for ClusterSession {
             txn_slot: None,
             local: None,
             parked: None,
+            routed_generation: 0,
         }
     }
 }
@@ -149,7 +153,9 @@ const SCAN_SHARDS: u64 = 1024;
 /// with the request until it is re-sent.
 #[derive(Debug, Clone)]
 pub(super) struct Redirect {
-    kind: RedirectKind,
+    /// `None`: no node answered; the request was never written (its node's connection
+    /// was lost or could not be opened) and goes to its slot's confirmed master.
+    kind: Option<RedirectKind>,
     /// The request's slot (from `MOVED`/`ASK`, else from its keys).
     slot: Option<u16>,
     /// When the client's request was read: `routing.failover_wait` runs from there.
@@ -159,6 +165,34 @@ pub(super) struct Redirect {
     /// Who answered, and what (for the give-up text).
     node: String,
     text: String,
+}
+
+impl Redirect {
+    /// A request never written to `node` (read from the client at `since`): retried on
+    /// its slot's confirmed master within `routing.failover_wait` from `since`.
+    pub(super) fn unsent(since: Instant, node: &str) -> Box<Redirect> {
+        Box::new(Redirect {
+            kind: None,
+            slot: None,
+            since,
+            target: None,
+            node: node.to_string(),
+            text: "the connection was lost before the request was sent".to_string(),
+        })
+    }
+
+    /// An `EVALSHA` that `node` answered `-NOSCRIPT`: re-sent there (its key's owner), the
+    /// script loaded first.
+    pub(super) fn noscript(since: Instant, node: &str) -> Box<Redirect> {
+        Box::new(Redirect {
+            kind: None,
+            slot: None,
+            since,
+            target: Some(node.to_string()),
+            node: node.to_string(),
+            text: "NOSCRIPT".to_string(),
+        })
+    }
 }
 
 /// Parse a redirect error: `MOVED <slot> <host:port>`, `ASK <slot> <host:port>`,
@@ -191,7 +225,7 @@ fn redirect_of(reply: &Reply, node: &str) -> Option<(Redirect, Option<u16>)> {
     }
     Some((
         Redirect {
-            kind,
+            kind: Some(kind),
             slot,
             since: Instant::now(),
             target,
@@ -232,6 +266,26 @@ fn command_name(frame: &[u8]) -> &[u8] {
         .and_then(|l| l.trim_end().parse::<usize>().ok())
         .unwrap_or(0);
     name.get(..len).unwrap_or_default()
+}
+
+/// The empty function library as `FUNCTION DUMP` writes it (no library, then the RDB
+/// version, 10 as of Redis 7.0, little-endian, and the CRC64 of both: `verifyDumpPayload`
+/// accepts any version up to the server's own).
+const EMPTY_FUNCTION_DUMP: &[u8] = b"\x0a\x00\x5d\x9b\x5c\x40\x0f\x7f\xa2\xda";
+
+/// The write-offset bump of cluster mode: `FUNCTION RESTORE <empty> APPEND` restores no
+/// library yet is propagated to the replicas (Redis counts it as a change), so it moves
+/// the write offset of the link it runs on (Redis's `c->woff`) to the current one. The
+/// single-master bump (`pool::wait_offset_bump`, a PUBLISH) is not propagated in cluster
+/// mode: Redis sends PUBLISH over the cluster bus instead of the replication stream.
+pub(super) fn cluster_wait_offset_bump() -> Bytes {
+    Request::from_args(&[
+        b"FUNCTION".as_slice(),
+        b"RESTORE",
+        EMPTY_FUNCTION_DUMP,
+        b"APPEND",
+    ])
+    .into_frame()
 }
 
 /// A stable 40-hex node id for the proxy at `addr` (what `CLUSTER MYID` answers).
@@ -624,6 +678,18 @@ impl Session {
                 },
             };
             if !(txn_like || feed || pubsub || ends_txn) {
+                // The map changed since the requests in flight were routed: one of them
+                // may be for this slot on its old owner, and be retried from there (after
+                // a redirect, or never written when that node died). Send after them, so
+                // a slot's requests run in the order they were read.
+                let generation = self.cluster().map_or(0, |c| c.load().generation);
+                if generation != self.cl.routed_generation {
+                    if self.queue.waiting_on_nodes() || self.queue.retries() > 0 {
+                        self.parked = Some(out);
+                        return;
+                    }
+                    self.cl.routed_generation = generation;
+                }
                 let dedicated = self.upstream.node_link(target);
                 match self.cluster_shared_route(target, dedicated, &out) {
                     SharedRoute::Shared(shared) => break (target, shared),
@@ -798,6 +864,19 @@ impl Session {
                     self.queue.fail_first(id, n, &reply);
                     self.queue.drain(&mut self.to_client);
                 }
+                Delivery::Unsent { n, reply } => {
+                    // Never written: retried on the slot's confirmed master within the
+                    // failover wait, in order, as after a redirect.
+                    let node = self
+                        .upstream
+                        .node_of(id)
+                        .map(|(label, _)| label)
+                        .unwrap_or_default();
+                    self.queue.unsent(id, Unsent::First(n), &reply, |a| {
+                        Some(Redirect::unsent(a.sent, &node))
+                    });
+                    self.queue.drain(&mut self.to_client);
+                }
             }
             next = self
                 .upstream
@@ -914,8 +993,9 @@ impl Session {
             .map(|(label, index)| (label, Some(index)))
             .unwrap_or_default();
         let (mut redirect, moved_slot) = redirect_of(reply, &node)?;
-        cluster.report_redirect(redirect.kind, &node);
-        if redirect.kind == RedirectKind::ReadOnly {
+        let kind = redirect.kind?;
+        cluster.report_redirect(kind, &node);
+        if kind == RedirectKind::ReadOnly {
             if let (LinkId::Node(_) | LinkId::SharedNode(_), Some(i)) = (id, backend) {
                 self.shared.topology.report_readonly(i);
             }
@@ -961,55 +1041,82 @@ impl Session {
                 retained,
                 deliver,
                 redirect,
+                script,
             }) = self.queue.entry_mut(pos)
             else {
                 break;
             };
             let deliver = *deliver;
+            let script = script.take();
             let frame = retained.frame.clone();
             let redirect = redirect.as_deref().cloned();
             let (slot, since) = match &redirect {
-                Some(r) => (r.slot, r.since),
+                Some(r) => (r.slot.or_else(|| slot_of_frame(&frame)), r.since),
                 None => (slot_of_frame(&frame), Instant::now()),
             };
             let deadline = tokio::time::Instant::from_std(since + wait);
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let kind = redirect.as_ref().map(|r| r.kind);
-            let target = match (&redirect, kind) {
-                (Some(r), Some(RedirectKind::Moved)) => match slot {
-                    // Where the refreshed map says the slot is now (not where MOVED says).
-                    Some(s) => {
-                        let from = cluster.node_index(&r.node);
-                        cluster.wait_for_new_owner(s, from, left).await
-                    }
-                    None => None,
-                },
-                (Some(r), Some(RedirectKind::Ask)) => {
-                    let addr = r.target.clone().unwrap_or_default();
-                    if cluster.wait_for_member(&addr, left).await {
+            let kind = redirect.as_ref().and_then(|r| r.kind);
+            // A target that refuses the connection is reported down (`open_link`): the
+            // next pick waits for its shard's new master, within the failover wait.
+            let linked = loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let target = match (&redirect, kind) {
+                    (Some(r), Some(RedirectKind::Moved)) => match slot {
+                        // Where the refreshed map says the slot is now (not where MOVED says).
+                        Some(s) => {
+                            let from = cluster.node_index(&r.node);
+                            cluster.wait_for_new_owner(s, from, left).await
+                        }
+                        None => None,
+                    },
+                    (Some(r), None) if r.target.is_some() => {
+                        // NOSCRIPT: the node that answered, while it is a confirmed master.
+                        let addr = r.target.clone().unwrap_or_default();
                         match cluster.node_index(&addr) {
                             Some(i) => self.wait_confirmed(i, left).await.then_some(i),
                             None => None,
                         }
-                    } else {
-                        None
                     }
-                }
-                _ => {
-                    if matches!(
-                        kind,
-                        Some(RedirectKind::TryAgain | RedirectKind::ClusterDown)
-                    ) {
-                        tokio::time::sleep(RETRY_PAUSE.min(left)).await;
-                    }
-                    match slot {
-                        Some(s) => cluster.wait_for_slot_master(s, left).await.ok(),
-                        None => {
-                            cluster
-                                .wait_for_any_master(usize::from(self.peer.port()), left)
-                                .await
+                    (Some(r), Some(RedirectKind::Ask)) => {
+                        let addr = r.target.clone().unwrap_or_default();
+                        if cluster.wait_for_member(&addr, left).await {
+                            match cluster.node_index(&addr) {
+                                Some(i) => self.wait_confirmed(i, left).await.then_some(i),
+                                None => None,
+                            }
+                        } else {
+                            None
                         }
                     }
+                    _ => {
+                        if matches!(
+                            kind,
+                            Some(RedirectKind::TryAgain | RedirectKind::ClusterDown)
+                        ) {
+                            tokio::time::sleep(RETRY_PAUSE.min(left)).await;
+                        }
+                        match slot {
+                            Some(s) => cluster.wait_for_slot_master(s, left).await.ok(),
+                            None => {
+                                cluster
+                                    .wait_for_any_master(usize::from(self.peer.port()), left)
+                                    .await
+                            }
+                        }
+                    }
+                };
+                let Some(t) = target else {
+                    break None;
+                };
+                match self.cluster_link(t).await {
+                    Ok(id) => break Some(id),
+                    Err(_)
+                        if !matches!(self.phase, super::Phase::Ending(_))
+                            && tokio::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(super::RECONNECT_PAUSE).await;
+                    }
+                    Err(_) => break None,
                 }
             };
             let node = redirect
@@ -1018,10 +1125,6 @@ impl Session {
             let last = redirect
                 .as_ref()
                 .map_or_else(String::new, |r| r.text.clone());
-            let linked = match target {
-                Some(t) => self.cluster_link(t).await.ok(),
-                None => None,
-            };
             let Some(id) = linked else {
                 let reply = texts::cluster_gave_up(slot, &node, &last);
                 self.queue
@@ -1034,10 +1137,20 @@ impl Session {
             };
             let retained: Retained =
                 std::mem::replace(retained, Retained::new(Bytes::new(), &self.retained));
-            let asking = (kind == Some(RedirectKind::Ask)).then(|| {
-                let req = Request::from_args(&[b"ASKING"]);
-                (req.frame().clone(), Awaiting::hidden(id, self.read_at))
-            });
+            // Hidden first: the script an EVALSHA answered NOSCRIPT for, or ASKING (a
+            // NOSCRIPT retry follows no redirect).
+            let asking = match &script {
+                Some(body) => Some((
+                    super::scripts::load_frame(body),
+                    Awaiting::hidden(id, self.read_at),
+                )),
+                None => (kind == Some(RedirectKind::Ask)).then(|| {
+                    let req = Request::from_args(&[b"ASKING"]);
+                    (req.frame().clone(), Awaiting::hidden(id, self.read_at))
+                }),
+            };
+            // Loaded once: an EVALSHA that still meets NOSCRIPT gets that answer.
+            let retained = script.is_none().then_some(retained);
             let Some(link) = self.upstream.get_mut(id) else {
                 break;
             };
@@ -1052,7 +1165,7 @@ impl Session {
                 remaining: 1,
                 deliver,
                 on_reply: OnReply::Forward,
-                retry: Some(retained),
+                retry: retained,
                 // A further redirect's failover-wait bound runs from the first read.
                 sent: since,
                 blocking: false,
@@ -1127,9 +1240,15 @@ impl Session {
                 }
             }
         }
+        // WAIT/WAITAOF count the writes of the link they run on: after requests went
+        // through shared node connections, a hidden propagated no-op goes first on each
+        // master's link, so its write offset covers them (`cluster_wait_offset_bump`).
+        let bump = g.how == GatherKind::FanOut
+            && super::pool::counts_own_writes(g.spec)
+            && std::mem::take(&mut self.wait_needs_bump);
         let mut replies = Vec::with_capacity(parts.len());
         for (slot, req, _) in &parts {
-            replies.push(self.call_slot(*slot, req).await);
+            replies.push(self.call_slot(*slot, req, bump).await);
         }
         if g.how == GatherKind::FanOut && g.spec.request_policy == RequestPolicy::AllNodes {
             // all_nodes: the replicas too (SCRIPT LOAD then survives a failover: Redis 7
@@ -1150,7 +1269,7 @@ impl Session {
                     continue;
                 };
                 let result = match self.cluster_link(index).await {
-                    Ok(id) => self.call_on(id, &g.req, false).await,
+                    Ok(id) => self.call_on(id, &g.req, false, false).await,
                     Err(e) => Err(e),
                 };
                 if let Err(e) = result {
@@ -1206,7 +1325,7 @@ impl Session {
             *a = node_cursor_text.as_bytes();
         }
         let req = Request::from_args(&args);
-        let reply = match self.call_slot(slot, &req).await {
+        let reply = match self.call_slot(slot, &req, false).await {
             Ok(r) => r,
             Err(e) => return e,
         };
@@ -1243,8 +1362,14 @@ impl Session {
     }
 
     /// Send one request to `slot`'s master and wait for its reply, following redirects
-    /// within `routing.failover_wait`. Only while nothing else is in flight.
-    async fn call_slot(&mut self, slot: Option<u16>, req: &Request) -> Result<Reply, Bytes> {
+    /// within `routing.failover_wait` (`bump`: the write-offset bump goes first). Only
+    /// while nothing else is in flight.
+    async fn call_slot(
+        &mut self,
+        slot: Option<u16>,
+        req: &Request,
+        bump: bool,
+    ) -> Result<Reply, Bytes> {
         let Some(cluster) = self.cluster().cloned() else {
             return Err(Bytes::from_static(texts::NO_BACKEND));
         };
@@ -1259,18 +1384,21 @@ impl Session {
                 .get(id)
                 .map(|l| l.label.clone())
                 .unwrap_or_default();
-            let reply = self.call_on(id, req, asking).await?;
+            let reply = self.call_on(id, req, asking, bump).await?;
             let Some((redirect, _)) = redirect_of(&reply, &node) else {
                 return Ok(reply);
             };
-            cluster.report_redirect(redirect.kind, &node);
+            let Some(kind) = redirect.kind else {
+                return Ok(reply);
+            };
+            cluster.report_redirect(kind, &node);
             let left = wait.saturating_sub(started.elapsed());
             if left.is_zero() {
                 return Err(texts::cluster_gave_up(slot, &node, &redirect.text));
             }
-            asking = redirect.kind == RedirectKind::Ask;
+            asking = kind == RedirectKind::Ask;
             let gave_up = || texts::cluster_gave_up(slot, &node, &redirect.text);
-            target = match (&redirect.target, redirect.kind) {
+            target = match (&redirect.target, kind) {
                 // Where the refreshed map says the slot is now.
                 (_, RedirectKind::Moved) => match redirect.slot.or(slot) {
                     Some(s) => cluster
@@ -1297,19 +1425,30 @@ impl Session {
     }
 
     /// One request on node link `id` (nothing else in flight there), its reply read in
-    /// place; pushes that arrive meanwhile go to the client.
-    async fn call_on(&mut self, id: LinkId, req: &Request, asking: bool) -> Result<Reply, Bytes> {
+    /// place; pushes that arrive meanwhile go to the client. Hidden requests go first,
+    /// their answers unseen: the write-offset bump (`bump`), then `ASKING` (`asking`,
+    /// which applies to the next command only).
+    async fn call_on(
+        &mut self,
+        id: LinkId,
+        req: &Request,
+        asking: bool,
+        bump: bool,
+    ) -> Result<Reply, Bytes> {
         let resp3 = self.state.resp3;
         {
             let Some(link) = self.upstream.get_mut(id) else {
                 return Err(Bytes::from_static(texts::NO_BACKEND));
             };
+            if bump {
+                link.send(&cluster_wait_offset_bump());
+            }
             if asking {
                 link.send(Request::from_args(&[b"ASKING"]).frame());
             }
             link.send(req.frame());
         }
-        let mut skip = u32::from(asking);
+        let mut skip = u32::from(asking) + u32::from(bump);
         loop {
             let step = self.call_step(id).await;
             match step {
@@ -1397,12 +1536,12 @@ mod tests {
     fn redirects_as_redis_writes_them() {
         // Redis src/cluster.c clusterRedirectClient.
         let (r, slot) = redirect_of(&reply(b"-MOVED 3999 127.0.0.1:6381\r\n"), "n:1").unwrap();
-        assert_eq!((r.kind, slot), (RedirectKind::Moved, Some(3999)));
+        assert_eq!((r.kind, slot), (Some(RedirectKind::Moved), Some(3999)));
         assert_eq!(r.target.as_deref(), Some("127.0.0.1:6381"));
         let (r, _) = redirect_of(&reply(b"-ASK 12 node-b.example:7000\r\n"), "n:1").unwrap();
         assert_eq!(
             (r.kind, r.target.as_deref()),
-            (RedirectKind::Ask, Some("node-b.example:7000"))
+            (Some(RedirectKind::Ask), Some("node-b.example:7000"))
         );
         // An unknown endpoint: the answering node's host.
         let (r, _) = redirect_of(&reply(b"-MOVED 1 ?:7002\r\n"), "10.0.0.5:7000").unwrap();
@@ -1423,7 +1562,7 @@ mod tests {
                 RedirectKind::ReadOnly,
             ),
         ] {
-            assert_eq!(redirect_of(&reply(text), "n:1").unwrap().0.kind, kind);
+            assert_eq!(redirect_of(&reply(text), "n:1").unwrap().0.kind, Some(kind));
         }
         assert!(redirect_of(&reply(b"-ERR no\r\n"), "n:1").is_none());
         assert!(redirect_of(&reply(b"+OK\r\n"), "n:1").is_none());

@@ -29,6 +29,7 @@ mod out;
 mod plan;
 mod pool;
 mod queue;
+mod scripts;
 mod state;
 mod upstream;
 
@@ -59,7 +60,8 @@ use out::OutQueue;
 use plan::Plan;
 pub use pool::Pools;
 use pool::{Delivery, SharedLink};
-use queue::{Awaiting, Entry, ReplyMode, ReplyQueue, Retained};
+use queue::{Awaiting, Entry, ReplyMode, ReplyQueue, Retained, Unsent};
+pub use scripts::ScriptCache;
 use state::{ConnState, Effect, ExecPlan, OnReply, StateChange, Transaction};
 use upstream::{Link, LinkEnd, LinkId, Upstream};
 
@@ -84,6 +86,8 @@ pub struct Shared {
     pub pools: Pools,
     /// Cluster mode (`[cluster]`): the slot map and per-shard masters.
     pub cluster: Option<Arc<crate::cluster::ClusterStore>>,
+    /// Script bodies seen, loaded again where `EVALSHA` meets `-NOSCRIPT`.
+    pub scripts: ScriptCache,
 }
 
 impl Shared {
@@ -408,6 +412,11 @@ impl Session {
             self.flush(client).map_err(SessionEnd::ClientIo)?;
             self.progress(client).await?;
             self.flush(client).map_err(SessionEnd::ClientIo)?;
+            if self.retries_ready() {
+                // A link lost while writing left requests it never wrote, to retry now:
+                // no event would come for them.
+                continue;
+            }
             if let Some(end) = self.finished(client) {
                 return Err(end);
             }
@@ -443,11 +452,7 @@ impl Session {
         if self.barrier && self.queue.is_empty() {
             self.barrier = false;
         }
-        if self.queue.retries() > 0
-            && !self.queue.waiting_on(LinkId::Master)
-            && !self.queue.waiting_on(LinkId::Shared)
-            && !self.queue.waiting_on_nodes()
-        {
+        if self.retries_ready() {
             self.run_retries().await;
         }
         if self.queue.is_empty() {
@@ -497,6 +502,14 @@ impl Session {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Retries are waiting and every link has answered what was sent before them.
+    fn retries_ready(&self) -> bool {
+        self.queue.retries() > 0
+            && !self.queue.waiting_on(LinkId::Master)
+            && !self.queue.waiting_on(LinkId::Shared)
+            && !self.queue.waiting_on_nodes()
     }
 
     /// Nothing owed to the client and nothing of it buffered or in progress.
@@ -777,6 +790,11 @@ impl Session {
             self.refuse(texts::refused(command, reason.text()));
             return Ok(());
         }
+        if self.txn.is_none() {
+            // Inside MULTI a body may never run (DISCARD, EXECABORT).
+            let limit = self.rt.config.limits.script_cache;
+            self.shared.scripts.observe(spec, &req, limit);
+        }
         if self.shared.cluster.is_some() && self.cluster_intercept(spec, &req) {
             return Ok(());
         }
@@ -1027,8 +1045,9 @@ impl Session {
         let deliver = self.mode.next_command();
         let out = Outgoing {
             on_reply,
-            // A plain write outside MULTI can be retried if the backend says READONLY.
-            retryable: plain && spec.is_write(),
+            // A plain write outside MULTI can be retried if the backend says READONLY; an
+            // EVALSHA too if it says NOSCRIPT.
+            retryable: plain && (spec.is_write() || matches!(spec.name, "evalsha" | "evalsha_ro")),
             blocking: spec.may_block(),
             // Not inside MULTI: there the PUBLISH would be queued into the transaction.
             bump_write_offset: pool::counts_own_writes(spec) && self.txn.is_none(),
@@ -1365,13 +1384,20 @@ impl Session {
                 return;
             };
             shared.send(&frame);
+            self.wait_needs_bump = true;
         } else {
             let Some(link) = self.upstream.get_mut(id) else {
                 return;
             };
             // Taken only when sent: a WAIT that never reached a link leaves it owed.
             if bump_write_offset && std::mem::take(&mut self.wait_needs_bump) {
-                link.send(&pool::wait_offset_bump());
+                // Cluster mode (a WAIT on the node a WATCH or tracking binds): PUBLISH
+                // is not propagated there.
+                let bump = match self.shared.cluster {
+                    Some(_) => cluster::cluster_wait_offset_bump(),
+                    None => pool::wait_offset_bump(),
+                };
+                link.send(&bump);
                 self.queue.push_upstream(Awaiting::hidden(id, self.read_at));
             }
             let Some(link) = self.upstream.get_mut(id) else {
@@ -1398,30 +1424,44 @@ impl Session {
         });
     }
 
-    /// Re-send the writes refused with READONLY to the confirmed master, in order; if no
-    /// master appears within the failover wait, answer them `-MASTERDOWN`.
+    /// Re-send the retries (writes refused with READONLY, requests never written, an
+    /// EVALSHA answered NOSCRIPT with its script loaded first) to the confirmed master,
+    /// in order; if no master appears within the failover wait, answer them `-MASTERDOWN`.
     async fn run_retries(&mut self) {
         if self.shared.cluster.is_some() {
             return Box::pin(self.cluster_retries()).await;
         }
-        self.upstream.master = None;
-        let connected = self.connect_to_master().await.is_ok();
-        let masterdown = self.shared.masterdown();
+        // The session's link stays when it is still the master's (a NOSCRIPT retry).
+        let now = tokio::time::Instant::now();
+        let current = self.upstream.master.as_ref().map(|l| l.index);
+        let connected = if current.is_some() && current == self.shared.topology.master_at(now) {
+            true
+        } else {
+            self.upstream.master = None;
+            self.connect_to_master().await.is_ok()
+        };
         let read_at = self.read_at;
-        for entry in self.queue.retries_mut() {
-            let Entry::Retry {
-                retained, deliver, ..
-            } = entry
+        while let Some(pos) = self.queue.first_retry() {
+            let Some(Entry::Retry {
+                retained,
+                deliver,
+                script,
+                ..
+            }) = self.queue.entry_mut(pos)
             else {
-                continue;
+                break;
             };
-            let (frame, deliver) = (retained.frame.clone(), *deliver);
-            *entry = match (&mut self.upstream.master, connected) {
+            let (frame, deliver, script) = (retained.frame.clone(), *deliver, script.take());
+            let (entry, hidden) = match (&mut self.upstream.master, connected) {
                 (Some(link), true) => {
                     metrics::readonly_retry();
+                    let hidden = script.map(|body| {
+                        link.send(&scripts::load_frame(&body));
+                        Awaiting::hidden(LinkId::Master, read_at)
+                    });
                     link.send(&frame);
                     // No second retry: a master that also says READONLY gets MASTERDOWN.
-                    Entry::Upstream(Awaiting {
+                    let entry = Entry::Upstream(Awaiting {
                         link: LinkId::Master,
                         remaining: 1,
                         deliver,
@@ -1430,12 +1470,16 @@ impl Session {
                         sent: read_at,
                         blocking: false,
                         acc: BytesMut::new(),
-                    })
+                    });
+                    (entry, hidden)
                 }
-                _ => Entry::Ready(deliver.then(|| masterdown.clone())),
+                _ => (
+                    Entry::Ready(deliver.then(|| self.shared.masterdown())),
+                    None,
+                ),
             };
+            self.queue.replace_with(pos, hidden, entry);
         }
-        self.queue.recount();
         self.queue.drain(&mut self.to_client);
     }
 
@@ -1619,6 +1663,30 @@ impl Session {
                     .report_not_master(link.index, "-MASTERDOWN");
             }
         }
+        if reply.error_code() == Some(b"NOSCRIPT".as_slice()) {
+            // The server lacks a script the proxy saw loaded or run (a promoted replica,
+            // a node that joined later): load it there and run the EVALSHA again.
+            let body = self
+                .queue
+                .awaiting(index)
+                .and_then(|a| Some((a.sent, a.retry.as_ref()?)))
+                .and_then(|(sent, r)| {
+                    Some((sent, scripts::body_for(&self.shared.scripts, &r.frame)?))
+                });
+            if let Some((sent, body)) = body {
+                let redirect = match self.shared.cluster {
+                    Some(_) => self
+                        .upstream
+                        .node_of(id)
+                        .map(|(node, _)| cluster::Redirect::noscript(sent, &node)),
+                    None => None,
+                };
+                if self.queue.mark_script_retry(index, body, redirect) {
+                    debug!(peer = %self.peer, "EVALSHA answered NOSCRIPT: loading the script and running it again");
+                    return true;
+                }
+            }
+        }
         let cluster_answer = if self.shared.cluster.is_some() && reply.is_error() {
             match self.cluster_on_error(index, id, &reply) {
                 Some(None) => return true,
@@ -1795,7 +1863,7 @@ impl Session {
     /// the client if nothing stateful was lost. Writes refused with READONLY keep their
     /// retry.
     fn link_lost(&mut self, id: LinkId, end: LinkEnd) {
-        let Some(link) = self.upstream.take(id) else {
+        let Some(mut link) = self.upstream.take(id) else {
             return;
         };
         match &end {
@@ -1815,7 +1883,18 @@ impl Session {
             self.queue.drain(&mut self.to_client);
             return;
         }
-        let in_flight = self.queue.fail_link(id, &texts::link_lost(&link.label));
+        let lost = texts::link_lost(&link.label);
+        // What never reached the socket never ran: retried where a retry would go after
+        // READONLY (cluster: the slot's confirmed master), within the failover wait.
+        let unwritten = link.unwritten_requests();
+        if unwritten > 0 {
+            let cluster = self.shared.cluster.is_some();
+            let retried = self.queue.unsent(id, Unsent::Last(unwritten), &lost, |a| {
+                cluster.then(|| cluster::Redirect::unsent(a.sent, &link.label))
+            });
+            debug!(peer = %self.peer, backend = %link.label, unwritten, retried, "requests never written to a lost backend connection");
+        }
+        let in_flight = self.queue.fail_link(id, &lost);
         if in_flight > 0 {
             metrics::backend_lost(&link.label);
             warn!(peer = %self.peer, backend = %link.label, in_flight, "backend connection lost with requests in flight");
@@ -1930,6 +2009,13 @@ impl Session {
                 }
                 Delivery::Fail { n, reply } => {
                     self.queue.fail_first(LinkId::Shared, n, &reply);
+                    self.queue.drain(&mut self.to_client);
+                }
+                Delivery::Unsent { n, reply } => {
+                    // Never written: writes are retried on the confirmed master, as
+                    // after READONLY.
+                    self.queue
+                        .unsent(LinkId::Shared, Unsent::First(n), &reply, |_| None);
                     self.queue.drain(&mut self.to_client);
                 }
             }

@@ -7,7 +7,11 @@
 //! one wake-up of Redis carries many sessions' requests, and remembers, in order, whose
 //! replies come next. Reply frames are routed to the sessions' inboxes in that order.
 //! A lost connection answers every session's in-flight requests with the same error a
-//! lost dedicated link gives (`texts::link_lost`); the sessions live on.
+//! lost dedicated link gives (`texts::link_lost`); the sessions live on. Requests it never
+//! wrote (the connection was lost first, or could not be opened) are handed back
+//! (`Delivery::Unsent`): the session retries them as it retries a write refused with
+//! READONLY, and the connection writes nothing more of that session until it has taken
+//! them back (`Mailbox::halted`), so its requests still run in order.
 //!
 //! A session always uses the same connection of a backend's pool (its replies then come
 //! back in the order it sent them), and the proxy keeps per-session order across the
@@ -98,9 +102,12 @@ pub(super) enum Delivery {
     Reply(Reply),
     /// Several consecutive reply frames, read together.
     Replies(Vec<Reply>),
-    /// The next `n` requests are answered with `reply` (the connection was lost, or
-    /// could not be opened).
+    /// The next `n` requests are answered with `reply` (the connection was lost with
+    /// them written: they may have run).
     Fail { n: u32, reply: Bytes },
+    /// The next `n` requests were never written (the connection was lost before, or could
+    /// not be opened): the session retries them, or answers them with `reply`.
+    Unsent { n: u32, reply: Bytes },
 }
 
 /// Request frames up to this size are gathered into one buffer; bigger ones travel as
@@ -129,6 +136,10 @@ struct Mailbox {
     unwritten: AtomicUsize,
     /// Reply bytes in the inbox, not taken by the session yet.
     undelivered: AtomicUsize,
+    /// Requests of the session were handed back unwritten (`Delivery::Unsent`): its later
+    /// batches are handed back too, never written before those are retried. Cleared by
+    /// the session once nothing of it is left with the connection.
+    halted: AtomicBool,
 }
 
 impl Mailbox {
@@ -322,6 +333,7 @@ impl SharedLink {
                 closed: AtomicBool::new(false),
                 unwritten: AtomicUsize::new(0),
                 undelivered: AtomicUsize::new(0),
+                halted: AtomicBool::new(false),
             }),
             in_flight: 0,
             mean_reply: 0,
@@ -343,6 +355,10 @@ impl SharedLink {
     /// `n` requests were answered with `bytes` of replies.
     pub(super) fn answered(&mut self, n: usize, bytes: usize) {
         self.in_flight = self.in_flight.saturating_sub(n);
+        if self.in_flight == 0 && self.count == 0 {
+            // Nothing of this session is with the connection: it may write again.
+            self.mailbox.halted.store(false, Ordering::Release);
+        }
         if n > 0 && bytes > 0 {
             let mean = bytes / n;
             self.mean_reply = if self.mean_reply == 0 {
@@ -450,7 +466,7 @@ impl Delivery {
         match self {
             Delivery::Reply(_) => 1,
             Delivery::Replies(rs) => rs.len(),
-            Delivery::Fail { n, .. } => *n as usize,
+            Delivery::Fail { n, .. } | Delivery::Unsent { n, .. } => *n as usize,
         }
     }
 
@@ -459,7 +475,7 @@ impl Delivery {
         match self {
             Delivery::Reply(r) => r.frame().len(),
             Delivery::Replies(rs) => rs.iter().map(|r| r.frame().len()).sum(),
-            Delivery::Fail { .. } => 0,
+            Delivery::Fail { .. } | Delivery::Unsent { .. } => 0,
         }
     }
 }
@@ -514,7 +530,7 @@ async fn run_conn(
             .get(index)
             .map(|b| b.config.clone())
         else {
-            fail_all(
+            hand_back_all(
                 waiting.take(),
                 &mut rx,
                 &Bytes::from_static(texts::NO_BACKEND),
@@ -537,18 +553,19 @@ async fn run_conn(
                 conn.set(DOWN);
                 // Refused: down at once; timed out: silence, the prober decides.
                 shared.topology.report_connect_error(index, e.evidence());
-                // Batches waiting here were never written. With no confirmed master
-                // left they get the answer the dedicated path gives then (MASTERDOWN);
-                // otherwise, and always in cluster mode (where the single-master
-                // decision does not apply: its text would name a split brain), the
-                // connect error.
+                // Batches waiting here were never written: handed back, for the
+                // sessions to retry on the confirmed master (the slot's, in cluster
+                // mode). A request they cannot retry gets, with no confirmed master left,
+                // the answer the dedicated path gives then (MASTERDOWN); otherwise, and
+                // always in cluster mode (where the single-master decision does not
+                // apply: its text would name a split brain), the connect error.
                 let reply =
                     if shared.cluster.is_none() && shared.topology.load().master_now().is_none() {
                         shared.masterdown()
                     } else {
                         texts::unreachable(cfg.label(), &e)
                     };
-                fail_all(waiting.take(), &mut rx, &reply);
+                hand_back_all(waiting.take(), &mut rx, &reply);
                 tokio::select! {
                     _ = tokio::time::sleep(RETRY_AFTER) => {}
                     _ = stop.cancelled() => return,
@@ -565,6 +582,7 @@ async fn run_conn(
             out: OutQueue::default(),
             owed: VecDeque::new(),
             writes: VecDeque::new(),
+            halted_reply: texts::link_lost(&conn.label),
         };
         if let Some(b) = waiting.take() {
             io.take(b);
@@ -578,20 +596,28 @@ async fn run_conn(
             Stop::Lost(why) => {
                 debug!(backend = %conn.label, error = %why, "shared backend connection lost");
                 let reply = texts::link_lost(&conn.label);
+                // The batches not one byte of which was written are the last ones owed
+                // (only the first unwritten batch can be partly written).
+                let unsent = io.writes.iter().filter(|w| w.left == w.len).count();
+                let written = io.owed.len().saturating_sub(unsent);
                 let mut in_flight = 0;
-                for owed in io.owed.drain(..) {
-                    in_flight += owed.remaining;
-                    owed.mailbox.send(
-                        Delivery::Fail {
-                            n: owed.remaining,
-                            reply: reply.clone(),
-                        },
-                        0,
-                    );
+                for (i, owed) in io.owed.drain(..).enumerate() {
+                    if i < written {
+                        in_flight += owed.remaining;
+                        owed.mailbox.send(
+                            Delivery::Fail {
+                                n: owed.remaining,
+                                reply: reply.clone(),
+                            },
+                            0,
+                        );
+                    } else {
+                        hand_back(&owed.mailbox, owed.remaining, &reply);
+                    }
                 }
                 // What was not written never will be (on this connection).
-                for (mailbox, len) in io.writes.drain(..) {
-                    mailbox.unwritten.fetch_sub(len, Ordering::Relaxed);
+                for w in io.writes.drain(..) {
+                    w.mailbox.unwritten.fetch_sub(w.left, Ordering::Relaxed);
                 }
                 if in_flight > 0 {
                     metrics::backend_lost(&conn.label);
@@ -609,20 +635,37 @@ async fn run_conn(
     }
 }
 
-/// Answer `first` and every batch already queued with `reply`.
-fn fail_all(first: Option<Batch>, rx: &mut UnboundedReceiver<Batch>, reply: &Bytes) {
+/// Hand `n` requests of `mailbox`'s session back unwritten (`Delivery::Unsent`, `reply`
+/// for those it cannot retry); nothing more of that session is written until it has
+/// taken them back.
+fn hand_back(mailbox: &Mailbox, n: u32, reply: &Bytes) {
+    mailbox.halted.store(true, Ordering::Release);
+    mailbox.send(
+        Delivery::Unsent {
+            n,
+            reply: reply.clone(),
+        },
+        0,
+    );
+}
+
+/// Hand `first` and every batch already queued back unwritten.
+fn hand_back_all(first: Option<Batch>, rx: &mut UnboundedReceiver<Batch>, reply: &Bytes) {
     let mut next = first.or_else(|| rx.try_recv().ok());
     while let Some(b) = next {
         b.mailbox.unwritten.fetch_sub(b.len, Ordering::Relaxed);
-        b.mailbox.send(
-            Delivery::Fail {
-                n: b.count,
-                reply: reply.clone(),
-            },
-            0,
-        );
+        hand_back(&b.mailbox, b.count, reply);
         next = rx.try_recv().ok();
     }
+}
+
+/// A batch's bytes not written yet (to credit `Mailbox::unwritten`).
+struct Unwritten {
+    mailbox: Arc<Mailbox>,
+    /// Bytes left to write.
+    left: usize,
+    /// The batch's size: `left == len` means nothing of it was written.
+    len: usize,
 }
 
 /// One open shared connection.
@@ -633,16 +676,28 @@ struct ConnIo {
     scanner: ReplyScanner,
     out: OutQueue,
     owed: VecDeque<Owed>,
-    /// Whose bytes `out` holds, in order (to credit `Mailbox::unwritten`).
-    writes: VecDeque<(Arc<Mailbox>, usize)>,
+    /// Whose bytes `out` holds, in order.
+    writes: VecDeque<Unwritten>,
+    /// The answer for requests of a halted session that it cannot retry.
+    halted_reply: Bytes,
 }
 
 impl ConnIo {
     fn take(&mut self, b: Batch) {
+        if b.mailbox.halted.load(Ordering::Acquire) {
+            // Earlier requests of this session were handed back: these follow them.
+            b.mailbox.unwritten.fetch_sub(b.len, Ordering::Relaxed);
+            hand_back(&b.mailbox, b.count, &self.halted_reply);
+            return;
+        }
         for part in b.parts {
             self.out.push_chunk(part);
         }
-        self.writes.push_back((b.mailbox.clone(), b.len));
+        self.writes.push_back(Unwritten {
+            mailbox: b.mailbox.clone(),
+            left: b.len,
+            len: b.len,
+        });
         self.owed.push_back(Owed {
             mailbox: b.mailbox,
             remaining: b.count,
@@ -652,14 +707,14 @@ impl ConnIo {
     /// `n` bytes of `out` were written.
     fn written(&mut self, mut n: usize) {
         while n > 0 {
-            let Some((mailbox, len)) = self.writes.front_mut() else {
+            let Some(w) = self.writes.front_mut() else {
                 return;
             };
-            let k = n.min(*len);
-            mailbox.unwritten.fetch_sub(k, Ordering::Relaxed);
-            *len -= k;
+            let k = n.min(w.left);
+            w.mailbox.unwritten.fetch_sub(k, Ordering::Relaxed);
+            w.left -= k;
             n -= k;
-            if *len == 0 {
+            if w.left == 0 {
                 self.writes.pop_front();
             }
         }

@@ -188,10 +188,21 @@ pub(super) enum Entry {
         deliver: bool,
         /// Cluster mode: the redirect a node answered (where the retry goes).
         redirect: Option<Box<super::cluster::Redirect>>,
+        /// An `EVALSHA` answered `-NOSCRIPT`: this body is loaded (hidden) before it.
+        script: Option<Bytes>,
     },
     /// An answer ready to be written once everything before it is (`None`: answered, but
     /// not delivered under `CLIENT REPLY`).
     Ready(Option<Bytes>),
+}
+
+/// Which of the requests waiting on a link were never written to its backend.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Unsent {
+    /// The first `n` (a shared connection answers a session's requests in order).
+    First(u32),
+    /// The last `n` (a session's own link: what it had not written yet).
+    Last(usize),
 }
 
 /// The in-order queue of what each request is owed.
@@ -396,6 +407,26 @@ impl ReplyQueue {
         index: usize,
         redirect: Option<Box<super::cluster::Redirect>>,
     ) -> bool {
+        self.mark(index, redirect, None)
+    }
+
+    /// Turn the awaiting `EVALSHA` at `index`, answered `-NOSCRIPT`, into a retry with
+    /// `body` loaded first (cluster mode: `redirect` names the node).
+    pub(super) fn mark_script_retry(
+        &mut self,
+        index: usize,
+        body: Bytes,
+        redirect: Option<Box<super::cluster::Redirect>>,
+    ) -> bool {
+        self.mark(index, redirect, Some(body))
+    }
+
+    fn mark(
+        &mut self,
+        index: usize,
+        redirect: Option<Box<super::cluster::Redirect>>,
+        script: Option<Bytes>,
+    ) -> bool {
         let Some(Entry::Upstream(a)) = self.entries.get_mut(index) else {
             return false;
         };
@@ -408,18 +439,10 @@ impl ReplyQueue {
             retained,
             deliver,
             redirect,
+            script,
         };
         self.retries += 1;
         true
-    }
-
-    /// Every READONLY retry, in order, for the caller to replace with the re-sent
-    /// request or its answer (the retry count starts again from zero).
-    pub(super) fn retries_mut(&mut self) -> impl Iterator<Item = &mut Entry> {
-        self.retries = 0;
-        self.entries
-            .iter_mut()
-            .filter(|e| matches!(e, Entry::Retry { .. }))
     }
 
     /// Answer every entry still waiting on `link` with `answer` (its link was lost);
@@ -443,6 +466,58 @@ impl ReplyQueue {
             self.count_down(link);
         }
         n as usize
+    }
+
+    /// Requests on `link` that were never written to its backend (the connection was
+    /// lost or could not be opened): each whose frame is kept becomes a retry (`redirect`
+    /// says where to), the others are answered with `answer`. Returns the retries.
+    pub(super) fn unsent(
+        &mut self,
+        link: LinkId,
+        which: Unsent,
+        answer: &Bytes,
+        mut redirect: impl FnMut(&Awaiting) -> Option<Box<super::cluster::Redirect>>,
+    ) -> usize {
+        let on_link: Vec<usize> = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| matches!(e, Entry::Upstream(a) if a.link == link))
+            .map(|(i, _)| i)
+            .collect();
+        let picked = match which {
+            Unsent::First(n) => &on_link[..on_link.len().min(n as usize)],
+            Unsent::Last(n) => &on_link[on_link.len().saturating_sub(n)..],
+        };
+        let mut retries = 0;
+        for &i in picked {
+            let Some(Entry::Upstream(a)) = self.entries.get_mut(i) else {
+                continue;
+            };
+            let deliver = a.deliver;
+            // A request with part of its answer in already was written.
+            let entry = match a.retry.take() {
+                Some(retained) if a.acc.is_empty() => {
+                    retries += 1;
+                    Entry::Retry {
+                        retained,
+                        deliver,
+                        redirect: redirect(a),
+                        script: None,
+                    }
+                }
+                _ => {
+                    let mut out = std::mem::take(&mut a.acc);
+                    if deliver {
+                        out.extend_from_slice(answer);
+                    }
+                    Entry::Ready((!out.is_empty()).then(|| out.freeze()))
+                }
+            };
+            self.entries[i] = entry;
+        }
+        self.recount();
+        retries
     }
 
     /// Answer the first `n` entries still waiting on `link` with `answer` (a shared
@@ -658,6 +733,46 @@ mod tests {
         q.drain(&mut out);
         assert!(q.is_empty());
         assert_eq!(out_bytes(&mut out), b"-ERR lost\r\n-ERR lost\r\n");
+    }
+
+    #[test]
+    fn unsent_requests_with_a_kept_frame_become_retries_in_place() {
+        let total = Arc::new(AtomicUsize::new(0));
+        let mut q = ReplyQueue::default();
+        let mut out = OutQueue::default();
+        for (link, keep) in [
+            (LinkId::Master, true),
+            (LinkId::Replica, true),
+            (LinkId::Master, false),
+            (LinkId::Master, true),
+        ] {
+            let mut a = awaiting(true);
+            a.link = link;
+            a.retry = keep.then(|| Retained::new(Bytes::from_static(b"*1\r\n$1\r\nx\r\n"), &total));
+            q.push_upstream(a);
+        }
+        let lost = Bytes::from_static(b"-ERR lost\r\n");
+        // The last two on the master link were never written: the one with its frame
+        // kept is retried, the other answered.
+        assert_eq!(
+            q.unsent(LinkId::Master, Unsent::Last(2), &lost, |_| None),
+            1
+        );
+        assert_eq!(q.retries(), 1);
+        assert!(matches!(q.entry_mut(2), Some(Entry::Ready(Some(_)))));
+        assert!(matches!(q.entry_mut(3), Some(Entry::Retry { .. })));
+        // The first one was written: it gets the link error.
+        assert_eq!(q.fail_link(LinkId::Master, &lost), 1);
+        assert!(q.waiting_on(LinkId::Replica));
+        assert!(!q.waiting_on(LinkId::Master));
+        // From the front: the replica's one.
+        assert_eq!(
+            q.unsent(LinkId::Replica, Unsent::First(1), &lost, |_| None),
+            1
+        );
+        assert_eq!(q.retries(), 2);
+        q.drain(&mut out);
+        assert_eq!(out_bytes(&mut out), b"-ERR lost\r\n");
     }
 
     #[test]

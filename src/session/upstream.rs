@@ -4,6 +4,7 @@
 //! back; where they go is decided by the session. A shared or per-shard upstream keeps
 //! this surface.
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 
@@ -45,6 +46,11 @@ pub(super) struct Link {
     batch: usize,
     scanner: ReplyScanner,
     out: OutQueue,
+    /// Sizes of the frames queued by `send` and not wholly written yet, in order (their
+    /// sum is `sends_bytes`): when the link is lost, the requests never written did not
+    /// run and can be retried (`unwritten_requests`).
+    sends: VecDeque<usize>,
+    sends_bytes: usize,
     /// The client closed its sending side: once `out` is written, so does this link.
     shut_write: ShutWrite,
     /// Label for logs and metrics.
@@ -90,6 +96,8 @@ impl Link {
             batch: 0,
             scanner: ReplyScanner::new(limits),
             out: OutQueue::default(),
+            sends: VecDeque::new(),
+            sends_bytes: 0,
             shut_write: ShutWrite::No,
             label: cfg.label().to_string(),
             liveness,
@@ -99,6 +107,40 @@ impl Link {
     /// Queue a request frame.
     pub(super) fn send(&mut self, frame: &Bytes) {
         self.out.push_ref(frame);
+        if !frame.is_empty() {
+            self.sends.push_back(frame.len());
+            self.sends_bytes += frame.len();
+        }
+    }
+
+    /// Frames queued by `send` that did not reach the socket whole: the last ones sent.
+    /// A backend never ran them (Redis runs only complete commands); bytes handed to a
+    /// TLS session count as written.
+    pub(super) fn unwritten_requests(&mut self) -> usize {
+        self.forget_written();
+        let (mut n, mut bytes) = (0, 0);
+        for size in self.sends.iter().rev() {
+            if bytes >= self.out.bytes {
+                break;
+            }
+            bytes += size;
+            n += 1;
+        }
+        n
+    }
+
+    /// Drop the sizes of frames written whole.
+    fn forget_written(&mut self) {
+        while let Some(&front) = self.sends.front() {
+            if self.sends_bytes - front < self.out.bytes {
+                break;
+            }
+            self.sends.pop_front();
+            self.sends_bytes -= front;
+        }
+        if self.sends.is_empty() && self.sends.capacity() > 64 {
+            self.sends = VecDeque::new();
+        }
     }
 
     /// Request bytes not yet written.
@@ -120,7 +162,9 @@ impl Link {
     /// close the sending side.
     pub(super) fn flush(&mut self) -> io::Result<()> {
         if !self.out.is_empty() {
-            self.out.try_write(&mut self.stream)?;
+            let written = self.out.try_write(&mut self.stream);
+            self.forget_written();
+            written?;
         }
         self.stream.flush_pending()?;
         if self.shut_write == ShutWrite::Wanted && !self.has_output() {
