@@ -566,6 +566,52 @@ impl Session {
     }
 
     /// Cluster mode's `send`: pick the node, open its link, queue the request.
+    /// The common case, with no future to box: a keyed plain request outside any
+    /// transaction, binding or pending state change, whose slot's master is confirmed at
+    /// this wake-up and reachable on a link the session has (or the node's shared
+    /// connection), routed as `cluster_send` would. `Err(out)`: take `cluster_send`.
+    pub(super) fn cluster_send_now(&mut self, mut out: Outgoing) -> Result<(), Outgoing> {
+        let KeySlot::Slot(slot) = self.cl.slot else {
+            return Err(out);
+        };
+        let plain = matches!(out.on_reply, OnReply::Forward)
+            && self.txn.is_none()
+            && !self.watching
+            && !self.cl.multi_pending
+            && !self.cl.multi_sent
+            && self.cl.bound.is_none()
+            && self.cl.state_changed_on.is_none()
+            && !self.state.tracking
+            && !self.state.monitor;
+        let Some(cluster) = self.cluster().filter(|_| plain) else {
+            return Err(out);
+        };
+        let target = {
+            let state = cluster.load();
+            if state.generation != self.cl.routed_generation {
+                return Err(out);
+            }
+            let now = tokio::time::Instant::from_std(self.now);
+            match state.slot_master_at(slot, &self.shared.topology.load(), now) {
+                Ok(i) => i,
+                Err(_) => return Err(out),
+            }
+        };
+        let dedicated = self.upstream.node_link(target);
+        let id = match self.cluster_shared_route(target, dedicated, &out) {
+            SharedRoute::Shared(id) => id,
+            SharedRoute::Dedicated => match dedicated {
+                Some(id) => id,
+                None => return Err(out),
+            },
+            SharedRoute::Wait => return Err(out),
+        };
+        out.retryable = true;
+        self.push_to(id, out);
+        self.cl.txn_slot = None;
+        Ok(())
+    }
+
     pub(super) async fn cluster_send(&mut self, mut out: Outgoing) {
         // Lowercased on the stack: this runs per request.
         let mut buf = [0u8; 8];
@@ -645,7 +691,9 @@ impl Session {
             || (self.cl.bound.is_some() && (ends_txn || name == b"unwatch"));
         let feed = self.state.tracking || self.state.monitor;
         let pubsub = matches!(out.on_reply, OnReply::PubSub { .. });
-        let deadline = tokio::time::Instant::now() + self.rt.config.routing.failover_wait;
+        // From the wake-up that read it: no clock read per request.
+        let deadline =
+            tokio::time::Instant::from_std(self.now) + self.rt.config.routing.failover_wait;
         let (target, id) = loop {
             let pick = if txn_like || (feed && slot.is_none()) {
                 self.cl.bound

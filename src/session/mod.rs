@@ -1299,7 +1299,11 @@ impl Session {
     /// first, if needed) and queue its answer.
     async fn send(&mut self, out: Outgoing) {
         if self.shared.cluster.is_some() {
-            return Box::pin(self.cluster_send(out)).await;
+            // Boxed only off the common path: the future is big, and per request.
+            if let Err(out) = self.cluster_send_now(out) {
+                Box::pin(self.cluster_send(out)).await;
+            }
+            return;
         }
         match self.shared_route(&out) {
             pool::Route::Shared => return self.push_to(LinkId::Shared, out),
