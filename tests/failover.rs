@@ -502,6 +502,12 @@ async fn evalsha_after_a_promotion_finds_its_script() {
     c.send(&support::resp(&[b"SCRIPT", b"LOAD", body.as_bytes()]))
         .await;
     c.expect(format!("$40\r\n{sha}\r\n").as_bytes()).await;
+    let setter = "return redis.call('SET', KEYS[1], 'a')";
+    let setter_sha = redis::Script::new(setter).get_hash().to_string();
+    c.send(&support::resp(&[b"SCRIPT", b"LOAD", setter.as_bytes()]))
+        .await;
+    c.expect(format!("$40\r\n{setter_sha}\r\n").as_bytes())
+        .await;
     promote(&new, &old).await;
     let addr = proxy.addr.to_string();
     wait_until("writes reach the new master", || {
@@ -522,4 +528,18 @@ async fn evalsha_after_a_promotion_finds_its_script() {
     ]))
     .await;
     c.expect(b"$1\r\nv\r\n").await;
+    // A request pipelined behind an EVALSHA the new master lacks would run before a
+    // retry: the proxy passes NOSCRIPT on instead, and the SET after it wins, as the
+    // order the client sent them says.
+    c.send(
+        &[
+            support::resp(&[b"EVALSHA", setter_sha.as_bytes(), b"1", b"sc:order"]),
+            support::resp(&[b"SET", b"sc:order", b"b"]),
+            support::resp(&[b"GET", b"sc:order"]),
+        ]
+        .concat(),
+    )
+    .await;
+    c.expect(b"-NOSCRIPT No matching script. Please use EVAL.\r\n+OK\r\n$1\r\nb\r\n")
+        .await;
 }

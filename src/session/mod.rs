@@ -1667,9 +1667,12 @@ impl Session {
                     .report_not_master(link.index, "-MASTERDOWN");
             }
         }
-        if reply.error_code() == Some(b"NOSCRIPT".as_slice()) {
+        if reply.error_code() == Some(b"NOSCRIPT".as_slice()) && self.queue.last_in_flight(index) {
             // The server lacks a script the proxy saw loaded or run (a promoted replica,
-            // a node that joined later): load it there and run the EVALSHA again.
+            // a node that joined later): load it there and run the EVALSHA again. Only
+            // when nothing the client sent after it is in flight: a later request would
+            // run before the retry (the server accepts it, unlike after READONLY), so
+            // then the client gets NOSCRIPT, as from the server directly.
             let body = self
                 .queue
                 .awaiting(index)

@@ -319,6 +319,14 @@ impl ReplyQueue {
             .position(|e| matches!(e, Entry::Upstream(a) if a.link == link))
     }
 
+    /// Whether nothing after the entry at `index` waits on a backend or a retry.
+    pub(super) fn last_in_flight(&self, index: usize) -> bool {
+        self.entries
+            .iter()
+            .skip(index + 1)
+            .all(|e| matches!(e, Entry::Ready(_)))
+    }
+
     /// Whether a command that can wait indefinitely is in flight on `link`.
     pub(super) fn blocking_on(&self, link: LinkId) -> bool {
         self.entries
