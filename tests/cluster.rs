@@ -777,6 +777,33 @@ async fn shared_mode_keeps_the_connection_budget_per_node() {
     assert_eq!(d.call(&["PING"]).await, b"+PONG\r\n");
     assert_eq!(d.call(&["ECHO", "x"]).await, b"$1\r\nx\r\n");
     assert_eq!(d.call(&["CLIENT", "ID"]).await, id);
+    // A write on the node's shared connection, then a transaction (own link) and a WATCH
+    // on the same key, pipelined: the node runs them in the order the client sent them.
+    let mut e = Conn::open(&p.addr.to_string()).await;
+    let mut pipeline = Vec::new();
+    let mut want = Vec::new();
+    for i in 0..20 {
+        let v = i.to_string();
+        pipeline.push(resp(&[b"SET", b"{o}k", v.as_bytes()]));
+        pipeline.push(resp(&[b"MULTI"]));
+        pipeline.push(resp(&[b"GET", b"{o}k"]));
+        pipeline.push(resp(&[b"EXEC"]));
+        pipeline.push(resp(&[b"SET", b"{o}k", b"w"]));
+        pipeline.push(resp(&[b"WATCH", b"{o}k"]));
+        pipeline.push(resp(&[b"MULTI"]));
+        pipeline.push(resp(&[b"GET", b"{o}k"]));
+        pipeline.push(resp(&[b"EXEC"]));
+        want.push(format!(
+            "+OK\r\n+OK\r\n+QUEUED\r\n*1\r\n${}\r\n{v}\r\n+OK\r\n+OK\r\n+OK\r\n+QUEUED\r\n*1\r\n$1\r\nw\r\n",
+            v.len()
+        ));
+    }
+    e.send(&pipeline.concat()).await;
+    let mut got = Vec::new();
+    for _ in 0..pipeline.len() {
+        got.extend(e.reply().await.unwrap_or_default());
+    }
+    assert_eq!(String::from_utf8_lossy(&got), want.concat());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -750,6 +750,17 @@ impl Session {
                     }
                 }
             }
+            if self
+                .upstream
+                .shared_node(target)
+                .is_some_and(|id| self.queue.waiting_on(id))
+            {
+                // The node's shared connection still owes this session answers: what goes
+                // on the session's own link to that node runs after them (a transaction
+                // or WATCH must see the writes sent before it).
+                self.parked = Some(out);
+                return;
+            }
             match self.cluster_link(target).await {
                 Ok(id) => break (target, id),
                 // A node that refused the connection was reported down (`open_link`): the
