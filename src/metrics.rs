@@ -44,6 +44,22 @@ pub const BACKEND_STATE_CHANGES_TOTAL: &str = "portcullis_backend_state_changes_
 /// Seconds since a backend's last sign of life (label `backend`).
 pub const BACKEND_SILENCE_SECONDS: &str = "portcullis_backend_silence_seconds";
 
+/// `portcullis_backend_unexpected_replicas`.
+pub const BACKEND_UNEXPECTED_REPLICAS: &str = "portcullis_backend_unexpected_replicas";
+/// `portcullis_cluster_redirects_total`.
+pub const CLUSTER_REDIRECTS_TOTAL: &str = "portcullis_cluster_redirects_total";
+/// `portcullis_cluster_slot_map_epoch`.
+pub const CLUSTER_SLOT_MAP_EPOCH: &str = "portcullis_cluster_slot_map_epoch";
+/// `portcullis_cluster_slots_covered`.
+pub const CLUSTER_SLOTS_COVERED: &str = "portcullis_cluster_slots_covered";
+/// `portcullis_cluster_slots_mapped`.
+pub const CLUSTER_SLOTS_MAPPED: &str = "portcullis_cluster_slots_mapped";
+/// `portcullis_hidden_request_errors_total`.
+pub const HIDDEN_REQUEST_ERRORS_TOTAL: &str = "portcullis_hidden_request_errors_total";
+/// `portcullis_unexpected_replica_detections_total`.
+pub const UNEXPECTED_REPLICA_DETECTIONS_TOTAL: &str =
+    "portcullis_unexpected_replica_detections_total";
+
 /// Command classes for `commands_total{class}`, from Redis's own flags.
 pub const CLASSES: [&str; 3] = ["write", "read", "other"];
 
@@ -140,30 +156,43 @@ pub fn readonly_retry() {
 /// Count a cluster redirect (`MOVED`, `ASK`, `TRYAGAIN`, `CLUSTERDOWN`, `READONLY`) a node
 /// answered, by node and kind; the proxy retried it and the client never saw it.
 pub fn cluster_redirect(node: &str, kind: &'static str) {
-    counter!("portcullis_cluster_redirects_total", "node" => node.to_string(), "kind" => kind)
-        .increment(1);
+    counter!(CLUSTER_REDIRECTS_TOTAL, "node" => node.to_string(), "kind" => kind).increment(1);
 }
 
 /// Publish the slot map's version (highest master config epoch) and the slots it covers.
 pub fn cluster_map(epoch: u64, slots: usize) {
-    gauge!("portcullis_cluster_slot_map_epoch").set(epoch as f64);
-    gauge!("portcullis_cluster_slots_mapped").set(slots as f64);
+    gauge!(CLUSTER_SLOT_MAP_EPOCH).set(epoch as f64);
+    gauge!(CLUSTER_SLOTS_MAPPED).set(slots as f64);
 }
 
-/// Count a replica outside the slot map found in a cluster master's `ROLE`.
-pub fn unexpected_replica(master: &str, replica: &str) {
-    counter!("portcullis_unexpected_replica_detections_total", "backend" => master.to_string(), "replica" => replica.to_string())
-        .increment(1);
+/// A request the proxy added on its own (`what`: the WAIT offset bump, ASKING, a script
+/// load) got an error (an ACL without its permission, OOM, an old server): counted, and
+/// logged at WARN the first time in the process (then at DEBUG), since no client sees it.
+pub fn hidden_request_failed(what: &'static str, peer: &std::net::SocketAddr) {
+    static LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    counter!(HIDDEN_REQUEST_ERRORS_TOTAL, "request" => what).increment(1);
+    if !LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(%peer, request = what, "a request the proxy adds on its own was refused (check the backend user's permissions; further refusals are counted in portcullis_hidden_request_errors_total)");
+    } else {
+        tracing::debug!(%peer, request = what, "a request the proxy adds on its own was refused");
+    }
+}
+
+/// Count a replica outside the slot map found in a cluster master's `ROLE` (labelled by
+/// master only: the replica's address comes from the backend, so it stays in the log
+/// line, not in a label whose values a stranger could multiply).
+pub fn unexpected_replica(master: &str) {
+    counter!(UNEXPECTED_REPLICA_DETECTIONS_TOTAL, "backend" => master.to_string()).increment(1);
 }
 
 /// Publish how many replicas outside the slot map a cluster master feeds now.
 pub fn unexpected_replicas(master: &str, n: usize) {
-    gauge!("portcullis_backend_unexpected_replicas", "backend" => master.to_string()).set(n as f64);
+    gauge!(BACKEND_UNEXPECTED_REPLICAS, "backend" => master.to_string()).set(n as f64);
 }
 
 /// Publish the slots served by a confirmed master (16384 when the proxy is ready).
 pub fn cluster_slots_covered(slots: usize) {
-    gauge!("portcullis_cluster_slots_covered").set(slots as f64);
+    gauge!(CLUSTER_SLOTS_COVERED).set(slots as f64);
 }
 
 /// Count a failed AUTH at the proxy.

@@ -476,15 +476,33 @@ impl ReplicaWatch {
                 .iter()
                 .any(|&i| topo.backends.get(i).is_some_and(|b| b.is(host, port)))
         };
+        // Behind NAT or with announced hostnames, a master's ROLE names its replicas by
+        // another address than the slot map: such a replica counts as known when its port
+        // is one of the shard's replica ports and the master has no more replicas than
+        // the map gives the shard (a stranger added makes the count grow).
+        let natted = |shard: usize, replica: &str, count: usize| {
+            let Some(s) = map.shards.get(shard) else {
+                return false;
+            };
+            let port = replica
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok());
+            count <= s.replicas.len() && s.replicas.iter().any(|n| Some(n.port) == port)
+        };
         let mut found = std::collections::HashSet::new();
-        for &m in &state.masters {
+        for (shard, &m) in state.masters.iter().enumerate() {
             let Some(b) = topo.backends.get(m) else {
                 continue;
             };
             if b.role != Some(crate::backend::Role::Master) {
                 continue;
             }
-            for r in b.replicas.iter().filter(|r| !known(r)) {
+            let count = b.replicas.len();
+            for r in b
+                .replicas
+                .iter()
+                .filter(|r| !known(r) && !natted(shard, r, count))
+            {
                 found.insert((m, r.clone()));
             }
         }
@@ -493,7 +511,7 @@ impl ReplicaWatch {
                 let master = topo.backends.get(key.0).map_or("", |b| b.label.as_str());
                 tracing::error!(backend = %master, replica = %key.1,
                     "UNEXPECTED REPLICA: a cluster master replicates to a node outside the slot map (a copy of its data leaves the cluster)");
-                crate::metrics::unexpected_replica(master, &key.1);
+                crate::metrics::unexpected_replica(master);
             }
         }
         self.reported.retain(|key| {

@@ -39,8 +39,9 @@ use super::state::{self, OnReply};
 use super::upstream::{Link, LinkEnd, LinkId};
 use super::{Outgoing, Session};
 
-/// Keyless commands a held-back MULTI defers at most; past it the transaction binds to
-/// any master (bounds what a client can make the proxy hold).
+/// Keyless commands a held-back MULTI defers at most (and `limits.max_reply_buffer`
+/// bytes of them); past either the transaction binds to any master (bounds what a client
+/// can make the proxy hold).
 const MAX_DEFERRED: usize = 1024;
 
 /// Pause before re-sending after `TRYAGAIN` or `CLUSTERDOWN` (a migration or failover in
@@ -674,6 +675,8 @@ impl Session {
             && self.txn.is_some()
             && slot.is_none()
             && self.cl.deferred.len() < MAX_DEFERRED
+            && self.cl.deferred.iter().map(Bytes::len).sum::<usize>() + out.frame.len()
+                <= self.rt.config.limits.max_reply_buffer
         {
             // Keyless: Redis queues it; it follows MULTI to the first keyed command's node.
             self.cl.deferred.push(out.frame);
@@ -1184,6 +1187,9 @@ impl Session {
             let last = redirect
                 .as_ref()
                 .map_or_else(String::new, |r| r.text.clone());
+            // Past the bound even when a link opened: a node that takes connections but
+            // loses every write must not keep the request cycling.
+            let linked = linked.filter(|_| tokio::time::Instant::now() <= deadline);
             let Some(id) = linked else {
                 let reply = texts::cluster_gave_up(slot, &node, &last);
                 self.queue
@@ -1201,11 +1207,14 @@ impl Session {
             let asking = match &script {
                 Some(body) => Some((
                     super::scripts::load_frame(body),
-                    Awaiting::hidden(id, self.read_at),
+                    Awaiting::hidden(id, self.read_at, "SCRIPT LOAD"),
                 )),
                 None => (kind == Some(RedirectKind::Ask)).then(|| {
                     let req = Request::from_args(&[b"ASKING"]);
-                    (req.frame().clone(), Awaiting::hidden(id, self.read_at))
+                    (
+                        req.frame().clone(),
+                        Awaiting::hidden(id, self.read_at, "ASKING"),
+                    )
                 }),
             };
             // Loaded once: an EVALSHA that still meets NOSCRIPT gets that answer.
@@ -1517,6 +1526,15 @@ impl Session {
                         continue;
                     }
                     if skip > 0 {
+                        // The bump goes first, then ASKING.
+                        let what = if bump && skip == u32::from(asking) + 1 {
+                            "WAIT offset bump"
+                        } else {
+                            "ASKING"
+                        };
+                        if reply.is_error() {
+                            crate::metrics::hidden_request_failed(what, &self.peer);
+                        }
                         skip -= 1;
                         continue;
                     }

@@ -794,6 +794,9 @@ impl Session {
             // Inside MULTI a body may never run (DISCARD, EXECABORT).
             let limit = self.rt.config.limits.script_cache;
             self.shared.scripts.observe(spec, &req, limit);
+        } else if spec.name == "script|flush" {
+            // Forgetting is always safe: a queued flush may run.
+            self.shared.scripts.forget_all();
         }
         if self.shared.cluster.is_some() && self.cluster_intercept(spec, &req) {
             return Ok(());
@@ -1402,7 +1405,8 @@ impl Session {
                     None => pool::wait_offset_bump(),
                 };
                 link.send(&bump);
-                self.queue.push_upstream(Awaiting::hidden(id, self.read_at));
+                self.queue
+                    .push_upstream(Awaiting::hidden(id, self.read_at, "WAIT offset bump"));
             }
             let Some(link) = self.upstream.get_mut(id) else {
                 return;
@@ -1461,7 +1465,7 @@ impl Session {
                     metrics::readonly_retry();
                     let hidden = script.map(|body| {
                         link.send(&scripts::load_frame(&body));
-                        Awaiting::hidden(LinkId::Master, read_at)
+                        Awaiting::hidden(LinkId::Master, read_at, "SCRIPT LOAD")
                     });
                     link.send(&frame);
                     // No second retry: a master that also says READONLY gets MASTERDOWN.
@@ -1750,7 +1754,7 @@ impl Session {
                 a.remaining = a.remaining.saturating_sub(1);
                 a.remaining == 0
             }
-            OnReply::Forward | OnReply::Apply(_) | OnReply::Exec(_) => {
+            OnReply::Forward | OnReply::Apply(_) | OnReply::Exec(_) | OnReply::Hidden(_) => {
                 a.remaining = a.remaining.saturating_sub(1);
                 a.remaining == 0
             }
@@ -1784,6 +1788,11 @@ impl Session {
     fn answered(&mut self, a: Awaiting, is_error: bool) {
         match a.on_reply {
             OnReply::PubSub { .. } => {}
+            OnReply::Hidden(what) => {
+                if is_error {
+                    metrics::hidden_request_failed(what, &self.peer);
+                }
+            }
             OnReply::Apply(change) if !is_error => {
                 self.record_latency(a.sent);
                 self.state.apply(*change);

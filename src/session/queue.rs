@@ -160,14 +160,15 @@ pub(super) struct Awaiting {
 }
 
 impl Awaiting {
-    /// A request the proxy adds on its own (`ASKING` before an ASK retry, the offset
-    /// bump before `WAIT`): one frame, answered by Redis, never delivered.
-    pub(super) fn hidden(link: LinkId, sent: Instant) -> Awaiting {
+    /// A request the proxy adds on its own (`what`: `ASKING` before an ASK retry, the
+    /// offset bump before `WAIT`, a script load): one frame, answered by Redis, never
+    /// delivered.
+    pub(super) fn hidden(link: LinkId, sent: Instant, what: &'static str) -> Awaiting {
         Awaiting {
             link,
             remaining: 1,
             deliver: false,
-            on_reply: OnReply::Forward,
+            on_reply: OnReply::Hidden(what),
             retry: None,
             sent,
             blocking: false,

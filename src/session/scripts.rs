@@ -9,7 +9,7 @@
 //! nothing is kept). Must not: keep a body it was not asked to run or load.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::RwLock;
 
 use bytes::Bytes;
 
@@ -39,11 +39,15 @@ fn key_of(sha: &[u8]) -> Option<Sha> {
     Some(key)
 }
 
+/// Bytes a kept body costs beyond its own length (map slot, order entry, allocation).
+const ENTRY_OVERHEAD: usize = 128;
+
 #[derive(Debug, Default)]
 struct Inner {
     bodies: HashMap<Sha, Bytes>,
     /// Insertion order, for forgetting the oldest first.
     order: VecDeque<Sha>,
+    /// Bodies' bytes plus `ENTRY_OVERHEAD` each.
     bytes: usize,
 }
 
@@ -51,7 +55,8 @@ struct Inner {
 /// the proxy presents one server).
 #[derive(Debug, Default)]
 pub struct ScriptCache {
-    inner: Mutex<Inner>,
+    /// Read-mostly: a repeated EVAL only looks its body up.
+    inner: RwLock<Inner>,
 }
 
 impl ScriptCache {
@@ -71,32 +76,40 @@ impl ScriptCache {
         let Some(body) = body else {
             return;
         };
-        if body.len() > limit {
+        let cost = body.len() + ENTRY_OVERHEAD;
+        if cost > limit {
             return;
         }
         let sha = sha1_hex(body);
-        let Ok(mut inner) = self.inner.lock() else {
+        if self
+            .inner
+            .read()
+            .is_ok_and(|inner| inner.bodies.contains_key(&sha))
+        {
+            return;
+        }
+        let Ok(mut inner) = self.inner.write() else {
             return;
         };
         if inner.bodies.contains_key(&sha) {
             return;
         }
-        while inner.bytes + body.len() > limit {
+        while inner.bytes + cost > limit {
             let Some(old) = inner.order.pop_front() else {
                 break;
             };
             if let Some(b) = inner.bodies.remove(&old) {
-                inner.bytes -= b.len();
+                inner.bytes -= b.len() + ENTRY_OVERHEAD;
             }
         }
-        inner.bytes += body.len();
+        inner.bytes += cost;
         inner.order.push_back(sha);
         inner.bodies.insert(sha, Bytes::copy_from_slice(body));
     }
 
     /// Forget every body (`SCRIPT FLUSH`).
     pub(super) fn forget_all(&self) {
-        if let Ok(mut inner) = self.inner.lock() {
+        if let Ok(mut inner) = self.inner.write() {
             *inner = Inner::default();
         }
     }
@@ -104,14 +117,14 @@ impl ScriptCache {
     /// The body whose SHA1 is `sha`, when known.
     pub(super) fn body(&self, sha: &[u8]) -> Option<Bytes> {
         let key = key_of(sha)?;
-        self.inner.lock().ok()?.bodies.get(&key).cloned()
+        self.inner.read().ok()?.bodies.get(&key).cloned()
     }
 
     /// Bodies kept and their bytes.
     #[cfg(test)]
     fn size(&self) -> (usize, usize) {
         self.inner
-            .lock()
+            .read()
             .map(|i| (i.bodies.len(), i.bytes))
             .unwrap_or_default()
     }
@@ -163,7 +176,7 @@ mod tests {
         cache.observe(spec("script", Some("load")), &load, 1024);
         let eval = Request::from_args(&[b"EVAL".as_slice(), b"return 2", b"0"]);
         cache.observe(spec("eval", None), &eval, 1024);
-        assert_eq!(cache.size(), (2, 16));
+        assert_eq!(cache.size(), (2, 16 + 2 * ENTRY_OVERHEAD));
         // Any letter case.
         assert_eq!(
             cache
@@ -190,18 +203,33 @@ mod tests {
     #[test]
     fn the_oldest_bodies_go_first_past_the_limit() {
         let cache = ScriptCache::default();
+        // Room for two 8-byte bodies with their bookkeeping, not three.
+        let limit = 2 * (8 + ENTRY_OVERHEAD) + 4;
         for body in [&b"return 1"[..], b"return 2", b"return 3"] {
             let eval = Request::from_args(&[b"EVAL".as_slice(), body, b"0"]);
-            cache.observe(spec("eval", None), &eval, 20);
+            cache.observe(spec("eval", None), &eval, limit);
         }
-        assert_eq!(cache.size(), (2, 16));
+        assert_eq!(cache.size(), (2, 16 + 2 * ENTRY_OVERHEAD));
         assert!(cache.body(&sha1_hex(b"return 1")).is_none());
         assert!(cache.body(&sha1_hex(b"return 3")).is_some());
-        // Too big for the limit: not kept; 0 keeps nothing.
+        // Too big for the limit with its bookkeeping: not kept; 0 keeps nothing.
         let big = Request::from_args(&[b"EVAL".as_slice(), &[b'x'; 21], b"0"]);
-        cache.observe(spec("eval", None), &big, 20);
-        assert_eq!(cache.size(), (2, 16));
+        cache.observe(spec("eval", None), &big, 20 + ENTRY_OVERHEAD);
+        assert_eq!(cache.size(), (2, 16 + 2 * ENTRY_OVERHEAD));
         cache.observe(spec("eval", None), &big, 0);
-        assert_eq!(cache.size(), (2, 16));
+        assert_eq!(cache.size(), (2, 16 + 2 * ENTRY_OVERHEAD));
+    }
+
+    #[test]
+    fn tiny_bodies_count_their_bookkeeping() {
+        let cache = ScriptCache::default();
+        for i in 0..1000 {
+            let body = format!("return {i}");
+            let eval = Request::from_args(&[b"EVAL".as_slice(), body.as_bytes(), b"0"]);
+            cache.observe(spec("eval", None), &eval, 10 * 1024);
+        }
+        let (n, bytes) = cache.size();
+        assert!(bytes <= 10 * 1024, "{bytes}");
+        assert!(n < 10 * 1024 / ENTRY_OVERHEAD, "{n} bodies kept");
     }
 }

@@ -55,6 +55,10 @@ pub(super) enum OnReply {
     PubSub { kind: PubSubKind, all: bool },
     /// EXEC of a transaction whose commands change the session (boxed, as `Apply`).
     Exec(Box<ExecPlan>),
+    /// A request the proxy added on its own (`ASKING`, the WAIT offset bump, a script
+    /// load), named for logs: never delivered; an error answer is logged and counted
+    /// (`metrics::hidden_request_failed`), since nobody else would see it.
+    Hidden(&'static str),
 }
 
 /// Per-connection state that outlives backend connections.
