@@ -75,16 +75,7 @@ async fn proxy_with(cluster: &RedisCluster, tune: impl FnOnce(&mut Config)) -> P
     config.routing.failover_wait = Duration::from_secs(10);
     tune(&mut config);
     let p = Proxy::start_with(config).await;
-    let addr = p.addr.to_string();
-    wait_until("the proxy serves every slot", || {
-        let addr = addr.clone();
-        async move {
-            info(&addr, &["CLUSTER", "INFO"])
-                .await
-                .contains("cluster_state:ok")
-        }
-    })
-    .await;
+    support::cluster::wait_cluster_ok(&p.addr.to_string(), "the proxy serves every slot").await;
     p
 }
 
@@ -1318,15 +1309,6 @@ async fn transactions_answer_as_one_node_serving_every_slot() {
     }
 }
 
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "kill -{sig} {pid}");
-}
-
 /// The address of a replica of the master at `master` (`CLUSTER NODES`).
 async fn replica_of(cluster: &RedisCluster, master: &str) -> String {
     let id = cluster.node_id(master).await;
@@ -1385,7 +1367,7 @@ async fn requests_never_written_to_a_killed_master_run_on_its_successor() {
         .iter()
         .position(|n| n.addr() == victim)
         .unwrap();
-    signal(cluster.nodes[pos].pid(), "STOP");
+    support::signal(cluster.nodes[pos].pid(), "STOP");
     const N: usize = 64;
     let value = vec![b'v'; 512 << 10];
     let mut pipeline = Vec::with_capacity(N * (value.len() + 64));
@@ -1446,10 +1428,10 @@ async fn wait_counts_writes_sent_on_shared_node_connections() {
     let replica = replica_of(&cluster, &master).await;
     let frozen = cluster.node(&replica).expect("the replica").pid();
     let mut c = Conn::open(&p.addr.to_string()).await;
-    signal(frozen, "STOP");
+    support::signal(frozen, "STOP");
     assert_eq!(c.call(&["SET", key, "v"]).await, b"+OK\r\n");
     let during = c.call(&["WAIT", "1", "300"]).await;
-    signal(frozen, "CONT");
+    support::signal(frozen, "CONT");
     assert_eq!(during, b":0\r\n", "{}", String::from_utf8_lossy(&during));
     assert_eq!(c.call(&["WAIT", "1", "5000"]).await, b":1\r\n");
 }

@@ -728,9 +728,9 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = T>,
 {
-    signal(pid, "-STOP");
+    support::signal(pid, "STOP");
     let out = f().await;
-    signal(pid, "-CONT");
+    support::signal(pid, "CONT");
     out
 }
 
@@ -1677,15 +1677,6 @@ async fn state_is_carried_to_a_new_link_after_client_kill() {
     bench.finish();
 }
 
-/// Send a signal to a process this test started.
-fn signal(pid: u32, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill {sig} {pid}");
-}
-
 // Once failed every round with "-ERR portcullis lost the connection to backend ...; the
 // command may or may not have been applied" (for the SET and the ECHO), though Redis had
 // closed the idle link before the client sent them: the session now reads its backends
@@ -1721,12 +1712,12 @@ async fn request_right_after_its_idle_link_closed() {
     for round in 0..5 {
         c.send(&cmds(&[&["CLIENT", "ID"]])).await;
         let id = integer(&c.until(b"\r\n", WAIT).await.bytes);
-        signal(proxy.pid(), "-STOP");
+        support::signal(proxy.pid(), "STOP");
         let killed = admin(server, &["CLIENT", "KILL", "ID", &id.to_string()]).await;
         link_gone(server, id).await;
         c.send(&cmds(&[&["SET", "race:k", &round.to_string()], ECHO_END]))
             .await;
-        signal(proxy.pid(), "-CONT");
+        support::signal(proxy.pid(), "CONT");
         assert_eq!(killed, b":1\r\n", "CLIENT KILL ID {id}");
         let mut got = c.until(b"\r\n", WAIT).await;
         let rest = if got.bytes == b"+OK\r\n" {

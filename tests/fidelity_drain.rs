@@ -12,15 +12,6 @@ use support::{resp, ProxyProcess, RedisServer, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Send a signal to a process this test started.
-fn signal(pid: u32, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill {sig} {pid}");
-}
-
 /// Whether a child process has exited (gone, or a zombie not yet waited for).
 fn exited(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -160,7 +151,7 @@ async fn sigterm_after_a_big_pipeline(key: &str) -> (Replies, u64) {
         batch.extend(resp(&[b"INCR", key.as_bytes()]));
     }
     c.write_all(&batch).await.expect("write the pipeline");
-    signal(proxy.pid(), "-TERM");
+    support::signal(proxy.pid(), "TERM");
     let replies = read_replies_to_close(&mut c, WAIT * 3).await;
     wait_exited(proxy.pid(), WAIT * 3).await;
     only_me_connected(&redis).await;
@@ -305,7 +296,7 @@ async fn rolling_restart_loses_nothing() {
         }
         let done = tally.acked;
         if stage == 0 && done >= TARGET / 5 {
-            signal(a.pid(), "-TERM");
+            support::signal(a.pid(), "TERM");
             stopping = Some(a.pid());
             stage = 1;
         } else if stage == 1 && done >= 2 * TARGET / 5 {
@@ -316,7 +307,7 @@ async fn rolling_restart_loses_nothing() {
             targets[0] = a.addr;
             stage = 2;
         } else if stage == 2 && done >= 3 * TARGET / 5 {
-            signal(b.pid(), "-TERM");
+            support::signal(b.pid(), "TERM");
             stopping = Some(b.pid());
             stage = 3;
         } else if stage == 3 && done >= 4 * TARGET / 5 {
@@ -382,7 +373,7 @@ async fn at_the_grace_deadline_a_blocked_client_sees_the_close() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let stopped = Instant::now();
-    signal(proxy.pid(), "-TERM");
+    support::signal(proxy.pid(), "TERM");
     let replies = read_replies_to_close(&mut c, WAIT).await;
     let took = stopped.elapsed();
     assert!(
@@ -450,13 +441,13 @@ async fn rolling_restart_with_four_busy_clients() {
         }
     };
     wait_for(TARGET / 5).await;
-    signal(a.pid(), "-TERM");
+    support::signal(a.pid(), "TERM");
     wait_exited(a.pid(), WAIT).await;
     wait_for(2 * TARGET / 5).await;
     a = ProxyProcess::start(&redis, extra).await;
     targets.lock().expect("lock")[0] = a.addr;
     wait_for(3 * TARGET / 5).await;
-    signal(b.pid(), "-TERM");
+    support::signal(b.pid(), "TERM");
     wait_exited(b.pid(), WAIT).await;
     wait_for(4 * TARGET / 5).await;
     b = ProxyProcess::start(&redis, extra).await;
@@ -512,7 +503,7 @@ async fn drain_waits_for_a_request_half_received() {
         .expect("read");
     assert_eq!(&first, b":1\r\n");
     c.write_all(head).await.expect("write half a frame");
-    signal(proxy.pid(), "-TERM");
+    support::signal(proxy.pid(), "TERM");
     // The admin port stops answering /readyz 200 once draining: then send the rest.
     let deadline = Instant::now() + WAIT;
     while let Some((200, _)) = support::http_get(proxy.admin_port, "/readyz").await {

@@ -342,16 +342,6 @@ async fn a_client_that_saw_its_id_keeps_it() {
     }
 }
 
-/// `kill -<sig> <pid>` for a process this test started.
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "kill -{sig} {pid}");
-}
-
 /// `WAIT` counts the replicas that acknowledged this connection's writes. In shared mode
 /// a session's writes go through a shared connection and its `WAIT` through a link of its
 /// own, whose write offset knew nothing of them: with the replica frozen, Redis answers
@@ -376,7 +366,7 @@ async fn wait_counts_writes_sent_on_a_shared_connection() {
     warm.send(&cmd(&["WAIT", "1", "5000"])).await;
     warm.expect(b":1\r\n").await;
 
-    signal(replica.pid(), "STOP");
+    support::signal(replica.pid(), "STOP");
     // Writes of each kind, each followed by a read that goes through the shared
     // connection: a plain SET, a script's write (no WRITE flag on EVAL), and a write
     // inside a transaction, whose own link is released when the session goes back to
@@ -426,7 +416,7 @@ async fn wait_counts_writes_sent_on_a_shared_connection() {
         );
         assert_eq!(answers[0], ":0\r\n", "{case:?}");
     }
-    signal(replica.pid(), "CONT");
+    support::signal(replica.pid(), "CONT");
 }
 
 /// Inside MULTI, WAIT is only queued: nothing may be added to the transaction (the

@@ -12,23 +12,12 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::{http_get, resp, role, wait_until, ProxyProcess, Raw, RedisServer};
 
 /// Probes in these tests: a stall is seen within 0.5 s; down_after stays the default 10 s.
 const PROBES: &str = "[probe]\ninterval = \"200ms\"\ntimeout = \"300ms\"\n";
-
-/// `kill -<sig> <pid>` for a process this test started.
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "kill -{sig} {pid}");
-}
 
 fn sock(r: &RedisServer) -> SocketAddr {
     r.addr().parse().expect("redis address")
@@ -159,10 +148,10 @@ async fn begin(r: &RedisServer, stall: Stall) -> Option<Raw> {
         }
         Stall::Stop => {
             let pid = r.pid();
-            signal(pid, "STOP");
+            support::signal(pid, "STOP");
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_secs(3)).await;
-                signal(pid, "CONT");
+                support::signal(pid, "CONT");
             });
             None
         }
@@ -358,7 +347,7 @@ async fn master_stopped_past_down_after_is_down_then_recovers() {
     a.send(&resp(&[b"SET", b"st:k", b"0"])).await;
     a.expect(b"+OK\r\n").await;
     let stopped = Instant::now();
-    signal(redis.pid(), "STOP");
+    support::signal(redis.pid(), "STOP");
     wait_state(&proxy, 0, "slow").await;
     // A write sent within the bound waits for the master, as against Redis alone.
     a.send(&resp(&[b"SET", b"st:k", b"1"])).await;
@@ -377,7 +366,7 @@ async fn master_stopped_past_down_after_is_down_then_recovers() {
         "{}",
         String::from_utf8_lossy(&refused)
     );
-    signal(redis.pid(), "CONT");
+    support::signal(redis.pid(), "CONT");
     // The write in flight lands once Redis runs again; writes resume.
     a.expect(b"+OK\r\n").await;
     wait_state(&proxy, 0, "confirmed").await;
@@ -501,7 +490,7 @@ async fn replica_promoted_while_the_master_is_frozen_takes_the_writes() {
     let mut a = proxy.raw().await;
     a.send(&resp(&[b"SET", b"fz:a", b"0"])).await;
     a.expect(b"+OK\r\n").await;
-    signal(master.pid(), "STOP");
+    support::signal(master.pid(), "STOP");
     wait_state(&proxy, 0, "slow").await;
     // In flight on the frozen master, as it would be against Redis alone.
     a.send(&resp(&[b"SET", b"fz:a", b"1"])).await;
@@ -530,7 +519,7 @@ async fn replica_promoted_while_the_master_is_frozen_takes_the_writes() {
             replica.port.to_string().as_bytes(),
         ]))
         .await;
-    signal(master.pid(), "CONT");
+    support::signal(master.pid(), "CONT");
     demote.expect(b"+OK\r\n").await;
     // The write that waited on the frozen master: applied there before the demotion, or
     // refused by it and retried on the new master. Never READONLY.

@@ -44,15 +44,7 @@ pub async fn one_node_cluster() -> RedisServer {
         info(&addr, &["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]).await,
         "OK"
     );
-    wait_until(&format!("cluster_state:ok on {addr}"), || {
-        let addr = addr.clone();
-        async move {
-            info(&addr, &["CLUSTER", "INFO"])
-                .await
-                .contains("cluster_state:ok")
-        }
-    })
-    .await;
+    wait_cluster_ok(&addr, &format!("cluster_state:ok on {addr}")).await;
     node
 }
 
@@ -231,4 +223,19 @@ pub async fn info(addr: &str, args: &[&str]) -> String {
         Ok(Ok(redis::Value::Okay)) => "OK".to_string(),
         _ => String::new(),
     }
+}
+
+/// Wait until `addr` (a node, or the proxy's own CLUSTER INFO) answers
+/// `cluster_state:ok`.
+pub async fn wait_cluster_ok(addr: &str, what: &str) {
+    let addr = addr.to_string();
+    wait_until(what, || {
+        let addr = addr.clone();
+        async move {
+            info(&addr, &["CLUSTER", "INFO"])
+                .await
+                .contains("cluster_state:ok")
+        }
+    })
+    .await;
 }

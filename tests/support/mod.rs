@@ -461,6 +461,17 @@ pub async fn try_role(r: &RedisServer) -> Option<String> {
     }
 }
 
+/// `kill -<sig> <pid>` (`sig` without the dash: `STOP`, `CONT`, `TERM`) for a process
+/// this test started.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{sig} {pid}");
+}
+
 /// Wait until replica `r`'s link to its master is up (`master_link_status:up`).
 pub async fn wait_replica_linked(r: &RedisServer) {
     wait_until("replica link up", || async {
