@@ -436,8 +436,6 @@ fn parse(
     f(&tree)
 }
 
-/// Read the views of up to `VIEWS_WANTED` nodes (the current map's masters first, then
-/// its replicas, then the seeds) and publish the newest.
 /// The replicas the shard masters' own `ROLE` lists that are no node of the slot map: a
 /// server made a replica from outside the cluster (`REPLICAOF <master>` on a server an
 /// attacker controls) receives a copy of every write. Reported once per master and
@@ -532,6 +530,8 @@ impl ReplicaWatch {
     }
 }
 
+/// Read the views of up to `VIEWS_WANTED` nodes (the current map's masters first, then
+/// its replicas, then the seeds) and publish the newest.
 async fn refresh_once(store: &ClusterStore, settings: &ProbeSettings) {
     let mut candidates: Vec<String> = Vec::new();
     if let Some(map) = store.load().map.clone() {

@@ -289,7 +289,6 @@ pub(super) fn cluster_wait_offset_bump() -> Bytes {
     .into_frame()
 }
 
-/// A stable 40-hex node id for the proxy at `addr` (what `CLUSTER MYID` answers).
 /// `name` lowercased into `buf`; empty when longer than `buf` (no name `cluster_send`
 /// compares with is).
 fn lowercase_into<'b>(name: &[u8], buf: &'b mut [u8; 8]) -> &'b [u8] {
@@ -302,6 +301,7 @@ fn lowercase_into<'b>(name: &[u8], buf: &'b mut [u8; 8]) -> &'b [u8] {
     dst
 }
 
+/// A stable 40-hex node id for the proxy at `addr` (what `CLUSTER MYID` answers).
 fn proxy_node_id(addr: &str) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(format!("portcullis {addr}").as_bytes());

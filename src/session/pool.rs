@@ -391,8 +391,8 @@ impl SharedLink {
             + self.mailbox.undelivered.load(Ordering::Relaxed)
     }
 
-    /// Hand what was queued to the connection. A connection task that is gone answers
-    /// through `Fail` at once.
+    /// Hand what was queued to the connection. A connection task that is gone hands it
+    /// back at once (`Delivery::Unsent`: never written, so the session may retry it).
     pub(super) fn flush(&mut self) {
         if self.count == 0 {
             return;
@@ -409,14 +409,9 @@ impl SharedLink {
             mailbox: self.mailbox.clone(),
         };
         if let Err(mpsc::error::SendError(b)) = self.conn.tx.send(batch) {
+            // The connection task is gone: nothing of the batch was written.
             b.mailbox.unwritten.fetch_sub(b.len, Ordering::Relaxed);
-            b.mailbox.send(
-                Delivery::Fail {
-                    n: b.count,
-                    reply: texts::link_lost(&self.conn.label),
-                },
-                0,
-            );
+            hand_back(&b.mailbox, b.count, &texts::link_lost(&self.conn.label));
         }
     }
 
