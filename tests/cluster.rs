@@ -1832,3 +1832,30 @@ async fn subscriptions_are_made_again_after_their_node_is_killed() {
     )
     .await;
 }
+
+/// Re-subscribing is bounded by `routing.failover_wait`: with no replica to take over the
+/// killed owner of a shard channel's slot, the subscriber's connection is closed, as on a
+/// lost connection to Redis, once the wait is over (and not before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_subscriber_is_closed_when_no_master_takes_over_in_time() {
+    let mut cluster = RedisCluster::start(3, 0).await;
+    let wait = Duration::from_secs(2);
+    let p = proxy_with(&cluster, |c| c.routing.failover_wait = wait).await;
+    let victim = cluster
+        .master_of(portcullis::cluster::key_hash_slot(b"orders{7}"))
+        .await;
+    let mut sub = Conn::open(&p.addr.to_string()).await;
+    assert_eq!(
+        sub.call(&["SSUBSCRIBE", "orders{7}"]).await,
+        b"*3\r\n$10\r\nssubscribe\r\n$9\r\norders{7}\r\n:1\r\n"
+    );
+    let pos = cluster
+        .nodes
+        .iter()
+        .position(|n| n.addr() == victim)
+        .expect("the node");
+    let killed = tokio::time::Instant::now();
+    cluster.nodes[pos].kill();
+    assert_eq!(sub.reply().await, None, "closed, nothing sent first");
+    assert!(killed.elapsed() >= wait, "{:?}", killed.elapsed());
+}
