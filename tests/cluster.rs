@@ -1580,3 +1580,332 @@ async fn a_replica_outside_the_slot_map_is_reported() {
     .await;
     assert_eq!(metric(&detected), 1.0);
 }
+
+/// A subscriber through the proxy whose subscriptions are all on the owner of
+/// `orders{7}`'s slot: a GET there first, so that the keyless commands after it (HELLO 3,
+/// SUBSCRIBE, PSUBSCRIBE) go to the node the session is connected to; then SSUBSCRIBE
+/// `orders{7}`, SUBSCRIBE `news`, PSUBSCRIBE `new*`.
+async fn proxy_subscriber(addr: &str, resp3: bool) -> Conn {
+    let mut c = Conn::open(addr).await;
+    assert_eq!(c.call(&["GET", "orders{7}"]).await, b"$-1\r\n");
+    if resp3 {
+        assert!(c.call(&["HELLO", "3"]).await.starts_with(b"%7\r\n"));
+    }
+    let kind: &[u8] = if resp3 { b">3\r\n" } else { b"*3\r\n" };
+    for (args, name) in [
+        (["SSUBSCRIBE", "orders{7}"], "ssubscribe"),
+        (["SUBSCRIBE", "news"], "subscribe"),
+        (["PSUBSCRIBE", "new*"], "psubscribe"),
+    ] {
+        let r = c.call(&args).await;
+        let head = [kind, format!("${}\r\n{name}\r\n", name.len()).as_bytes()].concat();
+        assert!(r.starts_with(&head), "{}", String::from_utf8_lossy(&r));
+    }
+    c
+}
+
+/// A reference subscriber connected to the node at `addr` directly: `args` subscribe it.
+async fn direct_subscriber(addr: &str, resp3: bool, args: &[&[&str]]) -> Conn {
+    let mut c = Conn::open(addr).await;
+    if resp3 {
+        c.call(&["HELLO", "3"]).await;
+    }
+    for a in args {
+        c.call(a).await;
+    }
+    c
+}
+
+/// Subscriptions on the nodes at `addrs`: clients subscribed to `news` (`PUBSUB
+/// NUMSUB`), pattern subscriptions of all clients (`psub=` in `CLIENT LIST`), and
+/// clients subscribed to the shard channel `orders{7}` (`PUBSUB SHARDNUMSUB`).
+async fn subscriptions(addrs: &[String]) -> (i64, i64, i64) {
+    let (mut channels, mut patterns, mut shard) = (0, 0, 0);
+    for a in addrs {
+        let Ok(client) = redis::Client::open(format!("redis://{a}/")) else {
+            continue;
+        };
+        let Ok(mut c) = client.get_multiplexed_async_connection().await else {
+            continue;
+        };
+        for (sub, channel, total) in [
+            ("NUMSUB", "news", &mut channels),
+            ("SHARDNUMSUB", "orders{7}", &mut shard),
+        ] {
+            let v: redis::RedisResult<redis::Value> = redis::cmd("PUBSUB")
+                .arg(sub)
+                .arg(channel)
+                .query_async(&mut c)
+                .await;
+            if let Ok(redis::Value::Array(v)) = v {
+                if let Some(redis::Value::Int(n)) = v.get(1) {
+                    *total += n;
+                }
+            }
+        }
+        let list = info(a, &["CLIENT", "LIST"]).await;
+        patterns += list
+            .split_ascii_whitespace()
+            .filter_map(|f| f.strip_prefix("psub="))
+            .filter_map(|n| n.parse::<i64>().ok())
+            .sum::<i64>();
+    }
+    (channels, patterns, shard)
+}
+
+/// The node at `addr` holds the proxy subscribers' subscriptions: `want` exactly with a
+/// session's own links; in shared mode (where the RESP3 subscriber's HELLO may have made
+/// its first link elsewhere, and its channels follow that link) at least one subscriber's
+/// channels and patterns, and every shard channel.
+async fn assert_held(addr: &str, want: (i64, i64, i64)) {
+    let held = subscriptions(&[addr.to_string()]).await;
+    if support::forced_mode() == Some(portcullis::config::BackendConnections::Shared) {
+        assert!(held.0 >= 1 && held.1 >= 1 && held.2 == want.2, "{held:?}");
+    } else {
+        assert_eq!(held, want);
+    }
+}
+
+/// Wait until the running nodes hold `want` subscriptions (`subscriptions`).
+async fn wait_subscriptions(cluster: &RedisCluster, dead: &[String], want: (i64, i64, i64)) {
+    let addrs: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|n| n.addr())
+        .filter(|a| !dead.contains(a))
+        .collect();
+    wait_until(&format!("subscriptions {want:?} on the nodes"), || {
+        let addrs = addrs.clone();
+        async move { subscriptions(&addrs).await == want }
+    })
+    .await;
+}
+
+/// PUBLISH then SPUBLISH through the proxy: every subscriber through the proxy receives
+/// exactly the frames a direct subscriber of the same protocol receives (no confirmation
+/// of a re-subscription before them), then answers PING as a subscribed connection.
+async fn publish_and_compare(
+    p: &Proxy,
+    subscribers: &mut [(&mut Conn, bool)],
+    channel_refs: [&mut Conn; 2],
+    shard_refs: [&mut Conn; 2],
+    text: &str,
+) {
+    let mut publisher = Conn::open(&p.addr.to_string()).await;
+    publisher.call(&["PUBLISH", "news", text]).await;
+    let [c2, c3] = channel_refs;
+    let expect2 = [c2.reply().await.unwrap(), c2.reply().await.unwrap()];
+    let expect3 = [c3.reply().await.unwrap(), c3.reply().await.unwrap()];
+    let message = format!(
+        "*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n${}\r\n{text}\r\n",
+        text.len()
+    );
+    assert_eq!(expect2[0], message.as_bytes());
+    assert!(expect3[1].starts_with(b">4\r\n$8\r\npmessage\r\n"));
+    for (c, resp3) in subscribers.iter_mut() {
+        let expect = if *resp3 { &expect3 } else { &expect2 };
+        for e in expect {
+            let got = c
+                .reply()
+                .await
+                .expect("the subscriber's connection stays open");
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(e),
+                "resp3: {resp3}"
+            );
+        }
+    }
+    let n = publisher.call(&["SPUBLISH", "orders{7}", text]).await;
+    assert_eq!(n, format!(":{}\r\n", subscribers.len() + 2).as_bytes());
+    let [s2, s3] = shard_refs;
+    let (expect2, expect3) = (s2.reply().await.unwrap(), s3.reply().await.unwrap());
+    assert!(expect2.starts_with(b"*3\r\n$8\r\nsmessage\r\n$9\r\norders{7}\r\n"));
+    for (c, resp3) in subscribers.iter_mut() {
+        let got = c
+            .reply()
+            .await
+            .expect("the subscriber's connection stays open");
+        let e = if *resp3 { &expect3 } else { &expect2 };
+        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(e));
+    }
+    for (c, resp3) in subscribers.iter_mut() {
+        let pong: &[u8] = if *resp3 {
+            b"+PONG\r\n"
+        } else {
+            b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"
+        };
+        assert_eq!(c.call(&["PING"]).await, pong);
+    }
+}
+
+/// Subscriptions follow failovers, hidden: subscribers through the proxy (SUBSCRIBE,
+/// PSUBSCRIBE, SSUBSCRIBE; RESP2 and RESP3) keep receiving what is published after
+/// (1) `CLUSTER FAILOVER` of their shard channel's slot (Redis unsubscribes shard
+/// subscribers of a slot that leaves a node: the proxy subscribes them again on the new
+/// owner) and (2) kill -9 of the node holding all their subscriptions (made again on
+/// confirmed masters). Their connections stay open and they see exactly what a direct
+/// subscriber sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_survive_failover_and_node_loss() {
+    let mut cluster = RedisCluster::start(3, 1).await;
+    let p = proxy(&cluster).await;
+    let addr = p.addr.to_string();
+    let slot = portcullis::cluster::key_hash_slot(b"orders{7}");
+    let first = cluster.master_of(slot).await;
+    let second = replica_of(&cluster, &first).await;
+    let mut healthy = String::new();
+    for s in (0..16384u16).step_by(1000) {
+        healthy = cluster.master_of(s).await;
+        if healthy != first {
+            break;
+        }
+    }
+    assert_ne!(healthy, first, "another master");
+    let channel_args: &[&[&str]] = &[&["SUBSCRIBE", "news"], &["PSUBSCRIBE", "new*"]];
+    let mut c2 = direct_subscriber(&healthy, false, channel_args).await;
+    let mut c3 = direct_subscriber(&healthy, true, channel_args).await;
+    let mut a2 = proxy_subscriber(&addr, false).await;
+    let mut a3 = proxy_subscriber(&addr, true).await;
+    // All of the proxy subscribers' subscriptions are on the slot's owner.
+    wait_subscriptions(&cluster, &[], (4, 4, 2)).await;
+    assert_held(&first, (2, 2, 2)).await;
+
+    // (1) CLUSTER FAILOVER: `first` becomes a replica; it still gets every PUBLISH (the
+    // cluster bus reaches every node), but it unsubscribes its shard subscribers.
+    assert_eq!(info(&second, &["CLUSTER", "FAILOVER"]).await, "OK");
+    wait_role_master(&second, "the replica took over").await;
+    wait_until("the proxy serves every slot", || {
+        let addr = addr.clone();
+        async move {
+            info(&addr, &["CLUSTER", "INFO"])
+                .await
+                .contains("cluster_state:ok")
+        }
+    })
+    .await;
+    let (on_first, on_second) = ([first.clone()], [second.clone()]);
+    wait_until(
+        "the shard subscriptions moved to the slot's new owner",
+        || async {
+            subscriptions(&on_second).await.2 == 2 && subscriptions(&on_first).await.2 == 0
+        },
+    )
+    .await;
+    let shard_args: &[&[&str]] = &[&["SSUBSCRIBE", "orders{7}"]];
+    let mut s2 = direct_subscriber(&second, false, shard_args).await;
+    let mut s3 = direct_subscriber(&second, true, shard_args).await;
+    publish_and_compare(
+        &p,
+        &mut [(&mut a2, false), (&mut a3, true)],
+        [&mut c2, &mut c3],
+        [&mut s2, &mut s3],
+        "after-failover",
+    )
+    .await;
+    drop((s2, s3));
+
+    // (2) kill -9 of the node holding every subscription of two new subscribers (and the
+    // shard subscriptions of the first two): `first` takes its slots back.
+    let mut b2 = proxy_subscriber(&addr, false).await;
+    let mut b3 = proxy_subscriber(&addr, true).await;
+    wait_subscriptions(&cluster, &[], (6, 6, 4)).await;
+    assert_held(&second, (2, 2, 4)).await;
+    let pos = cluster
+        .nodes
+        .iter()
+        .position(|n| n.addr() == second)
+        .expect("the node");
+    cluster.nodes[pos].kill();
+    wait_role_master(&first, "the old master took over again").await;
+    let dead = [second.clone()];
+    wait_subscriptions(&cluster, &dead, (6, 6, 4)).await;
+    let mut s2 = direct_subscriber(&first, false, shard_args).await;
+    let mut s3 = direct_subscriber(&first, true, shard_args).await;
+    publish_and_compare(
+        &p,
+        &mut [
+            (&mut a2, false),
+            (&mut a3, true),
+            (&mut b2, false),
+            (&mut b3, true),
+        ],
+        [&mut c2, &mut c3],
+        [&mut s2, &mut s3],
+        "after-kill",
+    )
+    .await;
+}
+
+/// The kill -9 half on its own, the channel subscriptions held by the killed node from
+/// the start: subscribers through the proxy (RESP2, RESP3) of the owner of `orders{7}`'s
+/// slot keep receiving after that node dies and its replica takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_are_made_again_after_their_node_is_killed() {
+    let mut cluster = RedisCluster::start(3, 1).await;
+    let p = proxy(&cluster).await;
+    let addr = p.addr.to_string();
+    let slot = portcullis::cluster::key_hash_slot(b"orders{7}");
+    let victim = cluster.master_of(slot).await;
+    let successor = replica_of(&cluster, &victim).await;
+    let mut healthy = String::new();
+    for s in (0..16384u16).step_by(1000) {
+        healthy = cluster.master_of(s).await;
+        if healthy != victim {
+            break;
+        }
+    }
+    let channel_args: &[&[&str]] = &[&["SUBSCRIBE", "news"], &["PSUBSCRIBE", "new*"]];
+    let mut c2 = direct_subscriber(&healthy, false, channel_args).await;
+    let mut c3 = direct_subscriber(&healthy, true, channel_args).await;
+    let mut a2 = proxy_subscriber(&addr, false).await;
+    let mut a3 = proxy_subscriber(&addr, true).await;
+    wait_subscriptions(&cluster, &[], (4, 4, 2)).await;
+    assert_held(&victim, (2, 2, 2)).await;
+    let pos = cluster
+        .nodes
+        .iter()
+        .position(|n| n.addr() == victim)
+        .expect("the node");
+    cluster.nodes[pos].kill();
+    wait_role_master(&successor, "the replica took over").await;
+    wait_subscriptions(&cluster, std::slice::from_ref(&victim), (4, 4, 2)).await;
+    let shard_args: &[&[&str]] = &[&["SSUBSCRIBE", "orders{7}"]];
+    let mut s2 = direct_subscriber(&successor, false, shard_args).await;
+    let mut s3 = direct_subscriber(&successor, true, shard_args).await;
+    publish_and_compare(
+        &p,
+        &mut [(&mut a2, false), (&mut a3, true)],
+        [&mut c2, &mut c3],
+        [&mut s2, &mut s3],
+        "after-kill",
+    )
+    .await;
+}
+
+/// Re-subscribing is bounded by `routing.failover_wait`: with no replica to take over the
+/// killed owner of a shard channel's slot, the subscriber's connection is closed, as on a
+/// lost connection to Redis, once the wait is over (and not before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_subscriber_is_closed_when_no_master_takes_over_in_time() {
+    let mut cluster = RedisCluster::start(3, 0).await;
+    let wait = Duration::from_secs(2);
+    let p = proxy_with(&cluster, |c| c.routing.failover_wait = wait).await;
+    let victim = cluster
+        .master_of(portcullis::cluster::key_hash_slot(b"orders{7}"))
+        .await;
+    let mut sub = Conn::open(&p.addr.to_string()).await;
+    assert_eq!(
+        sub.call(&["SSUBSCRIBE", "orders{7}"]).await,
+        b"*3\r\n$10\r\nssubscribe\r\n$9\r\norders{7}\r\n:1\r\n"
+    );
+    let pos = cluster
+        .nodes
+        .iter()
+        .position(|n| n.addr() == victim)
+        .expect("the node");
+    let killed = tokio::time::Instant::now();
+    cluster.nodes[pos].kill();
+    assert_eq!(sub.reply().await, None, "closed, nothing sent first");
+    assert!(killed.elapsed() >= wait, "{:?}", killed.elapsed());
+}

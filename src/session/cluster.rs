@@ -16,11 +16,16 @@
 //!   names the node (keyless commands before it are answered `+QUEUED` and follow it).
 //!   Inside MULTI a command for another slot is answered `+QUEUED` by the proxy and EXEC
 //!   `-CROSSSLOT` (discarded on the node), as one node serving every slot.
+//! - Subscriptions: channels and patterns on one node, shard channels on their slot's
+//!   owner; when a node holding some is lost, or Redis unsubscribes a shard channel whose
+//!   slot left the node, they are subscribed again on a confirmed master, the
+//!   confirmations hidden, within `routing.failover_wait` (`cluster_resubscribe`).
 //! - The `CLUSTER` namespace is the proxy's: it presents itself as one node serving all
 //!   16384 slots, so cluster-aware clients never learn node addresses.
 //!
 //! Must not: forward `ASKING`/`READONLY`/`READWRITE` from a client, or show a redirect.
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -30,7 +35,7 @@ use tracing::debug;
 use crate::cluster::aggregate::{self, Part};
 use crate::cluster::route::{self, KeySlot};
 use crate::cluster::{key_hash_slot, ClusterStore, RedirectKind, SlotMasterError, SLOTS};
-use crate::command::{CommandSpec, Flags, RequestPolicy, Special};
+use crate::command::{CommandSpec, Flags, PubSubKind, RequestPolicy, Special};
 use crate::protocol::{texts, Reply, ReplyKind, Request};
 
 use super::pool::{Delivery, SharedLink};
@@ -78,6 +83,24 @@ pub(super) struct ClusterSession {
     /// The slot map generation (`ClusterState::generation`) the requests in flight were
     /// routed by.
     routed_generation: u64,
+    /// The node each shard channel subscription was confirmed by (its slot's owner then):
+    /// what to subscribe again when that node's link is lost.
+    shard_on: HashMap<Bytes, usize>,
+    /// Subscriptions to make again on a confirmed master (a node holding them was lost),
+    /// before the client's next request.
+    resub: Option<Box<Resub>>,
+}
+
+/// Subscriptions a lost node held, to make again (`Session::cluster_resubscribe`).
+#[derive(Debug)]
+pub(super) struct Resub {
+    /// When the node was lost: `routing.failover_wait` runs from here.
+    since: Instant,
+    /// The channel and pattern subscriptions (the session's sets, as confirmed).
+    channels: bool,
+    /// Shard channels, each with the node it must move away from (`Some`: that node
+    /// unsubscribed it itself, its slot moved; `None`: the node's link was lost).
+    shard: Vec<(Bytes, Option<usize>)>,
 }
 
 impl Default for ClusterSession {
@@ -94,6 +117,8 @@ impl Default for ClusterSession {
             local: None,
             parked: None,
             routed_generation: 0,
+            shard_on: HashMap::new(),
+            resub: None,
         }
     }
 }
@@ -102,16 +127,68 @@ impl ClusterSession {
     /// Whether the link to node `index` holds state a new link would not have (the
     /// bound node of a transaction, WATCH, tracking or MONITOR; the subscriptions' node).
     pub(super) fn holds_state(&self, index: usize) -> bool {
-        self.bound == Some(index) || self.pubsub == Some(index)
+        self.bound == Some(index)
+            || self.pubsub == Some(index)
+            || self.shard_on.values().any(|&n| n == index)
     }
 
-    /// Forget node `index` as a holder of state (its link ended).
-    pub(super) fn forget(&mut self, index: usize) {
+    /// Forget node `index` as a holder of state (its link ended); `true` when it held
+    /// subscriptions of `state`, which are then to be made again (`resubscribing`).
+    pub(super) fn forget(&mut self, index: usize, state: &super::state::ConnState) -> bool {
         if self.bound == Some(index) {
             self.bound = None;
         }
+        let channels =
+            self.pubsub == Some(index) && !(state.channels.is_empty() && state.patterns.is_empty());
         if self.pubsub == Some(index) {
             self.pubsub = None;
+        }
+        let mut shard = Vec::new();
+        self.shard_on.retain(|c, n| {
+            if *n != index {
+                return true;
+            }
+            if state.shard_channels.contains(c) {
+                shard.push((c.clone(), None));
+            }
+            false
+        });
+        self.resubscribe_later(channels, shard)
+    }
+
+    /// Note subscriptions to make again; `true` when there are any.
+    fn resubscribe_later(&mut self, channels: bool, shard: Vec<(Bytes, Option<usize>)>) -> bool {
+        if !channels && shard.is_empty() {
+            return false;
+        }
+        match &mut self.resub {
+            // Another loss before the first was handled: one bound, from the first.
+            Some(r) => {
+                r.channels |= channels;
+                r.shard.extend(shard);
+            }
+            None => {
+                self.resub = Some(Box::new(Resub {
+                    since: Instant::now(),
+                    channels,
+                    shard,
+                }))
+            }
+        }
+        true
+    }
+
+    /// Whether subscriptions wait to be made again.
+    pub(super) fn resubscribing(&self) -> bool {
+        self.resub.is_some()
+    }
+
+    /// A shard channel confirmed subscribed (or unsubscribed) by node `index`.
+    pub(super) fn shard_confirmed(&mut self, channel: &Bytes, index: usize, subscribed: bool) {
+        if subscribed {
+            self.shard_on.insert(channel.clone(), index);
+        } else {
+            self.shard_on.remove(channel);
         }
     }
 }
@@ -655,11 +732,11 @@ impl Session {
         if let Some(changed) = self.cl.state_changed_on {
             if self.queue.is_empty() {
                 // The change is answered: links opened before it carry the old state.
-                let (bound, pubsub) = (self.cl.bound, self.cl.pubsub);
+                let cl = &self.cl;
                 for slot in self.upstream.nodes.iter_mut() {
-                    let keep = slot.as_ref().is_some_and(|l| {
-                        l.index == changed || Some(l.index) == bound || Some(l.index) == pubsub
-                    });
+                    let keep = slot
+                        .as_ref()
+                        .is_some_and(|l| l.index == changed || cl.holds_state(l.index));
                     if !keep {
                         *slot = None;
                     }
@@ -817,6 +894,7 @@ impl Session {
         }
         if name == b"reset" {
             self.cl.pubsub = None;
+            self.cl.shard_on.clear();
         }
         if self.txn.is_none() && !self.watching && !self.cl.multi_sent {
             self.cl.txn_slot = None;
@@ -1242,6 +1320,156 @@ impl Session {
             self.queue.replace_with(pos, asking.map(|(_, a)| a), entry);
         }
         self.queue.drain(&mut self.to_client);
+    }
+
+    /// Make again the subscriptions a lost node held (`ClusterSession::forget`): channels
+    /// and patterns on any confirmed master (PUBLISH reaches every node of a cluster),
+    /// shard channels on their slot's confirmed master, their confirmations hidden (the
+    /// client got them once). Waits up to `routing.failover_wait` from the loss for those
+    /// masters; past it the session closes, as it did before re-subscribing existed.
+    /// What was published meanwhile is lost, as for any Redis subscriber (at most once).
+    pub(super) async fn cluster_resubscribe(&mut self) {
+        let Some(r) = self.cl.resub.take() else {
+            return;
+        };
+        let Some(cluster) = self.cluster().cloned() else {
+            return;
+        };
+        if matches!(self.phase, super::Phase::Ending(_)) {
+            return;
+        }
+        let deadline =
+            tokio::time::Instant::from_std(r.since + self.rt.config.routing.failover_wait);
+        let channels: Vec<Bytes> = self.state.channels.iter().cloned().collect();
+        let patterns: Vec<Bytes> = self.state.patterns.iter().cloned().collect();
+        if r.channels && !(channels.is_empty() && patterns.is_empty()) {
+            let Some((target, id)) = self.resub_link(&cluster, None, None, deadline).await else {
+                return self.resub_gave_up("channels and patterns");
+            };
+            self.cl.pubsub = Some(target);
+            self.push_hidden_subscribe(id, PubSubKind::Channel, channels);
+            self.push_hidden_subscribe(id, PubSubKind::Pattern, patterns);
+        }
+        // SSUBSCRIBE takes channels of one slot.
+        let mut by_slot: BTreeMap<u16, (Option<usize>, Vec<Bytes>)> = BTreeMap::new();
+        for (c, from) in r.shard {
+            if self.state.shard_channels.contains(&c) {
+                let e = by_slot.entry(key_hash_slot(&c)).or_default();
+                e.0 = e.0.or(from);
+                if !e.1.contains(&c) {
+                    e.1.push(c);
+                }
+            }
+        }
+        for (slot, (from, chans)) in by_slot {
+            let linked = self.resub_link(&cluster, Some(slot), from, deadline).await;
+            let Some((target, id)) = linked else {
+                return self.resub_gave_up("shard channels");
+            };
+            for c in &chans {
+                // Held there from now: lost with that link, it is made again.
+                self.cl.shard_on.insert(c.clone(), target);
+            }
+            self.push_hidden_subscribe(id, PubSubKind::Shard, chans);
+        }
+    }
+
+    /// A link for re-subscribing: to `slot`'s confirmed master (one other than `from`,
+    /// the node that gave the slot up), or any confirmed master; by `deadline`.
+    async fn resub_link(
+        &mut self,
+        cluster: &ClusterStore,
+        slot: Option<u16>,
+        from: Option<usize>,
+        deadline: tokio::time::Instant,
+    ) -> Option<(usize, LinkId)> {
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let target = match (slot, from) {
+                (Some(s), Some(_)) => cluster.wait_for_new_owner(s, from, left).await,
+                (Some(s), None) => cluster.wait_for_slot_master(s, left).await.ok(),
+                (None, _) => {
+                    cluster
+                        .wait_for_any_master(usize::from(self.peer.port()), left)
+                        .await
+                }
+            }?;
+            // A node that refuses the connection is reported down (`open_link`): the next
+            // pick waits for another, within the bound.
+            match self.cluster_link(target).await {
+                Ok(id) => return Some((target, id)),
+                Err(_)
+                    if !matches!(self.phase, super::Phase::Ending(_))
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(super::RECONNECT_PAUSE).await;
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// `SUBSCRIBE`/`PSUBSCRIBE`/`SSUBSCRIBE` of `names` on link `id`, its confirmations
+    /// matched and not delivered.
+    fn push_hidden_subscribe(&mut self, id: LinkId, kind: PubSubKind, names: Vec<Bytes>) {
+        if names.is_empty() {
+            return;
+        }
+        let command: &[u8] = match kind {
+            PubSubKind::Channel => b"SUBSCRIBE",
+            PubSubKind::Pattern => b"PSUBSCRIBE",
+            PubSubKind::Shard => b"SSUBSCRIBE",
+        };
+        let mut args: Vec<&[u8]> = Vec::with_capacity(names.len() + 1);
+        args.push(command);
+        args.extend(names.iter().map(|n| n.as_ref()));
+        let frames = u32::try_from(names.len()).unwrap_or(u32::MAX);
+        debug!(peer = %self.peer, ?kind, n = names.len(), "cluster: subscribing again");
+        let out = Outgoing {
+            frames,
+            on_reply: OnReply::PubSub {
+                kind,
+                all: false,
+                hidden: true,
+            },
+            ..Outgoing::plain(Request::from_args(&args), false)
+        };
+        self.push_to(id, out);
+    }
+
+    /// No confirmed master within the bound: close, as on a lost connection to Redis.
+    fn resub_gave_up(&mut self, what: &str) {
+        tracing::warn!(peer = %self.peer, what, "cluster: no confirmed master to subscribe again within routing.failover_wait; closing the client connection");
+        self.end_after_replies(super::SessionEnd::BackendLost);
+    }
+
+    /// A `sunsubscribe` no request asked for: Redis unsubscribes a node's shard channel
+    /// subscribers when the channel's slot leaves the node (resharding, or a failover that
+    /// demoted it: `clusterDelSlot` → `removeChannelsInSlot`). The proxy, one node
+    /// serving every slot, subscribes them again on the slot's new owner instead, hidden;
+    /// `true` when `reply` was that.
+    /// (The caller checks that no SSUBSCRIBE/SUNSUBSCRIBE waits for its confirmations.)
+    pub(super) fn cluster_slot_unsubscribed(&mut self, reply: &Reply, id: LinkId) -> bool {
+        // Cheap first (this sees every message of a shard subscriber): Redis writes
+        // `*3`/`>3` then the lowercase name.
+        if !matches!(reply.kind(), ReplyKind::Array | ReplyKind::Push)
+            || reply.frame().get(4..23) != Some(b"$12\r\nsunsubscribe\r\n".as_slice())
+        {
+            return false;
+        }
+        let Some((b"sunsubscribe", Some(channel))) = state::pubsub_confirmation(reply) else {
+            return false;
+        };
+        let Some((_, node)) = self.upstream.node_of(id) else {
+            return false;
+        };
+        if !self.state.shard_channels.contains(&channel) {
+            return false;
+        }
+        debug!(peer = %self.peer, channel = %String::from_utf8_lossy(&channel), "cluster: a node unsubscribed a shard channel whose slot it gave up");
+        self.cl.shard_on.remove(&channel);
+        self.cl
+            .resubscribe_later(false, vec![(channel, Some(node))])
     }
 
     /// Wait up to `left` for node `index`'s own ROLE to confirm it master.

@@ -19,7 +19,9 @@
 //!
 //! A backend connection that ends answers what was in flight on it with an error; the
 //! session keeps the client when its state can be replayed on a fresh connection, and
-//! closes it (as Redis would) when it cannot (`ConnState::pinned`, transactions).
+//! closes it (as Redis would) when it cannot (`ConnState::pinned`, transactions). In
+//! cluster mode, subscriptions are made again on a confirmed master, hidden
+//! (`cluster::cluster_resubscribe`).
 //!
 //! Must not block on one direction while the other could make progress: all socket I/O is
 //! readiness-driven and non-blocking.
@@ -395,6 +397,7 @@ impl Session {
             Phase::Open | Phase::Draining | Phase::InputClosed
         ) && self.parked.is_none()
             && self.queue.retries() == 0
+            && !self.cl.resubscribing()
             && !self.barrier
             && self.cl.parked.is_none()
             && self.queue.len() < self.rt.config.limits.max_pending
@@ -452,7 +455,11 @@ impl Session {
         if self.barrier && self.queue.is_empty() {
             self.barrier = false;
         }
-        if self.retries_ready() {
+        if self.cl.resubscribing() {
+            // Before anything read after the loss: the subscriptions come first.
+            Box::pin(self.cluster_resubscribe()).await;
+        }
+        if self.queue.retries() > 0 && self.retries_ready() {
             self.run_retries().await;
         }
         if self.queue.is_empty() {
@@ -504,12 +511,14 @@ impl Session {
         Ok(())
     }
 
-    /// Retries are waiting and every link has answered what was sent before them.
+    /// Retries are waiting and every link has answered what was sent before them, or
+    /// (cluster mode) subscriptions of a lost node are to be made again.
     fn retries_ready(&self) -> bool {
-        self.queue.retries() > 0
-            && !self.queue.waiting_on(LinkId::Master)
-            && !self.queue.waiting_on(LinkId::Shared)
-            && !self.queue.waiting_on_nodes()
+        self.cl.resubscribing()
+            || self.queue.retries() > 0
+                && !self.queue.waiting_on(LinkId::Master)
+                && !self.queue.waiting_on(LinkId::Shared)
+                && !self.queue.waiting_on_nodes()
     }
 
     /// Nothing owed to the client and nothing of it buffered or in progress.
@@ -909,7 +918,11 @@ impl Session {
                 } else {
                     let all = !subscribe && channels.is_empty();
                     frames = u32::try_from(channels.len().max(1)).unwrap_or(u32::MAX);
-                    on_reply = OnReply::PubSub { kind, all };
+                    on_reply = OnReply::PubSub {
+                        kind,
+                        all,
+                        hidden: false,
+                    };
                 }
             }
             Plan::Multi => {
@@ -1647,6 +1660,20 @@ impl Session {
             }
             _ => None,
         };
+        if self.shared.cluster.is_some()
+            && !self.state.shard_channels.is_empty()
+            && !matches!(
+                waiting.map(|a| &a.on_reply),
+                Some(OnReply::PubSub {
+                    kind: command::PubSubKind::Shard,
+                    ..
+                })
+            )
+            && self.cluster_slot_unsubscribed(&reply, id)
+        {
+            return true;
+        }
+        let waiting = index.and_then(|i| self.queue.awaiting(i));
         if confirmation.is_none() && self.out_of_band(&reply) {
             // Pushes and pub/sub messages are never silenced; MONITOR lines obey CLIENT
             // REPLY like any reply (Redis 7 sends none under OFF).
@@ -1727,10 +1754,17 @@ impl Session {
         };
         let mut deliver = a.deliver;
         let done = match &mut a.on_reply {
-            OnReply::PubSub { kind, all } => match confirmation {
+            OnReply::PubSub { kind, all, hidden } => match confirmation {
                 Some((name, channel)) => {
-                    // Confirmations are pushed whatever CLIENT REPLY says.
-                    deliver = true;
+                    // Confirmations are pushed whatever CLIENT REPLY says (a hidden
+                    // re-subscription's were delivered when the client subscribed).
+                    deliver = !*hidden;
+                    if *kind == command::PubSubKind::Shard && self.shared.cluster.is_some() {
+                        if let (Some(c), Some((_, node))) = (&channel, self.upstream.node_of(id)) {
+                            self.cl
+                                .shard_confirmed(c, node, !name.ends_with(b"unsubscribe"));
+                        }
+                    }
                     let set = self.state.set(*kind);
                     if name.ends_with(b"unsubscribe") {
                         if let Some(c) = &channel {
@@ -1747,7 +1781,12 @@ impl Session {
                     }
                 }
                 // An error (or anything else) answers the whole command.
-                None => true,
+                None => {
+                    if *hidden {
+                        warn!(peer = %self.peer, reply = %String::from_utf8_lossy(&out), "cluster: a node refused to subscribe again; those subscriptions are gone");
+                    }
+                    true
+                }
             },
             OnReply::Replace(local) => {
                 out = local.clone();
@@ -1920,15 +1959,24 @@ impl Session {
             self.mode.command_done();
         }
         self.queue.drain(&mut self.to_client);
-        let bound_here = matches!(id, LinkId::Node(_)) && self.cl.holds_state(link.index);
-        if let LinkId::Node(_) = id {
-            self.cl.forget(link.index);
-        }
-        if (id == LinkId::Master || bound_here)
-            && (self.txn.is_some() || self.watching || self.state.pinned())
-        {
+        if id == LinkId::Master && (self.txn.is_some() || self.watching || self.state.pinned()) {
             // Its state cannot be given to a new connection: close, as Redis would.
             self.end_after_replies(SessionEnd::BackendLost);
+            return;
+        }
+        let LinkId::Node(_) = id else {
+            return;
+        };
+        // Cluster mode: a transaction, WATCH, tracking or MONITOR on the lost node closes
+        // the session as above; subscriptions it held are made again on a confirmed master
+        // (`cluster_resubscribe`), hidden from the client.
+        let bound_here = self.cl.bound == Some(link.index)
+            && (self.txn.is_some() || self.watching || self.state.tracking || self.state.monitor);
+        let resubscribe = self.cl.forget(link.index, &self.state);
+        if bound_here {
+            self.end_after_replies(SessionEnd::BackendLost);
+        } else if resubscribe {
+            debug!(peer = %self.peer, backend = %link.label, "cluster: subscriptions to make again");
         }
     }
 }

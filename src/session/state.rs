@@ -52,7 +52,13 @@ pub(super) enum OnReply {
     /// Swallow the backend's answer and send this instead (EXECABORT after a refusal).
     Replace(Bytes),
     /// Pub/sub confirmations: one per named channel, or until the set empties (`all`).
-    PubSub { kind: PubSubKind, all: bool },
+    /// `hidden`: a re-subscription the proxy made after losing the node that held the
+    /// subscriptions (cluster mode): the client got these confirmations once already.
+    PubSub {
+        kind: PubSubKind,
+        all: bool,
+        hidden: bool,
+    },
     /// EXEC of a transaction whose commands change the session (boxed, as `Apply`).
     Exec(Box<ExecPlan>),
     /// A request the proxy added on its own (`ASKING`, the WAIT offset bump, a script
@@ -100,7 +106,8 @@ impl ConnState {
     /// State that lives only on the current backend connection and cannot be given to a
     /// new one: a session holding it closes when that connection is lost (as Redis closes
     /// it), instead of silently changing. Tracking's invalidation table, subscriptions and
-    /// MONITOR are Redis's own per-connection tables.
+    /// MONITOR are Redis's own per-connection tables. (Cluster mode subscribes again on
+    /// a confirmed master instead: `Session::cluster_resubscribe`.)
     pub(super) fn pinned(&self) -> bool {
         self.tracking || self.monitor || self.subscribed()
     }
