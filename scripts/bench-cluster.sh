@@ -54,42 +54,8 @@ set_pinning
 
 start_run bench-cluster
 
-# A port whose cluster bus port (+10000) is free too.
-cluster_port() {
-  python3 -c '
-import socket
-while True:
-    a = socket.socket(); a.bind(("127.0.0.1", 0)); p = a.getsockname()[1]
-    if p + 10000 > 65535: a.close(); continue
-    b = socket.socket()
-    try:
-        b.bind(("127.0.0.1", p + 10000))
-    except OSError:
-        a.close(); continue
-    a.close(); b.close(); print(p); break'
-}
-
-NODE_PIDS=()
-NODE_ADDRS=()
-for ((i=0; i<NODES; i++)); do
-  port=$(cluster_port)
-  mkdir -p "$TMP/node$i"
-  "${SRV_PIN[@]}" redis-server --bind 127.0.0.1 --port "$port" --save '' --appendonly no \
-    --cluster-enabled yes --cluster-config-file "$TMP/node$i/nodes.conf" \
-    --daemonize no --dir "$TMP/node$i" --logfile "$TMP/node$i.log" >/dev/null 2>&1 &
-  pid=$!; PIDS+=("$pid"); NODE_PIDS+=("$pid"); NODE_ADDRS+=("127.0.0.1:$port")
-  wait_pong "$port" "$pid" "node$i"
-done
-redis-cli --cluster create "${NODE_ADDRS[@]}" --cluster-replicas 0 --cluster-yes \
-  >"$TMP/create.log" 2>&1 || die "cluster create failed: $(tail -5 "$TMP/create.log")"
+start_cluster "$NODES" "${SRV_PIN[@]}"
 SEED=${NODE_ADDRS[0]}
-deadline=$((SECONDS + 30))
-for addr in "${NODE_ADDRS[@]}"; do
-  until redis-cli -h 127.0.0.1 -p "${addr##*:}" CLUSTER INFO 2>/dev/null | grep -q 'cluster_state:ok'; do
-    (( SECONDS < deadline )) || die "cluster not ok on $addr"
-    sleep 0.1
-  done
-done
 log "cluster of $NODES masters: ${NODE_ADDRS[*]}"
 
 TARGETS=("direct:${SEED##*:}:")

@@ -21,6 +21,10 @@
 #   MODE [dedicated]  routing.backend_connections (--backend-connections): dedicated or
 #                     shared (pinged clients then share a few backend connections)
 #   TLS [0]           1: clients connect with TLS (handshake done, then idle); needs openssl
+#   CLUSTER [0]       N > 0: in front of a Redis Cluster of N masters (--cluster-seed); the
+#                     pinged half sends one SET to each of three slots on different
+#                     masters (hash tags {a} {b} {c}) instead of PING, and the backend
+#                     connections each node holds (its connected_clients) are printed
 
 set -Eeuo pipefail
 
@@ -29,6 +33,7 @@ NOFILE=${NOFILE:-30000}
 KEEP_TMP=${KEEP_TMP:-0}
 TLS=${TLS:-0}
 MODE=${MODE:-dedicated}
+CLUSTER=${CLUSTER:-0}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=lib/bench.sh
 source "$ROOT/scripts/lib/bench.sh"
@@ -54,11 +59,20 @@ fi
 start_run idle-memory
 
 
-REDIS_PORT=$(free_port)
-redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no --daemonize no \
-  --maxclients $((CONNS + 1000)) --dir "$TMP" --logfile "$TMP/redis.log" >/dev/null 2>&1 &
-REDIS_PID=$!; PIDS+=("$REDIS_PID")
-wait_pong "$REDIS_PORT" "$REDIS_PID" redis
+if (( CLUSTER > 0 )); then
+  CLUSTER_NODE_ARGS=(--maxclients $((CONNS * 3 + 1000)))
+  start_cluster "$CLUSTER"
+  UPSTREAM=(--cluster-seed "${NODE_ADDRS[0]}")
+  log "cluster of $CLUSTER masters: ${NODE_ADDRS[*]}"
+else
+  REDIS_PORT=$(free_port)
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no --daemonize no \
+    --maxclients $((CONNS + 1000)) --dir "$TMP" --logfile "$TMP/redis.log" >/dev/null 2>&1 &
+  REDIS_PID=$!; PIDS+=("$REDIS_PID")
+  wait_pong "$REDIS_PORT" "$REDIS_PID" redis
+  UPSTREAM=(--backend "127.0.0.1:$REDIS_PORT")
+  NODE_ADDRS=("127.0.0.1:$REDIS_PORT")
+fi
 
 # max_clients above CONNS, so the readiness PINGs never compete with the idle set
 cat >"$TMP/portcullis.toml" <<EOF
@@ -73,19 +87,38 @@ if [[ "$TLS" == 1 ]]; then
 fi
 PROXY_PORT=$(free_port)
 "$PORTCULLIS_BIN" --config "$TMP/portcullis.toml" --listen "127.0.0.1:$PROXY_PORT" \
-  --backend "127.0.0.1:$REDIS_PORT" --admin-listen '' --log-level warn \
+  "${UPSTREAM[@]}" --admin-listen '' --log-level warn \
   --backend-connections "$MODE" >"$TMP/proxy.log" 2>&1 &
 PROXY_PID=$!; PIDS+=("$PROXY_PID")
 [[ "$TLS" == 1 ]] && PING_ARGS=(--tls --cacert "$CA")
 wait_pong "$PROXY_PORT" "$PROXY_PID" proxy
-log "redis pid $REDIS_PID :$REDIS_PORT, portcullis pid $PROXY_PID :$PROXY_PORT, $CONNS connections"
+log "redis ${NODE_ADDRS[*]}, portcullis pid $PROXY_PID :$PROXY_PORT, $CONNS connections"
 
-python3 - "$PROXY_PID" "$PROXY_PORT" "$CONNS" "$CA" "$MODE" <<'PY'
+if (( CLUSTER > 0 )); then
+  # readiness: the proxy serves every slot
+  deadline=$((SECONDS + 30))
+  until redis-cli -p "$PROXY_PORT" CLUSTER INFO 2>/dev/null | grep -q 'cluster_state:ok'; do
+    (( SECONDS < deadline )) || die "the proxy never served every slot"
+    sleep 0.1
+  done
+fi
+
+python3 - "$PROXY_PID" "$PROXY_PORT" "$CONNS" "$CA" "$MODE" "$CLUSTER" "${NODE_ADDRS[*]}" <<'PY'
 import os, socket, ssl, sys, time
 
 pid, port, total = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+cluster, nodes = int(sys.argv[6]), sys.argv[7].split()
+# what a pinged client sends: PING, or (cluster) one SET to each of three masters' slots
+if cluster:
+    keys = [b"{a}k", b"{b}k", b"{c}k"]   # slots 15495, 3300, 7365: three thirds of 16384
+    hello = b"".join(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$1\r\nv\r\n" % (len(k), k) for k in keys)
+    answer = b"+OK\r\n" * len(keys)
+else:
+    hello, answer = b"*1\r\n$4\r\nPING\r\n", b"+PONG\r\n"
+what = "three SETs, one per master" if cluster else "one PING"
 # shared mode: pinged clients share the proxy's few backend connections
-backend_fd_each = 0 if sys.argv[5] == "shared" else 1
+links_each = min(3, cluster) if cluster else 1
+backend_fd_each = 0 if sys.argv[5] == "shared" else links_each
 tls = ssl.create_default_context(cafile=sys.argv[4]) if sys.argv[4] else None
 half = total // 2
 
@@ -142,8 +175,8 @@ rss1 = settle(fd0 + half)               # one fd per client connection
 pinged = []
 for _ in range(total - half):
     s = connect()
-    s.sendall(b"*1\r\n$4\r\nPING\r\n")
-    read_exact(s, b"+PONG\r\n")
+    s.sendall(hello)
+    read_exact(s, answer)
     pinged.append(s)
 rss2 = settle(fd0 + half + (1 + backend_fd_each) * (total - half))   # client (+ backend) fd each
 fd2 = nfds()
@@ -156,8 +189,27 @@ print("| phase | connections | proxy VmRSS KiB | delta KiB | KiB per connection 
 print("|---|---:|---:|---:|---:|")
 print(f"| baseline | 0 | {rss0} | | |")
 print(f"| + silent (no bytes sent) | {half} | {rss1} | {rss1 - rss0} | {(rss1 - rss0) / half:.2f} |")
-print(f"| + pinged (PING/PONG, backend conn) | {n_p} | {rss2} | {rss2 - rss1} | {(rss2 - rss1) / n_p:.2f} |")
+print(f"| + after {what} | {n_p} | {rss2} | {rss2 - rss1} | {(rss2 - rss1) / n_p:.2f} |")
 print(f"| all | {total} | {rss2} | {rss2 - rss0} | {(rss2 - rss0) / total:.2f} |")
+
+def connected_clients(addr):
+    host, p = addr.rsplit(":", 1)
+    c = socket.create_connection((host, int(p)), timeout=10)
+    c.sendall(b"*2\r\n$4\r\nINFO\r\n$7\r\nclients\r\n")
+    data = b""
+    while b"connected_clients:" not in data or not data.endswith(b"\r\n"):
+        chunk = c.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    c.close()
+    for line in data.split(b"\r\n"):
+        if line.startswith(b"connected_clients:"):
+            return int(line.split(b":")[1]) - 1   # minus this INFO connection
+    return -1
+
+print()
+print("backend connections held (each node's connected_clients, the prober's and slot-map reader's included):", ", ".join(f"{a} {connected_clients(a)}" for a in nodes))
 for s in silent + pinged:
     s.close()
 PY

@@ -1,4 +1,5 @@
-# bench.sh: helpers sourced by the measurement scripts (bench-e2e.sh, idle-memory.sh).
+# bench.sh: helpers sourced by the measurement scripts (bench-e2e.sh, bench-cpu.sh,
+# bench-cluster.sh, idle-memory.sh).
 # They expect the caller to define die() and TMP (its temp dir, holding NAME.log files).
 
 # A loopback port nothing listens on (the kernel's pick, then released).
@@ -19,6 +20,53 @@ wait_pong() {
   done
   die "$name on port $port never answered PONG"
 }
+
+# A loopback port whose cluster bus port (+10000) is free too.
+cluster_port() {
+  python3 -c '
+import socket
+while True:
+    a = socket.socket(); a.bind(("127.0.0.1", 0)); p = a.getsockname()[1]
+    if p + 10000 > 65535: a.close(); continue
+    b = socket.socket()
+    try:
+        b.bind(("127.0.0.1", p + 10000))
+    except OSError:
+        a.close(); continue
+    a.close(); b.close(); print(p); break'
+}
+
+# start_cluster N [PIN...]: N redis-server cluster masters on free loopback ports (each
+# started under PIN, e.g. taskset -c 1; files in $TMP/nodeI), joined with
+# `redis-cli --cluster create` (no replicas), waited for until every node says
+# cluster_state:ok. Sets NODE_PIDS and NODE_ADDRS (host:port); adds the pids to PIDS.
+# Extra redis-server flags: CLUSTER_NODE_ARGS (array).
+start_cluster() {
+  local n=$1 i port pid addr deadline
+  shift
+  NODE_PIDS=()
+  NODE_ADDRS=()
+  for ((i=0; i<n; i++)); do
+    port=$(cluster_port)
+    mkdir -p "$TMP/node$i"
+    "$@" redis-server --bind 127.0.0.1 --port "$port" --save '' --appendonly no \
+      --cluster-enabled yes --cluster-config-file "$TMP/node$i/nodes.conf" \
+      --daemonize no --dir "$TMP/node$i" --logfile "$TMP/node$i.log" \
+      "${CLUSTER_NODE_ARGS[@]}" >/dev/null 2>&1 &
+    pid=$!; PIDS+=("$pid"); NODE_PIDS+=("$pid"); NODE_ADDRS+=("127.0.0.1:$port")
+    wait_pong "$port" "$pid" "node$i"
+  done
+  redis-cli --cluster create "${NODE_ADDRS[@]}" --cluster-replicas 0 --cluster-yes \
+    >"$TMP/create.log" 2>&1 || die "cluster create failed: $(tail -5 "$TMP/create.log")"
+  deadline=$((SECONDS + 30))
+  for addr in "${NODE_ADDRS[@]}"; do
+    until redis-cli -h 127.0.0.1 -p "${addr##*:}" CLUSTER INFO 2>/dev/null | grep -q 'cluster_state:ok'; do
+      (( SECONDS < deadline )) || die "cluster not ok on $addr"
+      sleep 0.1
+    done
+  done
+}
+CLUSTER_NODE_ARGS=()
 
 # make_test_ca DIR: a throwaway CA (DIR/ca.pem) and a server certificate for 127.0.0.1
 # and localhost (DIR/server.pem, DIR/server.key), valid one day, with openssl. For local
