@@ -453,7 +453,12 @@ pub async fn role(r: &RedisServer) -> String {
 /// server kills its normal clients (`CLIENT KILL TYPE normal` in Sentinel's
 /// reconfiguration), this query's connection included.
 pub async fn try_role(r: &RedisServer) -> Option<String> {
-    let mut c = r.direct().await;
+    // Connecting can be cut too (seen in CI: broken pipe during the handshake).
+    let client = redis::Client::open(format!("redis://{}/", r.addr())).ok()?;
+    let mut c = tokio::time::timeout(WAIT, client.get_multiplexed_async_connection())
+        .await
+        .ok()?
+        .ok()?;
     let v: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut c).await.ok()?;
     match v.first() {
         Some(redis::Value::BulkString(b)) => Some(String::from_utf8_lossy(b).into_owned()),
