@@ -138,7 +138,9 @@ impl Link {
             self.sends.pop_front();
             self.sends_bytes -= front;
         }
-        if self.sends.is_empty() && self.sends.capacity() > 64 {
+        // Give back only what a burst far past a pipeline grew: a pipeline of a few hundred
+        // requests must not reallocate the queue at every batch.
+        if self.sends.is_empty() && self.sends.capacity() > 4096 {
             self.sends = VecDeque::new();
         }
     }
