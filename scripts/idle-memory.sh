@@ -183,7 +183,7 @@ fd2 = nfds()
 
 n_p = total - half
 print()
-print(f"portcullis idle connections{' (TLS)' if tls else ''}: {total} ({half} silent, {n_p} after one PING); fds {fd0} -> {fd2}")
+print(f"portcullis idle connections{' (TLS)' if tls else ''}: {total} ({half} silent, {n_p} after {what}); fds {fd0} -> {fd2}")
 print()
 print("| phase | connections | proxy VmRSS KiB | delta KiB | KiB per connection |")
 print("|---|---:|---:|---:|---:|")

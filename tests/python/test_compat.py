@@ -670,8 +670,13 @@ def test_eval_and_evalsha(proxied, direct, pfx):
     sha = proxied.script_load("return ARGV[1] .. ARGV[1]")
     assert proxied.evalsha(sha, 0, "ab") == "abab"
     assert proxied.script_exists(sha) == [True]
-    # NOSCRIPT surfaces to the client and register_script recovers from it.
+    # A server that lost its script cache (flushed behind the proxy's back, as a restart
+    # or a promoted replica would): the proxy loads the body it saw and runs it again.
     direct.script_flush()
+    assert proxied.evalsha(sha, 0, "ab") == "abab"
+    # SCRIPT FLUSH through the proxy: NOSCRIPT surfaces to the client, as from Redis, and
+    # register_script recovers from it.
+    proxied.script_flush()
     with pytest.raises(redis.exceptions.NoScriptError):
         proxied.evalsha(sha, 0, "ab")
     assert incr_by(keys=[f"{pfx}:n"], args=[1]) == 16
