@@ -800,7 +800,9 @@ async fn shared_mode_keeps_the_connection_budget_per_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocked_pop_follows_its_slot_to_the_new_owner() {
     let cluster = RedisCluster::start(3, 0).await;
-    let p = proxy(&cluster).await;
+    // A short failover wait: the pop stays blocked longer than it before its slot moves.
+    let wait = Duration::from_secs(3);
+    let p = proxy_with(&cluster, |c| c.routing.failover_wait = wait).await;
     let key = "moving:queue";
     let slot = portcullis::cluster::key_hash_slot(key.as_bytes());
     let source = cluster.master_of(slot).await;
@@ -815,6 +817,9 @@ async fn a_blocked_pop_follows_its_slot_to_the_new_owner() {
     blocked.send(&resp(&[b"BLPOP", key.as_bytes(), b"0"])).await;
     let mut direct = cluster.node(&source).unwrap().direct().await;
     support::wait_for_blocked(&mut direct, 1).await;
+    // Blocked longer than routing.failover_wait: the bound on following the redirect
+    // counts from the redirect (the wait before it was Redis's), not from the read.
+    tokio::time::sleep(wait + Duration::from_millis(500)).await;
     // The (empty) slot is given to another node: Redis unblocks the client with MOVED
     // (cluster.c clusterRedirectBlockedClientIfNeeded); the proxy re-issues the pop there.
     // The new owner first, with its config epoch bumped, so gossip from a node not told

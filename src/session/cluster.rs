@@ -1150,7 +1150,11 @@ impl Session {
             let slot = moved_slot.or(self.cl.txn_slot);
             return Some(Some(texts::cluster_moved_while_bound(slot, &node)));
         };
-        redirect.since = a.sent;
+        // The bound runs from when the request was read; for a command that waited
+        // (BLPOP blocked until its slot moved), from the redirect: its wait was Redis's.
+        if !a.blocking {
+            redirect.since = a.sent;
+        }
         if redirect.slot.is_none() {
             redirect.slot = slot_of_frame(&retained.frame);
         }
