@@ -1747,6 +1747,17 @@ async fn publish_and_compare(
     }
 }
 
+/// A master other than `not` (the owner of some slot).
+async fn other_master(cluster: &RedisCluster, not: &str) -> String {
+    for s in (0..16384u16).step_by(1000) {
+        let m = cluster.master_of(s).await;
+        if m != not {
+            return m;
+        }
+    }
+    panic!("no master other than {not}");
+}
+
 /// Subscriptions follow failovers, hidden: subscribers through the proxy (SUBSCRIBE,
 /// PSUBSCRIBE, SSUBSCRIBE; RESP2 and RESP3) keep receiving what is published after
 /// (1) `CLUSTER FAILOVER` of their shard channel's slot (Redis unsubscribes shard
@@ -1762,14 +1773,7 @@ async fn subscriptions_survive_failover_and_node_loss() {
     let slot = portcullis::cluster::key_hash_slot(b"orders{7}");
     let first = cluster.master_of(slot).await;
     let second = replica_of(&cluster, &first).await;
-    let mut healthy = String::new();
-    for s in (0..16384u16).step_by(1000) {
-        healthy = cluster.master_of(s).await;
-        if healthy != first {
-            break;
-        }
-    }
-    assert_ne!(healthy, first, "another master");
+    let healthy = other_master(&cluster, &first).await;
     let channel_args: &[&[&str]] = &[&["SUBSCRIBE", "news"], &["PSUBSCRIBE", "new*"]];
     let mut c2 = direct_subscriber(&healthy, false, channel_args).await;
     let mut c3 = direct_subscriber(&healthy, true, channel_args).await;
@@ -1783,15 +1787,7 @@ async fn subscriptions_survive_failover_and_node_loss() {
     // cluster bus reaches every node), but it unsubscribes its shard subscribers.
     assert_eq!(info(&second, &["CLUSTER", "FAILOVER"]).await, "OK");
     wait_role_master(&second, "the replica took over").await;
-    wait_until("the proxy serves every slot", || {
-        let addr = addr.clone();
-        async move {
-            info(&addr, &["CLUSTER", "INFO"])
-                .await
-                .contains("cluster_state:ok")
-        }
-    })
-    .await;
+    support::cluster::wait_cluster_ok(&addr, "the proxy serves every slot").await;
     let (on_first, on_second) = ([first.clone()], [second.clone()]);
     wait_until(
         "the shard subscriptions moved to the slot's new owner",
@@ -1856,13 +1852,7 @@ async fn subscriptions_are_made_again_after_their_node_is_killed() {
     let slot = portcullis::cluster::key_hash_slot(b"orders{7}");
     let victim = cluster.master_of(slot).await;
     let successor = replica_of(&cluster, &victim).await;
-    let mut healthy = String::new();
-    for s in (0..16384u16).step_by(1000) {
-        healthy = cluster.master_of(s).await;
-        if healthy != victim {
-            break;
-        }
-    }
+    let healthy = other_master(&cluster, &victim).await;
     let channel_args: &[&[&str]] = &[&["SUBSCRIBE", "news"], &["PSUBSCRIBE", "new*"]];
     let mut c2 = direct_subscriber(&healthy, false, channel_args).await;
     let mut c3 = direct_subscriber(&healthy, true, channel_args).await;
