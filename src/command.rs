@@ -549,15 +549,19 @@ fn top_index() -> &'static NameIndex {
 /// The hot-path lookup of a request's command name: fold case into a stack buffer, then
 /// one hash probe (the binary search below folds case at every comparison).
 fn find_top(name: &[u8]) -> Option<&'static CommandSpec> {
-    if name.len() > MAX_NAME {
-        return None;
-    }
-    let mut folded = [0u8; MAX_NAME];
-    let folded = &mut folded[..name.len()];
+    let mut buf = [0u8; MAX_NAME];
+    let folded = fold_case(name, &mut buf)?;
+    top_index().get(folded).copied()
+}
+
+/// `name` in lowercase, folded into `buf` (no allocation: this runs per request); `None`
+/// when it is longer than `buf`.
+pub fn fold_case<'b, const N: usize>(name: &[u8], buf: &'b mut [u8; N]) -> Option<&'b [u8]> {
+    let folded = buf.get_mut(..name.len())?;
     for (d, s) in folded.iter_mut().zip(name) {
         *d = s.to_ascii_lowercase();
     }
-    top_index().get(&*folded).copied()
+    Some(folded)
 }
 
 /// Binary search of a name-sorted table; `skip` drops the `container|` prefix of

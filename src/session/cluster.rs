@@ -366,18 +366,6 @@ pub(super) fn cluster_wait_offset_bump() -> Bytes {
     .into_frame()
 }
 
-/// `name` lowercased into `buf`; empty when longer than `buf` (no name `cluster_send`
-/// compares with is).
-fn lowercase_into<'b>(name: &[u8], buf: &'b mut [u8; 8]) -> &'b [u8] {
-    let Some(dst) = buf.get_mut(..name.len()) else {
-        return &[];
-    };
-    for (d, s) in dst.iter_mut().zip(name) {
-        *d = s.to_ascii_lowercase();
-    }
-    dst
-}
-
 /// A stable 40-hex node id for the proxy at `addr` (what `CLUSTER MYID` answers).
 fn proxy_node_id(addr: &str) -> String {
     use sha2::Digest;
@@ -693,7 +681,8 @@ impl Session {
     pub(super) async fn cluster_send(&mut self, mut out: Outgoing) {
         // Lowercased on the stack: this runs per request.
         let mut buf = [0u8; 8];
-        let name = lowercase_into(command_name(&out.frame), &mut buf);
+        // Longer than any name compared below: matches none.
+        let name = crate::command::fold_case(command_name(&out.frame), &mut buf).unwrap_or(&[]);
         let deliver = out.deliver;
         let ends_txn = matches!(name, b"exec" | b"discard" | b"reset");
         if name == b"multi" {
@@ -1892,11 +1881,12 @@ mod tests {
     #[test]
     fn names_lowercase_on_the_stack() {
         let mut buf = [0u8; 8];
-        assert_eq!(lowercase_into(b"MuLtI", &mut buf), b"multi");
-        assert_eq!(lowercase_into(b"UNWATCH", &mut buf), b"unwatch");
-        assert_eq!(lowercase_into(b"", &mut buf), b"");
-        // Longer than any compared name: matches none.
-        assert_eq!(lowercase_into(b"EXECEXECX", &mut buf), b"");
+        let mut fold = |n: &[u8]| crate::command::fold_case(n, &mut buf).map(<[u8]>::to_vec);
+        assert_eq!(fold(b"MuLtI").as_deref(), Some(&b"multi"[..]));
+        assert_eq!(fold(b"UNWATCH").as_deref(), Some(&b"unwatch"[..]));
+        assert_eq!(fold(b"").as_deref(), Some(&b""[..]));
+        // Longer than the buffer: none.
+        assert_eq!(fold(b"EXECEXECX"), None);
     }
 
     #[test]
