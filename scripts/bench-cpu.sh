@@ -23,6 +23,11 @@
 #   PORTCULLIS_BIN [target/release/portcullis]
 #   BASE_BIN                  optional: another binary (e.g. a build of main) added as
 #                             target "base", started without --backend-connections
+#   OTHERS [haproxy twemproxy]  other proxies measured the same way in the same run, each
+#                             skipped when its binary is missing: HAProxy in TCP mode
+#                             (1 thread, the "route only to the master" tcp-check recipe
+#                             of ../shared/bench/compare.sh), twemproxy (nutcracker, one
+#                             pool, preconnect). OTHERS= measures portcullis alone.
 #   PROXY_EXTRA_ARGS          extra proxy flags
 #   KEEP_TMP [0]
 #
@@ -45,6 +50,7 @@ CPU_CLIENT=${CPU_CLIENT:-0}
 CPU_SERVERS=${CPU_SERVERS:-1}
 KEEP_TMP=${KEEP_TMP:-0}
 PROXY_EXTRA_ARGS=${PROXY_EXTRA_ARGS:-}
+OTHERS=${OTHERS-"haproxy twemproxy"}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=lib/bench.sh
@@ -91,6 +97,62 @@ for mode in $MODES; do
   wait_pong "$port" "$pid" "$mode"
   log "portcullis ($mode) pid $pid on 127.0.0.1:$port"
   TARGETS+=("$mode:$port:$pid")
+done
+
+# The same recipes as ../shared/bench/compare.sh, so the CPU columns compare with its table.
+for other in $OTHERS; do
+  port=$(free_port)
+  case "$other" in
+    haproxy)
+      command -v haproxy >/dev/null 2>&1 || { log "no haproxy: skipped"; continue; }
+      cat >"$TMP/haproxy.cfg" <<EOF
+global
+    maxconn 4000
+    nbthread 1
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 1h
+    timeout server 1h
+    timeout check 2s
+frontend redis_in
+    bind 127.0.0.1:$port
+    default_backend redis_master
+backend redis_master
+    option tcp-check
+    tcp-check connect
+    tcp-check send PING\r\n
+    tcp-check expect string +PONG
+    tcp-check send info\ replication\r\n
+    tcp-check expect string role:master
+    tcp-check send QUIT\r\n
+    tcp-check expect string +OK
+    server redis1 127.0.0.1:$REDIS_PORT check inter 1s fall 2 rise 1
+EOF
+      "${SRV_PIN[@]}" haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/haproxy.log" 2>&1 &
+      ;;
+    twemproxy)
+      command -v nutcracker >/dev/null 2>&1 || { log "no nutcracker: skipped"; continue; }
+      cat >"$TMP/nutcracker.yml" <<EOF
+redis_pool:
+  listen: 127.0.0.1:$port
+  redis: true
+  hash: fnv1a_64
+  distribution: ketama
+  preconnect: true
+  auto_eject_hosts: false
+  servers:
+   - 127.0.0.1:$REDIS_PORT:1
+EOF
+      "${SRV_PIN[@]}" nutcracker -c "$TMP/nutcracker.yml" -o "$TMP/nutcracker.log" \
+        -a 127.0.0.1 -s "$(free_port)" >/dev/null 2>&1 &
+      ;;
+    *) die "unknown entry in OTHERS: $other (haproxy, twemproxy)" ;;
+  esac
+  pid=$!; PIDS+=("$pid")
+  wait_pong "$port" "$pid" "$other"
+  log "$other pid $pid on 127.0.0.1:$port"
+  TARGETS+=("$other:$port:$pid")
 done
 
 test_args() {
@@ -146,7 +208,7 @@ for ((r=1; r<=ROUNDS; r++)); do
 done
 
 echo
-echo "portcullis vs direct Redis, CPU per request: $ROUNDS rounds, median; pin=$PIN; $(redis-server --version | awk '{print $3}'); modes: $MODES"
+echo "portcullis vs direct Redis${OTHERS:+ and $OTHERS}, CPU per request: $ROUNDS rounds, median; pin=$PIN; $(redis-server --version | awk '{print $3}'); modes: $MODES"
 echo
 cpu_table "$TMP/raw.tsv" "$TESTS" "$(for tp in "${TARGETS[@]}"; do printf '%s ' "${tp%%:*}"; done)"
 echo
