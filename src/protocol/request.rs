@@ -408,6 +408,14 @@ impl RequestParser {
     /// Next complete request from the front of `buf`, consuming its bytes.
     /// `Ok(None)`: need more bytes. After an `Err`, the connection must be closed.
     pub fn parse(&mut self, buf: &mut BytesMut) -> Result<Option<Request>, ProtocolError> {
+        if self.state == State::Start {
+            if let Some((spans, end)) = self.complete_plain_multibulk(buf) {
+                return Ok(Some(Request {
+                    frame: buf.split_to(end).freeze(),
+                    spans,
+                }));
+            }
+        }
         loop {
             match self.state {
                 State::Start => {
@@ -528,6 +536,54 @@ impl RequestParser {
         }
     }
 
+    /// The common case in one pass: a complete multibulk at the front of `buf`, in
+    /// canonical form (`\r\n` everywhere), whose count and lengths are plain decimals
+    /// (`0` or no leading zero) within every limit. Its argument spans and its length.
+    ///
+    /// Anything else (incomplete, non-canonical, a sign, an error to report, a limit hit)
+    /// is `None` and consumes nothing: the state machine then reads the same bytes. So
+    /// this only ever accepts what the state machine accepts, with the same result; it
+    /// runs once per command start, never again for the rest of a partial command.
+    fn complete_plain_multibulk(&self, buf: &[u8]) -> Option<(Spans, usize)> {
+        if buf.first() != Some(&b'*') {
+            return None;
+        }
+        let limits = &self.limits;
+        let (count, mut pos) = plain_header(buf, 0, limits.max_inline_len)?;
+        let count_limit = if limits.unauthenticated {
+            limits
+                .max_multibulk_len
+                .min(UNAUTHENTICATED_MAX_MULTIBULK_LEN)
+        } else {
+            limits.max_multibulk_len
+        };
+        if count == 0 || count > count_limit {
+            return None;
+        }
+        let len_limit = if limits.unauthenticated {
+            limits.max_bulk_len.min(UNAUTHENTICATED_MAX_BULK_LEN)
+        } else {
+            limits.max_bulk_len
+        };
+        let mut spans = Spans::new();
+        for _ in 0..count {
+            if buf.get(pos) != Some(&b'$') {
+                return None;
+            }
+            let (len, start) = plain_header(buf, pos, limits.max_inline_len)?;
+            if len > len_limit {
+                return None;
+            }
+            let end = start.checked_add(len)?;
+            if buf.get(end..end.checked_add(2)?)? != b"\r\n" {
+                return None;
+            }
+            spans.push(Span { start, end });
+            pos = end + 2;
+        }
+        Some((spans, pos))
+    }
+
     /// Resets per-command progress.
     fn begin(&mut self, state: State) {
         self.state = state;
@@ -569,7 +625,7 @@ impl RequestParser {
                 .min(self.pos.saturating_add(limit).saturating_add(1));
             let from = self.scan.max(self.pos);
             if let Some(window) = buf.get(from..window_end) {
-                match memchr::memchr2(needle, 0, window) {
+                match find_needle_or_nul(needle, window) {
                     Some(offset) => {
                         let at = from + offset;
                         if window.get(offset) == Some(&needle) {
@@ -624,6 +680,50 @@ impl RequestParser {
         buf.advance(end);
         request
     }
+}
+
+/// Bytes `find_needle_or_nul` checks one by one before handing the rest to `memchr`.
+const SHORT_LINE: usize = 16;
+
+/// First `needle` or NUL byte in `window`. Header lines (`*3`, `$5`) are a few bytes, so a
+/// plain loop over the first `SHORT_LINE` bytes finds their end sooner than `memchr`'s
+/// setup would; longer lines (inline commands) go on with `memchr`.
+fn find_needle_or_nul(needle: u8, window: &[u8]) -> Option<usize> {
+    let short = window.get(..SHORT_LINE).unwrap_or(window);
+    if let Some(offset) = short.iter().position(|&b| b == needle || b == 0) {
+        return Some(offset);
+    }
+    let rest = window.get(short.len()..)?;
+    memchr::memchr2(needle, 0, rest).map(|offset| offset + short.len())
+}
+
+/// A header line at `at` (`*` or `$`, then digits, then `\r\n`) whose number is `0` or
+/// has no leading zero and at most 18 digits, its `\r` within `max_line` bytes of `at`
+/// (where the state machine's search for it stops): the number and the offset after
+/// the line. `None` for anything else, including a line not complete yet.
+fn plain_header(buf: &[u8], at: usize, max_line: usize) -> Option<(usize, usize)> {
+    let digits_at = at + 1;
+    let mut value: u64 = 0;
+    let mut i = digits_at;
+    while let Some(&b) = buf.get(i) {
+        if !b.is_ascii_digit() {
+            break;
+        }
+        if i - digits_at == 18 {
+            return None;
+        }
+        value = value * 10 + u64::from(b - b'0');
+        i += 1;
+    }
+    let digits = i - digits_at;
+    let leading_zero = digits > 1 && buf.get(digits_at) == Some(&b'0');
+    if digits == 0 || leading_zero || i - at > max_line {
+        return None;
+    }
+    if buf.get(i..i + 2)? != b"\r\n" {
+        return None;
+    }
+    Some((usize::try_from(value).ok()?, i + 2))
 }
 
 /// Whether a non-negative `count` is at most `max`.
@@ -895,6 +995,68 @@ mod tests {
         &'static [&'static [&'static [u8]]],
         Option<ProtocolError>,
     );
+
+    /// The one-pass path (`complete_plain_multibulk`) takes whole frames only; at each of
+    /// its edges the answer must be the state machine's (byte by byte and at every split,
+    /// the state machine reads the input), whichever side of the edge the input is on.
+    #[test]
+    fn the_one_pass_path_agrees_with_the_state_machine_at_its_edges() {
+        let many: Vec<u8> = {
+            let mut v = b"*12\r\n".to_vec();
+            for i in 0..12 {
+                v.extend_from_slice(format!("$2\r\na{}\r\n", i % 10).as_bytes());
+            }
+            v
+        };
+        let long_len = format!("*1\r\n${}\r\n", "9".repeat(19)).into_bytes();
+        let inputs: Vec<&[u8]> = vec![
+            b"*1\r\n$4\r\nPING\r\n",
+            b"*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n",
+            b"*01\r\n$4\r\nPING\r\n",
+            b"*1\r\n$04\r\nPING\r\n",
+            b"*1\r\n$00\r\n\r\n",
+            b"*+1\r\n$4\r\nPING\r\n",
+            b"*1\r\n$+4\r\nPING\r\n",
+            b"*1\r\n$-1\r\n",
+            b"*-1\r\n*1\r\n$4\r\nPING\r\n",
+            b"*0\r\n*1\r\n$4\r\nPING\r\n",
+            b"*1\n$4\r\nPING\r\n",
+            b"*1\r\r$4\r\nPING\r\n",
+            b"*1\r\n$4\rxPING\r\n",
+            b"*1\r\n$4\r\nPINGxx",
+            b"*1\r\n$4\r\nPING\n\n",
+            b"*1\r\n$0\r\n\r\n",
+            b"*1\r\n$4 \r\nPING\r\n",
+            b"*1\r\n%4\r\nPING\r\n",
+            b"*1\r\n$4\r\nPI\0G\r\n",
+            b"*1\r\n$1\0\r\nP\r\n",
+            b"*2\r\n$4\r\nPING\r\n",
+            b"*11\r\n",
+            b"*10\r\n$1\r\na\r\n",
+            b"*1\r\n$16385\r\n",
+            b"*1\r\n$16384\r\n",
+            b"*1\r\n$12345\r\nab",
+            b"*1\r\n$123456\r\nab",
+            b"*1\r\n$1234567\r\nab",
+            b"*1\r\n$999999999999999999\r\n",
+            &long_len,
+            &many,
+        ];
+        let tiny = RequestLimits {
+            max_inline_len: 5,
+            ..small_limits()
+        };
+        for limits in [
+            RequestLimits::default(),
+            small_limits(),
+            unauth_limits(),
+            tiny,
+        ] {
+            for input in &inputs {
+                run_all_ways(input, limits);
+            }
+        }
+    }
 
     #[test]
     fn table() {
