@@ -9,5 +9,5 @@ pub mod topology;
 
 pub use link::{BackendError, BackendLink, Handshake, LinkAuth, ReadReplyError};
 pub use topology::{
-    BackendState, Bounds, Evidence, Liveness, Role, Standing, Topology, TopologyStore,
+    BackendState, Bounds, Evidence, Liveness, MasterCache, Role, Standing, Topology, TopologyStore,
 };

@@ -582,9 +582,33 @@ impl Topology {
     }
 }
 
+/// A session's copy of the confirmed master and its deadline (`TopologyStore::
+/// master_cached`): refreshed only when a new snapshot was published, so the per-request
+/// check is one plain atomic load and a clock comparison, where loading the snapshot
+/// costs a read-modify-write.
+#[derive(Debug, Clone, Copy)]
+pub struct MasterCache {
+    generation: u64,
+    master: Option<usize>,
+    valid_until: Instant,
+}
+
+impl Default for MasterCache {
+    fn default() -> Self {
+        MasterCache {
+            // Never a published generation: the first check loads the snapshot.
+            generation: u64::MAX,
+            master: None,
+            valid_until: Instant::now(),
+        }
+    }
+}
+
 /// Shared store of the current topology.
 pub struct TopologyStore {
     current: ArcSwap<Topology>,
+    /// `current`'s generation, stored after it (`master_cached`).
+    generation: AtomicU64,
     changed: watch::Sender<u64>,
     /// One per backend: wakes its prober for an immediate probe.
     probe_now: Mutex<Vec<Arc<Notify>>>,
@@ -607,6 +631,7 @@ impl TopologyStore {
         let (changed, _) = watch::channel(0);
         Arc::new(TopologyStore {
             current: ArcSwap::from_pointee(topo),
+            generation: AtomicU64::new(0),
             changed,
             probe_now: Mutex::new((0..n).map(|_| Arc::new(Notify::new())).collect()),
         })
@@ -621,6 +646,20 @@ impl TopologyStore {
     /// reference to the snapshot: the per-request check of the session's path.
     pub fn master_at(&self, now: Instant) -> Option<usize> {
         self.current.load().master_at(now)
+    }
+
+    /// As `master_at`, through the caller's `cache`: the snapshot is loaded only when
+    /// one newer than the cached one was published.
+    pub fn master_cached(&self, cache: &mut MasterCache, now: Instant) -> Option<usize> {
+        if self.generation.load(Ordering::Acquire) != cache.generation {
+            let topo = self.current.load();
+            *cache = MasterCache {
+                generation: topo.generation,
+                master: topo.master.as_ref().ok().copied(),
+                valid_until: topo.valid_until,
+            };
+        }
+        cache.master.filter(|_| now <= cache.valid_until)
     }
 
     /// The command metadata to resolve a name the built-in table lacks: the confirmed
@@ -678,6 +717,9 @@ impl TopologyStore {
             next
         });
         let snapshot = published.unwrap_or_else(|| self.load());
+        // Never moves back: a publisher that lost a race stores the older number first.
+        self.generation
+            .fetch_max(snapshot.generation, Ordering::Release);
         if let Some(old) = previous {
             log_transitions(&old, &snapshot);
         }

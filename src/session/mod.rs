@@ -49,7 +49,7 @@ use tracing::{debug, warn};
 use arc_swap::ArcSwap;
 
 use crate::auth::{Credentials, ProxyAuthAnswer, User};
-use crate::backend::{LinkAuth, TopologyStore};
+use crate::backend::{LinkAuth, MasterCache, TopologyStore};
 use crate::command::{self, AclCategories, CommandSpec, Flags, Lookup, Special};
 use crate::config::{BackendConnections, ReadPolicy};
 use crate::metrics::{self, Hot};
@@ -172,6 +172,21 @@ impl Outgoing {
     }
 }
 
+/// The part of handling a request that waits (see `Session::deferred`).
+#[derive(Debug)]
+enum Deferred {
+    /// Connect to (or move to) the confirmed master, or cluster routing that waits.
+    Send(Outgoing),
+    /// A script-control command for the busy backend (`forward_to_script`).
+    Script { index: usize, req: Request },
+    /// A read for a replica link (`forward_read`).
+    Read {
+        req: Request,
+        deliver: bool,
+        class: usize,
+    },
+}
+
 /// Why a session could not open a backend link.
 #[derive(Debug)]
 struct LinkFailure {
@@ -267,6 +282,10 @@ struct Session {
     /// The user this connection authenticated as (its policy applies).
     user: Option<Arc<User>>,
     parked: Option<Outgoing>,
+    /// A request whose sending has to wait (a link to open first): carried out, awaited,
+    /// before the next request is handled (`run_deferred`). The common path never waits,
+    /// so it runs as plain function calls.
+    deferred: Option<Deferred>,
     /// Parse nothing more until everything sent is answered: an EXEC whose transaction
     /// changes `CLIENT REPLY` is in flight (whether later answers are delivered depends
     /// on its outcome), or, in pass-through under pre-auth bounds, an AUTH (Redis runs it
@@ -276,6 +295,8 @@ struct Session {
     mode_pending: bool,
     /// Bytes of forwarded writes kept for a READONLY retry (`Retained`).
     retained: Arc<AtomicUsize>,
+    /// The confirmed master as last looked up (`TopologyStore::master_cached`).
+    master_cache: MasterCache,
     /// The clock, read once per event (after each wake-up).
     now: Instant,
     /// When the latest client bytes were read: the start of their requests' latency.
@@ -363,6 +384,8 @@ impl Session {
             txn: None,
             watching: false,
             parked: None,
+            deferred: None,
+            master_cache: MasterCache::default(),
             barrier: false,
             mode_pending: false,
             retained: Arc::new(AtomicUsize::new(0)),
@@ -464,7 +487,7 @@ impl Session {
         }
         if self.queue.is_empty() {
             if let Some(p) = self.parked.take() {
-                self.send(p).await;
+                self.send_waiting(p).await;
             }
         }
         self.parse_buffered().await?;
@@ -694,7 +717,10 @@ impl Session {
             match self.parser.parse(&mut self.client_buf) {
                 Ok(Some(req)) => {
                     self.partial_since = None;
-                    self.on_request(req).await?;
+                    self.on_request(req)?;
+                    if self.deferred.is_some() {
+                        self.run_deferred().await;
+                    }
                 }
                 Ok(None) => {
                     release_if_big(&mut self.client_buf);
@@ -739,7 +765,7 @@ impl Session {
         self.push_local(deliver.then_some(reply));
     }
 
-    async fn on_request(&mut self, req: Request) -> Result<(), SessionEnd> {
+    fn on_request(&mut self, req: Request) -> Result<(), SessionEnd> {
         let name = req.arg(0).unwrap_or_default();
         if name.eq_ignore_ascii_case(b"post") || name.eq_ignore_ascii_case(b"host:") {
             metrics::protocol_error("cross_protocol");
@@ -810,13 +836,12 @@ impl Session {
         if self.shared.cluster.is_some() && self.cluster_intercept(spec, &req) {
             return Ok(());
         }
-        self.apply_plan(plan::plan(spec, &req), req, spec, class)
-            .await;
+        self.apply_plan(plan::plan(spec, &req), req, spec, class);
         Ok(())
     }
 
     /// Carry out the plan for an authorized request.
-    async fn apply_plan(&mut self, plan: Plan, req: Request, spec: &CommandSpec, class: usize) {
+    fn apply_plan(&mut self, plan: Plan, req: Request, spec: &CommandSpec, class: usize) {
         self.cmd_shareable = pool::shareable_command(spec);
         self.own_link |= pool::keeps_own_link(spec);
         if !self.state.resp3
@@ -930,14 +955,14 @@ impl Session {
                     self.txn = Some(Transaction::default());
                 }
                 // Nested MULTI: Redis answers an error and queues nothing.
-                return self.forward_plain(forward, class).await;
+                return self.forward_plain(forward, class);
             }
             Plan::Watch => {
                 if !in_multi {
                     self.watching = true;
                 }
                 // WATCH inside MULTI: Redis answers an error and queues nothing.
-                return self.forward_plain(forward, class).await;
+                return self.forward_plain(forward, class);
             }
             Plan::Unwatch => {
                 if !in_multi {
@@ -991,7 +1016,7 @@ impl Session {
                             on_reply: OnReply::Exec(Box::new(exec)),
                             ..Outgoing::plain(forward, deliver)
                         };
-                        self.send(out).await;
+                        self.send(out);
                         return;
                     }
                 }
@@ -1042,11 +1067,16 @@ impl Session {
                 on_reply,
                 ..Outgoing::plain(forward, deliver)
             };
-            self.send(out).await;
+            self.send(out);
             return;
         }
         if let Some(index) = self.running_script_backend(spec) {
-            return self.forward_to_script(index, forward, class).await;
+            self.shared.hot.forwarded[class].increment(1);
+            self.deferred = Some(Deferred::Script {
+                index,
+                req: forward,
+            });
+            return;
         }
         let plain = matches!(on_reply, OnReply::Forward) && self.txn.is_none();
         if plain
@@ -1055,7 +1085,12 @@ impl Session {
             && self.replica_read(spec)
         {
             let deliver = self.mode.next_command();
-            return self.forward_read(forward, deliver, class).await;
+            self.deferred = Some(Deferred::Read {
+                req: forward,
+                deliver,
+                class,
+            });
+            return;
         }
         self.tally.forwarded[class] += 1;
         let deliver = self.mode.next_command();
@@ -1069,14 +1104,28 @@ impl Session {
             bump_write_offset: pool::counts_own_writes(spec) && self.txn.is_none(),
             ..Outgoing::plain(forward, deliver)
         };
-        self.send(out).await
+        self.send(out)
     }
 
     /// Forward a request answered by one frame, deciding its delivery now.
-    async fn forward_plain(&mut self, req: Request, class: usize) {
+    fn forward_plain(&mut self, req: Request, class: usize) {
         self.tally.forwarded[class] += 1;
         let deliver = self.mode.next_command();
-        self.send(Outgoing::plain(req, deliver)).await;
+        self.send(Outgoing::plain(req, deliver));
+    }
+
+    /// Carry out what the request just handled left waiting (`deferred`).
+    async fn run_deferred(&mut self) {
+        match self.deferred.take() {
+            None => {}
+            Some(Deferred::Send(out)) => self.send_slow(out).await,
+            Some(Deferred::Script { index, req }) => self.forward_to_script(index, req).await,
+            Some(Deferred::Read {
+                req,
+                deliver,
+                class,
+            }) => self.forward_read(req, deliver, class).await,
+        }
     }
 
     /// `SCRIPT KILL`, `FUNCTION KILL`, `FUNCTION STATS` while a backend other than the
@@ -1092,8 +1141,7 @@ impl Session {
 
     /// Send a script-control command to the busy backend on a link of its own (the
     /// session's next command moves back to the confirmed master at this safe point).
-    async fn forward_to_script(&mut self, index: usize, req: Request, class: usize) {
-        self.shared.hot.forwarded[class].increment(1);
+    async fn forward_to_script(&mut self, index: usize, req: Request) {
         let deliver = self.mode.next_command();
         self.upstream.master = None;
         match self.open_link(index).await {
@@ -1159,7 +1207,7 @@ impl Session {
             return;
         }
         self.tally.forwarded[class] += 1;
-        self.send(Outgoing::plain(req, deliver)).await;
+        self.send_waiting(Outgoing::plain(req, deliver)).await;
     }
 
     /// AUTH at the proxy, signing in on success. With no users configured, `proxy_auth`.
@@ -1311,25 +1359,65 @@ impl Session {
         self.queue.is_empty() && self.txn.is_none() && !self.watching && !self.state.pinned()
     }
 
-    /// Send a request to the confirmed master (connecting, or moving to a new master
-    /// first, if needed) and queue its answer.
-    async fn send(&mut self, out: Outgoing) {
+    /// Send a request to the confirmed master and queue its answer, when that needs no
+    /// wait; otherwise it becomes `deferred` (connecting, or moving to a new master).
+    fn send(&mut self, out: Outgoing) {
+        if let Err(out) = self.send_now(out) {
+            self.deferred = Some(Deferred::Send(out));
+        }
+    }
+
+    /// `send`, waiting for what it needs.
+    async fn send_waiting(&mut self, out: Outgoing) {
+        if let Err(out) = self.send_now(out) {
+            self.send_slow(out).await;
+        }
+    }
+
+    /// What `send_now` returned: the paths that may wait.
+    async fn send_slow(&mut self, out: Outgoing) {
         if self.shared.cluster.is_some() {
-            // Boxed only off the common path: the future is big, and per request.
-            if let Err(out) = self.cluster_send_now(out) {
-                Box::pin(self.cluster_send(out)).await;
-            }
-            return;
+            // Boxed only off the common path: the future is big.
+            Box::pin(self.cluster_send(out)).await;
+        } else {
+            self.send_dedicated(out).await;
+        }
+    }
+
+    /// The paths of `send` that need no wait: the shared connection, parking, the
+    /// session's link to the master it is already on. `Err`: the request is returned for
+    /// `send_dedicated` (or, in cluster mode, `cluster_send`).
+    fn send_now(&mut self, out: Outgoing) -> Result<(), Outgoing> {
+        if self.shared.cluster.is_some() {
+            return self.cluster_send_now(out);
         }
         match self.shared_route(&out) {
-            pool::Route::Shared => return self.push_to(LinkId::Shared, out),
+            pool::Route::Shared => {
+                self.push_to(LinkId::Shared, out);
+                return Ok(());
+            }
             pool::Route::Wait => {
                 // Switching paths: what is in flight on the other one is answered first.
                 self.parked = Some(out);
-                return;
+                return Ok(());
             }
             pool::Route::Dedicated => {}
         }
+        let current = self.upstream.master.as_ref().map(|l| l.index);
+        let master = self.shared.topology.master_cached(
+            &mut self.master_cache,
+            tokio::time::Instant::from_std(self.now),
+        );
+        if current.is_some() && current == master {
+            self.push_to(LinkId::Master, out);
+            return Ok(());
+        }
+        Err(out)
+    }
+
+    /// The dedicated path of `send` when the session's link is not (or no longer) the
+    /// confirmed master's: wait for the in-flight answers, or connect.
+    async fn send_dedicated(&mut self, out: Outgoing) {
         let deliver = out.deliver;
         let master = self
             .shared
@@ -2014,7 +2102,8 @@ impl Session {
             return not_shared;
         }
         let now = tokio::time::Instant::from_std(self.now);
-        let Some(index) = self.shared.topology.master_at(now) else {
+        let topology = &self.shared.topology;
+        let Some(index) = topology.master_cached(&mut self.master_cache, now) else {
             // No confirmed master now: the dedicated path waits for one.
             return not_shared;
         };
