@@ -996,6 +996,25 @@ mod tests {
         Option<ProtocolError>,
     );
 
+    /// The short loop and `memchr` find the same byte on both sides of `SHORT_LINE`.
+    #[test]
+    fn line_end_search_agrees_with_memchr_at_every_length() {
+        for len in 0..3 * SHORT_LINE {
+            for (at, byte) in (0..=len).flat_map(|at| [(at, b'\r'), (at, 0)]) {
+                let mut hay = vec![b'x'; len];
+                if at < len {
+                    hay[at] = byte;
+                }
+                let expected = memchr::memchr2(b'\r', 0, &hay);
+                assert_eq!(
+                    find_needle_or_nul(b'\r', &hay),
+                    expected,
+                    "len {len}, {byte} at {at}"
+                );
+            }
+        }
+    }
+
     /// The one-pass path (`complete_plain_multibulk`) takes whole frames only; at each of
     /// its edges the answer must be the state machine's (byte by byte and at every split,
     /// the state machine reads the input), whichever side of the edge the input is on.

@@ -114,6 +114,10 @@ pub(super) enum Delivery {
 /// their own chunk, never copied.
 const GATHER_MAX: usize = 2048;
 
+/// Most reply slots reserved at once for one session's run of frames (a run of more
+/// grows as usual).
+const MAX_GROUP_RESERVE: usize = 1024;
+
 /// Requests a session may have in flight on a shared connection before its first reply
 /// tells how big its replies are (`SharedLink::has_room`).
 const FIRST_WINDOW: usize = 32;
@@ -789,6 +793,10 @@ impl ConnIo {
                 self.deliver(&mut group);
                 return Err("the backend sent a reply nobody asked for".into());
             };
+            if group.is_empty() && front.remaining > 1 {
+                // Sized once for the session's run of frames (moved out on delivery).
+                group.reserve_exact((front.remaining as usize).min(MAX_GROUP_RESERVE));
+            }
             group.push(reply);
             front.remaining = front.remaining.saturating_sub(1);
             if front.remaining == 0 {
