@@ -35,6 +35,7 @@ mod scripts;
 mod state;
 mod upstream;
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -433,7 +434,11 @@ impl Session {
     ) -> Result<Never, SessionEnd> {
         // One wait on the token for the whole session: a new `cancelled()` per wake-up
         // would join and leave the token's waiter list (a lock each) every time.
-        let mut shutdown = std::pin::pin!(shutdown.cancelled());
+        let mut shutdown = ShutdownWait {
+            token: shutdown,
+            cancelled: std::pin::pin!(shutdown.cancelled()),
+            registered: false,
+        };
         loop {
             self.flush(client).map_err(SessionEnd::ClientIo)?;
             self.progress(client).await?;
@@ -446,7 +451,7 @@ impl Session {
             if let Some(end) = self.finished(client) {
                 return Err(end);
             }
-            let event = self.wait(client, shutdown.as_mut()).await?;
+            let event = self.wait(client, &mut shutdown).await?;
             self.now = Instant::now();
             match event {
                 Event::ClientReadable => self.read_client(client)?,
@@ -575,7 +580,7 @@ impl Session {
     async fn wait(
         &mut self,
         client: &Stream,
-        shutdown: std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+        shutdown: &mut ShutdownWait<'_, impl Future<Output = ()>>,
     ) -> Result<Event, SessionEnd> {
         let limits = &self.rt.config.limits;
         let idle = limits.idle_timeout;
@@ -633,10 +638,12 @@ impl Session {
             _ = upstream::writable(master), if master_out => Event::Writable,
             _ = upstream::writable(replica), if replica_out => Event::Writable,
             _ = upstream::node_writable(nodes), if nodes_out => Event::Writable,
-            _ = tokio::time::sleep(idle), if !idle.is_zero() => Event::Idle,
+            // `select!` builds every branch's future, enabled or not: `idle_sleep` builds
+            // its timer only when polled.
+            _ = idle_sleep(idle), if !idle.is_zero() => Event::Idle,
             _ = frame_sleep(frame_deadline), if frame_deadline.is_some() => Event::FrameTimeout,
             // Once draining, the token stays cancelled: polling it again would spin.
-            _ = shutdown, if !draining => Event::Shutdown,
+            _ = std::future::poll_fn(|cx| shutdown.poll(cx)), if !draining => Event::Shutdown,
         })
     }
 
@@ -2221,6 +2228,33 @@ impl Session {
             "would refuse unknown command (shadow mode: forwarded, protection NOT enforced)");
         true
     }
+}
+
+/// The server's shutdown signal as a session waits for it. The token's waiter is
+/// registered at the first poll and polled again only once the token is cancelled:
+/// polling a registered waiter takes the token's lock, which every wake-up would pay
+/// otherwise. The waker it holds stays right: it is the session task's own, the same at
+/// every poll.
+struct ShutdownWait<'a, F> {
+    token: &'a CancellationToken,
+    cancelled: std::pin::Pin<&'a mut F>,
+    registered: bool,
+}
+
+impl<F: Future<Output = ()>> ShutdownWait<'_, F> {
+    fn poll(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.registered && !self.token.is_cancelled() {
+            return std::task::Poll::Pending;
+        }
+        self.registered = true;
+        self.cancelled.as_mut().poll(cx)
+    }
+}
+
+/// The idle timer, created when first polled (not for every wake-up of a session that
+/// has none).
+async fn idle_sleep(idle: std::time::Duration) {
+    tokio::time::sleep(idle).await
 }
 
 async fn frame_sleep(deadline: Option<tokio::time::Instant>) {

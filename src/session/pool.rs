@@ -176,7 +176,11 @@ impl Mailbox {
 /// Requests one session read in one wake-up.
 #[derive(Debug)]
 struct Batch {
+    /// Chunks before `last`: big frames and what was gathered before each (usually none,
+    /// so no allocation per batch).
     parts: Vec<Bytes>,
+    /// The frames gathered after the last big one (all of them, usually).
+    last: Bytes,
     len: usize,
     count: u32,
     mailbox: Arc<Mailbox>,
@@ -401,13 +405,11 @@ impl SharedLink {
         if self.count == 0 {
             return;
         }
-        if !self.small.is_empty() {
-            self.parts.push(self.small.split().freeze());
-        }
         let len = std::mem::take(&mut self.len);
         self.mailbox.unwritten.fetch_add(len, Ordering::Relaxed);
         let batch = Batch {
             parts: std::mem::take(&mut self.parts),
+            last: self.small.split().freeze(),
             len,
             count: std::mem::take(&mut self.count),
             mailbox: self.mailbox.clone(),
@@ -691,6 +693,9 @@ impl ConnIo {
         }
         for part in b.parts {
             self.out.push_chunk(part);
+        }
+        if !b.last.is_empty() {
+            self.out.push_chunk(b.last);
         }
         self.writes.push_back(Unwritten {
             mailbox: b.mailbox.clone(),
