@@ -1745,6 +1745,22 @@ impl Session {
 
     /// Match one backend reply; `false` when nothing was waiting for it.
     fn on_reply(&mut self, reply: Reply, id: LinkId) -> bool {
+        // The common case first: an answer (not an error, not out of band) to the oldest
+        // request, a plain forward. What the general path below would do for it, with
+        // none of its checks.
+        let plain = !reply.is_error()
+            && (self.shared.cluster.is_none() || self.state.shard_channels.is_empty())
+            && !self.out_of_band(&reply);
+        if plain {
+            if let Some(a) = self.queue.pop_plain_front(id) {
+                if a.deliver {
+                    self.to_client.push(reply.into_frame());
+                }
+                self.record_latency(a.sent);
+                self.queue.drain(&mut self.to_client);
+                return true;
+            }
+        }
         let index = self.queue.first_on(id);
         let waiting = index.and_then(|i| self.queue.awaiting(i));
         let confirmation = match waiting.map(|a| &a.on_reply) {

@@ -394,6 +394,25 @@ impl ReplyQueue {
         }
     }
 
+    /// The front entry, taken out, when it is a plain forwarded request on `link` that
+    /// one frame answers (`OnReply::Forward`, nothing accumulated): the common case of
+    /// `Session::on_reply`, which then writes the answer and drains what follows it.
+    pub(super) fn pop_plain_front(&mut self, link: LinkId) -> Option<Awaiting> {
+        match self.entries.front() {
+            Some(Entry::Upstream(a))
+                if a.link == link
+                    && a.remaining == 1
+                    && a.acc.is_empty()
+                    && matches!(a.on_reply, OnReply::Forward) => {}
+            _ => return None,
+        }
+        let Some(Entry::Upstream(a)) = self.entries.pop_front() else {
+            return None;
+        };
+        self.count_down(link);
+        Some(a)
+    }
+
     /// Replace the entry at `index` (an answer arrived); returns the old entry.
     pub(super) fn complete(&mut self, index: usize, answer: Option<Bytes>) -> Option<Entry> {
         let entry = self.entries.get_mut(index)?;
