@@ -607,7 +607,8 @@ impl Default for MasterCache {
 /// Shared store of the current topology.
 pub struct TopologyStore {
     current: ArcSwap<Topology>,
-    /// `current`'s generation, stored after it (`master_cached`).
+    /// The newest generation published or being published, stored before its snapshot
+    /// (`master_cached`).
     generation: AtomicU64,
     changed: watch::Sender<u64>,
     /// One per backend: wakes its prober for an immediate probe.
@@ -651,7 +652,7 @@ impl TopologyStore {
     /// As `master_at`, through the caller's `cache`: the snapshot is loaded only when
     /// one newer than the cached one was published.
     pub fn master_cached(&self, cache: &mut MasterCache, now: Instant) -> Option<usize> {
-        if self.generation.load(Ordering::Acquire) != cache.generation {
+        if self.generation.load(Ordering::SeqCst) != cache.generation {
             let topo = self.current.load();
             *cache = MasterCache {
                 generation: topo.generation,
@@ -711,15 +712,17 @@ impl TopologyStore {
                 Err(_) => now,
             };
             next.generation = old.generation + 1;
+            // Announced before the snapshot is visible: a session whose cache is older
+            // reloads from now on, so none goes on with the old master once a session
+            // can see the new one. (A number announced by an attempt that loses the race
+            // only makes caches reload until the winner is visible; never moves back.)
+            self.generation.fetch_max(next.generation, Ordering::SeqCst);
             let next = Arc::new(next);
             published = Some(next.clone());
             previous = Some(Arc::clone(old));
             next
         });
         let snapshot = published.unwrap_or_else(|| self.load());
-        // Never moves back: a publisher that lost a race stores the older number first.
-        self.generation
-            .fetch_max(snapshot.generation, Ordering::Release);
         if let Some(old) = previous {
             log_transitions(&old, &snapshot);
         }
@@ -1108,6 +1111,42 @@ mod tests {
         assert_eq!(
             confirm(&[frozen, other], now, BOUNDS),
             Err(NoMaster::SplitBrain(vec![0, 1]))
+        );
+    }
+
+    /// A session's cached master follows every publication at its next check: a
+    /// demotion, a new master, and the deadline of the confirmation itself.
+    #[tokio::test]
+    async fn the_cached_master_follows_each_publication() {
+        let store = TopologyStore::new(
+            vec![
+                BackendState::new("a", "127.0.0.1:1"),
+                BackendState::new("b", "127.0.0.1:2"),
+            ],
+            STALE,
+        );
+        let mut cache = MasterCache::default();
+        let now = Instant::now;
+        assert_eq!(store.master_cached(&mut cache, now()), None);
+        let confirm = |i: usize| {
+            store.update(i, |b| {
+                b.role = Some(Role::Master);
+                b.probed_at = Some(Instant::now());
+                b.alive_at = b.probed_at;
+            })
+        };
+        confirm(0);
+        assert_eq!(store.master_cached(&mut cache, now()), Some(0));
+        assert_eq!(store.master_cached(&mut cache, now()), Some(0));
+        store.report_readonly(0);
+        assert_eq!(store.master_cached(&mut cache, now()), None);
+        confirm(1);
+        assert_eq!(store.master_cached(&mut cache, now()), Some(1));
+        let until = store.load().valid_until;
+        assert_eq!(store.master_cached(&mut cache, until), Some(1));
+        assert_eq!(
+            store.master_cached(&mut cache, until + Duration::from_millis(1)),
+            None
         );
     }
 

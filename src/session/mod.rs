@@ -2248,9 +2248,9 @@ impl Session {
 
 /// The server's shutdown signal as a session waits for it. The token's waiter is
 /// registered at the first poll and polled again only once the token is cancelled:
-/// polling a registered waiter takes the token's lock, which every wake-up would pay
-/// otherwise. The waker it holds stays right: it is the session task's own, the same at
-/// every poll.
+/// polling the registered waiter takes the token's lock twice (its `is_cancelled` check,
+/// then the waiter's waker update), `is_cancelled` alone once. The waker it holds stays
+/// right: it is the session task's own, the same at every poll.
 struct ShutdownWait<'a, F> {
     token: &'a CancellationToken,
     cancelled: std::pin::Pin<&'a mut F>,
