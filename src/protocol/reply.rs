@@ -174,20 +174,6 @@ pub struct ReplyScanner {
     value_start: usize,
 }
 
-/// Bytes `find_cr_or_lf` checks one by one before handing the rest to `memchr`.
-const SHORT_LINE: usize = 16;
-
-/// First `\r` or `\n` in `hay`. Most reply lines (`+OK`, `$5`, `:1`) are a few bytes,
-/// found by a plain loop sooner than `memchr`'s setup would; longer ones go on with it.
-fn find_cr_or_lf(hay: &[u8]) -> Option<usize> {
-    let short = hay.get(..SHORT_LINE).unwrap_or(hay);
-    if let Some(offset) = short.iter().position(|&b| b == b'\r' || b == b'\n') {
-        return Some(offset);
-    }
-    let rest = hay.get(short.len()..)?;
-    memchr::memchr2(b'\r', b'\n', rest).map(|offset| offset + short.len())
-}
-
 impl ReplyScanner {
     /// A scanner with the given limits and empty state.
     pub fn new(limits: ReplyLimits) -> Self {
@@ -394,7 +380,7 @@ impl ReplyScanner {
                 Err(ReplyError::LineTooLong { limit: max_line })
             }
         };
-        match find_cr_or_lf(hay) {
+        match super::find_either(b'\r', b'\n', hay) {
             Some(off) => {
                 let cr = search + off;
                 too_long(cr)?;
@@ -733,21 +719,6 @@ fn skip_values(b: &[u8], pos: &mut usize, mut n: u64) -> Option<()> {
 mod tests {
     use super::*;
     use ReplyKind::*;
-
-    /// The short loop and `memchr` find the same byte on both sides of `SHORT_LINE`.
-    #[test]
-    fn line_end_search_agrees_with_memchr_at_every_length() {
-        for len in 0..3 * SHORT_LINE {
-            for (at, byte) in (0..=len).flat_map(|at| [(at, b'\r'), (at, b'\n')]) {
-                let mut hay = vec![b'x'; len];
-                if at < len {
-                    hay[at] = byte;
-                }
-                let expected = memchr::memchr2(b'\r', b'\n', &hay);
-                assert_eq!(find_cr_or_lf(&hay), expected, "len {len}, {byte} at {at}");
-            }
-        }
-    }
 
     #[test]
     fn tree_decodes_nested_replies() {

@@ -625,7 +625,7 @@ impl RequestParser {
                 .min(self.pos.saturating_add(limit).saturating_add(1));
             let from = self.scan.max(self.pos);
             if let Some(window) = buf.get(from..window_end) {
-                match find_needle_or_nul(needle, window) {
+                match super::find_either(needle, 0, window) {
                     Some(offset) => {
                         let at = from + offset;
                         if window.get(offset) == Some(&needle) {
@@ -680,21 +680,6 @@ impl RequestParser {
         buf.advance(end);
         request
     }
-}
-
-/// Bytes `find_needle_or_nul` checks one by one before handing the rest to `memchr`.
-const SHORT_LINE: usize = 16;
-
-/// First `needle` or NUL byte in `window`. Header lines (`*3`, `$5`) are a few bytes, so a
-/// plain loop over the first `SHORT_LINE` bytes finds their end sooner than `memchr`'s
-/// setup would; longer lines (inline commands) go on with `memchr`.
-fn find_needle_or_nul(needle: u8, window: &[u8]) -> Option<usize> {
-    let short = window.get(..SHORT_LINE).unwrap_or(window);
-    if let Some(offset) = short.iter().position(|&b| b == needle || b == 0) {
-        return Some(offset);
-    }
-    let rest = window.get(short.len()..)?;
-    memchr::memchr2(needle, 0, rest).map(|offset| offset + short.len())
 }
 
 /// A header line at `at` (`*` or `$`, then digits, then `\r\n`) whose number is `0` or
@@ -995,25 +980,6 @@ mod tests {
         &'static [&'static [&'static [u8]]],
         Option<ProtocolError>,
     );
-
-    /// The short loop and `memchr` find the same byte on both sides of `SHORT_LINE`.
-    #[test]
-    fn line_end_search_agrees_with_memchr_at_every_length() {
-        for len in 0..3 * SHORT_LINE {
-            for (at, byte) in (0..=len).flat_map(|at| [(at, b'\r'), (at, 0)]) {
-                let mut hay = vec![b'x'; len];
-                if at < len {
-                    hay[at] = byte;
-                }
-                let expected = memchr::memchr2(b'\r', 0, &hay);
-                assert_eq!(
-                    find_needle_or_nul(b'\r', &hay),
-                    expected,
-                    "len {len}, {byte} at {at}"
-                );
-            }
-        }
-    }
 
     /// The one-pass path (`complete_plain_multibulk`) takes whole frames only; at each of
     /// its edges the answer must be the state machine's (byte by byte and at every split,
