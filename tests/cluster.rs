@@ -601,12 +601,7 @@ async fn master_killed_under_load_writes_resume_on_the_promoted_replica() {
             .map(str::to_string)
             .expect("the victim's replica")
     };
-    let pos = cluster
-        .nodes
-        .iter()
-        .position(|n| n.addr() == victim)
-        .unwrap();
-    cluster.nodes[pos].kill();
+    cluster.node_mut(&victim).expect("the node").kill();
     wait_role_master(&replica_of_victim, "the replica took over").await;
     more_writes(&acked, "writes after the failover").await;
     let (errors, _) = load.finish().await;
@@ -1370,12 +1365,7 @@ async fn requests_never_written_to_a_killed_master_run_on_its_successor() {
             b"+OK\r\n"
         );
     }
-    let pos = cluster
-        .nodes
-        .iter()
-        .position(|n| n.addr() == victim)
-        .unwrap();
-    support::signal(cluster.nodes[pos].pid(), "STOP");
+    support::signal(cluster.node(&victim).expect("the node").pid(), "STOP");
     const N: usize = 64;
     let value = vec![b'v'; 512 << 10];
     let mut pipeline = Vec::with_capacity(N * (value.len() + 64));
@@ -1384,7 +1374,7 @@ async fn requests_never_written_to_a_killed_master_run_on_its_successor() {
         pipeline.extend_from_slice(&resp(&[b"SET", key.as_bytes(), &value]));
     }
     c.send(&pipeline).await;
-    cluster.nodes[pos].kill();
+    cluster.node_mut(&victim).expect("the node").kill();
     assert_eq!(
         info(&successor, &["CLUSTER", "FAILOVER", "TAKEOVER"]).await,
         "OK"
@@ -1758,6 +1748,41 @@ async fn other_master(cluster: &RedisCluster, not: &str) -> String {
     panic!("no master other than {not}");
 }
 
+/// The start of the subscription tests: the owner of `orders{7}`'s slot and its replica,
+/// reference subscribers (RESP2 `c2`, RESP3 `c3`) to `news` and `new*` on another
+/// master, and subscribers through the proxy (`a2`, `a3`, `proxy_subscriber`) whose
+/// subscriptions are all on the owner once this returns.
+struct Subscribers {
+    owner: String,
+    replica: String,
+    c2: Conn,
+    c3: Conn,
+    a2: Conn,
+    a3: Conn,
+}
+
+async fn subscribers(cluster: &RedisCluster, addr: &str) -> Subscribers {
+    let slot = portcullis::cluster::key_hash_slot(b"orders{7}");
+    let owner = cluster.master_of(slot).await;
+    let replica = replica_of(cluster, &owner).await;
+    let healthy = other_master(cluster, &owner).await;
+    let channel_args: &[&[&str]] = &[&["SUBSCRIBE", "news"], &["PSUBSCRIBE", "new*"]];
+    let c2 = direct_subscriber(&healthy, false, channel_args).await;
+    let c3 = direct_subscriber(&healthy, true, channel_args).await;
+    let a2 = proxy_subscriber(addr, false).await;
+    let a3 = proxy_subscriber(addr, true).await;
+    wait_subscriptions(cluster, &[], (4, 4, 2)).await;
+    assert_held(&owner, (2, 2, 2)).await;
+    Subscribers {
+        owner,
+        replica,
+        c2,
+        c3,
+        a2,
+        a3,
+    }
+}
+
 /// Subscriptions follow failovers, hidden: subscribers through the proxy (SUBSCRIBE,
 /// PSUBSCRIBE, SSUBSCRIBE; RESP2 and RESP3) keep receiving what is published after
 /// (1) `CLUSTER FAILOVER` of their shard channel's slot (Redis unsubscribes shard
@@ -1770,18 +1795,14 @@ async fn subscriptions_survive_failover_and_node_loss() {
     let mut cluster = RedisCluster::start(3, 1).await;
     let p = proxy(&cluster).await;
     let addr = p.addr.to_string();
-    let slot = portcullis::cluster::key_hash_slot(b"orders{7}");
-    let first = cluster.master_of(slot).await;
-    let second = replica_of(&cluster, &first).await;
-    let healthy = other_master(&cluster, &first).await;
-    let channel_args: &[&[&str]] = &[&["SUBSCRIBE", "news"], &["PSUBSCRIBE", "new*"]];
-    let mut c2 = direct_subscriber(&healthy, false, channel_args).await;
-    let mut c3 = direct_subscriber(&healthy, true, channel_args).await;
-    let mut a2 = proxy_subscriber(&addr, false).await;
-    let mut a3 = proxy_subscriber(&addr, true).await;
-    // All of the proxy subscribers' subscriptions are on the slot's owner.
-    wait_subscriptions(&cluster, &[], (4, 4, 2)).await;
-    assert_held(&first, (2, 2, 2)).await;
+    let Subscribers {
+        owner: first,
+        replica: second,
+        mut c2,
+        mut c3,
+        mut a2,
+        mut a3,
+    } = subscribers(&cluster, &addr).await;
 
     // (1) CLUSTER FAILOVER: `first` becomes a replica; it still gets every PUBLISH (the
     // cluster bus reaches every node), but it unsubscribes its shard subscribers.
@@ -1815,12 +1836,7 @@ async fn subscriptions_survive_failover_and_node_loss() {
     let mut b3 = proxy_subscriber(&addr, true).await;
     wait_subscriptions(&cluster, &[], (6, 6, 4)).await;
     assert_held(&second, (2, 2, 4)).await;
-    let pos = cluster
-        .nodes
-        .iter()
-        .position(|n| n.addr() == second)
-        .expect("the node");
-    cluster.nodes[pos].kill();
+    cluster.node_mut(&second).expect("the node").kill();
     wait_role_master(&first, "the old master took over again").await;
     let dead = [second.clone()];
     wait_subscriptions(&cluster, &dead, (6, 6, 4)).await;
@@ -1849,23 +1865,15 @@ async fn subscriptions_are_made_again_after_their_node_is_killed() {
     let mut cluster = RedisCluster::start(3, 1).await;
     let p = proxy(&cluster).await;
     let addr = p.addr.to_string();
-    let slot = portcullis::cluster::key_hash_slot(b"orders{7}");
-    let victim = cluster.master_of(slot).await;
-    let successor = replica_of(&cluster, &victim).await;
-    let healthy = other_master(&cluster, &victim).await;
-    let channel_args: &[&[&str]] = &[&["SUBSCRIBE", "news"], &["PSUBSCRIBE", "new*"]];
-    let mut c2 = direct_subscriber(&healthy, false, channel_args).await;
-    let mut c3 = direct_subscriber(&healthy, true, channel_args).await;
-    let mut a2 = proxy_subscriber(&addr, false).await;
-    let mut a3 = proxy_subscriber(&addr, true).await;
-    wait_subscriptions(&cluster, &[], (4, 4, 2)).await;
-    assert_held(&victim, (2, 2, 2)).await;
-    let pos = cluster
-        .nodes
-        .iter()
-        .position(|n| n.addr() == victim)
-        .expect("the node");
-    cluster.nodes[pos].kill();
+    let Subscribers {
+        owner: victim,
+        replica: successor,
+        mut c2,
+        mut c3,
+        mut a2,
+        mut a3,
+    } = subscribers(&cluster, &addr).await;
+    cluster.node_mut(&victim).expect("the node").kill();
     wait_role_master(&successor, "the replica took over").await;
     wait_subscriptions(&cluster, std::slice::from_ref(&victim), (4, 4, 2)).await;
     let shard_args: &[&[&str]] = &[&["SSUBSCRIBE", "orders{7}"]];
@@ -1897,13 +1905,8 @@ async fn a_shard_subscriber_is_closed_when_no_master_takes_over_in_time() {
         sub.call(&["SSUBSCRIBE", "orders{7}"]).await,
         b"*3\r\n$10\r\nssubscribe\r\n$9\r\norders{7}\r\n:1\r\n"
     );
-    let pos = cluster
-        .nodes
-        .iter()
-        .position(|n| n.addr() == victim)
-        .expect("the node");
     let killed = tokio::time::Instant::now();
-    cluster.nodes[pos].kill();
+    cluster.node_mut(&victim).expect("the node").kill();
     assert_eq!(sub.reply().await, None, "closed, nothing sent first");
     assert!(killed.elapsed() >= wait, "{:?}", killed.elapsed());
 }

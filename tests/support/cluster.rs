@@ -158,6 +158,11 @@ impl RedisCluster {
         self.nodes.iter().find(|n| n.addr() == addr)
     }
 
+    /// The node at `addr`, to stop or signal it.
+    pub fn node_mut(&mut self, addr: &str) -> Option<&mut RedisServer> {
+        self.nodes.iter_mut().find(|n| n.addr() == addr)
+    }
+
     /// The address of the master serving `slot`, read from a node's `CLUSTER SHARDS`
     /// view via `CLUSTER NODES` (`<id> <ip:port@bus> <flags> ... <slots>`).
     pub async fn master_of(&self, slot: u16) -> String {
