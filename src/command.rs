@@ -546,12 +546,65 @@ fn top_index() -> &'static NameIndex {
     })
 }
 
-/// The hot-path lookup of a request's command name: fold case into a stack buffer, then
-/// one hash probe (the binary search below folds case at every comparison).
+/// The hot-path lookup of a request's command name. Names up to `SHORT_NAME` bytes (every
+/// common command) are folded into one integer and found by one integer-keyed probe;
+/// longer ones are folded into a stack buffer and found by name.
 fn find_top(name: &[u8]) -> Option<&'static CommandSpec> {
+    if let Some(key) = short_key(name) {
+        return short_index().get(&key).copied();
+    }
     let mut buf = [0u8; MAX_NAME];
     let folded = fold_case(name, &mut buf)?;
     top_index().get(folded).copied()
+}
+
+/// Longest name `short_key` packs (its length goes in the sixteenth byte).
+const SHORT_NAME: usize = 15;
+
+/// `name` lowercased into the low bytes of a `u128`, its length in the top byte (so
+/// `"get"` and `"get\0"` differ); `None` past `SHORT_NAME` bytes.
+fn short_key(name: &[u8]) -> Option<u128> {
+    if name.len() > SHORT_NAME {
+        return None;
+    }
+    let mut key = (name.len() as u128) << 120;
+    for (i, b) in name.iter().enumerate() {
+        key |= u128::from(b.to_ascii_lowercase()) << (8 * i);
+    }
+    Some(key)
+}
+
+/// Multiplicative hashing of a `short_key` (the key set is fixed: no DoS concern).
+#[derive(Default)]
+struct ShortKeyHasher(u64);
+
+impl std::hash::Hasher for ShortKeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u128(&mut self, key: u128) {
+        let folded = (key as u64) ^ ((key >> 64) as u64).rotate_left(29);
+        self.0 = folded.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type ShortIndex =
+    HashMap<u128, &'static CommandSpec, std::hash::BuildHasherDefault<ShortKeyHasher>>;
+
+/// Top-level commands with short names, by `short_key`, built on first use.
+fn short_index() -> &'static ShortIndex {
+    static INDEX: OnceLock<ShortIndex> = OnceLock::new();
+    INDEX.get_or_init(|| {
+        table::COMMANDS
+            .iter()
+            .filter_map(|spec| Some((short_key(spec.name.as_bytes())?, spec)))
+            .collect()
+    })
 }
 
 /// `name` in lowercase, folded into `buf` (no allocation: this runs per request); `None`
@@ -614,7 +667,19 @@ mod tests {
                 assert_eq!(found, find(table::COMMANDS, name, 0).map(|s| s.name));
             }
         }
-        for miss in [&b""[..], b"ge", b"gett", b"get\0", &[b'a'; MAX_NAME + 1]] {
+        let long = [b'a'; SHORT_NAME + 1];
+        let short_nul = *b"hincrby\0";
+        for miss in [
+            &b""[..],
+            b"ge",
+            b"gett",
+            b"get\0",
+            b"\0get",
+            &short_nul,
+            b"hincrby\x07",
+            &long,
+            &[b'a'; MAX_NAME + 1],
+        ] {
             assert!(find_top(miss).is_none(), "{miss:?}");
         }
     }

@@ -177,6 +177,7 @@ impl Spans {
         }
     }
 
+    #[inline]
     fn push(&mut self, span: Span) {
         match self {
             Spans::Small { len, items } => {
@@ -185,15 +186,26 @@ impl Spans {
                     *slot = packed;
                     *len += 1;
                 } else {
-                    // Grows with arrived elements only, never from the declared count.
-                    let mut spilled = Vec::with_capacity(INLINE_SPANS * 2);
-                    spilled.extend(items.iter().take(usize::from(*len)).map(|p| p.unpack()));
-                    spilled.push(span);
-                    *self = Spans::Large(spilled);
+                    self.spill(span);
                 }
             }
             Spans::Large(vec) => vec.push(span),
         }
+    }
+
+    /// Move the inline spans to a vector and add `span` (more arguments than fit
+    /// inline, or offsets past what a packed span holds): out of the inlined path.
+    #[cold]
+    #[inline(never)]
+    fn spill(&mut self, span: Span) {
+        let Spans::Small { len, items } = self else {
+            return;
+        };
+        // Grows with arrived elements only, never from the declared count.
+        let mut spilled = Vec::with_capacity(INLINE_SPANS * 2);
+        spilled.extend(items.iter().take(usize::from(*len)).map(|p| p.unpack()));
+        spilled.push(span);
+        *self = Spans::Large(spilled);
     }
 
     /// Empty again (the inline slots are not rewritten: `len` bounds what is read).

@@ -706,7 +706,7 @@ impl Session {
             self.cl.multi_pending = false;
             self.cl.txn_slot = None;
             let reply = match &out.on_reply {
-                OnReply::Replace(r) => r.clone(),
+                OnReply::Replace(r) => Bytes::from_static(r),
                 _ if name == b"exec" => Bytes::from_static(b"*0\r\n"),
                 _ => Bytes::from_static(texts::OK),
             };

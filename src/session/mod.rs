@@ -330,19 +330,22 @@ struct Session {
 struct Tally {
     /// Forwarded commands by class (`metrics::CLASSES`).
     forwarded: [u64; 3],
-    /// The longest request latency answered in this wake-up (one histogram sample).
-    latency: Option<std::time::Duration>,
+    /// When the oldest request answered in this wake-up was read: its latency, up to
+    /// `Session::replies_at`, is the wake-up's one histogram sample (the longest one;
+    /// one subtraction per wake-up instead of one per reply).
+    oldest_answered: Option<Instant>,
 }
 
 impl Tally {
-    fn record(&mut self, hot: &Hot) {
+    fn record(&mut self, hot: &Hot, replies_at: Instant) {
         for (class, n) in self.forwarded.iter_mut().enumerate() {
             if *n > 0 {
                 hot.forwarded[class].increment(std::mem::take(n));
             }
         }
-        if let Some(latency) = self.latency.take() {
-            hot.request_duration.record(latency);
+        if let Some(sent) = self.oldest_answered.take() {
+            hot.request_duration
+                .record(replies_at.saturating_duration_since(sent));
         }
     }
 }
@@ -669,7 +672,7 @@ impl Session {
     /// Write what every socket takes now. Errors on the backend side are handled as a
     /// lost backend; only client errors are returned.
     fn flush(&mut self, client: &mut Stream) -> io::Result<()> {
-        self.tally.record(&self.shared.hot);
+        self.tally.record(&self.shared.hot, self.replies_at);
         if let Some(shared) = &mut self.upstream.shared {
             shared.flush();
         }
@@ -984,15 +987,11 @@ impl Session {
                         // all checks every queued command's keys at EXEC (before any
                         // queuing error) and discards: so does the proxy, on the node.
                         forward = Request::from_args(&[b"DISCARD"]);
-                        on_reply = OnReply::Replace(Bytes::from_static(texts::CROSSSLOT));
+                        on_reply = OnReply::Replace(texts::CROSSSLOT);
                     } else if txn.dirty {
                         // Redis never saw the refused command: discard what it queued
                         // and answer as Redis does for commands refused while queuing.
-                        let reply = if is_exec {
-                            Bytes::from_static(texts::EXECABORT)
-                        } else {
-                            Bytes::from_static(texts::OK)
-                        };
+                        let reply = if is_exec { texts::EXECABORT } else { texts::OK };
                         forward = Request::from_args(&[b"DISCARD"]);
                         on_reply = OnReply::Replace(reply);
                     } else if is_exec && txn.needs_plan() {
@@ -1900,7 +1899,7 @@ impl Session {
                 }
             },
             OnReply::Replace(local) => {
-                out = local.clone();
+                out = Bytes::from_static(local);
                 a.remaining = a.remaining.saturating_sub(1);
                 a.remaining == 0
             }
@@ -1954,9 +1953,8 @@ impl Session {
 
     /// One sample per wake-up: the oldest request it answered.
     fn record_latency(&mut self, sent: Instant) {
-        let latency = self.replies_at.saturating_duration_since(sent);
-        if self.tally.latency.map_or(true, |l| l < latency) {
-            self.tally.latency = Some(latency);
+        if self.tally.oldest_answered.map_or(true, |o| sent < o) {
+            self.tally.oldest_answered = Some(sent);
         }
     }
 
@@ -2160,8 +2158,10 @@ impl Session {
             // behind a blocking command goes on reaching Redis, as it always did).
             return Route::Dedicated;
         }
-        // The state that needed a connection of its own has ended: release it.
-        if self.upstream.master.take().is_some() {
+        // The state that needed a connection of its own has ended: release it. Checked
+        // first: `take()` would move the whole link out (a `memcpy`) at every request.
+        if self.upstream.master.is_some() {
+            self.upstream.master = None;
             // Its write offset goes with it.
             self.wait_needs_bump = true;
         }

@@ -73,17 +73,14 @@ impl OutQueue {
     pub(super) fn try_write(&mut self, stream: &mut Stream) -> io::Result<usize> {
         let mut total = 0;
         while self.bytes > 0 {
-            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-            let mut n = 0;
-            for (slot, chunk) in slices.iter_mut().zip(self.chunks.iter()) {
-                *slot = IoSlice::new(chunk);
-                n += 1;
-            }
-            if n < MAX_IOVECS && !self.tail.is_empty() {
-                slices[n] = IoSlice::new(&self.tail);
-                n += 1;
-            }
-            let written = match stream.try_write_vectored(&slices[..n]) {
+            let result = if self.chunks.is_empty() {
+                // The common case (small frames only): one slice, and no 64-slot array
+                // to fill at every write.
+                stream.try_write_vectored(&[IoSlice::new(&self.tail)])
+            } else {
+                self.write_chunks(stream)
+            };
+            let written = match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(w) => w,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(total),
@@ -93,6 +90,21 @@ impl OutQueue {
             self.advance(written);
         }
         Ok(total)
+    }
+
+    /// One `writev` of the chunks, then the tail, as far as `MAX_IOVECS` goes.
+    fn write_chunks(&self, stream: &mut Stream) -> io::Result<usize> {
+        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+        let mut n = 0;
+        for (slot, chunk) in slices.iter_mut().zip(self.chunks.iter()) {
+            *slot = IoSlice::new(chunk);
+            n += 1;
+        }
+        if n < MAX_IOVECS && !self.tail.is_empty() {
+            slices[n] = IoSlice::new(&self.tail);
+            n += 1;
+        }
+        stream.try_write_vectored(&slices[..n])
     }
 
     /// Everything queued, in order (for tests).

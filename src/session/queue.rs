@@ -159,6 +159,11 @@ pub(super) struct Awaiting {
     pub(super) acc: BytesMut,
 }
 
+// One entry is moved per request into and out of the queue: up to 128 bytes the compiler
+// moves it inline, past that with a `memcpy` call (seen at ~3 % of the instructions per
+// request when it was 136 bytes).
+const _: () = assert!(std::mem::size_of::<Awaiting>() <= 128);
+
 impl Awaiting {
     /// A request the proxy adds on its own (`what`: `ASKING` before an ASK retry, the
     /// offset bump before `WAIT`, a script load): one frame, answered by Redis, never

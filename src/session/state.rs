@@ -49,8 +49,9 @@ pub(super) enum OnReply {
     /// Forward; when not an error, apply the state change (boxed: rare, and the queue
     /// entry of every plain request is sized by the largest variant).
     Apply(Box<StateChange>),
-    /// Swallow the backend's answer and send this instead (EXECABORT after a refusal).
-    Replace(Bytes),
+    /// Swallow the backend's answer and send this instead (EXECABORT after a refusal). A
+    /// static text: the queue entry stays under 128 bytes, moved without a `memcpy` call.
+    Replace(&'static [u8]),
     /// Pub/sub confirmations: one per named channel, or until the set empties (`all`).
     /// `hidden`: a re-subscription the proxy made after losing the node that held the
     /// subscriptions (cluster mode): the client got these confirmations once already.
