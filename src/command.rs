@@ -551,7 +551,7 @@ fn top_index() -> &'static NameIndex {
 /// longer ones are folded into a stack buffer and found by name.
 fn find_top(name: &[u8]) -> Option<&'static CommandSpec> {
     if let Some(key) = short_key(name) {
-        return short_index().get(&key).copied();
+        return short_index().get(key);
     }
     let mut buf = [0u8; MAX_NAME];
     let folded = fold_case(name, &mut buf)?;
@@ -567,44 +567,77 @@ fn short_key(name: &[u8]) -> Option<u128> {
     if name.len() > SHORT_NAME {
         return None;
     }
-    let mut key = (name.len() as u128) << 120;
-    for (i, b) in name.iter().enumerate() {
-        key |= u128::from(b.to_ascii_lowercase()) << (8 * i);
-    }
-    Some(key)
+    let mut bytes = [0u8; 16];
+    bytes.get_mut(..name.len())?.copy_from_slice(name);
+    bytes[15] = name.len() as u8;
+    Some(ascii_lowercase_16(u128::from_le_bytes(bytes)))
 }
 
-/// Multiplicative hashing of a `short_key` (the key set is fixed: no DoS concern).
-#[derive(Default)]
-struct ShortKeyHasher(u64);
+/// Sixteen bytes lowercased at once (SWAR): `A`..=`Z` get bit 5 set, every other byte
+/// (including ones with the high bit set) stays as it is.
+fn ascii_lowercase_16(x: u128) -> u128 {
+    const ONES: u128 = u128::MAX / 0xff;
+    let low7 = x & (0x7f * ONES);
+    // High bit of each byte: its low 7 bits are >= 'A', then > 'Z' (no carry crosses a
+    // byte: 0x7f + 0x3f and 0x7f + 0x25 both stay under 0x100).
+    let at_least_a = low7 + u128::from(0x80 - b'A') * ONES;
+    let above_z = low7 + u128::from(0x80 - b'Z' - 1) * ONES;
+    let upper = at_least_a & !above_z & !x & (0x80 * ONES);
+    x | (upper >> 2)
+}
 
-impl std::hash::Hasher for ShortKeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
+/// Slots of the short-name table: a power of two, four times the commands that fit (so a
+/// probe sequence is about one slot long).
+const SHORT_SLOTS: usize = 1024;
+
+/// Top-level commands with short names, by `short_key`: open addressing with linear
+/// probing over a fixed array (one multiply, one or two integer compares per lookup;
+/// `HashMap`'s group probing costs several times that for a handful of bytes).
+struct ShortIndex {
+    slots: Box<[(u128, Option<&'static CommandSpec>)]>,
+}
+
+impl ShortIndex {
+    fn build() -> ShortIndex {
+        let mut slots = vec![(0u128, None); SHORT_SLOTS].into_boxed_slice();
+        for spec in table::COMMANDS {
+            let Some(key) = short_key(spec.name.as_bytes()) else {
+                continue;
+            };
+            let mut i = short_slot(key);
+            while let Some((_, Some(_))) = slots.get(i) {
+                i = (i + 1) % SHORT_SLOTS;
+            }
+            if let Some(slot) = slots.get_mut(i) {
+                *slot = (key, Some(spec));
+            }
+        }
+        ShortIndex { slots }
     }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+
+    fn get(&self, key: u128) -> Option<&'static CommandSpec> {
+        let mut i = short_slot(key);
+        // Ends at an empty slot: the table is at most a quarter full (unit-tested).
+        loop {
+            let (k, spec) = *self.slots.get(i)?;
+            match spec {
+                None => return None,
+                Some(spec) if k == key => return Some(spec),
+                Some(_) => i = (i + 1) % SHORT_SLOTS,
+            }
         }
     }
-    fn write_u128(&mut self, key: u128) {
-        let folded = (key as u64) ^ ((key >> 64) as u64).rotate_left(29);
-        self.0 = folded.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
 }
 
-type ShortIndex =
-    HashMap<u128, &'static CommandSpec, std::hash::BuildHasherDefault<ShortKeyHasher>>;
+/// Home slot of a `short_key`: a multiplicative hash of its two halves.
+fn short_slot(key: u128) -> usize {
+    let folded = (key as u64) ^ ((key >> 64) as u64).rotate_left(29);
+    (folded.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) as usize % SHORT_SLOTS
+}
 
-/// Top-level commands with short names, by `short_key`, built on first use.
 fn short_index() -> &'static ShortIndex {
     static INDEX: OnceLock<ShortIndex> = OnceLock::new();
-    INDEX.get_or_init(|| {
-        table::COMMANDS
-            .iter()
-            .filter_map(|spec| Some((short_key(spec.name.as_bytes())?, spec)))
-            .collect()
-    })
+    INDEX.get_or_init(ShortIndex::build)
 }
 
 /// `name` in lowercase, folded into `buf` (no allocation: this runs per request); `None`
@@ -652,6 +685,29 @@ mod tests {
     }
 
     #[test]
+    fn ascii_lowercase_16_agrees_with_the_byte_rule() {
+        let mut all = [0u8; 256];
+        for (i, b) in all.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        for chunk in all.chunks(16) {
+            let mut bytes = [0u8; 16];
+            bytes.copy_from_slice(chunk);
+            let want: Vec<u8> = chunk.iter().map(u8::to_ascii_lowercase).collect();
+            let got = ascii_lowercase_16(u128::from_le_bytes(bytes)).to_le_bytes();
+            assert_eq!(&got[..], &want[..], "{chunk:?}");
+        }
+    }
+
+    #[test]
+    fn the_short_name_table_stays_at_most_a_quarter_full() {
+        let used = short_index().slots.iter().filter(|s| s.1.is_some()).count();
+        let short = all().filter(|s| s.name.len() <= SHORT_NAME).count();
+        assert_eq!(used, short);
+        assert!(used * 4 <= SHORT_SLOTS, "{used} of {SHORT_SLOTS}");
+    }
+
+    #[test]
     fn hashed_index_agrees_with_the_table() {
         for spec in all() {
             assert!(spec.name.len() <= MAX_NAME, "{}", spec.name);
@@ -677,6 +733,8 @@ mod tests {
             b"\0get",
             &short_nul,
             b"hincrby\x07",
+            b"G\xc5T",
+            b"g\xe5t",
             &long,
             &[b'a'; MAX_NAME + 1],
         ] {

@@ -391,6 +391,9 @@ type AddrMap<V> = HashMap<usize, V, std::hash::BuildHasherDefault<AddrHasher>>;
 pub struct Policy {
     /// Refusals by command spec (address of the static table entry).
     denied: AddrMap<Reason>,
+    /// A bit per `filter_bit` of every key of `denied`: a clear bit means "not denied"
+    /// without a map probe (the common, allowed command).
+    denied_filter: [u64; FILTER_WORDS],
     /// `protection.allow` entries that name no built-in command or category: module
     /// commands (`testmod.read`, `testmod.config|get`) and categories (`@json`),
     /// lowercase, matched against commands learned from the backend.
@@ -408,6 +411,27 @@ pub struct Policy {
 
 fn key(spec: &'static CommandSpec) -> usize {
     spec as *const CommandSpec as usize
+}
+
+/// Words of `Policy::denied_filter` (1024 bits, for a few hundred denied specs).
+const FILTER_WORDS: usize = 16;
+
+/// Which bit of `Policy::denied_filter` a spec's key sets: a multiplicative hash.
+fn filter_bit(key: usize) -> (usize, u64) {
+    let bit = ((key as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) as usize;
+    (bit / 64 % FILTER_WORDS, 1u64 << (bit % 64))
+}
+
+/// The filter of a finished `denied` map.
+fn denied_filter(denied: &AddrMap<Reason>) -> [u64; FILTER_WORDS] {
+    let mut filter = [0u64; FILTER_WORDS];
+    for key in denied.keys() {
+        let (word, bit) = filter_bit(*key);
+        if let Some(w) = filter.get_mut(word) {
+            *w |= bit;
+        }
+    }
+    filter
 }
 
 /// Every spec a rule entry names: `name`, `container|sub`, `container|*`, `@category`.
@@ -508,6 +532,7 @@ impl Policy {
             }
         }
         Ok(Policy {
+            denied_filter: denied_filter(&denied),
             denied,
             learned_allow,
             deny_categories,
@@ -528,7 +553,7 @@ impl Policy {
             "config|set" => return self.check_config_set(spec, req),
             _ => {}
         }
-        match self.denied.get(&key(spec)) {
+        match self.denied_reason(spec) {
             None if matches!(spec.name, "eval" | "eval_ro" | "script|load")
                 && req
                     .arg(if spec.name == "script|load" { 2 } else { 1 })
@@ -545,6 +570,16 @@ impl Policy {
                 reason: *reason,
             },
         }
+    }
+
+    /// Why `spec` is refused, if it is: the filter first, the map only on a set bit.
+    fn denied_reason(&self, spec: &'static CommandSpec) -> Option<&Reason> {
+        let key = key(spec);
+        let (word, bit) = filter_bit(key);
+        if self.denied_filter.get(word).is_some_and(|w| w & bit == 0) {
+            return None;
+        }
+        self.denied.get(&key)
     }
 
     fn check_config_get(&self, spec: &'static CommandSpec, req: &Request) -> Verdict {
@@ -741,6 +776,26 @@ mod tests {
 
     fn denied(policy: &Policy, args: &[&str]) -> bool {
         matches!(verdict(policy, args), Some(Verdict::Deny { .. }))
+    }
+
+    #[test]
+    fn the_denied_filter_never_hides_a_refusal() {
+        let cfg = ProtectionConfig {
+            deny: vec!["@dangerous".into(), "get".into(), "client|list".into()],
+            ..ProtectionConfig::default()
+        };
+        for policy in [Policy::new(&ProtectionConfig::default()), Policy::new(&cfg)] {
+            let policy = policy.unwrap();
+            let mut specs: Vec<&'static CommandSpec> = command::all().collect();
+            specs.extend(command::all().flat_map(|s| s.subcommands.iter()));
+            let mut denied = 0;
+            for spec in specs {
+                let want = policy.denied.get(&key(spec));
+                denied += usize::from(want.is_some());
+                assert_eq!(policy.denied_reason(spec), want, "{}", spec.name);
+            }
+            assert!(denied > 10, "{denied}");
+        }
     }
 
     #[test]
