@@ -11,7 +11,7 @@ pub mod reply;
 pub mod request;
 pub mod texts;
 
-pub use reply::{Item, Node, Reply, ReplyError, ReplyKind, ReplyLimits, ReplyScanner};
+pub use reply::{Item, Node, Reply, ReplyError, ReplyKind, ReplyLimits, ReplyScanner, ReplyShape};
 pub use request::{ProtocolError, Request, RequestLimits, RequestParser};
 
 /// Bytes `find_either` checks one by one before handing the rest to `memchr`.

@@ -172,6 +172,33 @@ pub struct ReplyScanner {
     has_attribute: bool,
     /// Offset of the current reply's value (after leading attributes).
     value_start: usize,
+    /// Offset in the buffer where the current reply begins: 0, unless `next_in_place`
+    /// left complete replies before it (until `split_scanned`).
+    frame_start: usize,
+}
+
+/// One reply that `ReplyScanner::next_in_place` found and left in the buffer: a `Reply`
+/// without its bytes. `end` is its end offset in the bytes `split_scanned` returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyShape {
+    /// Offset just past the reply, from the start of the scanned run.
+    pub end: usize,
+    kind: ReplyKind,
+    has_attribute: bool,
+    /// Offset of the value's type byte from the reply's own start.
+    value_start: usize,
+}
+
+impl ReplyShape {
+    /// Top-level type (of the value after any attributes).
+    pub fn kind(&self) -> ReplyKind {
+        self.kind
+    }
+
+    /// `-` simple error or `!` blob error.
+    pub fn is_error(&self) -> bool {
+        matches!(self.kind, ReplyKind::Error | ReplyKind::BlobError)
+    }
 }
 
 impl ReplyScanner {
@@ -186,6 +213,7 @@ impl ReplyScanner {
             kind: ReplyKind::Null,
             has_attribute: false,
             value_start: 0,
+            frame_start: 0,
         }
     }
 
@@ -200,23 +228,73 @@ impl ReplyScanner {
     /// already scanned are not rescanned). Between calls the caller must only append to
     /// `buf`. After an `Err` the state is undefined: close the backend connection.
     pub fn next(&mut self, buf: &mut BytesMut) -> Result<Option<Reply>, ReplyError> {
+        debug_assert_eq!(
+            self.frame_start, 0,
+            "next after next_in_place without split_scanned"
+        );
+        if self.scan(buf)? {
+            Ok(Some(self.emit(buf)))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Like `next`, but the complete reply stays in `buf`: its shape is returned, and
+    /// the next call scans the reply after it. `split_scanned` then takes every reply
+    /// found so far off `buf` as one `Bytes` (one split for a run of replies instead of
+    /// one per reply). Same errors and `Ok(None)` as `next`.
+    pub fn next_in_place(&mut self, buf: &mut BytesMut) -> Result<Option<ReplyShape>, ReplyError> {
+        if !self.scan(buf)? {
+            return Ok(None);
+        }
+        let shape = ReplyShape {
+            end: self.pos,
+            kind: self.kind,
+            has_attribute: self.has_attribute,
+            value_start: self.value_start.saturating_sub(self.frame_start),
+        };
+        self.frame_start = self.pos;
+        self.reset_reply();
+        Ok(Some(shape))
+    }
+
+    /// The replies `next_in_place` found since the last split, split off the front of
+    /// `buf` zero-copy (empty when there are none). A reply still incomplete stays, and
+    /// its scan goes on where it was.
+    pub fn split_scanned(&mut self, buf: &mut BytesMut) -> Bytes {
+        let k = std::mem::take(&mut self.frame_start);
+        if k == 0 {
+            return Bytes::new();
+        }
+        let run = buf.split_to(k).freeze();
+        self.pos -= k;
+        if let Some((end, ty)) = self.bulk_end {
+            self.bulk_end = Some((end - k, ty));
+        }
+        self.scan_from = self.scan_from.saturating_sub(k);
+        self.value_start = self.value_start.saturating_sub(k);
+        run
+    }
+
+    /// Scan on; true when a complete top-level reply ends at `self.pos`.
+    fn scan(&mut self, buf: &mut BytesMut) -> Result<bool, ReplyError> {
         loop {
             if let Some((end, ty)) = self.bulk_end {
                 if buf.len() < end {
-                    return Ok(None);
+                    return Ok(false);
                 }
                 finish_bulk(buf, self.pos, end, ty)?;
                 self.bulk_end = None;
                 self.pos = end;
                 if self.complete_value() {
-                    return Ok(Some(self.emit(buf)));
+                    return Ok(true);
                 }
                 continue;
             }
 
             let start = self.pos;
             let Some(&ty) = buf.get(start) else {
-                return Ok(None);
+                return Ok(false);
             };
             // Reject a bad type byte before waiting for its line.
             let max_line = match ty {
@@ -228,7 +306,7 @@ impl ReplyScanner {
                 other => return Err(ReplyError::UnexpectedByte(other)),
             };
             let Some(line_end) = self.find_line(buf, start + 1, max_line)? else {
-                return Ok(None);
+                return Ok(false);
             };
             let line = buf.get(start + 1..line_end).unwrap_or_default();
             let after = line_end + 2;
@@ -341,7 +419,7 @@ impl ReplyScanner {
                             continue;
                         }
                         if self.complete_value() {
-                            return Ok(Some(self.emit(buf)));
+                            return Ok(true);
                         }
                         continue;
                     }
@@ -356,7 +434,7 @@ impl ReplyScanner {
             }
             self.pos = after;
             if self.complete_value() {
-                return Ok(Some(self.emit(buf)));
+                return Ok(true);
             }
         }
     }
@@ -433,13 +511,18 @@ impl ReplyScanner {
             value_start: self.value_start,
         };
         self.pos = 0;
+        self.reset_reply();
+        reply
+    }
+
+    /// Per-reply state back to its start (the position is the caller's).
+    fn reset_reply(&mut self) {
         self.scan_from = 0;
         self.has_attribute = false;
         self.value_start = 0;
         if self.stack.capacity() > STACK_KEEP {
             self.stack = Vec::new();
         }
-        reply
     }
 }
 
@@ -510,6 +593,17 @@ impl Reply {
         match ReplyScanner::new(ReplyLimits::default()).next(&mut buf) {
             Ok(Some(reply)) => reply,
             other => panic!("{bytes:?} is not one complete reply: {other:?}"),
+        }
+    }
+
+    /// The reply `shape` describes, whose bytes are `frame` (a slice of the run
+    /// `ReplyScanner::split_scanned` returned).
+    pub fn from_shape(frame: Bytes, shape: &ReplyShape) -> Reply {
+        Reply {
+            frame,
+            kind: shape.kind,
+            has_attribute: shape.has_attribute,
+            value_start: shape.value_start,
         }
     }
 
@@ -1603,6 +1697,57 @@ mod tests {
             }
         }
         assert!(with_attr > 10, "generator should exercise attributes");
+    }
+
+    /// `next_in_place` + `split_scanned`, splitting after a random number of replies
+    /// (sometimes with a reply half-read), gives the replies `next` gives.
+    #[test]
+    fn in_place_runs_give_the_replies_next_gives() {
+        use redis_protocol::resp3::encode::complete::encode;
+        use redis_protocol::resp3::types::Resp3Frame;
+
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        for round in 0..300 {
+            let mut input = Vec::new();
+            for _ in 0..1 + rng.below(12) {
+                let f = gen::frame(&mut rng, 0);
+                let mut out = vec![0u8; f.encode_len(false)];
+                let n = encode(&mut out, &f, false).unwrap();
+                input.extend_from_slice(&out[..n]);
+            }
+            let chunk = 1 + rng.below(if round % 10 == 0 { 4 } else { 150 }) as usize;
+            let want = scan_chunked(&input, chunk, ReplyLimits::default()).unwrap();
+
+            let mut sc = ReplyScanner::new(ReplyLimits::default());
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            let mut shapes = Vec::new();
+            let mut split = |sc: &mut ReplyScanner, buf: &mut BytesMut, shapes: &mut Vec<_>| {
+                let run = sc.split_scanned(buf);
+                let mut start = 0;
+                for shape in shapes.drain(..) {
+                    let shape: ReplyShape = shape;
+                    got.push(Reply::from_shape(run.slice(start..shape.end), &shape));
+                    start = shape.end;
+                }
+                assert_eq!(start, run.len());
+            };
+            for piece in input.chunks(chunk) {
+                buf.extend_from_slice(piece);
+                while let Some(shape) = sc.next_in_place(&mut buf).unwrap() {
+                    shapes.push(shape);
+                    if rng.below(3) == 0 {
+                        split(&mut sc, &mut buf, &mut shapes);
+                    }
+                }
+                if rng.below(2) == 0 {
+                    split(&mut sc, &mut buf, &mut shapes);
+                }
+            }
+            split(&mut sc, &mut buf, &mut shapes);
+            assert!(buf.is_empty(), "leftover bytes: {buf:?}");
+            assert_eq!(got, want, "round {round}");
+        }
     }
 
     #[test]

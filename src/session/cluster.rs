@@ -984,8 +984,8 @@ impl Session {
             }
             match d {
                 Delivery::Reply(r) => self.node_shared_reply(id, r),
-                Delivery::Replies(rs) => {
-                    for r in rs {
+                Delivery::Run(run) => {
+                    for r in run.into_replies() {
                         self.node_shared_reply(id, r);
                     }
                 }

@@ -2178,11 +2178,7 @@ impl Session {
             }
             match d {
                 Delivery::Reply(r) => self.shared_reply(r),
-                Delivery::Replies(rs) => {
-                    for r in rs {
-                        self.shared_reply(r);
-                    }
-                }
+                Delivery::Run(run) => self.shared_run(run),
                 Delivery::Fail { n, reply } => {
                     self.queue.fail_first(LinkId::Shared, n, &reply);
                     self.queue.drain(&mut self.to_client);
@@ -2197,6 +2193,59 @@ impl Session {
             }
             next = self.upstream.shared.as_mut().and_then(SharedLink::try_recv);
         }
+    }
+
+    /// A run of replies from the shared connection. Plain answers (not errors, not out
+    /// of band) to plain forwarded requests, the common case, are copied to the client
+    /// as whole ranges of the run; every other reply goes through `on_reply` as its own
+    /// `Reply`, in order.
+    fn shared_run(&mut self, run: pool::ReplyRun) {
+        if self.upstream.shared.is_none() {
+            return;
+        }
+        // What `on_reply` checks per reply that depends on the session, not the reply:
+        // with none of it, only an error or a push is not plain.
+        let simple_session = (self.shared.cluster.is_none()
+            || self.state.shard_channels.is_empty())
+            && (self.state.resp3 || !self.state.subscribed())
+            && !self.state.monitor;
+        let bytes = &run.bytes;
+        // Start of the current reply; the range owed to the client and not copied yet.
+        let mut start = 0;
+        let mut pending = 0..0;
+        for shape in &run.shapes {
+            let end = shape.end.min(bytes.len());
+            let plain = simple_session && !shape.is_error() && shape.kind() != ReplyKind::Push;
+            match plain
+                .then(|| self.queue.pop_plain_front(LinkId::Shared))
+                .flatten()
+            {
+                Some(a) => {
+                    if a.deliver {
+                        if pending.end != start {
+                            self.to_client
+                                .push_range(bytes, std::mem::replace(&mut pending, start..start));
+                        }
+                        pending.end = end;
+                    }
+                    self.record_latency(a.sent);
+                    if self.queue.front_is_ready() {
+                        // Local answers queued behind it go after it.
+                        self.to_client
+                            .push_range(bytes, std::mem::replace(&mut pending, end..end));
+                        self.queue.drain(&mut self.to_client);
+                    }
+                }
+                None => {
+                    self.to_client
+                        .push_range(bytes, std::mem::replace(&mut pending, end..end));
+                    let reply = Reply::from_shape(bytes.slice(start.min(end)..end), shape);
+                    self.shared_reply(reply);
+                }
+            }
+            start = end;
+        }
+        self.to_client.push_range(bytes, pending);
     }
 
     fn shared_reply(&mut self, reply: Reply) {

@@ -36,6 +36,23 @@ impl OutQueue {
         }
     }
 
+    /// Queue `range` of `b` after everything queued before: copied when small, else
+    /// shared (zero-copy).
+    pub(super) fn push_range(&mut self, b: &Bytes, range: std::ops::Range<usize>) {
+        let Some(part) = b.get(range.clone()) else {
+            return;
+        };
+        if part.is_empty() {
+            return;
+        }
+        if part.len() <= COALESCE_MAX {
+            self.bytes += part.len();
+            self.tail.extend_from_slice(part);
+        } else {
+            self.push(b.slice(range));
+        }
+    }
+
     /// Queue `b` after everything queued before.
     pub(super) fn push(&mut self, b: Bytes) {
         if b.is_empty() {

@@ -35,7 +35,7 @@ use crate::backend::{BackendLink, Handshake};
 use crate::command::{AclCategories, CommandSpec, Special};
 use crate::metrics;
 use crate::net::Stream;
-use crate::protocol::{texts, Reply, ReplyScanner};
+use crate::protocol::{texts, Reply, ReplyScanner, ReplyShape};
 
 use super::out::OutQueue;
 use super::Shared;
@@ -101,13 +101,36 @@ pub(super) enum Delivery {
     /// The next reply frame.
     Reply(Reply),
     /// Several consecutive reply frames, read together.
-    Replies(Vec<Reply>),
+    Run(ReplyRun),
     /// The next `n` requests are answered with `reply` (the connection was lost with
     /// them written: they may have run).
     Fail { n: u32, reply: Bytes },
     /// The next `n` requests were never written (the connection was lost before, or could
     /// not be opened): the session retries them, or answers them with `reply`.
     Unsent { n: u32, reply: Bytes },
+}
+
+/// Consecutive replies for one session, in one buffer: split off the connection's read
+/// buffer once for the whole run, not once per reply.
+#[derive(Debug)]
+pub(super) struct ReplyRun {
+    /// The replies' bytes, back to back.
+    pub(super) bytes: Bytes,
+    /// Each reply's end in `bytes`, and its shape.
+    pub(super) shapes: Vec<ReplyShape>,
+}
+
+impl ReplyRun {
+    /// The replies one by one (each a slice of `bytes`).
+    pub(super) fn into_replies(self) -> impl Iterator<Item = Reply> {
+        let ReplyRun { bytes, shapes } = self;
+        let mut start = 0;
+        shapes.into_iter().map(move |shape| {
+            let frame = bytes.slice(start.min(shape.end)..shape.end.min(bytes.len()));
+            start = shape.end;
+            Reply::from_shape(frame, &shape)
+        })
+    }
 }
 
 /// Request frames up to this size are gathered into one buffer; bigger ones travel as
@@ -466,7 +489,7 @@ impl Delivery {
     pub(super) fn answers(&self) -> usize {
         match self {
             Delivery::Reply(_) => 1,
-            Delivery::Replies(rs) => rs.len(),
+            Delivery::Run(run) => run.shapes.len(),
             Delivery::Fail { n, .. } | Delivery::Unsent { n, .. } => *n as usize,
         }
     }
@@ -475,7 +498,7 @@ impl Delivery {
     pub(super) fn bytes(&self) -> usize {
         match self {
             Delivery::Reply(r) => r.frame().len(),
-            Delivery::Replies(rs) => rs.iter().map(|r| r.frame().len()).sum(),
+            Delivery::Run(run) => run.bytes.len(),
             Delivery::Fail { .. } | Delivery::Unsent { .. } => 0,
         }
     }
@@ -783,50 +806,55 @@ impl ConnIo {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) => return Err(e.to_string()),
         }
-        // Consecutive frames for one session travel together.
-        let mut group: Vec<Reply> = Vec::new();
+        // Consecutive frames for one session travel together, as one run of bytes.
+        let mut shapes: Vec<ReplyShape> = Vec::new();
         loop {
-            let reply = match self.scanner.next(&mut self.buf) {
-                Ok(Some(r)) => r,
+            let shape = match self.scanner.next_in_place(&mut self.buf) {
+                Ok(Some(s)) => s,
                 Ok(None) => break,
                 Err(e) => {
-                    self.deliver(&mut group);
+                    self.deliver(&mut shapes);
                     return Err(e.to_string());
                 }
             };
             let Some(front) = self.owed.front_mut() else {
-                self.deliver(&mut group);
+                self.deliver(&mut shapes);
                 return Err("the backend sent a reply nobody asked for".into());
             };
-            if group.is_empty() && front.remaining > 1 {
+            if shapes.is_empty() && front.remaining > 1 {
                 // Sized once for the session's run of frames (moved out on delivery).
-                group.reserve_exact((front.remaining as usize).min(MAX_GROUP_RESERVE));
+                shapes.reserve_exact((front.remaining as usize).min(MAX_GROUP_RESERVE));
             }
-            group.push(reply);
+            shapes.push(shape);
             front.remaining = front.remaining.saturating_sub(1);
             if front.remaining == 0 {
-                self.deliver(&mut group);
+                self.deliver(&mut shapes);
                 self.owed.pop_front();
             }
         }
-        self.deliver(&mut group);
+        self.deliver(&mut shapes);
         super::release_if_big(&mut self.buf);
         Ok(())
     }
 
-    /// Send `group` (replies for the front of `owed`) to its session.
-    fn deliver(&mut self, group: &mut Vec<Reply>) {
+    /// Send the replies scanned so far (`shapes`: for the front of `owed`) to its
+    /// session, split off the read buffer as one run.
+    fn deliver(&mut self, shapes: &mut Vec<ReplyShape>) {
+        let bytes = self.scanner.split_scanned(&mut self.buf);
         let Some(front) = self.owed.front() else {
-            group.clear();
+            shapes.clear();
             return;
         };
-        let d = match group.len() {
+        let d = match shapes.len() {
             0 => return,
-            1 => match group.pop() {
-                Some(r) => Delivery::Reply(r),
+            1 => match shapes.pop() {
+                Some(shape) => Delivery::Reply(Reply::from_shape(bytes, &shape)),
                 None => return,
             },
-            _ => Delivery::Replies(std::mem::take(group)),
+            _ => Delivery::Run(ReplyRun {
+                bytes,
+                shapes: std::mem::take(shapes),
+            }),
         };
         let bytes = d.bytes();
         front.mailbox.send(d, bytes);

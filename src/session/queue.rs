@@ -596,6 +596,11 @@ impl ReplyQueue {
         self.nodes.clear();
     }
 
+    /// The oldest entry is a local answer, ready to go (`drain` would write it).
+    pub(super) fn front_is_ready(&self) -> bool {
+        matches!(self.entries.front(), Some(Entry::Ready(_)))
+    }
+
     /// Write the answers that reached the head, in order.
     pub(super) fn drain(&mut self, out: &mut OutQueue) {
         while let Some(Entry::Ready(_)) = self.entries.front() {
