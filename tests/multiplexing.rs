@@ -449,3 +449,49 @@ async fn wait_inside_multi_after_shared_writes_answers_as_redis() {
     );
     assert!(seen[0].ends_with(b"*2\r\n:0\r\n:2\r\n$3\r\nend\r\n"));
 }
+
+/// One pipeline whose answers mix plain replies, Redis's errors, the proxy's own answer
+/// (an unknown command) and big values reaches the client byte for byte as it comes
+/// from Redis directly. Over a shared connection a session's replies
+/// arrive as one run: plain ones are copied as ranges, the rest one by one, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_pipeline_over_a_shared_connection_reads_as_from_redis() {
+    let redis = RedisServer::start(&[]);
+    let proxy = Proxy::start_with(shared_config(&redis)).await;
+    let big = "b".repeat(5_000);
+    let mut pipeline = Vec::new();
+    for round in 0..6 {
+        let key = format!("mixed:{round}");
+        let big_key = format!("mixed:{round}:big");
+        pipeline.extend(cmd(&["SET", &key, "1"]));
+        pipeline.extend(cmd(&["GET", &key]));
+        pipeline.extend(cmd(&["LPUSH", &key, "x"]));
+        pipeline.extend(cmd(&["INCR"]));
+        pipeline.extend(cmd(&["NOSUCHCMD", &key]));
+        pipeline.extend(cmd(&["SET", &big_key, &big]));
+        pipeline.extend(cmd(&["GET", &big_key]));
+        pipeline.extend(cmd(&["GET", &big_key]));
+        pipeline.extend(cmd(&["INCR", &key]));
+        pipeline.extend(cmd(&["NOSUCHCMD"]));
+        pipeline.extend(cmd(&["ECHO", &key]));
+    }
+    pipeline.extend(cmd(&["ECHO", "mixed:end"]));
+    let marker = bulk("mixed:end");
+
+    let redis_addr = redis.addr().parse().expect("redis address");
+    let mut direct = Raw::connect(redis_addr).await;
+    direct.send(&pipeline).await;
+    let want = direct.read_until(marker.as_bytes()).await;
+    assert!(
+        want.windows(10).any(|w| w == b"-WRONGTYPE"),
+        "{}",
+        String::from_utf8_lossy(&want)
+    );
+    assert!(want.windows(20).any(|w| w == b"-ERR unknown command"));
+
+    for _ in 0..3 {
+        let mut c = proxy.raw().await;
+        c.send(&pipeline).await;
+        c.expect(&want).await;
+    }
+}
