@@ -104,17 +104,31 @@ set_pinning() {
 }
 
 # cpu_ms PID...: utime+stime (all threads) of these processes, summed, in ms.
-cpu_ms() {
-  local hz pid
+cpu_ms() { cpu_fields_ms "12 13" "$@"; }
+
+# cpu_user_ms PID...: utime alone (user space: the process's own code, not the kernel's
+# socket work on its behalf), summed, in ms.
+cpu_user_ms() { cpu_fields_ms 12 "$@"; }
+
+# cpu_fields_ms FIELDS PID...: the sum of these fields of /proc/PID/stat, counted after
+# the command name (12 utime, 13 stime, in clock ticks), over the processes, in ms.
+cpu_fields_ms() {
+  local hz pid fields=$1; shift
   hz=$(getconf CLK_TCK 2>/dev/null || echo 100)
   for pid in "$@"; do
-    awk -v hz="$hz" '{ sub(/^.*\) /, ""); printf "%d\n", ($12 + $13) * 1000 / hz }' "/proc/$pid/stat"
+    awk -v hz="$hz" -v fields="$fields" '{
+      sub(/^.*\) /, ""); n = split(fields, f, " "); t = 0
+      for (i = 1; i <= n; i++) t += $(f[i])
+      printf "%d\n", t * 1000 / hz
+    }' "/proc/$pid/stat"
   done | awk '{ s += $1 } END { print s + 0 }'
 }
 
 # cpu_table RAW TESTS TARGETS: the markdown table (medians over rounds) of RAW, whose rows
-# are "round target test rps p50_ms proxy_us redis_us" (tab-separated); TESTS and
-# TARGETS (space-separated) give the row order; target "direct" is the reference.
+# are "round target test rps p50_ms proxy_us redis_us [proxy_user_us]" (tab-separated);
+# TESTS and TARGETS (space-separated) give the row order; target "direct" is the
+# reference. With the optional last field, a "proxy user µs/req" column follows the
+# proxy's total.
 cpu_table() {
   awk -F'\t' -v tests="$2" -v targets="$3" '
 function med(s,   a, n, i, j, x) {
@@ -122,23 +136,30 @@ function med(s,   a, n, i, j, x) {
   for (i = 2; i <= n; i++) { x = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > x + 0; j--) a[j+1] = a[j]; a[j+1] = x }
   return (n % 2) ? a[(n + 1) / 2] : (a[n/2] + a[n/2 + 1]) / 2
 }
-{ R[$1, $2, $3, "rps"] = $4; R[$1, $2, $3, "p50"] = $5; R[$1, $2, $3, "pu"] = $6; R[$1, $2, $3, "ru"] = $7; rounds[$1] = 1 }
+{ R[$1, $2, $3, "rps"] = $4; R[$1, $2, $3, "p50"] = $5; R[$1, $2, $3, "pu"] = $6; R[$1, $2, $3, "ru"] = $7; R[$1, $2, $3, "uu"] = $8; rounds[$1] = 1; if (NF >= 8) user = 1 }
 END {
-  print "| test | target | rps | x direct | proxy µs/req | redis µs/req | p50 µs | added p50 µs |"
-  print "|---|---|---:|---:|---:|---:|---:|---:|"
+  if (user) {
+    print "| test | target | rps | x direct | proxy µs/req | proxy user µs/req | redis µs/req | p50 µs | added p50 µs |"
+    print "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+  } else {
+    print "| test | target | rps | x direct | proxy µs/req | redis µs/req | p50 µs | added p50 µs |"
+    print "|---|---|---:|---:|---:|---:|---:|---:|"
+  }
   nt = split(tests, T, " "); ng = split(targets, G, " ")
   for (ti = 1; ti <= nt; ti++) for (gi = 1; gi <= ng; gi++) {
     t = T[ti]; g = G[gi]
-    rp = ra = pu = ru = p5 = ad = ""
+    rp = ra = pu = uu = ru = p5 = ad = ""
     for (r in rounds) {
       if (!((r, g, t, "rps") in R) || !((r, "direct", t, "rps") in R)) continue
       d = R[r, "direct", t, "rps"]
       rp = rp " " R[r, g, t, "rps"]; if (d > 0) ra = ra " " R[r, g, t, "rps"] / d
-      pu = pu " " R[r, g, t, "pu"]; ru = ru " " R[r, g, t, "ru"]
+      pu = pu " " R[r, g, t, "pu"]; uu = uu " " R[r, g, t, "uu"]; ru = ru " " R[r, g, t, "ru"]
       p5 = p5 " " R[r, g, t, "p50"] * 1000; ad = ad " " (R[r, g, t, "p50"] - R[r, "direct", t, "p50"]) * 1000
     }
     if (rp == "") continue
-    printf "| %s | %s | %.0f | %.2f | %s | %.2f | %.0f | %+.0f |\n", t, g, med(rp), med(ra), (g == "direct" ? "-" : sprintf("%.2f", med(pu))), med(ru), med(p5), med(ad)
+    pcol = (g == "direct" ? "-" : sprintf("%.2f", med(pu)))
+    if (user) pcol = pcol " | " (g == "direct" ? "-" : sprintf("%.2f", med(uu)))
+    printf "| %s | %s | %.0f | %.2f | %s | %.2f | %.0f | %+.0f |\n", t, g, med(rp), med(ra), pcol, med(ru), med(p5), med(ad)
   }
 }' "$1"
 }
