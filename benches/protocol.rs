@@ -132,6 +132,23 @@ fn reply_scanner(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    // The same pipeline as a shared connection reads it: scanned in place, one split
+    // for the run, a shape per reply (what `scan_pipeline_16` does with a `Reply` each).
+    g.bench_function("scan_pipeline_16_in_place", |b| {
+        let mut scanner = ReplyScanner::new(ReplyLimits::default());
+        b.iter_batched(
+            || BytesMut::from(&pipe[..]),
+            |mut buf| {
+                let mut shapes = Vec::with_capacity(PIPELINE);
+                while let Some(shape) = scanner.next_in_place(&mut buf).unwrap() {
+                    shapes.push(shape);
+                }
+                assert_eq!(shapes.len(), PIPELINE);
+                (scanner.split_scanned(&mut buf), shapes)
+            },
+            BatchSize::SmallInput,
+        )
+    });
 
     // 1 MiB bulk arriving in 64 KiB reads: the copy into the buffer is timed too (the
     // session does it per read), so this is "bytes handled per second" end to end.
