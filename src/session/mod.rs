@@ -2222,30 +2222,38 @@ impl Session {
             {
                 Some(a) => {
                     if a.deliver {
-                        if pending.end != start {
+                        let big = OutQueue::shares(end - start.min(end));
+                        if pending.end != start || big {
                             self.to_client
-                                .push_range(bytes, std::mem::replace(&mut pending, start..start));
+                                .push_copied(bytes, std::mem::replace(&mut pending, start..start));
                         }
-                        pending.end = end;
+                        if big {
+                            // Its own zero-copy chunk, as on a dedicated link; the run
+                            // of small answers around it is copied.
+                            self.to_client.push(bytes.slice(start.min(end)..end));
+                            pending = end..end;
+                        } else {
+                            pending.end = end;
+                        }
                     }
                     self.record_latency(a.sent);
                     if self.queue.front_is_ready() {
                         // Local answers queued behind it go after it.
                         self.to_client
-                            .push_range(bytes, std::mem::replace(&mut pending, end..end));
+                            .push_copied(bytes, std::mem::replace(&mut pending, end..end));
                         self.queue.drain(&mut self.to_client);
                     }
                 }
                 None => {
                     self.to_client
-                        .push_range(bytes, std::mem::replace(&mut pending, end..end));
+                        .push_copied(bytes, std::mem::replace(&mut pending, end..end));
                     let reply = Reply::from_shape(bytes.slice(start.min(end)..end), shape);
                     self.shared_reply(reply);
                 }
             }
             start = end;
         }
-        self.to_client.push_range(bytes, pending);
+        self.to_client.push_copied(bytes, pending);
     }
 
     fn shared_reply(&mut self, reply: Reply) {

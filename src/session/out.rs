@@ -36,21 +36,22 @@ impl OutQueue {
         }
     }
 
-    /// Queue `range` of `b` after everything queued before: copied when small, else
-    /// shared (zero-copy).
-    pub(super) fn push_range(&mut self, b: &Bytes, range: std::ops::Range<usize>) {
-        let Some(part) = b.get(range.clone()) else {
+    /// Queue `range` of `b`, a run of small frames (each `!shares`), after everything
+    /// queued before: always copied, whatever the run's length. A shared slice would
+    /// keep the whole buffer `b` was split from (a backend connection's read buffer)
+    /// alive while a slow client holds it, beyond what `bytes` counts.
+    pub(super) fn push_copied(&mut self, b: &Bytes, range: std::ops::Range<usize>) {
+        let Some(part) = b.get(range) else {
             return;
         };
-        if part.is_empty() {
-            return;
-        }
-        if part.len() <= COALESCE_MAX {
-            self.bytes += part.len();
-            self.tail.extend_from_slice(part);
-        } else {
-            self.push(b.slice(range));
-        }
+        self.bytes += part.len();
+        self.tail.extend_from_slice(part);
+    }
+
+    /// Whether a frame of `len` bytes is queued as its own zero-copy chunk (`push`)
+    /// rather than copied.
+    pub(super) fn shares(len: usize) -> bool {
+        len > COALESCE_MAX
     }
 
     /// Queue `b` after everything queued before.
@@ -187,5 +188,22 @@ mod tests {
         assert_eq!(q.contents(), want);
         // The big frame is shared, not copied.
         assert_eq!(q.chunks[1].as_ptr(), big.as_ptr());
+    }
+
+    #[test]
+    fn push_copied_copies_a_run_of_any_length() {
+        // A run of small frames longer than COALESCE_MAX: copied all the same, so no
+        // chunk refers to the buffer it came from.
+        let frame = b"$5\r\nvalue\r\n";
+        let run = Bytes::from(frame.repeat(COALESCE_MAX / frame.len() + 2));
+        assert!(OutQueue::shares(run.len()) && !OutQueue::shares(frame.len()));
+        let mut q = OutQueue::default();
+        q.push_copied(&run, 0..frame.len());
+        q.push_copied(&run, frame.len()..run.len());
+        q.push_copied(&run, 0..0);
+        q.push_copied(&run, 0..run.len() + 1); // out of range: nothing
+        assert!(q.chunks.is_empty());
+        assert_eq!(q.bytes, run.len());
+        assert_eq!(q.contents(), run.to_vec());
     }
 }
