@@ -126,8 +126,10 @@ impl ReplyRun {
         let ReplyRun { bytes, shapes } = self;
         let mut start = 0;
         shapes.into_iter().map(move |shape| {
-            let frame = bytes.slice(start.min(shape.end)..shape.end.min(bytes.len()));
-            start = shape.end;
+            // Clamped both ways: never a reversed or out-of-range slice (a panic).
+            let end = shape.end.min(bytes.len());
+            let frame = bytes.slice(start.min(end)..end);
+            start = end;
             Reply::from_shape(frame, &shape)
         })
     }
