@@ -2197,7 +2197,8 @@ impl Session {
 
     /// A run of replies from the shared connection. Plain answers (not errors, not out
     /// of band) to plain forwarded requests, the common case, are copied to the client
-    /// as whole ranges of the run; every other reply goes through `on_reply` as its own
+    /// as whole ranges of the run (an answer over `OutQueue::shares`'s bound goes as its
+    /// own zero-copy slice); every other reply goes through `on_reply` as its own
     /// `Reply`, in order.
     fn shared_run(&mut self, run: pool::ReplyRun) {
         if self.upstream.shared.is_none() {
@@ -2214,7 +2215,9 @@ impl Session {
         let mut start = 0;
         let mut pending = 0..0;
         for shape in &run.shapes {
+            // Clamped: never a reversed or out-of-range slice.
             let end = shape.end.min(bytes.len());
+            start = start.min(end);
             let plain = simple_session && !shape.is_error() && shape.kind() != ReplyKind::Push;
             match plain
                 .then(|| self.queue.pop_plain_front(LinkId::Shared))
@@ -2222,7 +2225,7 @@ impl Session {
             {
                 Some(a) => {
                     if a.deliver {
-                        let big = OutQueue::shares(end - start.min(end));
+                        let big = OutQueue::shares(end - start);
                         if pending.end != start || big {
                             self.to_client
                                 .push_copied(bytes, std::mem::replace(&mut pending, start..start));
@@ -2230,7 +2233,7 @@ impl Session {
                         if big {
                             // Its own zero-copy chunk, as on a dedicated link; the run
                             // of small answers around it is copied.
-                            self.to_client.push(bytes.slice(start.min(end)..end));
+                            self.to_client.push(bytes.slice(start..end));
                             pending = end..end;
                         } else {
                             pending.end = end;
@@ -2247,7 +2250,7 @@ impl Session {
                 None => {
                     self.to_client
                         .push_copied(bytes, std::mem::replace(&mut pending, end..end));
-                    let reply = Reply::from_shape(bytes.slice(start.min(end)..end), shape);
+                    let reply = Reply::from_shape(bytes.slice(start..end), shape);
                     self.shared_reply(reply);
                 }
             }

@@ -28,7 +28,7 @@ impl OutQueue {
     /// Queue `b` after everything queued before, without taking it: a small frame is
     /// copied (no reference-count traffic), only a big one is shared.
     pub(super) fn push_ref(&mut self, b: &Bytes) {
-        if b.len() <= COALESCE_MAX {
+        if !Self::shares(b.len()) {
             self.bytes += b.len();
             self.tail.extend_from_slice(b);
         } else {
@@ -60,7 +60,7 @@ impl OutQueue {
             return;
         }
         self.bytes += b.len();
-        if b.len() <= COALESCE_MAX {
+        if !Self::shares(b.len()) {
             self.tail.extend_from_slice(&b);
         } else {
             if !self.tail.is_empty() {
