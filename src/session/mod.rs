@@ -40,6 +40,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -126,6 +127,8 @@ pub enum SessionEnd {
     FrameTimeout,
     #[error("proxy shutting down")]
     Shutdown,
+    #[error("session had nothing left to wait for (a proxy defect)")]
+    Stalled,
 }
 
 /// Where a session is in its life (see the module header).
@@ -609,45 +612,95 @@ impl Session {
             }
             _ => None,
         };
-        let read_replies = self.to_client.bytes < limits.max_reply_buffer;
-        let master = self.upstream.master.as_ref();
-        let replica = self.upstream.replica.as_ref();
-        let out = |l: Option<&Link>| l.is_some_and(|l| l.has_output() || l.wants_shutdown());
-        let (master_out, replica_out) = (out(master), out(replica));
-        let nodes = &self.upstream.nodes;
-        let nodes_out = nodes
-            .iter()
+        let upstream = &mut self.upstream;
+        let read_replies = self.to_client.bytes < limits.max_reply_buffer
+            && (upstream.master.is_some()
+                || upstream.replica.is_some()
+                || upstream.nodes.iter().any(Option::is_some));
+        let links_out = [&upstream.master, &upstream.replica]
+            .into_iter()
             .flatten()
+            .chain(upstream.nodes.iter().flatten())
             .any(|l| l.has_output() || l.wants_shutdown());
+        let shared_links = upstream.shared.is_some() || !upstream.shared_nodes.is_empty();
         let client_out = !self.to_client.is_empty() || client.wants_flush();
         let draining = !matches!(self.phase, Phase::Open);
-        Ok(tokio::select! {
-            biased;
+        // Timers are built only when first polled: `idle_sleep` once per wait, when there
+        // is an idle timeout.
+        let mut idle_timer = std::pin::pin!(idle_sleep(idle));
+        let mut frame_timer = std::pin::pin!(frame_sleep(frame_deadline));
+        // Each source in turn, in this order (what `select!` with `biased` would do,
+        // without building a future per source at every wake-up). Every source polled
+        // `Pending` has registered the task to be woken.
+        std::future::poll_fn(|cx| {
+            let mut waiting = false;
             // Backends first: a link Redis closed while idle is noticed (and dropped
             // without a word) before a request that arrived at the same time is sent on it.
-            _ = upstream::readable(master), if read_replies && master.is_some() => Event::BackendReadable(LinkId::Master),
-            _ = upstream::readable(replica), if read_replies && replica.is_some() => Event::BackendReadable(LinkId::Replica),
+            if read_replies {
+                waiting = true;
+                if let Poll::Ready(id) = upstream.poll_readable(cx) {
+                    return Poll::Ready(Ok(Event::BackendReadable(id)));
+                }
+            }
             // Replies from a shared connection are in the proxy already: always taken.
-            d = pool::recv(self.upstream.shared.as_mut()), if self.upstream.shared.is_some() => Event::Shared(d),
-            id = upstream::node_readable(nodes), if read_replies && !nodes.is_empty() => Event::BackendReadable(id),
-            (id, d) = upstream::shared_node_recv(&mut self.upstream.shared_nodes), if !self.upstream.shared_nodes.is_empty() => Event::SharedNode(id, d),
-            // Poll forms: they keep the stream's one waker slot, where `readable()` joins
-            // and leaves a waiter list under a lock at every wake-up.
-            r = std::future::poll_fn(|cx| client.poll_readable(cx)), if read_client => match r {
-                Ok(()) => Event::ClientReadable,
-                Err(e) => return Err(SessionEnd::ClientIo(e)),
-            },
-            _ = std::future::poll_fn(|cx| client.poll_writable(cx)), if client_out => Event::Writable,
-            _ = upstream::writable(master), if master_out => Event::Writable,
-            _ = upstream::writable(replica), if replica_out => Event::Writable,
-            _ = upstream::node_writable(nodes), if nodes_out => Event::Writable,
-            // `select!` builds every branch's future, enabled or not: `idle_sleep` builds
-            // its timer only when polled.
-            _ = idle_sleep(idle), if !idle.is_zero() => Event::Idle,
-            _ = frame_sleep(frame_deadline), if frame_deadline.is_some() => Event::FrameTimeout,
+            if shared_links {
+                waiting = true;
+                match upstream.poll_shared(cx) {
+                    Poll::Ready((LinkId::Shared, d)) => {
+                        return Poll::Ready(Ok(Event::Shared(Some(d))))
+                    }
+                    Poll::Ready((id, d)) => return Poll::Ready(Ok(Event::SharedNode(id, Some(d)))),
+                    Poll::Pending => {}
+                }
+            }
+            if read_client {
+                waiting = true;
+                match client.poll_readable(cx) {
+                    Poll::Ready(Ok(())) => return Poll::Ready(Ok(Event::ClientReadable)),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(SessionEnd::ClientIo(e))),
+                    Poll::Pending => {}
+                }
+            }
+            if client_out {
+                waiting = true;
+                if client.poll_writable(cx).is_ready() {
+                    return Poll::Ready(Ok(Event::Writable));
+                }
+            }
+            if links_out {
+                waiting = true;
+                if upstream.poll_writable(cx).is_ready() {
+                    return Poll::Ready(Ok(Event::Writable));
+                }
+            }
+            if !idle.is_zero() {
+                waiting = true;
+                if idle_timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ok(Event::Idle));
+                }
+            }
+            if frame_deadline.is_some() {
+                waiting = true;
+                if frame_timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ok(Event::FrameTimeout));
+                }
+            }
             // Once draining, the token stays cancelled: polling it again would spin.
-            _ = std::future::poll_fn(|cx| shutdown.poll(cx)), if !draining => Event::Shutdown,
+            if !draining {
+                waiting = true;
+                if shutdown.poll(cx).is_ready() {
+                    return Poll::Ready(Ok(Event::Shutdown));
+                }
+            }
+            if waiting {
+                Poll::Pending
+            } else {
+                // Nothing could ever wake the session (no state leads here): end it
+                // rather than leave it parked for good.
+                Poll::Ready(Err(SessionEnd::Stalled))
+            }
         })
+        .await
     }
 
     /// Adopt a reloaded runtime: new policy, users and limits apply from the next command.

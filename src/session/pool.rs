@@ -446,11 +446,6 @@ impl SharedLink {
         }
     }
 
-    /// Wait for the next delivery.
-    pub(super) async fn recv(&mut self) -> Option<Delivery> {
-        std::future::poll_fn(|cx| self.poll_recv(cx).map(Some)).await
-    }
-
     /// The next delivery, or `Pending` with the task registered to be woken by the next
     /// one (cluster mode polls several links in one wait).
     pub(super) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Delivery> {
@@ -503,14 +498,6 @@ impl Delivery {
             Delivery::Run(run) => run.bytes.len(),
             Delivery::Fail { .. } | Delivery::Unsent { .. } => 0,
         }
-    }
-}
-
-/// Wait for a delivery on `link`; never, when there is none.
-pub(super) async fn recv(link: Option<&mut SharedLink>) -> Option<Delivery> {
-    match link {
-        Some(l) => l.recv().await,
-        None => std::future::pending().await,
     }
 }
 

@@ -7,6 +7,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 
@@ -16,7 +17,7 @@ use crate::protocol::{Reply, ReplyError, ReplyLimits, ReplyScanner};
 use crate::tls::BackendTls;
 
 use super::out::OutQueue;
-use super::pool::SharedLink;
+use super::pool::{Delivery, SharedLink};
 
 /// Which of the session's backend connections a request went to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -373,69 +374,59 @@ impl Upstream {
     }
 }
 
-/// Wait until one of the cluster node links is readable (or has an error); never, when
-/// none is open. Returns its `LinkId::Node`.
-pub(super) async fn node_readable(links: &[Option<Link>]) -> LinkId {
-    if links.iter().all(Option::is_none) {
-        return std::future::pending().await;
-    }
-    std::future::poll_fn(|cx| {
-        for (p, l) in links.iter().enumerate() {
-            let Some(l) = l else { continue };
-            if l.stream.poll_readable(cx).is_ready() {
-                return std::task::Poll::Ready(LinkId::Node(u8::try_from(p).unwrap_or(u8::MAX)));
+/// Poll the session's own links for its wait (`Session::wait`), each in the poll form:
+/// a poll keeps the stream's one waker slot, where `readable()` joins and leaves a waiter
+/// list under a lock at every wake-up. `Pending` registers the task with every link
+/// polled.
+impl Upstream {
+    /// Whether the master (`LinkId::Master`), the replica or a cluster node link is
+    /// readable (or has an error), in that order.
+    pub(super) fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<LinkId> {
+        let links = [
+            (LinkId::Master, &self.master),
+            (LinkId::Replica, &self.replica),
+        ];
+        for (id, link) in links {
+            if link
+                .as_ref()
+                .is_some_and(|l| l.stream.poll_readable(cx).is_ready())
+            {
+                return Poll::Ready(id);
             }
         }
-        std::task::Poll::Pending
-    })
-    .await
-}
-
-/// Wait for a delivery on one of the session's shared node connections; never, when it
-/// has none.
-pub(super) async fn shared_node_recv(
-    links: &mut [Option<SharedLink>],
-) -> (LinkId, Option<super::pool::Delivery>) {
-    if links.iter().all(Option::is_none) {
-        return std::future::pending().await;
-    }
-    std::future::poll_fn(|cx| {
-        for (p, l) in links.iter_mut().enumerate() {
-            if let Some(std::task::Poll::Ready(d)) = l.as_mut().map(|l| l.poll_recv(cx)) {
-                let id = LinkId::SharedNode(u8::try_from(p).unwrap_or(u8::MAX));
-                return std::task::Poll::Ready((id, Some(d)));
+        for (p, l) in self.nodes.iter().enumerate() {
+            if l.as_ref()
+                .is_some_and(|l| l.stream.poll_readable(cx).is_ready())
+            {
+                return Poll::Ready(LinkId::Node(u8::try_from(p).unwrap_or(u8::MAX)));
             }
         }
-        std::task::Poll::Pending
-    })
-    .await
-}
+        Poll::Pending
+    }
 
-/// Wait until a cluster node link with output (or a half-close to do) is writable.
-pub(super) async fn node_writable(links: &[Option<Link>]) {
-    std::future::poll_fn(|cx| {
-        for l in links.iter().flatten() {
+    /// Whether a link with output (or a half-close to do) is writable.
+    pub(super) fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let links = [&self.master, &self.replica].into_iter().flatten();
+        for l in links.chain(self.nodes.iter().flatten()) {
             if (l.has_output() || l.wants_shutdown()) && l.stream.poll_writable(cx).is_ready() {
-                return std::task::Poll::Ready(());
+                return Poll::Ready(());
             }
         }
-        std::task::Poll::Pending
-    })
-    .await
-}
-
-/// Wait until link `link` is readable; never, when it is not open.
-pub(super) async fn readable(link: Option<&Link>) {
-    match link {
-        Some(l) => l.readable().await,
-        None => std::future::pending().await,
+        Poll::Pending
     }
-}
 
-/// Wait until link `link` is writable; never, when it is not open.
-pub(super) async fn writable(link: Option<&Link>) {
-    match link {
-        Some(l) => l.writable().await,
-        None => std::future::pending().await,
+    /// The next delivery from the session's shared connection, or (cluster mode) from one
+    /// of its shared node connections: `LinkId::Shared` or `LinkId::SharedNode`.
+    pub(super) fn poll_shared(&mut self, cx: &mut Context<'_>) -> Poll<(LinkId, Delivery)> {
+        if let Some(Poll::Ready(d)) = self.shared.as_mut().map(|l| l.poll_recv(cx)) {
+            return Poll::Ready((LinkId::Shared, d));
+        }
+        for (p, l) in self.shared_nodes.iter_mut().enumerate() {
+            if let Some(Poll::Ready(d)) = l.as_mut().map(|l| l.poll_recv(cx)) {
+                let id = LinkId::SharedNode(u8::try_from(p).unwrap_or(u8::MAX));
+                return Poll::Ready((id, d));
+            }
+        }
+        Poll::Pending
     }
 }
