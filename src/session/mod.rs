@@ -340,6 +340,11 @@ struct Tally {
 }
 
 impl Tally {
+    /// Whether anything waits to be recorded.
+    fn pending(&self) -> bool {
+        self.oldest_answered.is_some() || self.forwarded.iter().any(|&n| n > 0)
+    }
+
     fn record(&mut self, hot: &Hot, replies_at: Instant) {
         for (class, n) in self.forwarded.iter_mut().enumerate() {
             if *n > 0 {
@@ -446,9 +451,16 @@ impl Session {
             registered: false,
         };
         loop {
-            self.flush(client).map_err(SessionEnd::ClientIo)?;
+            // Before progress (which may wait, e.g. for a confirmed master): what the last
+            // event produced goes out first. After it: what progress produced. Each only
+            // when something waits, so a wake-up pays for one flush, not two.
+            if self.output_waiting(client) {
+                self.flush(client).map_err(SessionEnd::ClientIo)?;
+            }
             self.progress(client).await?;
-            self.flush(client).map_err(SessionEnd::ClientIo)?;
+            if self.output_waiting(client) {
+                self.flush(client).map_err(SessionEnd::ClientIo)?;
+            }
             if self.retries_ready() {
                 // A link lost while writing left requests it never wrote, to retry now:
                 // no event would come for them.
@@ -724,6 +736,23 @@ impl Session {
 
     /// Write what every socket takes now. Errors on the backend side are handled as a
     /// lost backend; only client errors are returned.
+    /// Whether `flush` has anything to do: metrics of this wake-up, requests for a
+    /// backend, a half-close to pass on, replies or TLS records for the client. Must
+    /// cover everything `flush` writes, or output would wait for an unrelated event.
+    fn output_waiting(&self, client: &Stream) -> bool {
+        let up = &self.upstream;
+        self.tally.pending()
+            || !self.to_client.is_empty()
+            || client.wants_flush()
+            || [&up.master, &up.replica]
+                .into_iter()
+                .flatten()
+                .chain(up.nodes.iter().flatten())
+                .any(|l| l.has_output() || l.wants_shutdown())
+            || up.shared.as_ref().is_some_and(SharedLink::has_batch)
+            || up.shared_nodes.iter().flatten().any(SharedLink::has_batch)
+    }
+
     fn flush(&mut self, client: &mut Stream) -> io::Result<()> {
         self.tally.record(&self.shared.hot, self.replies_at);
         if let Some(shared) = &mut self.upstream.shared {

@@ -424,6 +424,11 @@ impl SharedLink {
             + self.mailbox.undelivered.load(Ordering::Relaxed)
     }
 
+    /// Whether requests are queued for the next batch (`flush` hands them on).
+    pub(super) fn has_batch(&self) -> bool {
+        self.count > 0
+    }
+
     /// Hand what was queued to the connection. A connection task that is gone hands it
     /// back at once (`Delivery::Unsent`: never written, so the session may retry it).
     pub(super) fn flush(&mut self) {
