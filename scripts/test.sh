@@ -103,5 +103,11 @@ cargo test --all-targets --locked
 echo "== redis-py suite" >&2
 cargo build --locked
 bash scripts/py-test.sh
+# The same suite with every process on one CPU: the proxy then runs its single-threaded
+# runtime (src/main.rs), the one a pinned or one-vCPU deployment gets.
+if command -v taskset >/dev/null 2>&1; then
+    echo "== redis-py suite, proxy on one CPU" >&2
+    taskset -c 0 bash scripts/py-test.sh
+fi
 echo "== node-redis / ioredis smoke tests" >&2
 bash scripts/node-test.sh

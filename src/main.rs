@@ -42,10 +42,22 @@ fn main() -> ExitCode {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // One CPU (a pinned process, a cgroup quota of one core or less, the usual sidecar):
+    // a multi-threaded runtime would have one worker anyway, and pays for work stealing
+    // it cannot use (atomics on every wake-up, a second thread to wake for timers).
+    let cpus = std::thread::available_parallelism().ok();
+    let one_cpu = cpus.is_some_and(|n| n.get() == 1);
+    let mut builder = if one_cpu {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    tracing::info!(
+        cpus = cpus.map_or(0, |n| n.get()),
+        threaded = !one_cpu,
+        "starting the runtime"
+    );
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("portcullis: cannot start the runtime: {e}");
