@@ -645,6 +645,14 @@ impl Session {
         // without building a future per source at every wake-up). Every source polled
         // `Pending` has registered the task to be woken.
         std::future::poll_fn(|cx| {
+            // tokio's per-task budget first, as `select!` does: a session that used its
+            // turn yields (woken again after the I/O driver ran) instead of taking a
+            // source that does not count against the budget (shared deliveries, a TLS
+            // client's decrypted bytes) ahead of the backends it would skip. Checking
+            // spends nothing: the guard gives the unit back when dropped.
+            if tokio::task::coop::poll_proceed(cx).is_pending() {
+                return Poll::Pending;
+            }
             let mut waiting = false;
             // Backends first: a link Redis closed while idle is noticed (and dropped
             // without a word) before a request that arrived at the same time is sent on it.
