@@ -16,14 +16,14 @@ fn main() -> ExitCode {
     let config = match cli.load() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("portcullis: {e}");
+            report(&format!("portcullis: {e}"));
             return ExitCode::from(2);
         }
     };
     if cli.check_config {
         // Also load what the config points at (TLS certificates and keys).
         if let Err(e) = portcullis::runtime::Runtime::build(config.clone(), 0) {
-            eprintln!("portcullis: {e}");
+            report(&format!("portcullis: {e}"));
             return ExitCode::from(2);
         }
         // A closed pipe (`| head`) is not an error worth a panic.
@@ -37,7 +37,12 @@ fn main() -> ExitCode {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_ansi(std::io::stderr().is_terminal())
+        // A log line that cannot be written (stderr closed: a pipe whose reader left) is
+        // lost, nothing more. By default the subscriber reports it with `eprintln!`,
+        // which panics on the same closed stderr: the task that logged died (the signal
+        // task with it, and SIGTERM was then ignored for good).
+        .log_internal_errors(false);
     match config.log.format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -60,7 +65,7 @@ fn main() -> ExitCode {
     let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("portcullis: cannot start the runtime: {e}");
+            report(&format!("portcullis: cannot start the runtime: {e}"));
             return ExitCode::from(1);
         }
     };
@@ -141,6 +146,12 @@ async fn async_main(cli: Cli, config: portcullis::Config) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// A line on stderr before logging starts; lost, not a panic, when stderr is closed.
+fn report(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 async fn wait_for_signal() {

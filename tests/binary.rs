@@ -284,3 +284,84 @@ fn container_entrypoint_and_env_parse() {
     );
     assert!(text.contains("protected_mode: false"), "{text}");
 }
+
+/// A closed stderr (a pipe whose reader left: `portcullis ... 2>&1 | head`) loses the
+/// log lines and nothing else: the proxy keeps serving, and SIGTERM, whose handler logs,
+/// still drains and exits 0. Also with the proxy on one CPU (its single-threaded
+/// runtime), where `taskset` exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_stderr_loses_only_the_log_lines() {
+    let redis = RedisServer::start(&[]);
+    let pinned = Command::new("taskset")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    for one_cpu in [false, true] {
+        if one_cpu && !pinned {
+            eprintln!("skipped: no taskset, the one-CPU run");
+            continue;
+        }
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let backend = redis.addr();
+        let args = [
+            "--listen",
+            listen.as_str(),
+            "--backend",
+            backend.as_str(),
+            "--admin-listen",
+            "",
+            "--log-level",
+            "debug",
+        ];
+        let mut cmd = if one_cpu {
+            let mut c = Command::new("taskset");
+            c.args(["-c", "0", BIN]);
+            c
+        } else {
+            Command::new(BIN)
+        };
+        let mut child = cmd
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the reading end at once: every log line from here on fails to write.
+        drop(child.stderr.take());
+        let mut c = support::client(&listen).await;
+        // Sessions log (debug) as they come and go: serving goes on regardless.
+        for i in 0..3 {
+            let mut other = support::client(&listen).await;
+            let _: () = other.set(format!("k{i}"), i).await.unwrap();
+        }
+        let r: redis::RedisResult<()> = redis::cmd("SLAVEOF")
+            .arg("127.0.0.1")
+            .arg("1")
+            .query_async(&mut c)
+            .await;
+        assert_eq!(r.unwrap_err().code(), Some("NOPERM"), "one_cpu={one_cpu}");
+        let v: i64 = c.get("k2").await.unwrap();
+        assert_eq!(v, 2, "one_cpu={one_cpu}");
+        drop(c);
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = std::time::Instant::now() + WAIT;
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("one_cpu={one_cpu}: no exit after SIGTERM with stderr closed");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(status.success(), "one_cpu={one_cpu}: {status:?}");
+    }
+}
