@@ -3,13 +3,34 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use redis::AsyncCommands;
 use support::{free_port, http_get, RedisServer, WAIT};
 
 const BIN: &str = support::PROXY_BIN;
+
+/// Send SIGTERM to `child` and wait (at most `WAIT`) for it to exit; a child still
+/// running then is killed and the test fails, naming `what`.
+fn exit_after_sigterm(child: &mut Child, what: &str) -> ExitStatus {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no exit after SIGTERM {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
 
 async fn wait_status(port: u16, path: &str, want: u16) -> String {
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -159,21 +180,7 @@ async fn admin_endpoints_and_sigterm() {
     );
 
     // SIGTERM: exits by itself, status 0.
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let deadline = std::time::Instant::now() + WAIT;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_after_sigterm(&mut child, "");
     assert!(status.success(), "{status:?}");
 }
 
@@ -292,12 +299,7 @@ fn container_entrypoint_and_env_parse() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_stderr_loses_only_the_log_lines() {
     let redis = RedisServer::start(&[]);
-    let pinned = Command::new("taskset")
-        .arg("-V")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+    let pinned = support::command_runs("taskset", &["-V"]);
     for one_cpu in [false, true] {
         if one_cpu && !pinned {
             eprintln!("skipped: no taskset, the one-CPU run");
@@ -346,22 +348,7 @@ async fn closed_stderr_loses_only_the_log_lines() {
         let v: i64 = c.get("k2").await.unwrap();
         assert_eq!(v, 2, "one_cpu={one_cpu}");
         drop(c);
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
-        let deadline = std::time::Instant::now() + WAIT;
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            if std::time::Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("one_cpu={one_cpu}: no exit after SIGTERM with stderr closed");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let status = exit_after_sigterm(&mut child, &format!("one_cpu={one_cpu}, stderr closed"));
         assert!(status.success(), "one_cpu={one_cpu}: {status:?}");
     }
 }

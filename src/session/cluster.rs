@@ -975,8 +975,8 @@ impl Session {
     }
 
     /// What a node's shared connection delivered, and whatever else is already there.
-    pub(super) fn on_node_deliveries(&mut self, id: LinkId, first: Option<Delivery>) {
-        let mut next = first;
+    pub(super) fn on_node_deliveries(&mut self, id: LinkId, first: Delivery) {
+        let mut next = Some(first);
         while let Some(d) = next {
             self.replies_at = self.now;
             if let Some(shared) = self.upstream.shared_node_mut(id) {

@@ -363,9 +363,9 @@ enum Event {
     ClientReadable,
     BackendReadable(LinkId),
     /// Replies (or a failure) from the session's shared connection.
-    Shared(Option<Delivery>),
+    Shared(Delivery),
     /// Cluster mode: replies from a node's shared connection.
-    SharedNode(LinkId, Option<Delivery>),
+    SharedNode(LinkId, Delivery),
     Writable,
     Idle,
     FrameTimeout,
@@ -625,15 +625,9 @@ impl Session {
             _ => None,
         };
         let upstream = &mut self.upstream;
-        let read_replies = self.to_client.bytes < limits.max_reply_buffer
-            && (upstream.master.is_some()
-                || upstream.replica.is_some()
-                || upstream.nodes.iter().any(Option::is_some));
-        let links_out = [&upstream.master, &upstream.replica]
-            .into_iter()
-            .flatten()
-            .chain(upstream.nodes.iter().flatten())
-            .any(|l| l.has_output() || l.wants_shutdown());
+        let read_replies =
+            self.to_client.bytes < limits.max_reply_buffer && upstream.own_links().next().is_some();
+        let links_out = upstream.links_want_write();
         let shared_links = upstream.shared.is_some() || !upstream.shared_nodes.is_empty();
         let client_out = !self.to_client.is_empty() || client.wants_flush();
         let draining = !matches!(self.phase, Phase::Open);
@@ -666,10 +660,8 @@ impl Session {
             if shared_links {
                 waiting = true;
                 match upstream.poll_shared(cx) {
-                    Poll::Ready((LinkId::Shared, d)) => {
-                        return Poll::Ready(Ok(Event::Shared(Some(d))))
-                    }
-                    Poll::Ready((id, d)) => return Poll::Ready(Ok(Event::SharedNode(id, Some(d)))),
+                    Poll::Ready((LinkId::Shared, d)) => return Poll::Ready(Ok(Event::Shared(d))),
+                    Poll::Ready((id, d)) => return Poll::Ready(Ok(Event::SharedNode(id, d))),
                     Poll::Pending => {}
                 }
             }
@@ -742,8 +734,6 @@ impl Session {
             .set_limits(self.rt.request_limits(self.authenticated));
     }
 
-    /// Write what every socket takes now. Errors on the backend side are handled as a
-    /// lost backend; only client errors are returned.
     /// Whether `flush` has anything to do: metrics of this wake-up, requests for a
     /// backend, a half-close to pass on, replies or TLS records for the client. Must
     /// cover everything `flush` writes, or output would wait for an unrelated event.
@@ -752,15 +742,12 @@ impl Session {
         self.tally.pending()
             || !self.to_client.is_empty()
             || client.wants_flush()
-            || [&up.master, &up.replica]
-                .into_iter()
-                .flatten()
-                .chain(up.nodes.iter().flatten())
-                .any(|l| l.has_output() || l.wants_shutdown())
-            || up.shared.as_ref().is_some_and(SharedLink::has_batch)
-            || up.shared_nodes.iter().flatten().any(SharedLink::has_batch)
+            || up.links_want_write()
+            || up.shared_links().any(SharedLink::has_batch)
     }
 
+    /// Write what every socket takes now. Errors on the backend side are handled as a
+    /// lost backend; only client errors are returned.
     fn flush(&mut self, client: &mut Stream) -> io::Result<()> {
         self.tally.record(&self.shared.hot, self.replies_at);
         if let Some(shared) = &mut self.upstream.shared {
@@ -2259,8 +2246,8 @@ impl Session {
     }
 
     /// What the shared connection delivered, and whatever else is already there.
-    fn on_deliveries(&mut self, first: Option<Delivery>) {
-        let mut next = first;
+    fn on_deliveries(&mut self, first: Delivery) {
+        let mut next = Some(first);
         while let Some(d) = next {
             self.replies_at = self.now;
             if let Some(shared) = &mut self.upstream.shared {

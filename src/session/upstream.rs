@@ -161,6 +161,11 @@ impl Link {
         self.shut_write == ShutWrite::Wanted
     }
 
+    /// Whether `flush` has something to do on this link: output or a half-close.
+    pub(super) fn wants_write(&self) -> bool {
+        self.has_output() || self.wants_shutdown()
+    }
+
     /// Write what the socket takes now; then, when asked for and everything is written,
     /// close the sending side.
     pub(super) fn flush(&mut self) -> io::Result<()> {
@@ -281,19 +286,9 @@ impl Upstream {
 
     /// Request bytes waiting for the backends.
     pub(super) fn queued_bytes(&self) -> usize {
-        self.master.as_ref().map_or(0, Link::queued_bytes)
-            + self.replica.as_ref().map_or(0, Link::queued_bytes)
-            + self.shared.as_ref().map_or(0, SharedLink::queued_bytes)
+        self.own_links().map(Link::queued_bytes).sum::<usize>()
             + self
-                .nodes
-                .iter()
-                .flatten()
-                .map(Link::queued_bytes)
-                .sum::<usize>()
-            + self
-                .shared_nodes
-                .iter()
-                .flatten()
+                .shared_links()
                 .map(SharedLink::queued_bytes)
                 .sum::<usize>()
     }
@@ -379,6 +374,24 @@ impl Upstream {
 /// list under a lock at every wake-up. `Pending` registers the task with every link
 /// polled.
 impl Upstream {
+    /// The session's own links (master, replica, cluster nodes), open ones only.
+    pub(super) fn own_links(&self) -> impl Iterator<Item = &Link> {
+        [&self.master, &self.replica]
+            .into_iter()
+            .flatten()
+            .chain(self.nodes.iter().flatten())
+    }
+
+    /// The session's shared connections (one, or in cluster mode one per node).
+    pub(super) fn shared_links(&self) -> impl Iterator<Item = &SharedLink> {
+        self.shared.iter().chain(self.shared_nodes.iter().flatten())
+    }
+
+    /// Whether one of the session's own links has output or a half-close to do.
+    pub(super) fn links_want_write(&self) -> bool {
+        self.own_links().any(Link::wants_write)
+    }
+
     /// Whether the master (`LinkId::Master`), the replica or a cluster node link is
     /// readable (or has an error), in that order.
     pub(super) fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<LinkId> {
@@ -406,9 +419,8 @@ impl Upstream {
 
     /// Whether a link with output (or a half-close to do) is writable.
     pub(super) fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<()> {
-        let links = [&self.master, &self.replica].into_iter().flatten();
-        for l in links.chain(self.nodes.iter().flatten()) {
-            if (l.has_output() || l.wants_shutdown()) && l.stream.poll_writable(cx).is_ready() {
+        for l in self.own_links() {
+            if l.wants_write() && l.stream.poll_writable(cx).is_ready() {
                 return Poll::Ready(());
             }
         }

@@ -797,11 +797,15 @@ pub fn valkey_server() -> Option<String> {
             return Some(bin);
         }
     }
-    let found = Command::new("valkey-server")
-        .arg("--version")
+    command_runs("valkey-server", &["--version"]).then(|| "valkey-server".to_string())
+}
+
+/// Whether `program args` runs and exits 0 (a tool the test may use is installed).
+pub fn command_runs(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .is_ok_and(|s| s.success());
-    found.then(|| "valkey-server".to_string())
+        .is_ok_and(|s| s.success())
 }
