@@ -156,7 +156,7 @@ async fn refused(conn: std::io::Result<TlsRaw>) -> bool {
         return true;
     };
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    if raw.stream.write_all(b"PING\r\n").await.is_err() {
+    if raw.stream.write_all(b"PING\r\n").await.is_err() || raw.stream.flush().await.is_err() {
         return true;
     }
     let mut buf = [0u8; 64];
@@ -397,10 +397,7 @@ async fn write_lands(proxy: &Proxy, redis: &RedisServer, key: &str) {
 /// A redis-server with a plain port (for the test's own checks) and a TLS port that
 /// requires client certificates from "ca".
 fn tls_redis(pki: &Pki) -> (RedisServer, u16) {
-    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let tls_port = support::free_port();
     let redis = RedisServer::start(&[
         "--tls-port",
         &tls_port.to_string(),
@@ -703,10 +700,7 @@ async fn redis_rs_client_with_tls_client_certificate_and_auth() {
 async fn sentinel_over_tls_names_a_tls_master() {
     let pki = Pki::new();
     let (master, tls_port) = tls_redis(&pki);
-    let sentinel_tls_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let sentinel_tls_port = support::free_port();
     // The Sentinel monitors the master's TLS port over TLS and serves TLS itself.
     let sentinel = support::start_sentinel_with(
         "tlsmaster",

@@ -1,35 +1,17 @@
 //! A real Redis Cluster on loopback: `redis-server --cluster-enabled yes` nodes on
-//! ephemeral ports (each below 55535 with its bus port, +10000, free too), joined by
+//! reserved test ports (each with its bus port, +10000, reserved too), joined by
 //! `redis-cli --cluster create ... --cluster-replicas N --cluster-yes`, awaited by polling
 //! `CLUSTER INFO` on every node until `cluster_state:ok` (deadline, no bare sleeps), and
 //! stopped by pid on drop.
 
-use std::net::TcpListener as StdListener;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::{wait_until, RedisServer};
 
-/// Highest data port whose bus port (+10000) is still a valid port.
-const MAX_DATA_PORT: u16 = 55535;
-
-/// A loopback port below `MAX_DATA_PORT` whose bus port is free too.
+/// A loopback port whose bus port (+10000) is free and reserved too (`reserve_ports`).
 pub fn cluster_port() -> u16 {
-    for _ in 0..1000 {
-        let Ok(l) = StdListener::bind("127.0.0.1:0") else {
-            continue;
-        };
-        let Ok(port) = l.local_addr().map(|a| a.port()) else {
-            continue;
-        };
-        if port >= MAX_DATA_PORT {
-            continue;
-        }
-        if StdListener::bind(("127.0.0.1", port + 10000)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port pair for a cluster node");
+    super::reserve_ports(&[0, 10_000])
 }
 
 /// One cluster node serving all 16384 slots (`CLUSTER ADDSLOTSRANGE 0 16383`): what the

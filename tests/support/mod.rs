@@ -1,5 +1,5 @@
-//! Test support: real `redis-server` processes on ephemeral loopback ports and the proxy
-//! in-process on `127.0.0.1:0`. Everything started here is stopped by pid on drop.
+//! Test support: real `redis-server` processes on loopback ports reserved for this test
+//! process (`reserve_ports`) and the proxy in-process on `127.0.0.1:0`. Everything started here is stopped by pid on drop.
 #![allow(dead_code)]
 
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -39,12 +39,85 @@ pub struct RedisServer {
     _dir: tempfile::TempDir,
 }
 
-/// A loopback port nobody listens on right now (the caller binds it soon after).
+/// A loopback port nobody listens on right now, reserved for this test process (the
+/// caller binds it soon after): see `reserve_ports`.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("an ephemeral port")
+    reserve_ports(&[0])
+}
+
+/// Lowest port the harness hands out (below it: well-known and registered services).
+const LOWEST_TEST_PORT: u16 = 10_000;
+
+/// A port `p` such that every `p + offset` is free now and reserved for the rest of this
+/// process (a cluster node's data and bus ports: `&[0, 10000]`).
+///
+/// Ports come from outside the kernel's ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`), which `bind(0)` and outgoing connections draw
+/// from: a port freed by a server a test killed is then never handed to another listener
+/// (another test's redis-server or in-process proxy) while a proxy still points at it and
+/// would take the newcomer for the dead backend. Each port is reserved with a lock on
+/// `$TMPDIR/portcullis-test-ports/<port>` held until the process ends (the kernel drops it
+/// then, whatever the exit), so test processes running side by side never share one and a
+/// process never reuses its own.
+pub fn reserve_ports(offsets: &[u16]) -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    let (lo, hi) = test_port_range();
+    let span = offsets.iter().copied().max().unwrap_or(0);
+    assert!(
+        u32::from(lo) + u32::from(span) < u32::from(hi),
+        "test port range {lo}..{hi} too small for offsets {offsets:?}"
+    );
+    let choices = u32::from(hi) - u32::from(lo) - u32::from(span);
+    let dir = std::env::temp_dir().join("portcullis-test-ports");
+    std::fs::create_dir_all(&dir).expect("create the port lock directory");
+    let random = std::collections::hash_map::RandomState::new();
+    for attempt in 0u32..10_000 {
+        let mut h = random.build_hasher();
+        h.write_u32(attempt);
+        h.write_u32(std::process::id());
+        let base = lo + (h.finish() % u64::from(choices)) as u16;
+        let mut locks = Vec::with_capacity(offsets.len());
+        let all = offsets.iter().all(|&off| {
+            let port = base + off;
+            let Ok(file) = std::fs::File::create(dir.join(port.to_string())) else {
+                return false;
+            };
+            let locked =
+                rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive);
+            if locked.is_err() || StdListener::bind(("127.0.0.1", port)).is_err() {
+                return false;
+            }
+            locks.push(file);
+            true
+        });
+        if all {
+            HELD.lock().unwrap_or_else(|e| e.into_inner()).extend(locks);
+            return base;
+        }
+    }
+    panic!("no free test port in {lo}..{hi} for offsets {offsets:?}");
+}
+
+/// The larger of the two port ranges around the kernel's ephemeral range, as `lo..hi`.
+fn test_port_range() -> (u16, u16) {
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|n| n.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32_768, 60_999));
+    let below = (LOWEST_TEST_PORT, ephemeral.0.max(LOWEST_TEST_PORT));
+    let above = (
+        ephemeral.1.saturating_add(1).max(LOWEST_TEST_PORT),
+        u16::MAX,
+    );
+    if below.1 - below.0 >= above.1 - above.0 {
+        below
+    } else {
+        above
+    }
 }
 
 impl RedisServer {
@@ -306,8 +379,13 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Raw<S> {
         }
     }
 
+    /// Write `bytes` and flush them: over TLS, `write_all` may return with the last records
+    /// still in the TLS layer's buffer (tokio-rustls accepts plaintext it could not yet send
+    /// when the socket is full), and without the flush they never leave, as a real client's
+    /// would.
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("write");
+        self.stream.flush().await.expect("flush");
     }
 
     /// Read until `expected` bytes arrived and return exactly them (fails on timeout).
@@ -319,15 +397,15 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Raw<S> {
                 .await
                 .unwrap_or_else(|_| {
                     panic!(
-                        "timed out waiting for {n} bytes; have {:?}",
-                        String::from_utf8_lossy(&self.buf)
+                        "timed out waiting for {n} bytes; have {}",
+                        excerpt(&self.buf)
                     )
                 })
                 .expect("read");
             if r == 0 {
                 panic!(
-                    "connection closed waiting for {n} bytes; have {:?}",
-                    String::from_utf8_lossy(&self.buf)
+                    "connection closed waiting for {n} bytes; have {}",
+                    excerpt(&self.buf)
                 );
             }
             self.buf.extend_from_slice(&chunk[..r]);
@@ -355,14 +433,14 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Raw<S> {
             let mut chunk = vec![0u8; 64 * 1024];
             match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
                 Err(_) => panic!(
-                    "timed out waiting for {:?}; have {:?}",
+                    "timed out waiting for {:?}; have {}",
                     String::from_utf8_lossy(marker),
-                    String::from_utf8_lossy(&self.buf)
+                    excerpt(&self.buf)
                 ),
                 Ok(Ok(0)) | Ok(Err(_)) => panic!(
-                    "closed while waiting for {:?}; have {:?}",
+                    "closed while waiting for {:?}; have {}",
                     String::from_utf8_lossy(marker),
-                    String::from_utf8_lossy(&self.buf)
+                    excerpt(&self.buf)
                 ),
                 Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
             }
@@ -380,15 +458,27 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Raw<S> {
         loop {
             let mut chunk = vec![0u8; 64 * 1024];
             match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
-                Err(_) => panic!(
-                    "connection not closed; have {:?}",
-                    String::from_utf8_lossy(&self.buf)
-                ),
+                Err(_) => panic!("connection not closed; have {}", excerpt(&self.buf)),
                 Ok(Ok(0)) | Ok(Err(_)) => return std::mem::take(&mut self.buf),
                 Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
             }
         }
     }
+}
+
+/// `bytes` for a failure message: all of them when short, else their length with the first
+/// and last 200 (a 48 MiB reply must not become a 48 MiB panic message).
+pub fn excerpt(bytes: &[u8]) -> String {
+    const EDGE: usize = 200;
+    if bytes.len() <= 2 * EDGE {
+        return format!("{:?}", String::from_utf8_lossy(bytes));
+    }
+    format!(
+        "{} bytes: {:?} ... {:?}",
+        bytes.len(),
+        String::from_utf8_lossy(&bytes[..EDGE]),
+        String::from_utf8_lossy(&bytes[bytes.len() - EDGE..])
+    )
 }
 
 /// Encode a command as a RESP array.
