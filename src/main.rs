@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -73,6 +74,21 @@ fn main() -> ExitCode {
 }
 
 async fn async_main(cli: Cli, config: portcullis::Config) -> ExitCode {
+    // Before the first listen: from the moment a client (or an orchestrator's health check)
+    // can connect, SIGTERM drains and SIGHUP reloads instead of taking their default
+    // action, which ends the process.
+    let signals = match Signals::register() {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot install the signal handlers");
+            return ExitCode::from(1);
+        }
+    };
+    let Signals {
+        mut term,
+        mut interrupt,
+        mut hangup,
+    } = signals;
     let listener = match TcpListener::bind(&config.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -106,22 +122,29 @@ async fn async_main(cli: Cli, config: portcullis::Config) -> ExitCode {
     let shutdown = CancellationToken::new();
     let signal_token = shutdown.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        stop_signal(&mut term, &mut interrupt).await;
         info!("signal received: draining (a second signal exits at once)");
         signal_token.cancel();
-        wait_for_signal().await;
+        stop_signal(&mut term, &mut interrupt).await;
         std::process::exit(130);
     });
     // SIGHUP: re-read the file and flags; the proxy swaps in what is valid.
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+    let cli = std::sync::Arc::new(cli);
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
-        while hup.recv().await.is_some() {
+        while hangup.recv().await.is_some() {
             info!("SIGHUP: reloading the configuration");
-            match cli.load() {
+            // A file read: off the runtime's threads (see the reload in `server::run`).
+            let reader = cli.clone();
+            let loaded = match tokio::task::spawn_blocking(move || reader.load()).await {
+                Ok(loaded) => loaded,
+                Err(e) => {
+                    portcullis::metrics::config_reload(false);
+                    error!(error = %e, "config reload failed; the running config stays");
+                    continue;
+                }
+            };
+            match loaded {
                 Ok(config) => {
                     if reload_tx.send((config, None)).await.is_err() {
                         return;
@@ -154,14 +177,32 @@ fn report(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
+/// The signals the proxy acts on. Registering one replaces its default action (for all
+/// three: end the process) at once, and a signal that arrives before its task first waits
+/// is kept for that wait.
+struct Signals {
+    /// SIGTERM: drain, then exit; a second one exits at once.
+    term: Signal,
+    /// SIGINT (Ctrl-C): as SIGTERM.
+    interrupt: Signal,
+    /// SIGHUP: reload the configuration.
+    hangup: Signal,
+}
+
+impl Signals {
+    fn register() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
+/// The next SIGTERM or SIGINT.
+async fn stop_signal(term: &mut Signal, interrupt: &mut Signal) {
     tokio::select! {
         _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = interrupt.recv() => {}
     }
 }

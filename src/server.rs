@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::backend::prober::{self, ProbeSettings};
@@ -157,7 +157,20 @@ pub async fn run(
                     return;
                 };
                 let old = shared.runtime.load_full();
-                let result = runtime::reload(&shared.runtime, config);
+                // Off the runtime's threads: a reload reads certificate files and parses
+                // them, which would pause every session on a single-threaded runtime.
+                let target = shared.clone();
+                let built =
+                    tokio::task::spawn_blocking(move || runtime::reload(&target.runtime, config));
+                let result = match built.await {
+                    Ok(result) => result,
+                    Err(e) => {
+                        // Dropping `reply` tells the requester it got no answer.
+                        crate::metrics::config_reload(false);
+                        error!(error = %e, "the config reload failed; the running config stays");
+                        continue;
+                    }
+                };
                 if result.is_ok() {
                     let new = shared.runtime.load_full();
                     shadow.store(

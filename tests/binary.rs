@@ -352,3 +352,60 @@ async fn closed_stderr_loses_only_the_log_lines() {
         assert!(status.success(), "one_cpu={one_cpu}: {status:?}");
     }
 }
+
+/// Signals are handled from the moment the data port accepts: an orchestrator that sees
+/// the port open and sends SIGHUP (whose default action ends a process) then SIGTERM gets
+/// a reload and a drain (exit 0), never a death by signal. Sent as soon as a connect
+/// succeeds, on both runtimes (the single-threaded one, under `taskset`, runs the most
+/// before its first yield).
+#[test]
+fn signals_are_handled_as_soon_as_the_port_accepts() {
+    let redis = RedisServer::start(&[]);
+    let pinned = support::command_runs("taskset", &["-V"]);
+    for one_cpu in [false, true] {
+        if one_cpu && !pinned {
+            eprintln!("skipped: no taskset, the one-CPU run");
+            continue;
+        }
+        for round in 0..5 {
+            let port = free_port();
+            let listen = format!("127.0.0.1:{port}");
+            let mut cmd = if one_cpu {
+                let mut c = Command::new("taskset");
+                c.args(["-c", "0", BIN]);
+                c
+            } else {
+                Command::new(BIN)
+            };
+            let mut child = cmd
+                .args(["--listen", &listen, "--backend", &redis.addr()])
+                .args(["--admin-listen", ""])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let what = format!("one_cpu={one_cpu} round={round}");
+            // Connect attempts back to back (a refused one costs microseconds): the signal
+            // goes out as close to the listen as a client can see it.
+            let deadline = std::time::Instant::now() + WAIT;
+            while std::net::TcpStream::connect(&listen).is_err() {
+                if let Some(s) = child.try_wait().unwrap() {
+                    panic!("{what}: exited before listening: {s:?}");
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{what}: never listened"
+                );
+            }
+            let _ = Command::new("kill")
+                .arg("-HUP")
+                .arg(child.id().to_string())
+                .status();
+            let status = exit_after_sigterm(&mut child, &what);
+            assert!(
+                status.success(),
+                "{what}: SIGHUP then SIGTERM right after the port opened: {status:?}"
+            );
+        }
+    }
+}
