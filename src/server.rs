@@ -161,18 +161,12 @@ pub async fn run(
                 // them, which would pause every session on a single-threaded runtime.
                 let target = shared.clone();
                 let built =
-                    tokio::task::spawn_blocking(move || runtime::reload(&target.runtime, config));
-                let result = match built.await {
-                    Ok(result) => result,
-                    Err(e) => {
-                        // Dropping `reply` tells the requester it got no answer.
-                        crate::metrics::config_reload(false);
-                        error!(error = %e, "the config reload failed; the running config stays");
-                        continue;
-                    }
-                };
-                if result.is_ok() {
-                    let new = shared.runtime.load_full();
+                    tokio::task::spawn_blocking(move || runtime::reload(&target.runtime, config))
+                        .await;
+                // Whatever the outcome, a runtime that was swapped in gets its backends and
+                // probe settings applied.
+                let new = shared.runtime.load_full();
+                if !Arc::ptr_eq(&old, &new) {
                     shadow.store(
                         new.config.protection.mode == ProtectionMode::Shadow,
                         std::sync::atomic::Ordering::Relaxed,
@@ -180,8 +174,20 @@ pub async fn run(
                     apply_backends(&shared.topology, &old.config, &new.config, &spawner);
                     settings.store(Arc::new(probe_settings(&new)));
                 }
-                if let Some(reply) = reply {
-                    let _ = reply.send(result);
+                match built {
+                    Ok(result) => {
+                        if let Some(reply) = reply {
+                            let _ = reply.send(result);
+                        }
+                    }
+                    // A panic in the reload: dropping `reply` tells the requester it got no
+                    // answer; counted as rejected unless the new runtime was swapped in.
+                    Err(e) => {
+                        if Arc::ptr_eq(&old, &new) {
+                            crate::metrics::config_reload(false);
+                        }
+                        error!(error = %e, "the config reload failed");
+                    }
                 }
             }
         });

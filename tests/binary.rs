@@ -354,10 +354,10 @@ async fn closed_stderr_loses_only_the_log_lines() {
 }
 
 /// Signals are handled from the moment the data port accepts: an orchestrator that sees
-/// the port open and sends SIGHUP (whose default action ends a process) then SIGTERM gets
-/// a reload and a drain (exit 0), never a death by signal. Sent as soon as a connect
-/// succeeds, on both runtimes (the single-threaded one, under `taskset`, runs the most
-/// before its first yield).
+/// the port open and sends SIGHUP (whose default action ends a process) gets a reload, and
+/// one that sends SIGTERM gets a drain (exit 0), never a death by signal. Each is sent as
+/// soon as a connect succeeds, on both runtimes (the single-threaded one, under `taskset`,
+/// runs the most before its first yield).
 #[test]
 fn signals_are_handled_as_soon_as_the_port_accepts() {
     let redis = RedisServer::start(&[]);
@@ -367,7 +367,10 @@ fn signals_are_handled_as_soon_as_the_port_accepts() {
             eprintln!("skipped: no taskset, the one-CPU run");
             continue;
         }
-        for round in 0..5 {
+        for (round, first) in ["HUP", "TERM", "HUP", "TERM", "HUP", "TERM"]
+            .into_iter()
+            .enumerate()
+        {
             let port = free_port();
             let listen = format!("127.0.0.1:{port}");
             let mut cmd = if one_cpu {
@@ -381,10 +384,11 @@ fn signals_are_handled_as_soon_as_the_port_accepts() {
                 .args(["--listen", &listen, "--backend", &redis.addr()])
                 .args(["--admin-listen", ""])
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(Stdio::piped())
                 .spawn()
                 .unwrap();
-            let what = format!("one_cpu={one_cpu} round={round}");
+            let mut lines = log_lines(&mut child);
+            let what = format!("one_cpu={one_cpu} round={round} SIG{first}");
             // Connect attempts back to back (a refused one costs microseconds): the signal
             // goes out as close to the listen as a client can see it.
             let deadline = std::time::Instant::now() + WAIT;
@@ -397,15 +401,40 @@ fn signals_are_handled_as_soon_as_the_port_accepts() {
                     "{what}: never listened"
                 );
             }
-            let _ = Command::new("kill")
-                .arg("-HUP")
-                .arg(child.id().to_string())
-                .status();
+            if first == "HUP" {
+                let _ = Command::new("kill")
+                    .arg("-HUP")
+                    .arg(child.id().to_string())
+                    .status();
+                // The reload is logged (the process is alive and acted on it).
+                let reloaded = lines.any(|l| l.contains("SIGHUP: reloading"));
+                if !reloaded {
+                    let status = child.try_wait().unwrap();
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("{what}: no reload logged; exit status {status:?}");
+                }
+            }
             let status = exit_after_sigterm(&mut child, &what);
-            assert!(
-                status.success(),
-                "{what}: SIGHUP then SIGTERM right after the port opened: {status:?}"
-            );
+            assert!(status.success(), "{what}: {status:?}");
         }
     }
+}
+
+/// The child's stderr, line by line as it is written (read on a thread; the iterator waits
+/// at most `WAIT` for each line and ends when the pipe closes).
+fn log_lines(child: &mut Child) -> impl Iterator<Item = String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    if let Some(stderr) = child.stderr.take() {
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    std::iter::from_fn(move || rx.recv_timeout(WAIT).ok())
 }

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -22,22 +21,12 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from test_compat import REPO_ROOT, _child_env, _stop, _tail, free_port, wait_until
+from test_compat import REPO_ROOT, _child_env, _stop, _tail, free_port, reserve_ports, wait_until
 
 
 def _port_pair() -> int:
-    """A free port below 55535 whose cluster bus port (+10000) is free too."""
-    for _ in range(1000):
-        port = free_port()
-        if port >= 55535:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise AssertionError("no free port pair")
+    """A reserved port whose cluster bus port (+10000) is reserved too."""
+    return reserve_ports((0, 10000))
 
 
 def _cluster_ok(port: int) -> bool:

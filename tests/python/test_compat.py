@@ -40,10 +40,67 @@ SOCKET_TIMEOUT_S = 30.0
 # helpers
 
 
+#: Lock files of the ports this process reserved, open (so locked) until it exits.
+_HELD_PORTS: list = []
+
+
+def _test_port_range(span: int) -> tuple[int, int]:
+    """A port range outside the kernel's ephemeral range with room for ``span`` above each
+    base port (the same rule as ``tests/support/mod.rs``: ``test_port_range``)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            first, last = (int(n) for n in f.read().split()[:2])
+    except (OSError, ValueError):
+        first, last = 32768, 60999
+    below = (10000, max(first, 10000))
+    above = (max(last + 1, 10000), 65535)
+    size = lambda r: max(r[1] - r[0], 0)  # noqa: E731
+    larger, smaller = (below, above) if size(below) >= size(above) else (above, below)
+    for r in (larger, smaller, (1024, max(first, 1024))):
+        if size(r) > span + 500:
+            return r
+    raise AssertionError(f"no test port range outside the ephemeral range {first}-{last}")
+
+
+def reserve_ports(offsets: tuple[int, ...] = (0,)) -> int:
+    """A port ``p`` such that every ``p + offset`` is free and reserved for this process.
+
+    Ports come from outside the kernel's ephemeral range, so a port freed by a server a
+    test killed is never handed to another listener or outgoing connection while a proxy
+    still points at it; each is locked (flock) in ``$TMPDIR/portcullis-test-ports``, shared
+    with the Rust harness, until the process exits."""
+    import fcntl
+    import random
+
+    span = max(offsets)
+    lo, hi = _test_port_range(span)
+    lock_dir = Path(tempfile.gettempdir()) / "portcullis-test-ports"
+    lock_dir.mkdir(exist_ok=True)
+    for _ in range(10000):
+        base = random.randrange(lo, hi - span)
+        locks = []
+        for off in offsets:
+            f = open(lock_dir / str(base + off), "w")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    s.bind(("127.0.0.1", base + off))
+            except OSError:
+                f.close()
+                break
+            locks.append(f)
+        else:
+            _HELD_PORTS.extend(locks)
+            return base
+        for f in locks:
+            f.close()
+    raise AssertionError(f"no free test port in {lo}..{hi} for offsets {offsets}")
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nobody listens on, reserved for this process (``reserve_ports``)."""
+    return reserve_ports((0,))
 
 
 def wait_until(predicate, what: str, timeout: float = WAIT_S, interval: float = 0.02):

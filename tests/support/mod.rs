@@ -1,5 +1,6 @@
 //! Test support: real `redis-server` processes on loopback ports reserved for this test
-//! process (`reserve_ports`) and the proxy in-process on `127.0.0.1:0`. Everything started here is stopped by pid on drop.
+//! process (`reserve_ports`) and the proxy in-process on `127.0.0.1:0`. Everything started
+//! here is stopped by pid on drop.
 #![allow(dead_code)]
 
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -32,7 +33,7 @@ pub fn forced_mode() -> Option<portcullis::config::BackendConnections> {
 /// How long any single wait in a test may take before it fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// A redis-server child on 127.0.0.1:<ephemeral>.
+/// A redis-server child on 127.0.0.1:<a reserved test port>.
 pub struct RedisServer {
     pub port: u16,
     child: Child,
@@ -62,15 +63,12 @@ const LOWEST_TEST_PORT: u16 = 10_000;
 pub fn reserve_ports(offsets: &[u16]) -> u16 {
     use std::hash::{BuildHasher, Hasher};
     static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
-    let (lo, hi) = test_port_range();
     let span = offsets.iter().copied().max().unwrap_or(0);
-    assert!(
-        u32::from(lo) + u32::from(span) < u32::from(hi),
-        "test port range {lo}..{hi} too small for offsets {offsets:?}"
-    );
+    let (lo, hi) = test_port_range(span);
     let choices = u32::from(hi) - u32::from(lo) - u32::from(span);
     let dir = std::env::temp_dir().join("portcullis-test-ports");
-    std::fs::create_dir_all(&dir).expect("create the port lock directory");
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("create the port lock directory {dir:?}: {e}"));
     let random = std::collections::hash_map::RandomState::new();
     for attempt in 0u32..10_000 {
         let mut h = random.build_hasher();
@@ -80,9 +78,9 @@ pub fn reserve_ports(offsets: &[u16]) -> u16 {
         let mut locks = Vec::with_capacity(offsets.len());
         let all = offsets.iter().all(|&off| {
             let port = base + off;
-            let Ok(file) = std::fs::File::create(dir.join(port.to_string())) else {
-                return false;
-            };
+            let path = dir.join(port.to_string());
+            let file = std::fs::File::create(&path)
+                .unwrap_or_else(|e| panic!("open the port lock {path:?}: {e}"));
             let locked =
                 rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive);
             if locked.is_err() || StdListener::bind(("127.0.0.1", port)).is_err() {
@@ -99,25 +97,33 @@ pub fn reserve_ports(offsets: &[u16]) -> u16 {
     panic!("no free test port in {lo}..{hi} for offsets {offsets:?}");
 }
 
-/// The larger of the two port ranges around the kernel's ephemeral range, as `lo..hi`.
-fn test_port_range() -> (u16, u16) {
-    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+/// A port range `lo..hi` outside the kernel's ephemeral range with room for `span` above
+/// each base port: the larger of the ranges below (from `LOWEST_TEST_PORT`) and above it,
+/// else from 1024 up to it.
+fn test_port_range(span: u16) -> (u16, u16) {
+    let (first, last) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| {
             let mut it = s.split_whitespace().map(|n| n.parse::<u16>().ok());
             Some((it.next()??, it.next()??))
         })
         .unwrap_or((32_768, 60_999));
-    let below = (LOWEST_TEST_PORT, ephemeral.0.max(LOWEST_TEST_PORT));
-    let above = (
-        ephemeral.1.saturating_add(1).max(LOWEST_TEST_PORT),
-        u16::MAX,
-    );
-    if below.1 - below.0 >= above.1 - above.0 {
-        below
+    let below = (LOWEST_TEST_PORT, first.max(LOWEST_TEST_PORT));
+    let above = (last.saturating_add(1).max(LOWEST_TEST_PORT), u16::MAX);
+    let size = |(lo, hi): (u16, u16)| u32::from(hi).saturating_sub(u32::from(lo));
+    let (larger, smaller) = if size(below) >= size(above) {
+        (below, above)
     } else {
-        above
-    }
+        (above, below)
+    };
+    // Room for the span and a few hundred base ports.
+    let fits = |r: (u16, u16)| size(r) > u32::from(span) + 500;
+    [larger, smaller, (1024, first.max(1024))]
+        .into_iter()
+        .find(|&r| fits(r))
+        .unwrap_or_else(|| {
+            panic!("no test port range outside the ephemeral range {first}-{last} for a span of {span}")
+        })
 }
 
 impl RedisServer {
@@ -492,7 +498,7 @@ pub fn resp(args: &[&[u8]]) -> Vec<u8> {
     out
 }
 
-/// A Redis Sentinel on 127.0.0.1:<ephemeral>, monitoring `master_port` as `name`.
+/// A Redis Sentinel on 127.0.0.1:<a reserved test port>, monitoring `master_port` as `name`.
 pub fn start_sentinel(name: &str, master_port: u16) -> RedisServer {
     start_sentinel_with(name, master_port, "")
 }
