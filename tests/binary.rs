@@ -299,12 +299,7 @@ fn container_entrypoint_and_env_parse() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_stderr_loses_only_the_log_lines() {
     let redis = RedisServer::start(&[]);
-    let pinned = support::command_runs("taskset", &["-V"]);
-    for one_cpu in [false, true] {
-        if one_cpu && !pinned {
-            eprintln!("skipped: no taskset, the one-CPU run");
-            continue;
-        }
+    for one_cpu in runtimes() {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let backend = redis.addr();
@@ -318,14 +313,7 @@ async fn closed_stderr_loses_only_the_log_lines() {
             "--log-level",
             "debug",
         ];
-        let mut cmd = if one_cpu {
-            let mut c = Command::new("taskset");
-            c.args(["-c", "0", BIN]);
-            c
-        } else {
-            Command::new(BIN)
-        };
-        let mut child = cmd
+        let mut child = proxy_command(one_cpu)
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -361,26 +349,14 @@ async fn closed_stderr_loses_only_the_log_lines() {
 #[test]
 fn signals_are_handled_as_soon_as_the_port_accepts() {
     let redis = RedisServer::start(&[]);
-    let pinned = support::command_runs("taskset", &["-V"]);
-    for one_cpu in [false, true] {
-        if one_cpu && !pinned {
-            eprintln!("skipped: no taskset, the one-CPU run");
-            continue;
-        }
+    for one_cpu in runtimes() {
         for (round, first) in ["HUP", "TERM", "HUP", "TERM", "HUP", "TERM"]
             .into_iter()
             .enumerate()
         {
             let port = free_port();
             let listen = format!("127.0.0.1:{port}");
-            let mut cmd = if one_cpu {
-                let mut c = Command::new("taskset");
-                c.args(["-c", "0", BIN]);
-                c
-            } else {
-                Command::new(BIN)
-            };
-            let mut child = cmd
+            let mut child = proxy_command(one_cpu)
                 .args(["--listen", &listen, "--backend", &redis.addr()])
                 .args(["--admin-listen", ""])
                 .stdout(Stdio::null())
@@ -418,6 +394,29 @@ fn signals_are_handled_as_soon_as_the_port_accepts() {
             let status = exit_after_sigterm(&mut child, &what);
             assert!(status.success(), "{what}: {status:?}");
         }
+    }
+}
+
+/// Which runtimes to run the binary on, as `one_cpu` flags for `proxy_command`: the
+/// multi-threaded one, and the single-threaded one where `taskset` exists.
+fn runtimes() -> Vec<bool> {
+    if support::command_runs("taskset", &["-V"]) {
+        vec![false, true]
+    } else {
+        eprintln!("skipped: no taskset, the one-CPU run");
+        vec![false]
+    }
+}
+
+/// The proxy binary as a command; with `one_cpu`, under `taskset -c 0`, where it sees one
+/// CPU and runs its single-threaded runtime.
+fn proxy_command(one_cpu: bool) -> Command {
+    if one_cpu {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "0", BIN]);
+        c
+    } else {
+        Command::new(BIN)
     }
 }
 
