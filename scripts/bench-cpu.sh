@@ -34,7 +34,9 @@
 # Columns: rps (median over rounds, SET and GET averaged), x direct (median of per-round
 # ratios), proxy µs/req and redis µs/req (CPU time over the run / requests in the run,
 # median), proxy user µs/req (the user-space part of the proxy's: proxies making the
-# same system calls differ mostly there), p50 µs (median; the c1_P1 row is the latency
+# same system calls differ mostly there), client µs/req (redis-benchmark's own CPU per
+# request, from bash's `times`: when it nears its core's whole time per request, the
+# client, not the target, sets the rate), p50 µs (median; the c1_P1 row is the latency
 # one), added p50 vs direct.
 # CPU comes from clock ticks (getconf CLK_TCK, 10 ms): runs last seconds, so ~1 %.
 
@@ -193,19 +195,21 @@ for ((r=1; r<=ROUNDS; r++)); do
     for tp in "${TARGETS[@]}"; do
       IFS=: read -r name port pid <<<"$tp"
       p0=$(cpu_ms "$pid"); u0=$(cpu_user_ms "$pid"); r0=$(cpu_ms "$REDIS_PID")
+      children_cpu_ms; c0=$CHILDREN_MS
       bench "$TMP/run.csv" "$port" "${args[@]}" || die "redis-benchmark against $name ($t, round $r) failed"
+      children_cpu_ms; c1=$CHILDREN_MS
       p1=$(cpu_ms "$pid"); u1=$(cpu_user_ms "$pid"); r1=$(cpu_ms "$REDIS_PID")
       kill -0 "$pid" 2>/dev/null || die "$name exited during $t round $r"
-      row=$(awk -F, -v r="$r" -v nm="$name" -v t="$t" -v n="$n" -v pc="$((p1 - p0))" -v uc="$((u1 - u0))" -v rc="$((r1 - r0))" '
+      row=$(awk -F, -v r="$r" -v nm="$name" -v t="$t" -v n="$n" -v pc="$((p1 - p0))" -v uc="$((u1 - u0))" -v rc="$((r1 - r0))" -v cc="$((c1 - c0))" '
         NR>1 { gsub(/"/,""); rps += $2; p50 += $5; k++ }
         END {
           if (k != 2) exit 1
           proxy = (nm == "direct") ? 0 : pc * 1000 / (2 * n)
           user = (nm == "direct") ? 0 : uc * 1000 / (2 * n)
-          printf "%s\t%s\t%s\t%.0f\t%.4f\t%.3f\t%.3f\t%.3f\n", r, nm, t, rps / 2, p50 / 2, proxy, rc * 1000 / (2 * n), user
+          printf "%s\t%s\t%s\t%.0f\t%.4f\t%.3f\t%.3f\t%.3f\t%.3f\n", r, nm, t, rps / 2, p50 / 2, proxy, rc * 1000 / (2 * n), user, cc * 1000 / (2 * n)
         }' "$TMP/run.csv") || die "unexpected redis-benchmark output: $(cat "$TMP/run.csv")"
       printf '%s\n' "$row" >>"$TMP/raw.tsv"
-      awk -F'\t' '{ printf "round %s %-10s %-9s %10.0f rps  p50 %.3f ms  proxy %.3f µs/req (user %.3f)  redis %.3f µs/req\n", $1,$2,$3,$4,$5,$6,$8,$7 }' <<<"$row" >&2
+      awk -F'\t' '{ printf "round %s %-10s %-9s %10.0f rps  p50 %.3f ms  proxy %.3f µs/req (user %.3f)  redis %.3f µs/req  client %.3f µs/req\n", $1,$2,$3,$4,$5,$6,$8,$7,$9 }' <<<"$row" >&2
     done
   done
 done

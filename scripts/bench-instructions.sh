@@ -26,6 +26,9 @@
 #   CLIENTS [50]               redis-benchmark -c
 #   PORTCULLIS_BIN [target/release/portcullis]
 #   BASE_BIN                   optional: another build measured the same way ("base")
+#   PROXY_CPUS [1]             CPU list the proxy runs on (taskset -c): one CPU gives it
+#                              the single-threaded runtime, as bench-cpu.sh's pinning
+#                              does; "all" runs it unpinned (multi-threaded runtime)
 #   TOP [0]                    >0: also print the TOP functions by inclusive count for
 #                              each run (callgrind_annotate)
 #   KEEP_TMP [0]               1: keep the callgrind.out files
@@ -38,6 +41,7 @@ N=${N:-100000}
 CLIENTS=${CLIENTS:-50}
 TOP=${TOP:-0}
 KEEP_TMP=${KEEP_TMP:-0}
+PROXY_CPUS=${PROXY_CPUS:-1}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=lib/bench.sh
@@ -76,7 +80,9 @@ for entry in "${BINS[@]}"; do
     for p in $PIPELINES; do
       port=$(free_port)
       out="$TMP/callgrind.$name.$mode.P$p"
-      valgrind --tool=callgrind --callgrind-out-file="$out.%p" "$bin" \
+      pin=()
+      [[ "$PROXY_CPUS" != all ]] && pin=(taskset -c "$PROXY_CPUS")
+      "${pin[@]}" valgrind --tool=callgrind --callgrind-out-file="$out.%p" "$bin" \
         --listen "127.0.0.1:$port" --backend "127.0.0.1:$REDIS_PORT" --admin-listen '' \
         --backend-connections "$mode" >"$TMP/$name.log" 2>&1 &
       pid=$!; PIDS+=("$pid")

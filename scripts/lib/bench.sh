@@ -110,6 +110,18 @@ cpu_ms() { cpu_fields_ms "12 13" "$@"; }
 # socket work on its behalf), summed, in ms.
 cpu_user_ms() { cpu_fields_ms 12 "$@"; }
 
+# children_cpu_ms: CHILDREN_MS = user+sys CPU (ms) of every child this shell has waited
+# for so far (bash's `times`, run in this shell: in a $(...) it would see the subshell's).
+# The difference around a `wait` is that child's CPU, its own children included.
+children_cpu_ms() {
+  times >"$TMP/times.txt"
+  CHILDREN_MS=$(awk 'NR == 2 {
+    t = 0
+    for (i = 1; i <= 2; i++) { split($i, a, "m"); sub(/s$/, "", a[2]); t += a[1] * 60000 + a[2] * 1000 }
+    printf "%.0f", t
+  }' "$TMP/times.txt")
+}
+
 # cpu_fields_ms FIELDS PID...: the sum of these fields of /proc/PID/stat, counted after
 # the command name (12 utime, 13 stime, in clock ticks), over the processes, in ms.
 cpu_fields_ms() {
@@ -125,10 +137,11 @@ cpu_fields_ms() {
 }
 
 # cpu_table RAW TESTS TARGETS: the markdown table (medians over rounds) of RAW, whose rows
-# are "round target test rps p50_ms proxy_us redis_us [proxy_user_us]" (tab-separated);
-# TESTS and TARGETS (space-separated) give the row order; target "direct" is the
-# reference. With the optional last field, a "proxy user µs/req" column follows the
-# proxy's total.
+# are "round target test rps p50_ms proxy_us redis_us [proxy_user_us [client_us]]"
+# (tab-separated); TESTS and TARGETS (space-separated) give the row order; target
+# "direct" is the reference. With the optional fields, a "proxy user µs/req" column
+# follows the proxy's total, and a "client µs/req" column (the benchmark client's own
+# CPU per request: near its core's whole time per request, the client is the limit).
 cpu_table() {
   awk -F'\t' -v tests="$2" -v targets="$3" '
 function med(s,   a, n, i, j, x) {
@@ -136,9 +149,12 @@ function med(s,   a, n, i, j, x) {
   for (i = 2; i <= n; i++) { x = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > x + 0; j--) a[j+1] = a[j]; a[j+1] = x }
   return (n % 2) ? a[(n + 1) / 2] : (a[n/2] + a[n/2 + 1]) / 2
 }
-{ R[$1, $2, $3, "rps"] = $4; R[$1, $2, $3, "p50"] = $5; R[$1, $2, $3, "pu"] = $6; R[$1, $2, $3, "ru"] = $7; R[$1, $2, $3, "uu"] = $8; rounds[$1] = 1; if (NF >= 8) user = 1 }
+{ R[$1, $2, $3, "rps"] = $4; R[$1, $2, $3, "p50"] = $5; R[$1, $2, $3, "pu"] = $6; R[$1, $2, $3, "ru"] = $7; R[$1, $2, $3, "uu"] = $8; R[$1, $2, $3, "cu"] = $9; rounds[$1] = 1; if (NF >= 8) user = 1; if (NF >= 9) client = 1 }
 END {
-  if (user) {
+  if (client) {
+    print "| test | target | rps | x direct | proxy µs/req | proxy user µs/req | redis µs/req | client µs/req | p50 µs | added p50 µs |"
+    print "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+  } else if (user) {
     print "| test | target | rps | x direct | proxy µs/req | proxy user µs/req | redis µs/req | p50 µs | added p50 µs |"
     print "|---|---|---:|---:|---:|---:|---:|---:|---:|"
   } else {
@@ -148,18 +164,21 @@ END {
   nt = split(tests, T, " "); ng = split(targets, G, " ")
   for (ti = 1; ti <= nt; ti++) for (gi = 1; gi <= ng; gi++) {
     t = T[ti]; g = G[gi]
-    rp = ra = pu = uu = ru = p5 = ad = ""
+    rp = ra = pu = uu = ru = cu = p5 = ad = ""
     for (r in rounds) {
       if (!((r, g, t, "rps") in R) || !((r, "direct", t, "rps") in R)) continue
       d = R[r, "direct", t, "rps"]
       rp = rp " " R[r, g, t, "rps"]; if (d > 0) ra = ra " " R[r, g, t, "rps"] / d
       pu = pu " " R[r, g, t, "pu"]; uu = uu " " R[r, g, t, "uu"]; ru = ru " " R[r, g, t, "ru"]
+      cu = cu " " R[r, g, t, "cu"]
       p5 = p5 " " R[r, g, t, "p50"] * 1000; ad = ad " " (R[r, g, t, "p50"] - R[r, "direct", t, "p50"]) * 1000
     }
     if (rp == "") continue
     pcol = (g == "direct" ? "-" : sprintf("%.2f", med(pu)))
     if (user) pcol = pcol " | " (g == "direct" ? "-" : sprintf("%.2f", med(uu)))
-    printf "| %s | %s | %.0f | %.2f | %s | %.2f | %.0f | %+.0f |\n", t, g, med(rp), med(ra), pcol, med(ru), med(p5), med(ad)
+    rcol = sprintf("%.2f", med(ru))
+    if (client) rcol = rcol " | " sprintf("%.2f", med(cu))
+    printf "| %s | %s | %.0f | %.2f | %s | %s | %.0f | %+.0f |\n", t, g, med(rp), med(ra), pcol, rcol, med(p5), med(ad)
   }
 }' "$1"
 }

@@ -15,6 +15,10 @@ const MAX_IOVECS: usize = 64;
 /// small replies becomes one write); bigger ones stay zero-copy chunks.
 const COALESCE_MAX: usize = 2048;
 
+/// A tail emptied by a write keeps its buffer up to this capacity (bytes); a bigger one,
+/// grown by a burst, is released.
+const TAIL_KEEP: usize = 64 * 1024;
+
 /// Bytes waiting for one socket, in order: every chunk precedes the tail.
 #[derive(Debug, Default)]
 pub(super) struct OutQueue {
@@ -137,8 +141,19 @@ impl OutQueue {
         self.bytes -= n;
         while n > 0 {
             let Some(front) = self.chunks.front_mut() else {
-                // The rest is in the tail.
-                self.tail.advance(n.min(self.tail.len()));
+                // The rest is in the tail. Written whole (the common case), it is
+                // cleared, not advanced: the buffer keeps its start and its capacity,
+                // so the next frame is copied in without `reserve` reclaiming space.
+                // One a burst grew past `TAIL_KEEP` is given back instead.
+                if n >= self.tail.len() {
+                    if self.tail.capacity() > TAIL_KEEP {
+                        self.tail = BytesMut::new();
+                    } else {
+                        self.tail.clear();
+                    }
+                } else {
+                    self.tail.advance(n);
+                }
                 return;
             };
             if n >= front.len() {
@@ -171,6 +186,31 @@ mod tests {
         assert_eq!(&q.tail[..], b"+b\r\n");
         q.advance(4);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_tail_written_whole_keeps_its_capacity() {
+        let mut q = OutQueue::default();
+        q.push(Bytes::from_static(b"+first\r\n"));
+        let cap = q.tail.capacity();
+        let start = q.tail.as_ptr();
+        q.advance(8);
+        assert!(q.is_empty());
+        assert_eq!((q.tail.capacity(), q.tail.as_ptr()), (cap, start));
+        q.push(Bytes::from_static(b"+second\r\n"));
+        assert_eq!(q.contents(), b"+second\r\n");
+        // A partial write still advances.
+        q.advance(3);
+        assert_eq!(q.contents(), b"cond\r\n");
+        q.advance(6);
+        // A tail a burst grew is given back once written.
+        let burst = vec![b'z'; COALESCE_MAX];
+        for _ in 0..=TAIL_KEEP / COALESCE_MAX {
+            q.push_ref(&Bytes::copy_from_slice(&burst));
+        }
+        assert!(q.tail.capacity() > TAIL_KEEP);
+        q.advance(q.bytes);
+        assert!(q.is_empty() && q.tail.capacity() == 0);
     }
 
     #[test]
