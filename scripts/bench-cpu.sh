@@ -39,6 +39,9 @@
 # client, not the target, sets the rate), p50 µs (median; the c1_P1 row is the latency
 # one), added p50 vs direct.
 # CPU comes from clock ticks (getconf CLK_TCK, 10 ms): runs last seconds, so ~1 %.
+# After the table, each mode against each of OTHERS, paired by round (measured seconds
+# apart, so a slow phase of the machine hits both): the median of the per-round rps
+# ratios and the rounds portcullis was ahead in.
 
 set -Eeuo pipefail
 
@@ -219,4 +222,28 @@ echo "portcullis vs direct Redis${OTHERS:+ and $OTHERS}, CPU per request: $ROUND
 echo
 cpu_table "$TMP/raw.tsv" "$TESTS" "$(for tp in "${TARGETS[@]}"; do printf '%s ' "${tp%%:*}"; done)"
 echo
+# Each portcullis mode against each other proxy, paired by round (both measured in the
+# same round, seconds apart): the median of the per-round throughput ratios, and how many
+# rounds portcullis was ahead.
+if [[ -n "$OTHERS" ]]; then
+  awk -F'\t' -v tests="$TESTS" -v modes="$MODES" -v others="$OTHERS" '
+function med(s,   a, n, i, j, x) {
+  n = split(s, a, " ")
+  for (i = 2; i <= n; i++) { x = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > x + 0; j--) a[j+1] = a[j]; a[j+1] = x }
+  return (n % 2) ? a[(n + 1) / 2] : (a[n/2] + a[n/2 + 1]) / 2
+}
+{ R[$1, $2, $3] = $4; rounds[$1] = 1 }
+END {
+  nt = split(tests, T, " "); nm = split(modes, M, " "); no = split(others, O, " ")
+  for (ti = 1; ti <= nt; ti++) for (mi = 1; mi <= nm; mi++) for (oi = 1; oi <= no; oi++) {
+    s = ""; won = 0; k = 0
+    for (r in rounds) {
+      if (!((r, M[mi], T[ti]) in R) || !((r, O[oi], T[ti]) in R) || R[r, O[oi], T[ti]] <= 0) continue
+      x = R[r, M[mi], T[ti]] / R[r, O[oi], T[ti]]; s = s " " x; k++; if (x > 1) won++
+    }
+    if (k) printf "%s: %s / %s rps, paired by round: median %.3f, ahead in %d of %d rounds\n", T[ti], M[mi], O[oi], med(s), won, k
+  }
+}' "$TMP/raw.tsv"
+  echo
+fi
 echo "tests: c50_P1 = -c 50 -n $N_P1 -P 1; c50_P16 = -c 50 -n $N_P16 -P 16; c50_P128 = -c 50 -n $N_P128 -P 128; c1_P1 = -c 1 -n $N_LAT -P 1 (-t set,get; n per op)"

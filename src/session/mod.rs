@@ -34,13 +34,14 @@ mod queue;
 mod scripts;
 mod state;
 mod upstream;
+mod wake;
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -68,6 +69,7 @@ use queue::{Awaiting, Entry, ReplyMode, ReplyQueue, Retained, Unsent};
 pub use scripts::ScriptCache;
 use state::{ConnState, Effect, ExecPlan, OnReply, StateChange, Transaction};
 use upstream::{Link, LinkEnd, LinkId, Upstream};
+use wake::Source;
 
 /// An empty read buffer larger than this is released (after a big value went through).
 const READ_KEEP: usize = 64 * 1024;
@@ -323,6 +325,11 @@ struct Session {
     tally: Tally,
     /// Whether the previous wait read the client (see the frame clock in `wait`).
     client_was_read: bool,
+    /// The client, master link and shutdown token wake the session through their own
+    /// wakers (`wake.rs`): a source still waiting with its waker is not polled again.
+    sources: wake::Sources,
+    /// The client socket's read readiness is registered with its waker, not fired since.
+    client_armed: bool,
     /// Cluster mode: routing state of this session (`cluster.rs`).
     cl: cluster::ClusterSession,
 }
@@ -409,6 +416,8 @@ impl Session {
             wait_needs_bump: false,
             tally: Tally::default(),
             client_was_read: true,
+            sources: wake::Sources::default(),
+            client_armed: false,
             cl: cluster::ClusterSession::default(),
         }
     }
@@ -446,9 +455,8 @@ impl Session {
         // One wait on the token for the whole session: a new `cancelled()` per wake-up
         // would join and leave the token's waiter list (a lock each) every time.
         let mut shutdown = ShutdownWait {
-            token: shutdown,
             cancelled: std::pin::pin!(shutdown.cancelled()),
-            registered: false,
+            armed: false,
         };
         loop {
             // Before progress (which may wait, e.g. for a confirmed master): what the last
@@ -635,10 +643,24 @@ impl Session {
         // is an idle timeout.
         let mut idle_timer = std::pin::pin!(idle_sleep(idle));
         let mut frame_timer = std::pin::pin!(frame_sleep(frame_deadline));
+        let sources = &mut self.sources;
+        let client_armed = &mut self.client_armed;
         // Each source in turn, in this order (what `select!` with `biased` would do,
         // without building a future per source at every wake-up). Every source polled
-        // `Pending` has registered the task to be woken.
+        // `Pending` has registered the task to be woken: the client, the master link and
+        // the shutdown token through their own wakers (`wake.rs`), so that one still
+        // registered (armed) is skipped until its waker fires.
         std::future::poll_fn(|cx| {
+            let fired = sources.begin(cx);
+            if fired.has(Source::Client) {
+                *client_armed = false;
+            }
+            if fired.has(Source::Master) {
+                upstream.disarm_master();
+            }
+            if fired.has(Source::Shutdown) {
+                shutdown.armed = false;
+            }
             // tokio's per-task budget first, as `select!` does: a session that used its
             // turn yields (woken again after the I/O driver ran) instead of taking a
             // source that does not count against the budget (shared deliveries, a TLS
@@ -652,7 +674,8 @@ impl Session {
             // without a word) before a request that arrived at the same time is sent on it.
             if read_replies {
                 waiting = true;
-                if let Poll::Ready(id) = upstream.poll_readable(cx) {
+                let mut master_cx = Context::from_waker(sources.waker(Source::Master));
+                if let Poll::Ready(id) = upstream.poll_readable(cx, &mut master_cx) {
                     return Poll::Ready(Ok(Event::BackendReadable(id)));
                 }
             }
@@ -667,10 +690,13 @@ impl Session {
             }
             if read_client {
                 waiting = true;
-                match client.poll_readable(cx) {
-                    Poll::Ready(Ok(())) => return Poll::Ready(Ok(Event::ClientReadable)),
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(SessionEnd::ClientIo(e))),
-                    Poll::Pending => {}
+                if !*client_armed {
+                    let mut client_cx = Context::from_waker(sources.waker(Source::Client));
+                    match client.poll_readable(&mut client_cx) {
+                        Poll::Ready(Ok(())) => return Poll::Ready(Ok(Event::ClientReadable)),
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(SessionEnd::ClientIo(e))),
+                        Poll::Pending => *client_armed = true,
+                    }
                 }
             }
             if client_out {
@@ -700,7 +726,8 @@ impl Session {
             // Once draining, the token stays cancelled: polling it again would spin.
             if !draining {
                 waiting = true;
-                if shutdown.poll(cx).is_ready() {
+                let mut shutdown_cx = Context::from_waker(sources.waker(Source::Shutdown));
+                if shutdown.poll(&mut shutdown_cx).is_ready() {
                     return Poll::Ready(Ok(Event::Shutdown));
                 }
             }
@@ -2384,23 +2411,26 @@ impl Session {
 }
 
 /// The server's shutdown signal as a session waits for it. The token's waiter is
-/// registered at the first poll and polled again only once the token is cancelled:
-/// polling the registered waiter takes the token's lock twice (its `is_cancelled` check,
-/// then the waiter's waker update), `is_cancelled` alone once. The waker it holds stays
-/// right: it is the session task's own, the same at every poll.
+/// registered with the shutdown source's waker and polled again only once that waker
+/// fired (the token was cancelled): polling the registered waiter takes the token's lock
+/// twice (its `is_cancelled` check, then the waiter's waker update), and even
+/// `is_cancelled` alone takes it once.
 struct ShutdownWait<'a, F> {
-    token: &'a CancellationToken,
     cancelled: std::pin::Pin<&'a mut F>,
-    registered: bool,
+    /// `cancelled` waits with the shutdown source's waker, which has not fired since.
+    armed: bool,
 }
 
 impl<F: Future<Output = ()>> ShutdownWait<'_, F> {
+    /// Poll with the shutdown source's waker (`wake::Source::Shutdown`); an armed wait is
+    /// not polled again (that would take the token's lock at every wake-up).
     fn poll(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        if self.registered && !self.token.is_cancelled() {
+        if self.armed {
             return std::task::Poll::Pending;
         }
-        self.registered = true;
-        self.cancelled.as_mut().poll(cx)
+        let ready = self.cancelled.as_mut().poll(cx);
+        self.armed = ready.is_pending();
+        ready
     }
 }
 

@@ -58,6 +58,9 @@ pub(super) struct Link {
     pub(super) label: String,
     /// Where replies read here count as the backend's proof of life (`probe.down_after`).
     liveness: Arc<Liveness>,
+    /// The master link's read readiness is registered with the master source's waker and
+    /// has not fired since (`wake.rs`; unused on other links).
+    armed: bool,
 }
 
 /// Half-close progress of a link.
@@ -102,6 +105,7 @@ impl Link {
             shut_write: ShutWrite::No,
             label: cfg.label().to_string(),
             liveness,
+            armed: false,
         })
     }
 
@@ -196,7 +200,10 @@ impl Link {
     }
 
     /// Wait until the socket is readable (or has an error).
-    pub(super) async fn readable(&self) {
+    pub(super) async fn readable(&mut self) {
+        // This registers the task's own waker in the stream's slot, replacing the master
+        // source's (`wake.rs`): the session's wait must poll this link again.
+        self.armed = false;
         // The poll form keeps the stream's one reader waker slot (see `Session::wait`).
         let _ = std::future::poll_fn(|cx| self.stream.poll_readable(cx)).await;
     }
@@ -387,31 +394,43 @@ impl Upstream {
         self.shared.iter().chain(self.shared_nodes.iter().flatten())
     }
 
+    /// The master source's waker fired: poll the master link at the next wait.
+    pub(super) fn disarm_master(&mut self) {
+        if let Some(master) = &mut self.master {
+            master.armed = false;
+        }
+    }
+
     /// Whether one of the session's own links has output or a half-close to do.
     pub(super) fn links_want_write(&self) -> bool {
         self.own_links().any(Link::wants_write)
     }
 
     /// Whether the master (`LinkId::Master`), the replica or a cluster node link is
-    /// readable (or has an error), in that order.
-    pub(super) fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<LinkId> {
-        let links = [
-            (LinkId::Master, &self.master),
-            (LinkId::Replica, &self.replica),
-        ];
-        for (id, link) in links {
-            if link
-                .as_ref()
-                .is_some_and(|l| l.stream.poll_readable(cx).is_ready())
-            {
-                return Poll::Ready(id);
+    /// readable (or has an error), in that order. The master is polled with `master_cx`
+    /// (the master source's waker), and not at all while armed (see `wake.rs`).
+    pub(super) fn poll_readable(
+        &mut self,
+        cx: &mut Context<'_>,
+        master_cx: &mut Context<'_>,
+    ) -> Poll<LinkId> {
+        if let Some(master) = self.master.as_mut().filter(|l| !l.armed) {
+            if master.stream.poll_readable(master_cx).is_ready() {
+                return Poll::Ready(LinkId::Master);
             }
+            master.armed = true;
         }
-        for (p, l) in self.nodes.iter().enumerate() {
-            if l.as_ref()
-                .is_some_and(|l| l.stream.poll_readable(cx).is_ready())
-            {
-                return Poll::Ready(LinkId::Node(u8::try_from(p).unwrap_or(u8::MAX)));
+        // The others with the task's own waker, every time (a link polled so is not
+        // armed, should it ever become the master link).
+        let others = self.replica.iter_mut().map(|l| (LinkId::Replica, l));
+        let nodes = self.nodes.iter_mut().enumerate().filter_map(|(p, l)| {
+            l.as_mut()
+                .map(|l| (LinkId::Node(u8::try_from(p).unwrap_or(u8::MAX)), l))
+        });
+        for (id, link) in others.chain(nodes) {
+            link.armed = false;
+            if link.stream.poll_readable(cx).is_ready() {
+                return Poll::Ready(id);
             }
         }
         Poll::Pending
