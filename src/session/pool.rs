@@ -165,6 +165,9 @@ struct Mailbox {
     unwritten: AtomicUsize,
     /// Reply bytes in the inbox, not taken by the session yet.
     undelivered: AtomicUsize,
+    /// Deliveries in the inbox (changed under its lock): an empty inbox is seen without
+    /// taking the lock, at every wait of the session.
+    queued: AtomicUsize,
     /// Requests of the session were handed back unwritten (`Delivery::Unsent`): its later
     /// batches are handed back too, never written before those are retried. Cleared by
     /// the session once nothing of it is left with the connection.
@@ -182,14 +185,23 @@ impl Mailbox {
         };
         self.undelivered.fetch_add(bytes, Ordering::Relaxed);
         inbox.push_back(d);
+        // Before the wake below: a session that registered its waker and then saw 0
+        // is woken after this.
+        self.queued.fetch_add(1, Ordering::Release);
         drop(inbox);
         self.ready.wake();
     }
 
     /// The next delivery, when one is there.
     fn take(&self) -> Option<Delivery> {
+        if self.queued.load(Ordering::Acquire) == 0 {
+            return None;
+        }
         let mut inbox = self.inbox.lock().ok()?;
         let d = inbox.pop_front();
+        if d.is_some() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+        }
         if inbox.is_empty() && inbox.capacity() > 8 {
             // Give back what a burst grew.
             *inbox = VecDeque::new();
@@ -366,6 +378,7 @@ impl SharedLink {
                 closed: AtomicBool::new(false),
                 unwritten: AtomicUsize::new(0),
                 undelivered: AtomicUsize::new(0),
+                queued: AtomicUsize::new(0),
                 halted: AtomicBool::new(false),
             }),
             in_flight: 0,
@@ -482,6 +495,7 @@ impl Drop for SharedLink {
         self.mailbox.closed.store(true, Ordering::Release);
         if let Ok(mut inbox) = self.mailbox.inbox.lock() {
             inbox.clear();
+            self.mailbox.queued.store(0, Ordering::Relaxed);
         }
     }
 }
