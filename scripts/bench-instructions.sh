@@ -26,6 +26,10 @@
 #   CLIENTS [50]               redis-benchmark -c
 #   PORTCULLIS_BIN [target/release/portcullis]
 #   BASE_BIN                   optional: another build measured the same way ("base")
+#   OTHERS [""]                "haproxy": HAProxy (TCP mode, 1 thread, bench-cpu.sh's
+#                              recipe) measured the same way, per pipeline depth, for
+#                              scale: it parses nothing, so it is a floor for a proxy's
+#                              own work per request, not a like-for-like program
 #   PROXY_CPUS [1]             CPU list the proxy runs on (taskset -c): one CPU gives it
 #                              the single-threaded runtime, as bench-cpu.sh's pinning
 #                              does; "all" runs it unpinned (multi-threaded runtime)
@@ -42,6 +46,7 @@ CLIENTS=${CLIENTS:-50}
 TOP=${TOP:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 PROXY_CPUS=${PROXY_CPUS:-1}
+OTHERS=${OTHERS:-}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=lib/bench.sh
@@ -74,43 +79,87 @@ total_ir() {
 }
 
 rows=()
+# measure NAME MODE PIPELINE PORT CMD...: run CMD (listening on PORT) under callgrind,
+# count the instructions of N SET and N GET requests after a warm-up, add a row.
+measure() {
+  local name=$1 mode=$2 p=$3 port=$4 out pid dump ir per; shift 4
+  out="$TMP/callgrind.$name.$mode.P$p"
+  local pin=()
+  [[ "$PROXY_CPUS" != all ]] && pin=(taskset -c "$PROXY_CPUS")
+  "${pin[@]}" valgrind --tool=callgrind --callgrind-out-file="$out.%p" "$@" \
+    >"$TMP/$name.log" 2>&1 &
+  pid=$!; PIDS+=("$pid")
+  wait_pong "$port" "$pid" "$name"
+  redis-benchmark -h 127.0.0.1 -p "$port" -c "$CLIENTS" -P "$p" -n 2000 -t set,get -q \
+    >/dev/null 2>>"$TMP/bench-stderr.log" || die "warm-up failed ($name $mode P$p)"
+  callgrind_control -z "$pid" >/dev/null
+  redis-benchmark -h 127.0.0.1 -p "$port" -c "$CLIENTS" -P "$p" -n "$N" -t set,get -q \
+    >/dev/null 2>>"$TMP/bench-stderr.log" || die "redis-benchmark failed ($name $mode P$p)"
+  callgrind_control -d "$pid" >/dev/null
+  stop_pid "$pid"
+  # The dump taken above is the first numbered part; the rest is shutdown.
+  dump=$(ls "$out.$pid".* 2>/dev/null | head -1)
+  [[ -n "$dump" ]] || die "no callgrind dump for $name $mode P$p"
+  ir=$(total_ir "$dump")
+  per=$(awk -v ir="$ir" -v n="$N" 'BEGIN { printf "%.0f", ir / (2 * n) }')
+  log "$name $mode P$p: $per instructions per request"
+  rows+=("$name $mode $p $per")
+  if (( TOP > 0 )); then
+    callgrind_annotate --inclusive=yes --threshold=100 "$dump" 2>/dev/null \
+      | grep -E '^ *[0-9,]+ ' | grep 'portcullis::' | head -n "$TOP" | cut -c1-160 >&2 || true
+  fi
+}
+
 for entry in "${BINS[@]}"; do
   name=${entry%%:*}; bin=${entry#*:}
   for mode in $MODES; do
     for p in $PIPELINES; do
       port=$(free_port)
-      out="$TMP/callgrind.$name.$mode.P$p"
-      pin=()
-      [[ "$PROXY_CPUS" != all ]] && pin=(taskset -c "$PROXY_CPUS")
-      "${pin[@]}" valgrind --tool=callgrind --callgrind-out-file="$out.%p" "$bin" \
-        --listen "127.0.0.1:$port" --backend "127.0.0.1:$REDIS_PORT" --admin-listen '' \
-        --backend-connections "$mode" >"$TMP/$name.log" 2>&1 &
-      pid=$!; PIDS+=("$pid")
-      wait_pong "$port" "$pid" "$name"
-      redis-benchmark -h 127.0.0.1 -p "$port" -c "$CLIENTS" -P "$p" -n 2000 -t set,get -q \
-        >/dev/null 2>>"$TMP/bench-stderr.log" || die "warm-up failed ($name $mode P$p)"
-      callgrind_control -z "$pid" >/dev/null
-      redis-benchmark -h 127.0.0.1 -p "$port" -c "$CLIENTS" -P "$p" -n "$N" -t set,get -q \
-        >/dev/null 2>>"$TMP/bench-stderr.log" || die "redis-benchmark failed ($name $mode P$p)"
-      callgrind_control -d "$pid" >/dev/null
-      stop_pid "$pid"
-      # The dump taken above is the first numbered part; the rest is shutdown.
-      dump=$(ls "$out.$pid".* 2>/dev/null | head -1)
-      [[ -n "$dump" ]] || die "no callgrind dump for $name $mode P$p"
-      ir=$(total_ir "$dump")
-      per=$(awk -v ir="$ir" -v n="$N" 'BEGIN { printf "%.0f", ir / (2 * n) }')
-      log "$name $mode P$p: $per instructions per request"
-      rows+=("$name $mode $p $per")
-      if (( TOP > 0 )); then
-        callgrind_annotate --inclusive=yes --threshold=100 "$dump" 2>/dev/null \
-          | grep -E '^ *[0-9,]+ ' | grep 'portcullis::' | head -n "$TOP" | cut -c1-160 >&2 || true
-      fi
+      measure "$name" "$mode" "$p" "$port" "$bin" --listen "127.0.0.1:$port" \
+        --backend "127.0.0.1:$REDIS_PORT" --admin-listen '' --backend-connections "$mode"
     done
   done
 done
 
+for other in $OTHERS; do
+  case "$other" in
+    haproxy)
+      command -v haproxy >/dev/null 2>&1 || { log "no haproxy: skipped"; continue; }
+      for p in $PIPELINES; do
+        port=$(free_port)
+        cat >"$TMP/haproxy.cfg" <<EOF
+global
+    maxconn 4000
+    nbthread 1
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 1h
+    timeout server 1h
+    timeout check 2s
+frontend redis_in
+    bind 127.0.0.1:$port
+    default_backend redis_master
+backend redis_master
+    option tcp-check
+    tcp-check connect
+    tcp-check send PING\r\n
+    tcp-check expect string +PONG
+    tcp-check send info\ replication\r\n
+    tcp-check expect string role:master
+    tcp-check send QUIT\r\n
+    tcp-check expect string +OK
+    server redis1 127.0.0.1:$REDIS_PORT check inter 1s fall 2 rise 1
+EOF
+        measure haproxy tcp "$p" "$port" haproxy -db -f "$TMP/haproxy.cfg"
+      done
+      ;;
+    *) die "unknown entry in OTHERS: $other (haproxy)" ;;
+  esac
+done
+
 echo
-echo "portcullis user-space instructions per request (callgrind; -c $CLIENTS, SET+GET, n=$N per op)"
+echo "user-space instructions per request (callgrind; -c $CLIENTS, SET+GET, n=$N per op; proxy on CPUs $PROXY_CPUS)"
 echo
 echo "| binary | mode | pipeline | instructions/request |"
 echo "|---|---|---:|---:|"
