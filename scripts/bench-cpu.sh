@@ -112,30 +112,7 @@ for other in $OTHERS; do
   case "$other" in
     haproxy)
       command -v haproxy >/dev/null 2>&1 || { log "no haproxy: skipped"; continue; }
-      cat >"$TMP/haproxy.cfg" <<EOF
-global
-    maxconn 4000
-    nbthread 1
-defaults
-    mode tcp
-    timeout connect 2s
-    timeout client 1h
-    timeout server 1h
-    timeout check 2s
-frontend redis_in
-    bind 127.0.0.1:$port
-    default_backend redis_master
-backend redis_master
-    option tcp-check
-    tcp-check connect
-    tcp-check send PING\r\n
-    tcp-check expect string +PONG
-    tcp-check send info\ replication\r\n
-    tcp-check expect string role:master
-    tcp-check send QUIT\r\n
-    tcp-check expect string +OK
-    server redis1 127.0.0.1:$REDIS_PORT check inter 1s fall 2 rise 1
-EOF
+      haproxy_config "$port" "$REDIS_PORT" >"$TMP/haproxy.cfg"
       "${SRV_PIN[@]}" haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/haproxy.log" 2>&1 &
       ;;
     twemproxy)

@@ -136,6 +136,37 @@ cpu_fields_ms() {
   done | awk '{ s += $1 } END { print s + 0 }'
 }
 
+# haproxy_config PORT REDIS_PORT: an HAProxy configuration on stdout, as
+# ../shared/bench/compare.sh runs it: TCP mode, one thread, listening on 127.0.0.1:PORT,
+# forwarding to the Redis on REDIS_PORT, which its tcp-check confirms as a master.
+haproxy_config() {
+  local port=$1 REDIS_PORT=$2
+  cat <<EOF
+global
+    maxconn 4000
+    nbthread 1
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 1h
+    timeout server 1h
+    timeout check 2s
+frontend redis_in
+    bind 127.0.0.1:$port
+    default_backend redis_master
+backend redis_master
+    option tcp-check
+    tcp-check connect
+    tcp-check send PING\r\n
+    tcp-check expect string +PONG
+    tcp-check send info\ replication\r\n
+    tcp-check expect string role:master
+    tcp-check send QUIT\r\n
+    tcp-check expect string +OK
+    server redis1 127.0.0.1:$REDIS_PORT check inter 1s fall 2 rise 1
+EOF
+}
+
 # cpu_table RAW TESTS TARGETS: the markdown table (medians over rounds) of RAW, whose rows
 # are "round target test rps p50_ms proxy_us redis_us [proxy_user_us [client_us]]"
 # (tab-separated); TESTS and TARGETS (space-separated) give the row order; target
