@@ -217,7 +217,10 @@ impl Stream {
         }
     }
 
-    /// Poll form of `readable` (waiting on several streams at once).
+    /// Poll form of `readable` (waiting on several streams at once). It registers `cx`'s
+    /// waker in the socket's one read slot, replacing the one there: a session's client
+    /// stream is polled so only by `Session::wait`, which knows whose waker is there
+    /// (`session/wake.rs`).
     pub fn poll_readable(
         &self,
         cx: &mut std::task::Context<'_>,

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Wake, Waker};
 
-/// A source with its own waker (a bit in `Sources::fired`).
+/// A source with its own waker (a bit in `WakeState::bits`).
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Source {
     Client = 1,
@@ -39,7 +39,7 @@ struct WakeState {
 /// One source's waker.
 #[derive(Debug)]
 struct SourceWaker {
-    fired: Arc<WakeState>,
+    state: Arc<WakeState>,
     bit: u8,
 }
 
@@ -49,10 +49,11 @@ impl Wake for SourceWaker {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        // The bit first: the task, once woken, must see it.
-        self.fired.bits.fetch_or(self.bit, Ordering::AcqRel);
+        // The bit first: the task, once woken, must see it. Woken under the lock (no
+        // clone of the waker): tokio's wake only queues the task.
+        self.state.bits.fetch_or(self.bit, Ordering::AcqRel);
         let task = self
-            .fired
+            .state
             .task
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
@@ -65,8 +66,8 @@ impl Wake for SourceWaker {
 /// A session's per-source wakers.
 #[derive(Debug)]
 pub(super) struct Sources {
-    fired: Arc<WakeState>,
-    /// The task waker last handed to `fired` (compared here, without its lock).
+    state: Arc<WakeState>,
+    /// The task waker last handed to `state` (compared here, without its lock).
     task: Option<Waker>,
     client: Waker,
     master: Waker,
@@ -75,10 +76,10 @@ pub(super) struct Sources {
 
 impl Default for Sources {
     fn default() -> Self {
-        let fired = Arc::new(WakeState::default());
+        let state = Arc::new(WakeState::default());
         let waker = |source: Source| {
             Waker::from(Arc::new(SourceWaker {
-                fired: fired.clone(),
+                state: state.clone(),
                 bit: source as u8,
             }))
         };
@@ -87,7 +88,7 @@ impl Default for Sources {
             master: waker(Source::Master),
             shutdown: waker(Source::Shutdown),
             task: None,
-            fired,
+            state,
         }
     }
 }
@@ -100,13 +101,13 @@ impl Sources {
         if !self.task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
             let waker = cx.waker().clone();
             *self
-                .fired
+                .state
                 .task
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner) = Some(waker.clone());
             self.task = Some(waker);
         }
-        Fired(self.fired.bits.swap(0, Ordering::AcqRel))
+        Fired(self.state.bits.swap(0, Ordering::AcqRel))
     }
 
     /// The waker to poll `source` with.
