@@ -203,12 +203,7 @@ echo
 # same round, seconds apart): the median of the per-round throughput ratios, and how many
 # rounds portcullis was ahead.
 if [[ -n "$OTHERS" ]]; then
-  awk -F'\t' -v tests="$TESTS" -v modes="$MODES" -v others="$OTHERS" '
-function med(s,   a, n, i, j, x) {
-  n = split(s, a, " ")
-  for (i = 2; i <= n; i++) { x = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > x + 0; j--) a[j+1] = a[j]; a[j+1] = x }
-  return (n % 2) ? a[(n + 1) / 2] : (a[n/2] + a[n/2 + 1]) / 2
-}
+  awk -F'\t' -v tests="$TESTS" -v modes="$MODES" -v others="$OTHERS" "$AWK_MED"'
 { R[$1, $2, $3] = $4; rounds[$1] = 1 }
 END {
   nt = split(tests, T, " "); nm = split(modes, M, " "); no = split(others, O, " ")

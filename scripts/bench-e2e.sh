@@ -144,12 +144,7 @@ done
 echo
 echo "portcullis vs direct Redis: $ROUNDS rounds, median; pin=$PIN; tls=$TLS; $(redis-server --version | awk '{print $3}')"
 echo
-awk -F'\t' -v tests="$TESTS" '
-function med(s,   a, n, i, j, x) {
-  n = split(s, a, " ")
-  for (i = 2; i <= n; i++) { x = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > x + 0; j--) a[j+1] = a[j]; a[j+1] = x }
-  return (n % 2) ? a[(n + 1) / 2] : (a[n/2] + a[n/2 + 1]) / 2
-}
+awk -F'\t' -v tests="$TESTS" "$AWK_MED"'
 { R[$1, $2, $3, $4, "rps"] = $5; R[$1, $2, $3, $4, "p50"] = $6; rounds[$1] = 1 }
 END {
   print "| test | op | direct rps | proxy rps | proxy/direct | p50 direct µs | p50 proxy µs | added p50 µs |"

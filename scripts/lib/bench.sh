@@ -167,6 +167,15 @@ backend redis_master
 EOF
 }
 
+# AWK_MED: an awk function, med(s), the median of the space-separated numbers in s. Put
+# it before an awk program: awk "$AWK_MED"'...'.
+AWK_MED='function med(s,   a, n, i, j, x) {
+  n = split(s, a, " ")
+  for (i = 2; i <= n; i++) { x = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > x + 0; j--) a[j+1] = a[j]; a[j+1] = x }
+  return (n % 2) ? a[(n + 1) / 2] : (a[n/2] + a[n/2 + 1]) / 2
+}
+'
+
 # cpu_table RAW TESTS TARGETS: the markdown table (medians over rounds) of RAW, whose rows
 # are "round target test rps p50_ms proxy_us redis_us [proxy_user_us [client_us]]"
 # (tab-separated); TESTS and TARGETS (space-separated) give the row order; target
@@ -174,12 +183,7 @@ EOF
 # follows the proxy's total, and a "client µs/req" column (the benchmark client's own
 # CPU per request: near its core's whole time per request, the client is the limit).
 cpu_table() {
-  awk -F'\t' -v tests="$2" -v targets="$3" '
-function med(s,   a, n, i, j, x) {
-  n = split(s, a, " ")
-  for (i = 2; i <= n; i++) { x = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > x + 0; j--) a[j+1] = a[j]; a[j+1] = x }
-  return (n % 2) ? a[(n + 1) / 2] : (a[n/2] + a[n/2 + 1]) / 2
-}
+  awk -F'\t' -v tests="$2" -v targets="$3" "$AWK_MED"'
 { R[$1, $2, $3, "rps"] = $4; R[$1, $2, $3, "p50"] = $5; R[$1, $2, $3, "pu"] = $6; R[$1, $2, $3, "ru"] = $7; R[$1, $2, $3, "uu"] = $8; R[$1, $2, $3, "cu"] = $9; rounds[$1] = 1; if (NF >= 8) user = 1; if (NF >= 9) client = 1 }
 END {
   if (client) {
