@@ -2478,6 +2478,88 @@ async fn invalidation_pushes_under_client_reply_off_and_skip() {
     bench.finish();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_answers_follow_pushes_already_sent() {
+    // The kind of the case above: an answer the proxy gives itself must not overtake a
+    // push or pub/sub message Redis sent before it. Another client's write or PUBLISH is
+    // acknowledged; Redis wrote the tracking push or message in the same event-loop turn
+    // (just after the acknowledgement, possibly), so a direct client that sends its next
+    // command after the acknowledgement always sees the push first. Whether the push is
+    // still on its way when the proxy's answer is due depends on timing, so each case
+    // runs for several rounds.
+    const ROUNDS: usize = 25;
+    let bench = Bench::start().await;
+    let tracking: &[&[&str]] = &[&["HELLO", "3"], &["CLIENT", "TRACKING", "ON", "BCAST"]];
+    let resp3_sub: &[&[&str]] = &[&["HELLO", "3"], &["SUBSCRIBE", "lp:ch"]];
+    let resp2_sub: &[&[&str]] = &[&["SUBSCRIBE", "lp:ch"]];
+    let set: &[&str] = &["SET", "lp:k", "v"];
+    let publish: &[&str] = &["PUBLISH", "lp:ch", "m"];
+    // (name, the subject's setup, another client's command, the locally answered command)
+    type Case<'a> = (&'a str, &'a [&'a [&'a str]], &'a [&'a str], &'a [&'a str]);
+    let cases: &[Case<'_>] = &[
+        (
+            "BCAST tracking, CLIENT REPLY ON",
+            tracking,
+            set,
+            &["CLIENT", "REPLY", "ON"],
+        ),
+        (
+            "BCAST tracking, a refused command",
+            tracking,
+            set,
+            &["CONFIG", "SET", "maxmemory", "0"],
+        ),
+        (
+            "BCAST tracking, an unknown command",
+            tracking,
+            set,
+            &["NO-SUCH-COMMAND", "x"],
+        ),
+        (
+            "RESP3 SUBSCRIBE, CLIENT REPLY ON",
+            resp3_sub,
+            publish,
+            &["CLIENT", "REPLY", "ON"],
+        ),
+        (
+            "RESP2 SUBSCRIBE, CLIENT REPLY (not allowed in that context)",
+            resp2_sub,
+            publish,
+            &["CLIENT", "REPLY", "ON"],
+        ),
+    ];
+    // PING with an argument ends each round: allowed in a RESP2 subscribed context too,
+    // and its answer ends in the same bulk string as ECHO's.
+    let ping_end: &[&str] = &["PING", "fidelity:end"];
+    for &(name, setup, event, local) in cases {
+        bench
+            .compare(name, |side| async move {
+                let mut c = Wire::connect(side.client).await;
+                let mut list = setup.to_vec();
+                list.push(ping_end);
+                c.send(&cmds(&list)).await;
+                let mut seen = c.until(END, WAIT).await;
+                let mut other = Wire::connect(side.client).await;
+                for _ in 0..ROUNDS {
+                    other.send(&cmds(&[event])).await;
+                    let ack = other.until(b"\r\n", WAIT).await;
+                    seen.bytes
+                        .extend(format!("[ack {}]", ack.bytes.escape_ascii()).into_bytes());
+                    c.send(&cmds(&[local, ping_end])).await;
+                    let round = c.until(END, WAIT).await;
+                    seen.bytes.extend(round.bytes);
+                    if round.closed {
+                        seen.closed = true;
+                        break;
+                    }
+                }
+                seen
+            })
+            .await;
+    }
+    bench.finish();
+}
+
 /// Wait until a tracking client (flag `t`) on `server` has `cmd` as its last command:
 /// a request sent with no reply to wait for (CLIENT REPLY OFF/SKIP) has then run.
 async fn tracking_client_ran(server: SocketAddr, cmd: &str) {

@@ -859,7 +859,36 @@ impl Session {
 
     /// Queue a proxy-produced answer in order (`None`: silenced by CLIENT REPLY).
     fn push_local(&mut self, reply: Option<Bytes>) {
+        if reply.is_some() && self.may_push() {
+            self.anchor_local_answer();
+        }
         self.queue.push_local(&mut self.to_client, reply);
+    }
+
+    /// Whether the session's master link can carry frames that answer no request and
+    /// that a local answer must not overtake: tracking invalidations and pub/sub
+    /// messages. Standalone only (in cluster mode they come from several nodes).
+    fn may_push(&self) -> bool {
+        (self.state.tracking || self.state.subscribed())
+            && self.txn.is_none()
+            && self.shared.cluster.is_none()
+            && self.upstream.master.is_some()
+    }
+
+    /// Put a hidden `PING` on the master link ahead of a local answer, which then waits
+    /// for its reply. Every push or message Redis sent before it would have run the
+    /// answered command reaches the client first, as from Redis directly (an
+    /// invalidation Redis queued together with another client's write, but wrote out a
+    /// moment after that write's `+OK`, still comes before `CLIENT REPLY ON`'s `+OK`).
+    /// `PING` is allowed in a RESP2 subscribed context, and its reply (`+PONG`, or
+    /// `pong` in an array there) is no message.
+    fn anchor_local_answer(&mut self) {
+        let Some(link) = &mut self.upstream.master else {
+            return;
+        };
+        link.send(&Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"));
+        self.queue
+            .push_upstream(Awaiting::hidden(LinkId::Master, self.read_at, "PING"));
     }
 
     /// Answer locally (AUTH, CLIENT REPLY, QUIT), subject to CLIENT REPLY.
