@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 use support::{http_get, resp, role, wait_until, ProxyProcess, Raw, RedisServer};
 
 /// Probes in these tests: a stall is seen within 0.5 s; down_after stays the default 10 s.
+/// Writes the proxy forwarded (counted once written to their backend link).
+const WRITES_FORWARDED: &str = "portcullis_commands_total{class=\"write\",outcome=\"forwarded\"}";
+
 const PROBES: &str = "[probe]\ninterval = \"200ms\"\ntimeout = \"300ms\"\n";
 
 fn sock(r: &RedisServer) -> SocketAddr {
@@ -182,7 +185,22 @@ async fn stall_then_write(
             None => wait_silent(r).await,
         }
     }
+    let forwarded_before = match proxy {
+        Some(p) => p.metric(WRITES_FORWARDED).await,
+        None => 0.0,
+    };
     a.send(&resp(&[b"SET", b"st:k", b"1"])).await;
+    if let Some(p) = proxy {
+        // Redis takes a's SET before b's GET: a's bytes are in its socket before b even
+        // connects. Through the proxy the same holds once a's session has written the
+        // SET to its link; without this wait the two sessions race (on two runtime
+        // threads, b's GET can be read and forwarded first: two clients' requests that
+        // reach the proxy together keep no order between them).
+        wait_until("a's SET forwarded", || async {
+            p.metric(WRITES_FORWARDED).await > forwarded_before
+        })
+        .await;
+    }
     let mut b = Raw::connect(target).await;
     b.send(&resp(&[b"GET", b"st:k"])).await;
     let replies = vec![reply(&mut a).await, reply(&mut b).await];

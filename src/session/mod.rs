@@ -776,7 +776,6 @@ impl Session {
     /// Write what every socket takes now. Errors on the backend side are handled as a
     /// lost backend; only client errors are returned.
     fn flush(&mut self, client: &mut Stream) -> io::Result<()> {
-        self.tally.record(&self.shared.hot, self.replies_at);
         if let Some(shared) = &mut self.upstream.shared {
             shared.flush();
         }
@@ -797,6 +796,9 @@ impl Session {
                 }
             }
         }
+        // After the backend writes: a forwarded count seen in the metrics means its
+        // request went out on its own link (`tests/stall.rs` orders two clients by it).
+        self.tally.record(&self.shared.hot, self.replies_at);
         if !self.to_client.is_empty() {
             let n = self.to_client.try_write(client)?;
             self.shared.hot.bytes_out.increment(n as u64);
