@@ -39,6 +39,10 @@
 # client, not the target, sets the rate), p50 µs (median; the c1_P1 row is the latency
 # one), added p50 vs direct.
 # CPU comes from clock ticks (getconf CLK_TCK, 10 ms): runs last seconds, so ~1 %.
+# A second table shows how the server core was shared (medians): Redis's requests per
+# wake-up (requests / its voluntary context switches: each is one sleep in its event
+# loop) and the proxy's preemptions per 1,000 requests (its involuntary context
+# switches, all threads).
 # After the table, each mode against each of OTHERS, paired by round (measured seconds
 # apart, so a slow phase of the machine hits both): the median of the per-round rps
 # ratios and the rounds portcullis was ahead in.
@@ -166,7 +170,8 @@ for tp in "${TARGETS[@]}"; do
   bench "$TMP/warmup.csv" "$port" -c 50 -n 20000 -P 1 || die "warm-up failed on port $port"
 done
 
-# raw.tsv: round target test rps(mean of SET, GET) p50_ms(mean) proxy_us redis_us
+# raw.tsv: round target test rps(mean of SET, GET) p50_ms(mean) proxy_us redis_us user_us
+# client_us redis_requests_per_wakeup proxy_preemptions_per_1000
 : >"$TMP/raw.tsv"
 for ((r=1; r<=ROUNDS; r++)); do
   for t in $TESTS; do
@@ -175,18 +180,23 @@ for ((r=1; r<=ROUNDS; r++)); do
     for tp in "${TARGETS[@]}"; do
       IFS=: read -r name port pid <<<"$tp"
       p0=$(cpu_ms "$pid"); u0=$(cpu_user_ms "$pid"); r0=$(cpu_ms "$REDIS_PID")
+      w0=$(ctx_switches voluntary "$REDIS_PID"); x0=$(ctx_switches nonvoluntary "$pid")
       children_cpu_ms; c0=$CHILDREN_MS
       bench "$TMP/run.csv" "$port" "${args[@]}" || die "redis-benchmark against $name ($t, round $r) failed"
       children_cpu_ms; c1=$CHILDREN_MS
       p1=$(cpu_ms "$pid"); u1=$(cpu_user_ms "$pid"); r1=$(cpu_ms "$REDIS_PID")
+      w1=$(ctx_switches voluntary "$REDIS_PID"); x1=$(ctx_switches nonvoluntary "$pid")
       kill -0 "$pid" 2>/dev/null || die "$name exited during $t round $r"
-      row=$(awk -F, -v r="$r" -v nm="$name" -v t="$t" -v n="$n" -v pc="$((p1 - p0))" -v uc="$((u1 - u0))" -v rc="$((r1 - r0))" -v cc="$((c1 - c0))" '
+      row=$(awk -F, -v r="$r" -v nm="$name" -v t="$t" -v n="$n" -v pc="$((p1 - p0))" -v uc="$((u1 - u0))" -v rc="$((r1 - r0))" -v cc="$((c1 - c0))" -v wk="$((w1 - w0))" -v px="$((x1 - x0))" '
         NR>1 { gsub(/"/,""); rps += $2; p50 += $5; k++ }
         END {
           if (k != 2) exit 1
           proxy = (nm == "direct") ? 0 : pc * 1000 / (2 * n)
           user = (nm == "direct") ? 0 : uc * 1000 / (2 * n)
-          printf "%s\t%s\t%s\t%.0f\t%.4f\t%.3f\t%.3f\t%.3f\t%.3f\n", r, nm, t, rps / 2, p50 / 2, proxy, rc * 1000 / (2 * n), user, cc * 1000 / (2 * n)
+          # Redis requests per wake-up; preemptions of the proxy per 1,000 requests.
+          per_wake = wk > 0 ? 2 * n / wk : 0
+          preempt = (nm == "direct") ? 0 : px * 1000 / (2 * n)
+          printf "%s\t%s\t%s\t%.0f\t%.4f\t%.3f\t%.3f\t%.3f\t%.3f\t%.2f\t%.1f\n", r, nm, t, rps / 2, p50 / 2, proxy, rc * 1000 / (2 * n), user, cc * 1000 / (2 * n), per_wake, preempt
         }' "$TMP/run.csv") || die "unexpected redis-benchmark output: $(cat "$TMP/run.csv")"
       printf '%s\n' "$row" >>"$TMP/raw.tsv"
       awk -F'\t' '{ printf "round %s %-10s %-9s %10.0f rps  p50 %.3f ms  proxy %.3f µs/req (user %.3f)  redis %.3f µs/req  client %.3f µs/req\n", $1,$2,$3,$4,$5,$6,$8,$7,$9 }' <<<"$row" >&2
@@ -218,4 +228,24 @@ END {
 }' "$TMP/raw.tsv"
   echo
 fi
+# How the shared server core was used: requests Redis served per wake-up (a target that
+# hands Redis more at once saves it an event-loop turn per request), and how often the
+# kernel preempted the proxy per 1,000 requests (on the core it shares with Redis, a
+# write that wakes Redis usually hands the core over).
+echo "scheduling on the server core (median): Redis requests per wake-up; proxy preemptions per 1,000 requests"
+echo
+awk -F'\t' -v tests="$TESTS" -v targets="$(for tp in "${TARGETS[@]}"; do printf '%s ' "${tp%%:*}"; done)" "$AWK_MED"'
+{ W[$1, $2, $3] = $10; X[$1, $2, $3] = $11; rounds[$1] = 1 }
+END {
+  print "| test | target | Redis requests per wake-up | proxy preemptions per 1,000 requests |"
+  print "|---|---|---:|---:|"
+  nt = split(tests, T, " "); ng = split(targets, G, " ")
+  for (ti = 1; ti <= nt; ti++) for (gi = 1; gi <= ng; gi++) {
+    w = x = ""
+    for (r in rounds) if ((r, G[gi], T[ti]) in W) { w = w " " W[r, G[gi], T[ti]]; x = x " " X[r, G[gi], T[ti]] }
+    if (w == "") continue
+    printf "| %s | %s | %.1f | %s |\n", T[ti], G[gi], med(w), (G[gi] == "direct" ? "-" : sprintf("%.0f", med(x)))
+  }
+}' "$TMP/raw.tsv"
+echo
 echo "tests: c50_P1 = -c 50 -n $N_P1 -P 1; c50_P16 = -c 50 -n $N_P16 -P 16; c50_P128 = -c 50 -n $N_P128 -P 128; c1_P1 = -c 1 -n $N_LAT -P 1 (-t set,get; n per op)"

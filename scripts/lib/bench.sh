@@ -136,6 +136,14 @@ cpu_fields_ms() {
   done | awk '{ s += $1 } END { print s + 0 }'
 }
 
+# ctx_switches KIND PID: the process's context switches so far, all threads summed
+# (/proc/PID/task/*/status): KIND "voluntary" (it went to sleep: each is one wake-up
+# later) or "nonvoluntary" (the kernel preempted it).
+ctx_switches() {
+  cat /proc/"$2"/task/*/status 2>/dev/null \
+    | awk -v k="$1" '$1 == k "_ctxt_switches:" { s += $2 } END { print s + 0 }'
+}
+
 # haproxy_config PORT REDIS_PORT: an HAProxy configuration on stdout, as
 # ../shared/bench/compare.sh runs it: TCP mode, one thread, listening on 127.0.0.1:PORT,
 # forwarding to the Redis on REDIS_PORT, which its tcp-check confirms as a master.
