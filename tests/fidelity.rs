@@ -2494,6 +2494,10 @@ async fn local_answers_follow_pushes_already_sent() {
     let resp2_sub: &[&[&str]] = &[&["SUBSCRIBE", "lp:ch"]];
     let set: &[&str] = &["SET", "lp:k", "v"];
     let publish: &[&str] = &["PUBLISH", "lp:ch", "m"];
+    // A message that takes a while to cross the proxy's link: the local answer would
+    // overtake it most of the time.
+    let big = "m".repeat(1 << 20);
+    let big_publish: &[&str] = &["PUBLISH", "lp:ch", &big];
     // (name, the subject's setup, another client's command, the locally answered command)
     type Case<'a> = (&'a str, &'a [&'a [&'a str]], &'a [&'a str], &'a [&'a str]);
     let cases: &[Case<'_>] = &[
@@ -2520,6 +2524,12 @@ async fn local_answers_follow_pushes_already_sent() {
             resp3_sub,
             publish,
             &["CLIENT", "REPLY", "ON"],
+        ),
+        (
+            "RESP3 SUBSCRIBE, a 1 MiB message, an unknown command",
+            resp3_sub,
+            big_publish,
+            &["NO-SUCH-COMMAND"],
         ),
         (
             "RESP2 SUBSCRIBE, CLIENT REPLY (not allowed in that context)",

@@ -869,11 +869,16 @@ impl Session {
 
     /// Whether the session's master link can carry frames that answer no request and
     /// that a local answer must not overtake: tracking invalidations and pub/sub
-    /// messages. Standalone only (in cluster mode they come from several nodes).
+    /// messages. Not in cluster mode (they come from several nodes), inside MULTI (the
+    /// anchor would be queued into the transaction), under MONITOR (Redis would feed the
+    /// anchor back as a monitor line) or in pass-through (a user without `+ping` would
+    /// get an `ACL LOG` entry per local answer).
     fn may_push(&self) -> bool {
         (self.state.tracking || self.state.subscribed())
+            && !self.state.monitor
             && self.txn.is_none()
             && self.shared.cluster.is_none()
+            && !self.rt.passthrough()
             && self.upstream.master.is_some()
     }
 
@@ -883,14 +888,25 @@ impl Session {
     /// invalidation Redis queued together with another client's write, but wrote out a
     /// moment after that write's `+OK`, still comes before `CLIENT REPLY ON`'s `+OK`).
     /// `PING` is allowed in a RESP2 subscribed context, and its reply (`+PONG`, or
-    /// `pong` in an array there) is no message.
+    /// `pong` in an array there) is no message. Not needed when the link's last request
+    /// came from the same client read as this one: it was written after this command
+    /// arrived, so its answer anchors just as well (a pipeline of refusals costs one
+    /// `PING`).
     fn anchor_local_answer(&mut self) {
+        let read_at = self.read_at;
+        if self
+            .queue
+            .last_on(LinkId::Master)
+            .is_some_and(|a| a.sent == read_at)
+        {
+            return;
+        }
         let Some(link) = &mut self.upstream.master else {
             return;
         };
         link.send(&Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"));
         self.queue
-            .push_upstream(Awaiting::hidden(LinkId::Master, self.read_at, "PING"));
+            .push_upstream(Awaiting::hidden(LinkId::Master, read_at, queue::ANCHOR));
     }
 
     /// Answer locally (AUTH, CLIENT REPLY, QUIT), subject to CLIENT REPLY.
@@ -2073,7 +2089,8 @@ impl Session {
         match a.on_reply {
             OnReply::PubSub { .. } => {}
             OnReply::Hidden(what) => {
-                if is_error {
+                // The anchor's error (-BUSY, -LOADING) keeps its place all the same.
+                if is_error && what != queue::ANCHOR {
                     metrics::hidden_request_failed(what, &self.peer);
                 }
             }

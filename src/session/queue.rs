@@ -182,6 +182,10 @@ impl Awaiting {
     }
 }
 
+/// The hidden `PING` a local answer waits behind in a session that receives pushes
+/// (`Session::anchor_local_answer`): its reply, even an error, is nobody's.
+pub(super) const ANCHOR: &str = "PING anchor";
+
 /// One entry of the in-order reply queue.
 #[derive(Debug)]
 pub(super) enum Entry {
@@ -325,12 +329,22 @@ impl ReplyQueue {
             .position(|e| matches!(e, Entry::Upstream(a) if a.link == link))
     }
 
-    /// Whether nothing after the entry at `index` waits on a backend or a retry.
+    /// Whether nothing the client sent after the entry at `index` waits on a backend or
+    /// a retry (a hidden request the proxy added changes nothing it would read).
     pub(super) fn last_in_flight(&self, index: usize) -> bool {
-        self.entries
-            .iter()
-            .skip(index + 1)
-            .all(|e| matches!(e, Entry::Ready(_)))
+        self.entries.iter().skip(index + 1).all(|e| match e {
+            Entry::Ready(_) => true,
+            Entry::Upstream(a) => matches!(a.on_reply, OnReply::Hidden(_)),
+            Entry::Retry { .. } => false,
+        })
+    }
+
+    /// The newest entry still waiting on `link`.
+    pub(super) fn last_on(&self, link: LinkId) -> Option<&Awaiting> {
+        self.entries.iter().rev().find_map(|e| match e {
+            Entry::Upstream(a) if a.link == link => Some(a),
+            _ => None,
+        })
     }
 
     /// Whether a command that can wait indefinitely is in flight on `link`.
@@ -479,12 +493,16 @@ impl ReplyQueue {
     }
 
     /// Answer every entry still waiting on `link` with `answer` (its link was lost);
-    /// returns how many there were.
+    /// returns how many of them were the client's (not hidden requests of the proxy).
     pub(super) fn fail_link(&mut self, link: LinkId, answer: &Bytes) -> usize {
         let mut n = 0u32;
+        let mut hidden = 0;
         for entry in self.entries.iter_mut() {
             if let Entry::Upstream(a) = entry {
                 if a.link == link {
+                    if matches!(a.on_reply, OnReply::Hidden(_)) {
+                        hidden += 1;
+                    }
                     let deliver = a.deliver;
                     let mut out = std::mem::take(&mut a.acc);
                     if deliver {
@@ -498,7 +516,7 @@ impl ReplyQueue {
         for _ in 0..n {
             self.count_down(link);
         }
-        n as usize
+        n as usize - hidden
     }
 
     /// Requests on `link` that were never written to its backend (the connection was
@@ -755,6 +773,37 @@ mod tests {
         q.drain(&mut out);
         assert!(q.is_empty());
         assert_eq!(out_bytes(&mut out), b"$1\r\n1\r\n-NOPERM refused\r\n");
+    }
+
+    #[test]
+    fn a_local_answer_behind_the_anchor_waits_for_its_reply_and_hidden_entries_are_nobodys() {
+        let mut q = ReplyQueue::default();
+        let mut out = OutQueue::default();
+        let sent = Instant::now();
+        let mut evalsha = awaiting(true);
+        evalsha.sent = sent;
+        q.push_upstream(evalsha);
+        q.push_upstream(Awaiting::hidden(LinkId::Master, sent, ANCHOR));
+        q.push_local(&mut out, Some(Bytes::from_static(b"+OK\r\n")));
+        // The anchor is the newest request on the link; the local answer waits behind it.
+        assert!(q
+            .last_on(LinkId::Master)
+            .is_some_and(|a| matches!(a.on_reply, OnReply::Hidden(ANCHOR))));
+        assert!(q.last_on(LinkId::Replica).is_none());
+        assert!(out.is_empty());
+        // Nothing the client sent after the first entry is in flight: a NOSCRIPT answer
+        // to it may still be retried.
+        assert!(q.last_in_flight(0));
+        q.push_upstream(awaiting(true));
+        assert!(!q.last_in_flight(0));
+        // The link is lost: the anchor is not counted as the client's request.
+        assert_eq!(
+            q.fail_link(LinkId::Master, &Bytes::from_static(b"-ERR lost\r\n")),
+            2
+        );
+        q.drain(&mut out);
+        assert!(q.is_empty());
+        assert_eq!(out_bytes(&mut out), b"-ERR lost\r\n+OK\r\n-ERR lost\r\n");
     }
 
     #[test]
