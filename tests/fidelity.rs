@@ -2044,6 +2044,43 @@ async fn monitor_streams_when_allowed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_with_tracking_local_answers_add_no_monitor_line() {
+    // A tracking session also running MONITOR gets the proxy's own answers at once: the
+    // hidden PING that orders them elsewhere (`local_answers_follow_pushes_already_sent`)
+    // would come back to it as a monitor line Redis never shows.
+    let bench = Bench::with(&[], |c| c.protection.allow = vec!["monitor".into()]).await;
+    bench
+        .compare(
+            "HELLO 3, TRACKING ON BCAST, MONITOR, local answers",
+            |side| async move {
+                let mut m = Wire::connect(side.client).await;
+                m.send(&cmds(&[
+                    &["HELLO", "3"],
+                    &["CLIENT", "TRACKING", "ON", "BCAST"],
+                    ECHO_END,
+                ]))
+                .await;
+                let mut seen = m.until(END, WAIT).await;
+                m.send(&cmds(&[&["MONITOR"]])).await;
+                seen.bytes.extend(m.until(b"+OK\r\n", WAIT).await.bytes);
+                m.send(&cmds(&[
+                    &["NO-SUCH-COMMAND"],
+                    &["CLIENT", "REPLY", "ON"],
+                    ECHO_END,
+                ]))
+                .await;
+                let rest = m.until(END, WAIT).await;
+                // Only PING lines are kept: the client sent none.
+                seen.bytes.extend(monitor_view(&rest.bytes, "\"PING\""));
+                seen.closed = rest.closed;
+                seen
+            },
+        )
+        .await;
+    bench.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_state_is_what_a_new_link_gets() {
     // After RESET, a new link must not get the state from before it (db, name, RESP3,
     // no-evict): state is carried exactly, including its reset.
