@@ -163,6 +163,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/metrics" => match &state.metrics {
             Some(h) => {
                 h.run_upkeep();
+                crate::metrics::uring_totals();
                 response(StatusCode::OK, "text/plain; version=0.0.4", h.render())
             }
             None => response(StatusCode::NOT_FOUND, "text/plain", "no metrics recorder\n"),

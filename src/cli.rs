@@ -59,6 +59,11 @@ pub struct Cli {
     #[arg(long, env = "PORTCULLIS_BACKEND_CONNECTIONS", value_enum)]
     pub backend_connections: Option<crate::config::BackendConnections>,
 
+    /// Batched sends through io_uring when the proxy runs one thread: `auto` or `off`
+    /// [default: auto].
+    #[arg(long, env = "PORTCULLIS_IO_URING", value_enum)]
+    pub io_uring: Option<crate::config::IoUringMode>,
+
     /// Validate the configuration, print it (secrets redacted) and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -107,6 +112,9 @@ impl Cli {
         }
         if let Some(mode) = self.backend_connections {
             config.routing.backend_connections = mode;
+        }
+        if let Some(mode) = self.io_uring {
+            config.runtime.io_uring = mode;
         }
         if let Some(p) = self.protected_mode {
             config.protection.protected_mode = p;

@@ -80,6 +80,8 @@ pub struct Config {
     /// `[auth]`: who checks a client's AUTH (the proxy, or Redis in pass-through).
     pub auth: crate::auth::AuthConfig,
     pub shutdown: ShutdownConfig,
+    /// `[runtime]`: how the proxy uses the machine (read at start only).
+    pub runtime: RuntimeConfig,
     /// Sentinel mode: the master (and replicas) come from Sentinel, still confirmed by ROLE.
     pub sentinel: Option<SentinelConfig>,
     /// Redis Cluster mode: the slot map comes from the cluster's nodes, each shard's master
@@ -105,6 +107,7 @@ impl Default for Config {
             users: Vec::new(),
             auth: crate::auth::AuthConfig::default(),
             shutdown: ShutdownConfig::default(),
+            runtime: RuntimeConfig::default(),
             sentinel: None,
             cluster: None,
             tls: None,
@@ -373,6 +376,27 @@ impl Default for ShutdownConfig {
             grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
+}
+
+/// `[runtime]`: how the proxy uses the machine. Read at start; a reload keeps the
+/// running values.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Batched sends through io_uring on the single-threaded runtime (`src/uring.rs`).
+    pub io_uring: IoUringMode,
+}
+
+/// `runtime.io_uring`: whether small writes of all connections go to the kernel together.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IoUringMode {
+    /// On when the proxy runs one thread (one CPU) and the kernel allows io_uring;
+    /// otherwise writes are direct.
+    #[default]
+    Auto,
+    /// Every write is a direct `send`/`writev`.
+    Off,
 }
 
 /// Admin HTTP listener.

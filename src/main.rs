@@ -63,6 +63,14 @@ fn main() -> ExitCode {
         threaded = !one_cpu,
         "starting the runtime"
     );
+    // One thread: small writes of every connection go to the kernel together, when the
+    // thread runs out of work (`portcullis::uring`).
+    if one_cpu && config.runtime.io_uring == portcullis::config::IoUringMode::Auto {
+        match portcullis::uring::enable(&mut builder) {
+            Ok(()) => tracing::info!("batched sends through io_uring"),
+            Err(e) => tracing::info!(error = %e, "io_uring unavailable; direct sends"),
+        }
+    }
     let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {

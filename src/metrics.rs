@@ -60,6 +60,19 @@ pub const HIDDEN_REQUEST_ERRORS_TOTAL: &str = "portcullis_hidden_request_errors_
 pub const UNEXPECTED_REPLICA_DETECTIONS_TOTAL: &str =
     "portcullis_unexpected_replica_detections_total";
 
+/// Batches of sends submitted through io_uring (`src/uring.rs`).
+pub const URING_SUBMISSIONS_TOTAL: &str = "portcullis_uring_submissions_total";
+/// Sends those batches carried (sends per submission: how much the batching gathers).
+pub const URING_SENDS_TOTAL: &str = "portcullis_uring_sends_total";
+
+/// Copy the batched-send totals into the registry (at each scrape: the sends themselves
+/// only bump two plain atomics).
+pub fn uring_totals() {
+    let (submissions, sends) = crate::uring::totals();
+    counter!(URING_SUBMISSIONS_TOTAL).absolute(submissions);
+    counter!(URING_SENDS_TOTAL).absolute(sends);
+}
+
 /// Command classes for `commands_total{class}`, from Redis's own flags.
 pub const CLASSES: [&str; 3] = ["write", "read", "other"];
 

@@ -13,6 +13,8 @@ use std::io::{self, IoSlice, Read, Write};
 use bytes::BytesMut;
 use tokio::net::TcpStream;
 
+use crate::uring::{self, Returned, Slot};
+
 /// First read buffer: a few commands; a connection that never sent more keeps no more.
 pub(crate) const READ_MIN: usize = 512;
 /// Largest growth step of a read buffer (bigger frames reserve for themselves).
@@ -33,14 +35,25 @@ fn read_space(buf: &mut BytesMut, expect: usize) {
 
 /// A client or backend connection.
 pub enum Stream {
-    Plain(TcpStream),
+    /// Plain TCP, with where its output waits in this thread's batch of sends (`uring`).
+    Plain(TcpStream, Slot),
     Tls(Box<TlsStream>),
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // The socket closes next: a send queued for it goes now, while its descriptor
+        // still names it (a closed one may be reused by the next connection).
+        if let Stream::Plain(_, slot) = self {
+            uring::forget(slot);
+        }
+    }
 }
 
 impl std::fmt::Debug for Stream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Stream::Plain(s) => f.debug_tuple("Plain").field(s).finish(),
+            Stream::Plain(s, _) => f.debug_tuple("Plain").field(s).finish(),
             Stream::Tls(s) => f.debug_tuple("Tls").field(&s.tcp).finish(),
         }
     }
@@ -197,9 +210,14 @@ impl Write for SocketIo<'_> {
 }
 
 impl Stream {
+    /// A plain TCP connection.
+    pub fn plain(tcp: TcpStream) -> Stream {
+        Stream::Plain(tcp, Slot::default())
+    }
+
     pub fn tcp(&self) -> &TcpStream {
         match self {
-            Stream::Plain(s) => s,
+            Stream::Plain(s, _) => s,
             Stream::Tls(t) => &t.tcp,
         }
     }
@@ -211,7 +229,7 @@ impl Stream {
     /// Wait until `read_some` may make progress.
     pub async fn readable(&self) -> io::Result<()> {
         match self {
-            Stream::Plain(s) => s.readable().await,
+            Stream::Plain(s, _) => s.readable().await,
             Stream::Tls(t) if t.plaintext => Ok(()),
             Stream::Tls(t) => t.tcp.readable().await,
         }
@@ -226,7 +244,7 @@ impl Stream {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
         match self {
-            Stream::Plain(s) => s.poll_read_ready(cx),
+            Stream::Plain(s, _) => s.poll_read_ready(cx),
             Stream::Tls(t) if t.plaintext => std::task::Poll::Ready(Ok(())),
             Stream::Tls(t) => t.tcp.poll_read_ready(cx),
         }
@@ -253,7 +271,7 @@ impl Stream {
 
     fn read_expecting(&mut self, buf: &mut BytesMut, expect: usize) -> io::Result<usize> {
         match self {
-            Stream::Plain(s) => read_some_plain(s, buf, expect),
+            Stream::Plain(s, _) => read_some_plain(s, buf, expect),
             Stream::Tls(t) => t.read_some(buf),
         }
     }
@@ -287,33 +305,90 @@ impl Stream {
         result
     }
 
-    /// Write what the connection takes now; `WouldBlock` if nothing.
+    /// Write what the connection takes now; `WouldBlock` if nothing. Bytes this stream
+    /// queued in the batch of sends, or that came back from it, go first.
     pub fn try_write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
-            Stream::Plain(s) if bufs.len() == 1 => s.try_write(&bufs[0]),
-            Stream::Plain(s) => s.try_write_vectored(bufs),
+            Stream::Plain(s, slot) => {
+                if slot.is_used() {
+                    uring::submit_if_queued(slot);
+                    write_returned(s, slot)?;
+                    if uring::has_returned(slot) {
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                }
+                if bufs.len() == 1 {
+                    s.try_write(&bufs[0])
+                } else {
+                    s.try_write_vectored(bufs)
+                }
+            }
             Stream::Tls(t) => t.try_write_vectored(bufs),
         }
     }
 
-    /// TLS records are waiting for the socket (even with nothing left to hand over).
+    /// Hand `bufs` (`total` bytes, in order) to this thread's batch of sends instead of
+    /// writing them: `Some(total)` when taken (they count as written; what the socket
+    /// does not take comes back, see `wants_flush`), `None` when the caller must write
+    /// them directly (TLS, no batching on this thread, too big, or earlier bytes came
+    /// back and wait). `waker` is woken when something comes back.
+    pub fn queue_batched(
+        &mut self,
+        bufs: &[&[u8]],
+        total: usize,
+        waker: &std::task::Waker,
+    ) -> Option<usize> {
+        match self {
+            Stream::Plain(s, slot) if total <= uring::MAX_QUEUED => {
+                if uring::has_returned(slot) {
+                    return None;
+                }
+                use std::os::fd::AsRawFd;
+                uring::queue(s.as_raw_fd(), slot, bufs, waker).then_some(total)
+            }
+            _ => None,
+        }
+    }
+
+    /// Bytes handed to the batch of sends and not written yet (queued, or come back):
+    /// with the queue's own, what a lost connection never wrote.
+    pub fn held_bytes(&self) -> usize {
+        match self {
+            Stream::Plain(_, slot) if slot.is_used() => uring::held(slot),
+            _ => 0,
+        }
+    }
+
+    /// Bytes are waiting for the socket (even with nothing left to hand over): TLS
+    /// records, or output the batch of sends could not write.
     pub fn wants_flush(&self) -> bool {
         match self {
-            Stream::Plain(_) => false,
+            Stream::Plain(_, slot) => slot.is_used() && uring::has_returned(slot),
             Stream::Tls(t) => t.conn.wants_write(),
         }
     }
 
-    /// Write waiting TLS records; `Ok` also when the socket is full (try again when
-    /// writable), `Err` only for a broken connection.
+    /// Write waiting bytes (`wants_flush`); `Ok` also when the socket is full (try again
+    /// when writable), `Err` only for a broken connection. Bytes still in the batch of
+    /// sends stay there.
     pub fn flush_pending(&mut self) -> io::Result<()> {
         match self {
-            Stream::Plain(_) => Ok(()),
+            Stream::Plain(s, slot) => write_returned(s, slot),
             Stream::Tls(t) => match t.flush() {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
                 other => other,
             },
         }
+    }
+
+    /// As `flush_pending`, and first submit this stream's bytes still in the batch of
+    /// sends: afterwards `wants_flush` says whether everything handed over is written
+    /// (before a half-close, or before a session counts its replies delivered).
+    pub fn settle(&mut self) -> io::Result<()> {
+        if let Stream::Plain(_, slot) = self {
+            uring::submit_if_queued(slot);
+        }
+        self.flush_pending()
     }
 
     /// Read at least one byte, waiting as needed (the proxy's own request/reply links).
@@ -349,6 +424,10 @@ impl Stream {
     /// Close the sending side (TCP FIN; for TLS, close_notify first): the peer reads end
     /// of input and may still answer. Call once everything queued is written.
     pub fn shutdown_write(&mut self) -> io::Result<()> {
+        if let Stream::Plain(_, slot) = self {
+            // Never ahead of bytes still in the batch of sends.
+            uring::submit_if_queued(slot);
+        }
         if let Stream::Tls(t) = self {
             t.conn.send_close_notify();
             match t.flush() {
@@ -367,6 +446,40 @@ impl Stream {
             let _ = t.flush();
         }
     }
+}
+
+/// Write what came back to `slot` from the batch of sends, as far as the socket takes it;
+/// the rest goes back (`Ok`), a failed send is this write's error.
+fn write_returned(s: &TcpStream, slot: &Slot) -> io::Result<()> {
+    let Some(returned) = uring::take_returned(slot) else {
+        return Ok(());
+    };
+    let mut data = match returned {
+        // Reported once; the bytes stay counted as unwritten (`held_bytes`).
+        Returned::Failed(e, data) => {
+            uring::give_back(slot, Returned::Lost(data));
+            return Err(e);
+        }
+        lost @ Returned::Lost(_) => {
+            uring::give_back(slot, lost);
+            return Ok(());
+        }
+        Returned::Unsent(data) => data,
+    };
+    let mut at = 0;
+    while at < data.len() {
+        match s.try_write(&data[at..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                data.drain(..at);
+                uring::give_back(slot, Returned::Unsent(data));
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// One non-blocking read into `buf`. A short read means the socket is drained, so tokio's
@@ -423,7 +536,7 @@ mod tests {
         let data = vec![b'x'; 3000];
         peer.write_all(&data).await.expect("write");
         drop(peer); // FIN right behind the data
-        let mut stream = Stream::Plain(server);
+        let mut stream = Stream::plain(server);
         let (mut buf, mut last, mut total) = (BytesMut::new(), 0, 0);
         while total < data.len() {
             stream.readable().await.expect("readable");
@@ -443,5 +556,218 @@ mod tests {
         );
         stream.readable().await.expect("readable");
         assert_eq!(stream.read_batch(&mut buf, &mut last).expect("eof"), 0);
+    }
+
+    /// A connected pair: the proxy's side as a `Stream`, the peer as a plain socket.
+    async fn pair() -> (Stream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let peer = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (ours, _) = listener.accept().await.expect("accept");
+        (Stream::plain(ours), peer)
+    }
+
+    /// Batching on this test's thread (`#[tokio::test]` runs one thread); `false` (and
+    /// the test is skipped) where the kernel refuses io_uring.
+    fn batching() -> bool {
+        match uring::enable_on_this_thread() {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("skipped: no io_uring here ({e})");
+                false
+            }
+        }
+    }
+
+    /// Counts its wake-ups.
+    struct Count(std::sync::atomic::AtomicUsize);
+    impl std::task::Wake for Count {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    fn counter() -> (std::sync::Arc<Count>, std::task::Waker) {
+        let count = std::sync::Arc::new(Count(Default::default()));
+        (count.clone(), std::task::Waker::from(count))
+    }
+
+    async fn read_n(peer: &mut TcpStream, n: usize) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut got = vec![0; n];
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            peer.read_exact(&mut got),
+        )
+        .await
+        .expect("bytes in time")
+        .expect("read");
+        got
+    }
+
+    #[tokio::test]
+    async fn queued_bytes_go_at_submit_and_a_direct_write_follows_them() {
+        if !batching() {
+            return;
+        }
+        let (mut ours, mut peer) = pair().await;
+        let (_, waker) = counter();
+        assert_eq!(ours.queue_batched(&[b"one "], 4, &waker), Some(4));
+        assert_eq!(
+            ours.queue_batched(&[b"two ", b"three "], 10, &waker),
+            Some(10)
+        );
+        let mut probe = [0u8; 64];
+        assert_eq!(
+            peer.try_read(&mut probe).map_err(|e| e.kind()),
+            Err(io::ErrorKind::WouldBlock),
+            "nothing is sent before the batch is submitted"
+        );
+        uring::submit();
+        assert_eq!(read_n(&mut peer, 14).await, b"one two three ");
+        // Queued again, then written directly: the direct write submits first.
+        assert_eq!(ours.queue_batched(&[b"four "], 5, &waker), Some(5));
+        assert_eq!(
+            ours.try_write_vectored(&[IoSlice::new(b"five")])
+                .expect("write"),
+            4
+        );
+        assert_eq!(read_n(&mut peer, 9).await, b"four five");
+        // Too big for a batch: the caller writes it.
+        let big = vec![b'x'; uring::MAX_QUEUED + 1];
+        assert_eq!(ours.queue_batched(&[&big], big.len(), &waker), None);
+    }
+
+    async fn read_to_end(peer: &mut TcpStream) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut all = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            peer.read_to_end(&mut all),
+        )
+        .await
+        .expect("end of stream in time")
+        .expect("read");
+        all
+    }
+
+    #[tokio::test]
+    async fn a_half_close_follows_the_queued_bytes() {
+        if !batching() {
+            return;
+        }
+        let (_, waker) = counter();
+        let (mut ours, mut peer) = pair().await;
+        assert_eq!(ours.queue_batched(&[b"half"], 4, &waker), Some(4));
+        ours.shutdown_write().expect("half-close");
+        assert_eq!(
+            read_to_end(&mut peer).await,
+            b"half",
+            "the bytes, then the half-close"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_closed_streams_queued_bytes_never_reach_the_next_owner_of_its_descriptor() {
+        if !batching() {
+            return;
+        }
+        let (_, waker) = counter();
+        let (mut ours, mut peer) = pair().await;
+        assert_eq!(ours.queue_batched(&[b"stale"], 5, &waker), Some(5));
+        assert_eq!(ours.held_bytes(), 5, "queued bytes count as unwritten");
+        drop(ours);
+        // The next connection most likely gets the closed one's descriptor number.
+        let (mut next, mut next_peer) = pair().await;
+        uring::submit();
+        assert_eq!(
+            read_to_end(&mut peer).await,
+            b"",
+            "forgotten, not sent, at close"
+        );
+        assert_eq!(next.queue_batched(&[b"fresh"], 5, &waker), Some(5));
+        uring::submit();
+        assert_eq!(read_n(&mut next_peer, 5).await, b"fresh");
+        drop(next);
+        assert_eq!(
+            read_to_end(&mut next_peer).await,
+            b"",
+            "nothing of the old stream"
+        );
+    }
+
+    #[tokio::test]
+    async fn what_a_full_socket_does_not_take_comes_back_in_order() {
+        if !batching() {
+            return;
+        }
+        let (mut ours, peer) = pair().await;
+        let sock = socket2::SockRef::from(ours.tcp());
+        sock.set_send_buffer_size(4096).expect("sndbuf");
+        socket2::SockRef::from(&peer)
+            .set_recv_buffer_size(4096)
+            .expect("rcvbuf");
+        let (woken, waker) = counter();
+        // Chunks of 4 KiB, each filled with its number: the peer checks the order.
+        let chunk = |i: usize| vec![(i % 251) as u8; 4096];
+        let mut queued = 0;
+        while !ours.wants_flush() {
+            assert!(queued < 4096, "the socket never filled");
+            assert_eq!(
+                ours.queue_batched(&[&chunk(queued)], 4096, &waker),
+                Some(4096)
+            );
+            uring::submit();
+            queued += 1;
+        }
+        assert_eq!(
+            woken.0.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "owner woken once"
+        );
+        // While bytes came back, nothing new is queued ahead of them.
+        assert_eq!(ours.queue_batched(&[b"later"], 5, &waker), None);
+        let reader = tokio::spawn(async move {
+            let mut peer = peer;
+            read_n(&mut peer, queued * 4096).await
+        });
+        while ours.wants_flush() {
+            ours.flush_pending().expect("write what came back");
+            if ours.wants_flush() {
+                ours.writable().await.expect("writable");
+            }
+        }
+        let got = reader.await.expect("reader");
+        for (i, c) in got.chunks(4096).enumerate() {
+            assert!(
+                c.iter().all(|&b| b == (i % 251) as u8),
+                "chunk {i} out of order"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_send_is_the_next_write_error() {
+        if !batching() {
+            return;
+        }
+        let (mut ours, peer) = pair().await;
+        // The peer resets the connection (linger 0: RST, no FIN).
+        socket2::SockRef::from(&peer)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .expect("linger");
+        drop(peer);
+        let (woken, waker) = counter();
+        assert_eq!(ours.queue_batched(&[b"lost"], 4, &waker), Some(4));
+        uring::submit();
+        assert!(ours.wants_flush(), "the failure is waiting for the owner");
+        assert_eq!(woken.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(
+            ours.flush_pending().is_err(),
+            "reported as the write's error"
+        );
+        assert!(!ours.wants_flush());
     }
 }

@@ -157,6 +157,10 @@ fn restart_needed(old: &Config, new: &mut Config) -> Vec<&'static str> {
         fields.push("auth.mode");
         new.auth = old.auth.clone();
     }
+    if old.runtime != new.runtime {
+        fields.push("runtime");
+        new.runtime = old.runtime.clone();
+    }
     if old.protection.auto_heal != new.protection.auto_heal {
         fields.push("protection.auto_heal");
         new.protection.auto_heal = old.protection.auto_heal;

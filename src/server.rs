@@ -344,7 +344,7 @@ fn refuse(
     let tls = shared.runtime.load().client_tls.clone();
     tracker.spawn(async move {
         let mut stream = match tls {
-            None => Stream::Plain(tcp),
+            None => Stream::plain(tcp),
             Some(tls) => match tokio::time::timeout(BOUND, tls.accept(tcp)).await {
                 Ok(Ok(stream)) => stream,
                 _ => return,

@@ -1,52 +1,9 @@
 //! The key integration suites again, with every proxy in shared mode
 //! (`routing.backend_connections = "shared"`): the suites' own test binaries, run with
 //! `PORTCULLIS_TEST_BACKEND_CONNECTIONS=shared` (read by `tests/support`), so nothing is
-//! copied and every assertion stays as written.
-//!
-//! The binaries are the ones cargo built next to this one (`cargo test` and
-//! `cargo test --all-targets` build every suite before running any). A suite binary
-//! older than the library fails the test instead of testing stale code: run
-//! `cargo test --test NAME --no-run` first when running this file alone.
+//! copied and every assertion stays as written (`tests/support/suites.rs`).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Mutex;
-use std::time::SystemTime;
-
-/// One suite at a time: each runs its own tests in parallel already.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn deps_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    exe.parent().expect("deps dir").to_path_buf()
-}
-
-fn modified(p: &Path) -> SystemTime {
-    std::fs::metadata(p)
-        .and_then(|m| m.modified())
-        .unwrap_or(SystemTime::UNIX_EPOCH)
-}
-
-/// The newest file in `dir` named `<prefix>-<hash><suffix>`.
-fn newest(dir: &Path, prefix: &str, suffix: &str) -> Option<PathBuf> {
-    std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
-                return false;
-            };
-            let Some(rest) = name.strip_prefix(prefix).and_then(|r| r.strip_prefix('-')) else {
-                return false;
-            };
-            let Some(hash) = rest.strip_suffix(suffix) else {
-                return false;
-            };
-            hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit())
-        })
-        .max_by_key(|p| modified(p))
-}
+mod support;
 
 fn run_suite(name: &str) {
     run_suite_skipping(name, &[]);
@@ -54,34 +11,7 @@ fn run_suite(name: &str) {
 
 /// `run_suite`, without the tests named in `skip` (each with its reason at the call).
 fn run_suite_skipping(name: &str, skip: &[&str]) {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = deps_dir();
-    let bin = newest(&dir, name, "").unwrap_or_else(|| {
-        panic!("no test binary for `{name}` in {dir:?}: build it with `cargo test --test {name} --no-run`")
-    });
-    if let Some(lib) = newest(&dir, "libportcullis", ".rlib") {
-        assert!(
-            modified(&bin) >= modified(&lib),
-            "{bin:?} is older than the library: rebuild it with `cargo test --test {name} --no-run`"
-        );
-    }
-    let mut cmd = Command::new(&bin);
-    for s in skip {
-        cmd.args(["--skip", s]);
-    }
-    if !skip.is_empty() {
-        cmd.arg("--exact");
-    }
-    let out = cmd
-        .env("PORTCULLIS_TEST_BACKEND_CONNECTIONS", "shared")
-        .output()
-        .expect("run the suite");
-    assert!(
-        out.status.success(),
-        "suite `{name}` failed in shared mode:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::suites::run(name, skip, (support::MODE_ENV, "shared"), "shared mode");
 }
 
 #[test]

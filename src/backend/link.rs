@@ -187,7 +187,7 @@ impl BackendLink {
         // Small request/reply frames: never wait for Nagle.
         let _ = tcp.set_nodelay(true);
         let stream = match tls {
-            None => Stream::Plain(tcp),
+            None => Stream::plain(tcp),
             Some(tls) => tls.connect(tcp, addr).await.map_err(|source| {
                 crate::metrics::tls_handshake_failure("backend");
                 BackendError::Tls {

@@ -1776,7 +1776,7 @@ impl Session {
         let Some(link) = self.upstream.get_mut(id) else {
             return Err(LinkEnd::Closed);
         };
-        link.flush().map_err(LinkEnd::Io)?;
+        link.flush(None).map_err(LinkEnd::Io)?;
         if let Some(r) = link.next_reply()? {
             return Ok(Some(r));
         }

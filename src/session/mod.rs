@@ -222,7 +222,7 @@ pub async fn run(
     let tls = shared.runtime.load().client_tls.clone();
     let local = client.local_addr().ok();
     let mut client = match tls {
-        None => Stream::Plain(client),
+        None => Stream::plain(client),
         Some(tls) => {
             let handshake = tokio::select! {
                 r = tls.accept(client) => r,
@@ -584,9 +584,20 @@ impl Session {
     }
 
     /// The reason to end now, once everything owed is written.
-    fn finished(&mut self, client: &Stream) -> Option<SessionEnd> {
-        let written = self.to_client.is_empty() && !client.wants_flush();
-        if !(written && self.queue.is_empty() && self.parked.is_none()) {
+    fn finished(&mut self, client: &mut Stream) -> Option<SessionEnd> {
+        if !(self.to_client.is_empty() && self.queue.is_empty() && self.parked.is_none()) {
+            return None;
+        }
+        if matches!(self.phase, Phase::Open) {
+            return None;
+        }
+        // Written means on the socket: replies still in the batch of sends go now, and
+        // what it did not take is waited for (`wants_flush`). An error here is the
+        // client's: nothing more can reach it.
+        if client.settle().is_err() {
+            return Some(SessionEnd::ClientClosed);
+        }
+        if client.wants_flush() {
             return None;
         }
         match &self.phase {
@@ -660,6 +671,10 @@ impl Session {
             }
             if fired.has(Source::Shutdown) {
                 shutdown.armed = false;
+            }
+            // Output handed to the batch of sends came back: the loop writes it.
+            if fired.has(Source::Output) {
+                return Poll::Ready(Ok(Event::Writable));
             }
             // tokio's per-task budget first, as `select!` does: a session that used its
             // turn yields (woken again after the I/O driver ran) instead of taking a
@@ -790,7 +805,7 @@ impl Session {
         };
         for id in [LinkId::Master, LinkId::Replica].into_iter().chain(nodes) {
             if let Some(link) = self.upstream.get_mut(id) {
-                if let Err(e) = link.flush() {
+                if let Err(e) = link.flush(Some(self.sources.waker(wake::Source::Output))) {
                     debug!(peer = %self.peer, error = %e, "backend write failed");
                     self.link_lost(id, LinkEnd::Io(e));
                 }
@@ -800,7 +815,8 @@ impl Session {
         // request went out on its own link (`tests/stall.rs` orders two clients by it).
         self.tally.record(&self.shared.hot, self.replies_at);
         if !self.to_client.is_empty() {
-            let n = self.to_client.try_write(client)?;
+            let batch = self.sources.waker(wake::Source::Output);
+            let n = self.to_client.try_write_batched(client, batch)?;
             self.shared.hot.bytes_out.increment(n as u64);
         }
         client.flush_pending()

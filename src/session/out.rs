@@ -114,6 +114,36 @@ impl OutQueue {
         Ok(total)
     }
 
+    /// As `try_write`, but small output is handed to this thread's batch of sends
+    /// (`uring`): it counts as written, and what the socket does not take comes back to
+    /// `stream` (`Stream::wants_flush`) and wakes `waker`. Everything else is written
+    /// directly.
+    pub(super) fn try_write_batched(
+        &mut self,
+        stream: &mut Stream,
+        waker: &std::task::Waker,
+    ) -> io::Result<usize> {
+        let total = self.bytes;
+        if total > 0 && total <= crate::uring::MAX_QUEUED && self.chunks.len() < MAX_IOVECS {
+            let queued = if self.chunks.is_empty() {
+                stream.queue_batched(&[&self.tail], total, waker)
+            } else {
+                let mut slices: [&[u8]; MAX_IOVECS] = [&[]; MAX_IOVECS];
+                let n = self.chunks.len();
+                for (slot, chunk) in slices.iter_mut().zip(self.chunks.iter()) {
+                    *slot = chunk;
+                }
+                slices[n] = &self.tail;
+                stream.queue_batched(&slices[..=n], total, waker)
+            };
+            if let Some(n) = queued {
+                self.advance(n);
+                return Ok(n);
+            }
+        }
+        self.try_write(stream)
+    }
+
     /// One `writev` of the chunks, then the tail, as far as `MAX_IOVECS` goes.
     fn write_chunks(&self, stream: &mut Stream) -> io::Result<usize> {
         let mut slices = [IoSlice::new(&[]); MAX_IOVECS];

@@ -120,12 +120,13 @@ impl Link {
 
     /// Frames queued by `send` that did not reach the socket whole: the last ones sent.
     /// A backend never ran them (Redis runs only complete commands); bytes handed to a
-    /// TLS session count as written.
+    /// TLS session count as written, bytes in the batch of sends do not until sent.
     pub(super) fn unwritten_requests(&mut self) -> usize {
         self.forget_written();
+        let unwritten = self.unwritten_bytes();
         let (mut n, mut bytes) = (0, 0);
         for size in self.sends.iter().rev() {
-            if bytes >= self.out.bytes {
+            if bytes >= unwritten {
                 break;
             }
             bytes += size;
@@ -134,10 +135,17 @@ impl Link {
         n
     }
 
+    /// Request bytes not on the socket yet: queued here, or in the batch of sends
+    /// (`uring`) and not sent.
+    fn unwritten_bytes(&self) -> usize {
+        self.out.bytes + self.stream.held_bytes()
+    }
+
     /// Drop the sizes of frames written whole.
     fn forget_written(&mut self) {
+        let unwritten = self.unwritten_bytes();
         while let Some(&front) = self.sends.front() {
-            if self.sends_bytes - front < self.out.bytes {
+            if self.sends_bytes - front < unwritten {
                 break;
             }
             self.sends.pop_front();
@@ -152,7 +160,7 @@ impl Link {
 
     /// Request bytes not yet written.
     pub(super) fn queued_bytes(&self) -> usize {
-        self.out.bytes
+        self.unwritten_bytes()
     }
 
     /// Bytes or TLS records waiting for the socket.
@@ -170,15 +178,25 @@ impl Link {
         self.has_output() || self.wants_shutdown()
     }
 
-    /// Write what the socket takes now; then, when asked for and everything is written,
-    /// close the sending side.
-    pub(super) fn flush(&mut self) -> io::Result<()> {
+    /// Write what the socket takes now (with `batch`, small output goes to this thread's
+    /// batch of sends and counts as written, as bytes handed to a TLS session do; what
+    /// the socket does not take comes back and wakes `batch`); then, when asked for and
+    /// everything is written, close the sending side.
+    pub(super) fn flush(&mut self, batch: Option<&std::task::Waker>) -> io::Result<()> {
         if !self.out.is_empty() {
-            let written = self.out.try_write(&mut self.stream);
+            let written = match batch {
+                Some(waker) => self.out.try_write_batched(&mut self.stream, waker),
+                None => self.out.try_write(&mut self.stream),
+            };
             self.forget_written();
             written?;
         }
-        self.stream.flush_pending()?;
+        if self.shut_write == ShutWrite::Wanted && self.out.is_empty() {
+            // The half-close must follow the bytes: those still in the batch go now.
+            self.stream.settle()?;
+        } else {
+            self.stream.flush_pending()?;
+        }
         if self.shut_write == ShutWrite::Wanted && !self.has_output() {
             self.stream.shutdown_write()?;
             self.shut_write = ShutWrite::Done;

@@ -24,6 +24,8 @@ pub(super) enum Source {
     Client = 1,
     Master = 2,
     Shutdown = 4,
+    /// Output handed to the batch of sends came back (`uring`): a socket to write to.
+    Output = 8,
 }
 
 /// What the sources' wakers share: which fired, and the task to wake. The task waker
@@ -72,6 +74,7 @@ pub(super) struct Sources {
     client: Waker,
     master: Waker,
     shutdown: Waker,
+    output: Waker,
 }
 
 impl Default for Sources {
@@ -87,6 +90,7 @@ impl Default for Sources {
             client: waker(Source::Client),
             master: waker(Source::Master),
             shutdown: waker(Source::Shutdown),
+            output: waker(Source::Output),
             task: None,
             state,
         }
@@ -116,6 +120,7 @@ impl Sources {
             Source::Client => &self.client,
             Source::Master => &self.master,
             Source::Shutdown => &self.shutdown,
+            Source::Output => &self.output,
         }
     }
 }

@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 pub mod cluster;
+pub mod suites;
 
 /// Environment variable that runs a suite with `routing.backend_connections` set to its
 /// value (`dedicated` or `shared`) in every proxy this harness starts; unset: the config's
@@ -28,6 +29,17 @@ pub fn forced_mode() -> Option<portcullis::config::BackendConnections> {
         "dedicated" => Some(portcullis::config::BackendConnections::Dedicated),
         other => panic!("{MODE_ENV}={other}: expected dedicated or shared"),
     }
+}
+
+/// Environment variable that runs a suite with every proxy on one thread with batched
+/// sends through io_uring (`src/uring.rs`), as a one-CPU deployment runs: in-process
+/// proxies get a thread of their own with a single-threaded runtime, the binary runs on
+/// one CPU (`taskset`). `tests/uring_mode.rs` re-runs the key suites with it set.
+pub const URING_ENV: &str = "PORTCULLIS_TEST_IO_URING";
+
+/// Whether this run puts every proxy on one thread with batched sends (`URING_ENV`).
+pub fn uring_mode() -> bool {
+    std::env::var_os(URING_ENV).is_some_and(|v| v == "1")
 }
 
 /// How long any single wait in a test may take before it fails.
@@ -278,25 +290,47 @@ impl Proxy {
             config.routing.backend_connections = mode;
         }
         config.validate().expect("valid test config");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let (reload, reload_rx) = tokio::sync::mpsc::channel(1);
-        let task = tokio::spawn(async move {
-            portcullis::run(
-                config,
-                listener,
-                None,
-                portcullis::Control {
-                    shutdown: token,
-                    reloads: Some(reload_rx),
-                    metrics: None,
-                },
-            )
-            .await
-            .expect("proxy runs");
-        });
+        let control = portcullis::Control {
+            shutdown: token,
+            reloads: Some(reload_rx),
+            metrics: None,
+        };
+        let (addr, task) = if uring_mode() {
+            // The proxy's own thread and single-threaded runtime, sends batched as in
+            // `main.rs`; the task here ends when that thread's proxy does.
+            let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            std_listener.set_nonblocking(true).expect("nonblocking");
+            let addr = std_listener.local_addr().expect("local addr");
+            let (done, ended) = tokio::sync::oneshot::channel::<()>();
+            std::thread::spawn(move || {
+                let mut builder = tokio::runtime::Builder::new_current_thread();
+                portcullis::uring::enable(&mut builder).expect("io_uring for the proxy thread");
+                let runtime = builder.enable_all().build().expect("proxy runtime");
+                runtime.block_on(async move {
+                    let listener = TcpListener::from_std(std_listener).expect("listener");
+                    portcullis::run(config, listener, None, control)
+                        .await
+                        .expect("proxy runs");
+                });
+                let _ = done.send(());
+            });
+            let task = tokio::spawn(async move {
+                let _ = ended.await;
+            });
+            (addr, task)
+        } else {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("local addr");
+            let task = tokio::spawn(async move {
+                portcullis::run(config, listener, None, control)
+                    .await
+                    .expect("proxy runs");
+            });
+            (addr, task)
+        };
         Proxy {
             addr,
             shutdown,
@@ -713,7 +747,14 @@ impl ProxyProcess {
             )
             .expect("write config");
             let log = std::fs::File::create(dir.path().join("proxy.log")).expect("log file");
-            let mut cmd = Command::new(PROXY_BIN);
+            // One CPU: the binary then runs its single-threaded runtime with batched sends.
+            let mut cmd = if uring_mode() {
+                let mut c = Command::new("taskset");
+                c.args(["-c", "0", PROXY_BIN]);
+                c
+            } else {
+                Command::new(PROXY_BIN)
+            };
             if let Ok(mode) = std::env::var(MODE_ENV) {
                 cmd.env("PORTCULLIS_BACKEND_CONNECTIONS", mode);
             } else {
