@@ -733,6 +733,12 @@ impl ProxyProcess {
     /// generated file (sections such as `[limits]`). Returns once `/readyz` says a master
     /// is confirmed. Logs (WARN and up) go to a file, shown by `log()`.
     pub async fn start(backend: &RedisServer, extra: &str) -> ProxyProcess {
+        ProxyProcess::start_on(backend, extra, uring_mode()).await
+    }
+
+    /// `start`, on one CPU (`taskset -c 0`) when `one_cpu`: the binary then runs its
+    /// single-threaded runtime, with batched sends unless the config turns them off.
+    pub async fn start_on(backend: &RedisServer, extra: &str, one_cpu: bool) -> ProxyProcess {
         for _ in 0..5 {
             let (port, admin_port) = (free_port(), free_port());
             let dir = tempfile::tempdir().expect("tempdir");
@@ -748,7 +754,7 @@ impl ProxyProcess {
             .expect("write config");
             let log = std::fs::File::create(dir.path().join("proxy.log")).expect("log file");
             // One CPU: the binary then runs its single-threaded runtime with batched sends.
-            let mut cmd = if uring_mode() {
+            let mut cmd = if one_cpu {
                 let mut c = Command::new("taskset");
                 c.args(["-c", "0", PROXY_BIN]);
                 c
@@ -765,6 +771,7 @@ impl ProxyProcess {
                 .arg(&path)
                 .env_remove("PORTCULLIS_CONFIG")
                 .env_remove("PORTCULLIS_BACKEND")
+                .env_remove("PORTCULLIS_IO_URING")
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
