@@ -593,11 +593,10 @@ impl Session {
         }
         // Written means on the socket: replies still in the batch of sends go now, and
         // what it did not take is waited for (`wants_flush`). An error here is the
-        // client's: nothing more can reach it.
-        if client.settle().is_err() {
-            return Some(SessionEnd::ClientClosed);
-        }
-        if client.wants_flush() {
+        // client's: nothing more can reach it, and the session ends for the reason it
+        // was already ending for, if it had one.
+        let unreachable = client.settle().is_err();
+        if !unreachable && client.wants_flush() {
             return None;
         }
         match &self.phase {
@@ -609,6 +608,7 @@ impl Session {
             // not held back, so what is left in the buffer is an incomplete frame, which
             // Redis discards too): done.
             Phase::InputClosed => Some(SessionEnd::ClientClosed),
+            _ if unreachable => Some(SessionEnd::ClientClosed),
             _ => None,
         }
     }
