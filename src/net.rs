@@ -594,16 +594,19 @@ mod tests {
         (count.clone(), std::task::Waker::from(count))
     }
 
+    /// `read` done within 10 s, or the test fails naming `what`.
+    async fn in_time<T>(what: &str, read: impl std::future::Future<Output = io::Result<T>>) -> T {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), read).await {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => panic!("reading {what}: {e}"),
+            Err(_) => panic!("{what} not read in 10 s"),
+        }
+    }
+
     async fn read_n(peer: &mut TcpStream, n: usize) -> Vec<u8> {
         use tokio::io::AsyncReadExt;
         let mut got = vec![0; n];
-        tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            peer.read_exact(&mut got),
-        )
-        .await
-        .expect("bytes in time")
-        .expect("read");
+        in_time("the bytes", peer.read_exact(&mut got)).await;
         got
     }
 
@@ -643,13 +646,7 @@ mod tests {
     async fn read_to_end(peer: &mut TcpStream) -> Vec<u8> {
         use tokio::io::AsyncReadExt;
         let mut all = Vec::new();
-        tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            peer.read_to_end(&mut all),
-        )
-        .await
-        .expect("end of stream in time")
-        .expect("read");
+        in_time("to the end of stream", peer.read_to_end(&mut all)).await;
         all
     }
 
